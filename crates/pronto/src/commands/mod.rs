@@ -1,0 +1,16 @@
+//! One module per subcommand; each takes the parsed arguments and the loaded
+//! configuration and does its work through the library crates.
+
+mod config;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command};
+use crate::config::LoadedConfig;
+
+pub fn run(cli: Cli) -> Result<()> {
+    let loaded = LoadedConfig::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Config(cmd) => config::run(cmd, &loaded),
+    }
+}

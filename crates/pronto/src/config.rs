@@ -1,0 +1,176 @@
+//! Pronto's configuration file: TOML, every key optional, unknown keys and
+//! invalid values rejected with a message that names them.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where `pronto` looks for its configuration when none is named.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pronto/config.toml";
+
+/// Default state directory: caches, indexes and snapshot metadata.
+pub const DEFAULT_ROOT: &str = "/var/lib/pronto";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration file {path}: key `{key}` {problem}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+/// The settings Pronto runs with. Fields map one-to-one to TOML keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Pronto's state directory. Everything Pronto writes on a node lives
+    /// below it.
+    pub root: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from(DEFAULT_ROOT),
+        }
+    }
+}
+
+/// A configuration together with where it came from, for messages.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    pub config: Config,
+    /// The file it was read from, or `None` for built-in defaults.
+    pub path: Option<PathBuf>,
+}
+
+impl LoadedConfig {
+    /// Loads `explicit` if given (it must exist), else the default path if it
+    /// exists, else the built-in defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = match explicit {
+            Some(path) => path.to_path_buf(),
+            None => {
+                let default = PathBuf::from(DEFAULT_CONFIG_PATH);
+                if !default.exists() {
+                    return Ok(Self {
+                        config: Config::default(),
+                        path: None,
+                    });
+                }
+                default
+            }
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let config = Config::parse(&text, &path)?;
+        Ok(Self {
+            config,
+            path: Some(path),
+        })
+    }
+
+    /// Human-readable origin: the file path or "built-in defaults".
+    pub fn source(&self) -> String {
+        match &self.path {
+            Some(path) => path.display().to_string(),
+            None => "built-in defaults".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates TOML text; `path` is used only in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: err.message().to_owned(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if !self.root.is_absolute() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "root",
+                problem: format!("must be an absolute path, not {:?}", self.root),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        assert_eq!(Config::default().root, PathBuf::from("/var/lib/pronto"));
+    }
+
+    #[test]
+    fn root_is_read() {
+        let config = parse("root = \"/srv/pronto\"\n").unwrap();
+        assert_eq!(config.root, PathBuf::from("/srv/pronto"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("root = \"/x\"\nrooot = \"/y\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rooot"), "{err}");
+        assert!(err.contains("test.toml"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported() {
+        let err = parse("root = 5\n").unwrap_err().to_string();
+        assert!(err.contains("test.toml"), "{err}");
+        assert!(err.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn relative_root_is_rejected_by_key() {
+        let err = parse("root = \"var/pronto\"\n").unwrap_err().to_string();
+        assert!(err.contains("`root`"), "{err}");
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.toml");
+        let err = LoadedConfig::load(Some(&missing)).unwrap_err().to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+    }
+
+    #[test]
+    fn explicit_file_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "root = \"/data/pronto\"\n").unwrap();
+        let loaded = LoadedConfig::load(Some(&path)).unwrap();
+        assert_eq!(loaded.config.root, PathBuf::from("/data/pronto"));
+        assert_eq!(loaded.source(), path.display().to_string());
+    }
+}

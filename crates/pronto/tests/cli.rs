@@ -1,0 +1,87 @@
+//! The `pronto` binary as a user runs it: help, version, configuration.
+
+use std::process::{Command, Output};
+
+fn pronto(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pronto"))
+        .args(args)
+        .env_remove("PRONTO_CONFIG")
+        .output()
+        .expect("run pronto")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn version_matches_the_crate() {
+    let out = pronto(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("pronto {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn help_lists_commands_and_global_options() {
+    let out = pronto(&["--help"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    for needle in [
+        "config",
+        "--config <FILE>",
+        "/etc/pronto/config.toml",
+        "--log-level",
+    ] {
+        assert!(text.contains(needle), "help lacks {needle:?}:\n{text}");
+    }
+}
+
+#[test]
+fn config_file_root_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "root = \"/srv/pronto-test\"\n").unwrap();
+    let out = pronto(&["--config", path.to_str().unwrap(), "config", "show"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "root = \"/srv/pronto-test\"\n");
+}
+
+#[test]
+fn unknown_key_fails_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "root = \"/x\"\ncache_budget = 3\n").unwrap();
+    let out = pronto(&["--config", path.to_str().unwrap(), "config", "check"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("cache_budget"), "{err}");
+    assert!(err.contains(path.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn missing_explicit_config_fails() {
+    let out = pronto(&["--config", "/nonexistent/pronto.toml", "config", "check"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/nonexistent/pronto.toml"));
+}
+
+#[test]
+fn config_can_come_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("env.toml");
+    std::fs::write(&path, "root = \"/srv/from-env\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pronto"))
+        .args(["config", "show"])
+        .env("PRONTO_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("/srv/from-env"));
+}

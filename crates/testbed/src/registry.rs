@@ -1,0 +1,225 @@
+//! Debian's `docker-registry` (distribution 2.8) on a free loopback port
+//! with temporary storage, optionally behind htpasswd basic auth, and image
+//! pushes into it with `skopeo`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+
+use crate::image::OciLayout;
+use crate::net::{free_loopback_port, http_status, wait_until};
+use crate::process::Daemon;
+
+/// A user name and password for basic auth.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl Credentials {
+    pub fn new(username: &str, password: &str) -> Self {
+        Self {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// Require these credentials (htpasswd, bcrypt) for every request.
+    pub basic_auth: Option<Credentials>,
+}
+
+/// Manifest format a push writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManifestFormat {
+    /// OCI image manifest and index, as built.
+    Oci,
+    /// Docker image manifest v2 schema 2 (and manifest list), converted by
+    /// skopeo from the OCI image; layer blobs are unchanged.
+    Docker,
+}
+
+/// A running registry. Dropping it stops the process and deletes storage.
+#[derive(Debug)]
+pub struct Registry {
+    daemon: Daemon,
+    addr: SocketAddr,
+    options: RegistryOptions,
+    dir: TempDir,
+}
+
+impl Registry {
+    /// Starts an anonymous registry.
+    pub fn start() -> Result<Self> {
+        Self::start_with(RegistryOptions::default())
+    }
+
+    pub fn start_with(options: RegistryOptions) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("pronto-registry-")
+            .tempdir()?;
+        if let Some(creds) = &options.basic_auth {
+            let hash = bcrypt::hash(&creds.password, 5).context("hash htpasswd password")?;
+            std::fs::write(
+                dir.path().join("htpasswd"),
+                format!("{}:{hash}\n", creds.username),
+            )?;
+        }
+        // A port that was free may be taken before the registry binds it;
+        // then the registry exits and we try another.
+        let mut last_error = None;
+        for attempt in 0..5 {
+            let port = free_loopback_port()?;
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let config = dir.path().join("config.yml");
+            std::fs::write(&config, config_yaml(&dir, addr, &options))?;
+            let mut command = Command::new("docker-registry");
+            command.arg("serve").arg(&config);
+            let log = dir.path().join(format!("registry-{attempt}.log"));
+            let mut daemon = Daemon::spawn("docker-registry", command, &log)?;
+            let ready = wait_until("docker-registry", Duration::from_secs(20), || {
+                if !daemon.is_running() {
+                    bail!("docker-registry exited:\n{}", daemon.log_tail(20));
+                }
+                // 200 when anonymous, 401 with auth: either way it serves.
+                Ok(matches!(http_status(addr, "/v2/"), Some(200 | 401)))
+            });
+            match ready {
+                Ok(()) => {
+                    return Ok(Self {
+                        daemon,
+                        addr,
+                        options,
+                        dir,
+                    });
+                }
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The host part of references to this registry: `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Where the registry keeps its blobs and repositories.
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.options.basic_auth.as_ref()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.daemon.log_tail(lines)
+    }
+
+    /// Pushes image `name` of `layout` as `repo:tag` with OCI manifests and
+    /// returns the full reference (`127.0.0.1:PORT/repo:tag`).
+    pub fn push(&self, layout: &OciLayout, name: &str, repo_tag: &str) -> Result<String> {
+        self.push_as(layout, name, repo_tag, ManifestFormat::Oci)
+    }
+
+    /// Like [`Registry::push`], in the given manifest format. A
+    /// multi-platform name pushes the index and every platform's image.
+    pub fn push_as(
+        &self,
+        layout: &OciLayout,
+        name: &str,
+        repo_tag: &str,
+        format: ManifestFormat,
+    ) -> Result<String> {
+        let reference = format!("{}/{repo_tag}", self.host());
+        let mut skopeo = Command::new("skopeo");
+        skopeo.args([
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+        ]);
+        match format {
+            ManifestFormat::Oci => skopeo.arg("--preserve-digests"),
+            ManifestFormat::Docker => skopeo.args(["--format", "v2s2"]),
+        };
+        if layout.is_multi_platform(name)? {
+            skopeo.arg("--all");
+        }
+        if let Some(creds) = &self.options.basic_auth {
+            skopeo.arg(format!(
+                "--dest-creds={}:{}",
+                creds.username, creds.password
+            ));
+        }
+        skopeo
+            .arg(format!("oci:{}:{name}", layout.dir().display()))
+            .arg(format!("docker://{reference}"));
+        let out = skopeo.output().context("run skopeo")?;
+        if !out.status.success() {
+            // skopeo's message does not include the credentials argument.
+            bail!(
+                "skopeo could not push {name} to {reference}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(reference)
+    }
+}
+
+fn config_yaml(dir: &TempDir, addr: SocketAddr, options: &RegistryOptions) -> String {
+    let storage = dir.path().join("storage");
+    let mut yaml = format!(
+        "version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: {addr}
+  secret: pronto-test-{port}
+health:
+  storagedriver:
+    enabled: false
+",
+        storage = storage.display(),
+        port = addr.port(),
+    );
+    if options.basic_auth.is_some() {
+        yaml.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: pronto-test\n    path: {}\n",
+            dir.path().join("htpasswd").display()
+        ));
+    }
+    yaml
+}
