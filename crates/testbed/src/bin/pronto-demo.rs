@@ -38,7 +38,11 @@ fn main() -> Result<()> {
         .iter()
         .filter_map(|p| p.problem())
         .collect();
-    ensure!(missing.is_empty(), "cannot run the demo: {}", missing.join("; "));
+    ensure!(
+        missing.is_empty(),
+        "cannot run the demo: {}",
+        missing.join("; ")
+    );
     ensure!(args.files > 0, "--files must be at least 1");
 
     let work = tempfile::Builder::new().prefix("pronto-demo-").tempdir()?;
