@@ -105,6 +105,16 @@ impl Containerd {
         })
     }
 
+    /// PID of the containerd process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.pid()
+    }
+
+    /// The temporary directory holding everything of this instance.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// containerd's gRPC socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")

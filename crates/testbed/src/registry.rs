@@ -115,6 +115,11 @@ impl Registry {
         Err(last_error.expect("at least one attempt"))
     }
 
+    /// PID of the registry process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.pid()
+    }
+
     /// `127.0.0.1:PORT`.
     pub fn addr(&self) -> SocketAddr {
         self.addr

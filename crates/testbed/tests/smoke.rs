@@ -78,6 +78,22 @@ fn generated_image_runs_through_containerd_overlayfs() {
     let listed = containerd.ctr_ok(&["images", "ls"]).unwrap();
     assert!(listed.contains(&image.manifest_digest), "{listed}");
 
+    // busybox has no getfattr, so read the xattr from the unpacked
+    // snapshot on the host.
+    let snapshots = containerd
+        .root_dir()
+        .join("io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let owned: Vec<_> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("fs/data/owned"))
+        .filter(|p| p.exists())
+        .collect();
+    assert_eq!(owned.len(), 1, "{owned:?}");
+    assert_eq!(
+        xattr::get(&owned[0], "user.pronto").unwrap().as_deref(),
+        Some(&b"yes"[..])
+    );
+
     let out = containerd.run(&reference, "overlayfs", &[]).unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let big_md5 = format!("{:x}", md5_of(&Content::random(42, 5 << 20)));
@@ -188,6 +204,60 @@ fn containerd_starts_with_pronto_proxy_plugin_and_cri_settings() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&images.stdout).contains("pronto.test/pause:3.9"));
+}
+
+#[test]
+fn everything_is_stopped_and_unmounted_when_a_test_panics() {
+    require!(Prereq::FULL_STACK);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let record = seen.clone();
+    let panicked = std::thread::spawn(move || {
+        let work = tempfile::tempdir().unwrap();
+        let layout = OciLayout::create(work.path()).unwrap();
+        let image = ImageBuilder::new()
+            .layer(Layer::busybox(&["sleep"]))
+            .cmd(&["sleep", "600"])
+            .build(&layout)
+            .unwrap();
+        layout.tag("latest", &image).unwrap();
+        let registry = Registry::start().unwrap();
+        let reference = registry.push(&layout, "latest", "panic/sleep:v1").unwrap();
+        let containerd = Containerd::start_with(ContainerdOptions {
+            plain_http_registries: vec![registry.host()],
+            ..Default::default()
+        })
+        .unwrap();
+        containerd.pull(&reference, "overlayfs").unwrap();
+        // A running container: a shim, runc's init and an overlay mount.
+        containerd
+            .ctr_ok(&["run", "-d", &reference, "sleeper"])
+            .unwrap();
+        let shims = pronto_testbed::process::pids_with_args(&[
+            "-address",
+            containerd.socket().to_str().unwrap(),
+        ]);
+        assert_eq!(shims.len(), 1);
+        assert!(!pronto_testbed::process::mounts_below(containerd.dir()).is_empty());
+        *record.lock().unwrap() = Some((
+            registry.pid().unwrap() as i32,
+            containerd.pid().unwrap() as i32,
+            shims[0],
+            containerd.dir().to_path_buf(),
+        ));
+        panic!("deliberate panic with a container running");
+    })
+    .join();
+    assert!(panicked.is_err());
+    let (registry, containerd, shim, dir) = seen.lock().unwrap().take().unwrap();
+    for pid in [registry, containerd, shim] {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            state.is_empty() || state.contains(") Z "),
+            "process {pid} still runs: {state}"
+        );
+    }
+    assert!(pronto_testbed::process::mounts_below(&dir).is_empty());
+    assert!(!dir.exists(), "{} was not removed", dir.display());
 }
 
 fn md5_of(content: &Content) -> md5::Digest {
