@@ -144,10 +144,12 @@ fn spawn_pipe(
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            // Count before forwarding, so a peer that has received the
+            // bytes always sees them counted.
+            pick(&stats).fetch_add(n as u64, Ordering::Relaxed);
             if to.write_all(&buf[..n]).is_err() {
                 break;
             }
-            pick(&stats).fetch_add(n as u64, Ordering::Relaxed);
         }
         let _ = to.shutdown(Shutdown::Write);
         let _: io::Result<()> = from.shutdown(Shutdown::Read);
