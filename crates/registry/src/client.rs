@@ -1,0 +1,589 @@
+//! The request engine: one `reqwest` connection pool, a concurrency limit
+//! per registry, authentication on demand, timeouts and retries with
+//! jittered backoff. Operations (pull, push, referrers) are built on
+//! [`RegistryClient::fetch`] and [`RegistryClient::open`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rand::Rng;
+use reqwest::header::{HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::{Method, Response, StatusCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::auth::{
+    Challenge, CredentialSource, Credentials, StaticCredentials, Token, TokenResponse,
+};
+use crate::error::{RegistryError, Target};
+use crate::hosts::Hosts;
+use crate::{Repository, Result};
+
+/// When and how often failed requests are tried again.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Total attempts, the first included.
+    pub attempts: u32,
+    /// Backoff before the second attempt; doubles each time, with jitter.
+    pub base_delay: Duration,
+    /// Longest wait between attempts, `Retry-After` included.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 4,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Full-jitter exponential backoff before attempt `attempt + 1`.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .base_delay
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.max_delay);
+        let millis = ceiling.as_millis().max(1) as u64;
+        Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub hosts: Hosts,
+    pub credentials: Arc<dyn CredentialSource>,
+    /// Requests in flight to one registry at a time. reqwest has no
+    /// per-host connection cap, so this bounds connections as well.
+    pub max_concurrent_per_registry: usize,
+    pub connect_timeout: Duration,
+    /// From sending a request to its response headers.
+    pub first_byte_timeout: Duration,
+    /// Longest pause between two chunks of a response body.
+    pub stall_timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            hosts: Hosts::new(),
+            credentials: Arc::new(StaticCredentials::none()),
+            max_concurrent_per_registry: 32,
+            connect_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// A registry client; cheap to clone, share one per process.
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientConfig,
+    http: reqwest::Client,
+    /// For hosts with `skip_verify`.
+    http_insecure: reqwest::Client,
+    /// Bearer tokens by (registry, scope).
+    tokens: Mutex<HashMap<(String, String), Token>>,
+    /// Registries that asked for basic auth.
+    basic: Mutex<HashMap<String, bool>>,
+    limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// One request, rebuilt for every attempt.
+#[derive(Debug, Clone)]
+pub(crate) struct Request {
+    pub method: Method,
+    pub url: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Option<Bytes>,
+    /// `pull` or `pull,push`: the token scope's actions.
+    pub actions: &'static str,
+}
+
+impl Request {
+    pub fn get(url: String) -> Self {
+        Self {
+            method: Method::GET,
+            url,
+            headers: Vec::new(),
+            body: None,
+            actions: "pull",
+        }
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+/// A fully read response.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A response whose body is still to be read, holding its registry slot.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub response: Response,
+    pub _permit: OwnedSemaphorePermit,
+}
+
+impl RegistryClient {
+    pub fn new(config: ClientConfig) -> Result<Self, reqwest::Error> {
+        let build = |insecure: bool| {
+            reqwest::Client::builder()
+                .user_agent(concat!("pronto/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(config.connect_timeout)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .tcp_nodelay(true)
+                .danger_accept_invalid_certs(insecure)
+                .build()
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http: build(false)?,
+                http_insecure: build(true)?,
+                config,
+                tokens: Mutex::new(HashMap::new()),
+                basic: Mutex::new(HashMap::new()),
+                limits: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// `scheme://host/v2/<name>/<path>`.
+    pub(crate) fn url(&self, repo: &Repository, path: &str) -> String {
+        format!(
+            "{}/v2/{}/{path}",
+            self.inner.config.hosts.base_url(&repo.registry),
+            repo.name
+        )
+    }
+
+    /// Resolves a `Location` header against the registry's base URL.
+    pub(crate) fn absolute(&self, repo: &Repository, location: &str) -> String {
+        if location.starts_with("http://") || location.starts_with("https://") {
+            location.to_owned()
+        } else {
+            format!(
+                "{}{location}",
+                self.inner.config.hosts.base_url(&repo.registry)
+            )
+        }
+    }
+
+    /// Sends `request` and reads the whole body (at most `max_len` bytes),
+    /// retrying network failures, stalls, truncated bodies, 429 and 5xx.
+    /// Other statuses are returned for the caller to judge.
+    pub(crate) async fn fetch(
+        &self,
+        repo: &Repository,
+        target: &Target,
+        request: &Request,
+        max_len: u64,
+    ) -> Result<Fetched> {
+        let policy = &self.inner.config.retry;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = async {
+                let opened = self.open_once(repo, target, request, attempt).await?;
+                let status = opened.response.status();
+                let headers = opened.response.headers().clone();
+                let body = self.read_body(target, opened, max_len, attempt).await?;
+                Ok::<_, RegistryError>(Fetched {
+                    status,
+                    headers,
+                    body,
+                })
+            }
+            .await;
+            match result {
+                Ok(fetched) => return Ok(fetched),
+                Err(err) if attempt < policy.attempts && is_retryable(&err) => {
+                    let delay = retry_delay(&err, policy, attempt);
+                    tracing::warn!(%target, attempt, ?delay, "retrying: {err}");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Sends `request` and returns the response with its body unread, for
+    /// streaming large blobs. Retries like [`Self::fetch`] up to the headers.
+    pub(crate) async fn open(
+        &self,
+        repo: &Repository,
+        target: &Target,
+        request: &Request,
+    ) -> Result<Opened> {
+        let policy = &self.inner.config.retry;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.open_once(repo, target, request, attempt).await {
+                Ok(opened) => return Ok(opened),
+                Err(err) if attempt < policy.attempts && is_retryable(&err) => {
+                    let delay = retry_delay(&err, policy, attempt);
+                    tracing::warn!(%target, attempt, ?delay, "retrying: {err}");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// One attempt: waits for a registry slot, sends with credentials, and
+    /// answers a 401 challenge once by authenticating and resending.
+    async fn open_once(
+        &self,
+        repo: &Repository,
+        target: &Target,
+        request: &Request,
+        attempt: u32,
+    ) -> Result<Opened> {
+        let permit = self.slot(&repo.registry).await;
+        let scope = format!("repository:{}:{}", repo.name, request.actions);
+        let mut authenticated = false;
+        loop {
+            let response = self.send(repo, target, request, &scope, attempt).await?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !authenticated {
+                let challenge = response
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(Challenge::parse);
+                self.authenticate(repo, target, challenge, &scope).await?;
+                authenticated = true;
+                continue;
+            }
+            if status == StatusCode::UNAUTHORIZED {
+                return Err(RegistryError::Auth {
+                    target: target.clone(),
+                    problem: "the registry rejected the credentials (HTTP 401)".into(),
+                });
+            }
+            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                return Err(RegistryError::Busy {
+                    target: target.clone(),
+                    status: status.as_u16(),
+                    retry_after: retry_after(response.headers()),
+                });
+            }
+            return Ok(Opened {
+                response,
+                _permit: permit,
+            });
+        }
+    }
+
+    async fn send(
+        &self,
+        repo: &Repository,
+        target: &Target,
+        request: &Request,
+        scope: &str,
+        attempt: u32,
+    ) -> Result<Response> {
+        let config = &self.inner.config;
+        let http = if config.hosts.settings(&repo.registry).skip_verify {
+            &self.inner.http_insecure
+        } else {
+            &self.inner.http
+        };
+        let mut builder = http.request(request.method.clone(), &request.url);
+        for (name, value) in &request.headers {
+            builder = builder.header(*name, value);
+        }
+        match self.authorization(&repo.registry, scope) {
+            Some(Authorization::Bearer(token)) => builder = builder.bearer_auth(token),
+            Some(Authorization::Basic(creds)) => {
+                builder = builder.basic_auth(creds.username, Some(creds.password));
+            }
+            None => {}
+        }
+        if let Some(body) = &request.body {
+            builder = builder.body(body.clone());
+        }
+        let timeout = config.first_byte_timeout;
+        match tokio::time::timeout(timeout, builder.send()).await {
+            Err(_) => Err(RegistryError::Timeout {
+                target: target.clone(),
+                phase: "response headers",
+                after: timeout,
+                attempts: attempt,
+            }),
+            Ok(Err(source)) => Err(RegistryError::Transport {
+                target: target.clone(),
+                attempts: attempt,
+                source: source.without_url(),
+            }),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// Reads a body chunk by chunk, failing on a stall or on more than
+    /// `max_len` bytes, and on fewer bytes than `Content-Length` promised.
+    async fn read_body(
+        &self,
+        target: &Target,
+        mut opened: Opened,
+        max_len: u64,
+        attempt: u32,
+    ) -> Result<Bytes> {
+        let expected = opened.response.content_length();
+        if expected.is_some_and(|len| len > max_len) {
+            return Err(too_large(target, max_len));
+        }
+        let mut body = BytesMut::with_capacity(expected.unwrap_or(0) as usize);
+        while let Some(chunk) = self
+            .next_chunk(target, &mut opened.response, attempt)
+            .await?
+        {
+            if body.len() as u64 + chunk.len() as u64 > max_len {
+                return Err(too_large(target, max_len));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+
+    /// The next body chunk, or `None` at the end; a stall or reset is an
+    /// error.
+    pub(crate) async fn next_chunk(
+        &self,
+        target: &Target,
+        response: &mut Response,
+        attempt: u32,
+    ) -> Result<Option<Bytes>> {
+        let stall = self.inner.config.stall_timeout;
+        match tokio::time::timeout(stall, response.chunk()).await {
+            Err(_) => Err(RegistryError::Timeout {
+                target: target.clone(),
+                phase: "more of the response body",
+                after: stall,
+                attempts: attempt,
+            }),
+            Ok(Err(source)) => Err(RegistryError::Transport {
+                target: target.clone(),
+                attempts: attempt,
+                source: source.without_url(),
+            }),
+            Ok(Ok(chunk)) => Ok(chunk),
+        }
+    }
+
+    async fn slot(&self, registry: &str) -> OwnedSemaphorePermit {
+        let semaphore = {
+            let mut limits = self.inner.limits.lock().unwrap_or_else(|e| e.into_inner());
+            limits
+                .entry(registry.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(Semaphore::new(
+                        self.inner.config.max_concurrent_per_registry.max(1),
+                    ))
+                })
+                .clone()
+        };
+        semaphore
+            .acquire_owned()
+            .await
+            .expect("registry semaphores are never closed")
+    }
+
+    /// What to authorize a request with, if we hold anything.
+    fn authorization(&self, registry: &str, scope: &str) -> Option<Authorization> {
+        let tokens = self.inner.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(token) = tokens.get(&(registry.to_owned(), scope.to_owned()))
+            && token.expires > Instant::now()
+        {
+            return Some(Authorization::Bearer(token.value.clone()));
+        }
+        drop(tokens);
+        let basic = self.inner.basic.lock().unwrap_or_else(|e| e.into_inner());
+        if basic.get(registry).copied().unwrap_or(false) {
+            let creds = self.inner.config.credentials.credentials(registry)?;
+            return Some(Authorization::Basic(creds));
+        }
+        None
+    }
+
+    /// Answers a challenge: remembers that a registry wants basic auth, or
+    /// fetches and caches a bearer token for `scope`.
+    async fn authenticate(
+        &self,
+        repo: &Repository,
+        target: &Target,
+        challenge: Option<Challenge>,
+        scope: &str,
+    ) -> Result<()> {
+        let registry = &repo.registry;
+        let creds = self.inner.config.credentials.credentials(registry);
+        let auth_error = |problem: String| RegistryError::Auth {
+            target: target.clone(),
+            problem,
+        };
+        match challenge {
+            None => Err(auth_error(
+                "HTTP 401 without a usable WWW-Authenticate challenge".into(),
+            )),
+            Some(Challenge::Basic) => {
+                if creds.is_none() {
+                    return Err(auth_error(format!(
+                        "the registry requires a login and no credentials are configured for {registry}"
+                    )));
+                }
+                self.inner
+                    .basic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(registry.clone(), true);
+                Ok(())
+            }
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                let mut url = reqwest::Url::parse(&realm)
+                    .map_err(|e| auth_error(format!("token realm {realm:?} is not a URL: {e}")))?;
+                {
+                    let mut query = url.query_pairs_mut();
+                    if let Some(service) = &service {
+                        query.append_pair("service", service);
+                    }
+                    query.append_pair("scope", scope);
+                }
+                let mut request = self.inner.http.get(url);
+                if let Some(creds) = &creds {
+                    request = request.basic_auth(&creds.username, Some(&creds.password));
+                }
+                let response =
+                    tokio::time::timeout(self.inner.config.first_byte_timeout, request.send())
+                        .await
+                        .map_err(|_| auth_error("the token service did not answer in time".into()))?
+                        .map_err(|e| {
+                            auth_error(format!(
+                                "cannot reach the token service: {}",
+                                e.without_url()
+                            ))
+                        })?;
+                let status = response.status();
+                if !status.is_success() {
+                    return Err(auth_error(format!(
+                        "the token service answered HTTP {}{}",
+                        status.as_u16(),
+                        if creds.is_none() {
+                            " (no credentials configured)"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+                let body: TokenResponse = response.json().await.map_err(|e| {
+                    auth_error(format!("unreadable token response: {}", e.without_url()))
+                })?;
+                let token = body
+                    .into_token(Instant::now())
+                    .ok_or_else(|| auth_error("the token response holds no token".into()))?;
+                self.inner
+                    .tokens
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((registry.clone(), scope.to_owned()), token);
+                Ok(())
+            }
+        }
+    }
+}
+
+enum Authorization {
+    Bearer(String),
+    Basic(Credentials),
+}
+
+fn too_large(target: &Target, max_len: u64) -> RegistryError {
+    RegistryError::Invalid {
+        target: target.clone(),
+        problem: format!("the response is larger than the {max_len}-byte limit"),
+    }
+}
+
+fn is_retryable(err: &RegistryError) -> bool {
+    matches!(
+        err,
+        RegistryError::Transport { .. }
+            | RegistryError::Timeout { .. }
+            | RegistryError::Busy { .. }
+    )
+}
+
+fn retry_delay(err: &RegistryError, policy: &RetryPolicy, attempt: u32) -> Duration {
+    match err {
+        RegistryError::Busy {
+            retry_after: Some(wait),
+            ..
+        } => (*wait).min(policy.max_delay),
+        _ => policy.backoff(attempt - 1),
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare from registries
+/// and falls back to backoff).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let policy = RetryPolicy {
+            attempts: 10,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        };
+        assert!(policy.backoff(0) <= Duration::from_millis(100));
+        assert!(policy.backoff(3) >= Duration::from_millis(400));
+        assert!(policy.backoff(9) <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn retry_after_is_honoured_within_the_cap() {
+        let target = Target::new(&Repository::new("r", "n"), "x");
+        let err = RegistryError::Busy {
+            target,
+            status: 429,
+            retry_after: Some(Duration::from_secs(3)),
+        };
+        let policy = RetryPolicy::default();
+        assert_eq!(retry_delay(&err, &policy, 1), Duration::from_secs(3));
+    }
+}

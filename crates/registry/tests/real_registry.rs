@@ -1,0 +1,389 @@
+//! The registry client against Debian's real docker-registry (distribution
+//! 2.8), with images pushed by skopeo from the test harness.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pronto_registry::{
+    ClientConfig, Platform, RegistryClient, RegistryError, Repository, StaticCredentials,
+    fallback_tag, parse_reference, sha256_digest,
+};
+use pronto_testbed::image::{BuiltImage, Platform as BuildPlatform};
+use pronto_testbed::registry::ManifestFormat;
+use pronto_testbed::{
+    Compression, Content, Credentials, ImageBuilder, Layer, OciLayout, Prereq, Registry,
+    RegistryOptions, require,
+};
+use serde_json::json;
+
+const NEEDS: &[Prereq] = &[Prereq::Registry, Prereq::Skopeo];
+
+fn client() -> RegistryClient {
+    RegistryClient::new(ClientConfig::default()).unwrap()
+}
+
+fn two_layer_image(layout: &OciLayout, platform: BuildPlatform) -> BuiltImage {
+    ImageBuilder::new()
+        .platform(platform)
+        .layer(Layer::new().file("etc/hello", "hello\n"))
+        .layer(
+            Layer::new()
+                .compression(Compression::FAST)
+                .file("data/blob", Content::random(3, 3 << 20)),
+        )
+        .cmd(&["/bin/true"])
+        .build(layout)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn resolves_and_reads_blobs_whole_streamed_and_by_range() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(work.path()).unwrap();
+    let image = two_layer_image(&layout, BuildPlatform::default());
+    layout.tag("v1", &image).unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = registry.push(&layout, "v1", "team/app:v1").unwrap();
+
+    let client = client();
+    let resolved = client
+        .resolve(&parse_reference(&reference).unwrap(), &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest.digest, image.manifest_digest);
+    assert!(resolved.index.is_none());
+    assert_eq!(resolved.config.architecture().to_string(), "amd64");
+    let digests: Vec<String> = resolved
+        .image
+        .layers()
+        .iter()
+        .map(|l| l.digest().to_string())
+        .collect();
+    let built: Vec<String> = image.layers.iter().map(|l| l.digest.clone()).collect();
+    assert_eq!(digests, built);
+
+    let repo = Repository::of(&parse_reference(&reference).unwrap());
+    let layer = &image.layers[1];
+    let expected = std::fs::read(layout.blob_path(&layer.digest)).unwrap();
+    let whole = client.blob(&repo, &layer.digest, 64 << 20).await.unwrap();
+    assert_eq!(whole.as_ref(), expected.as_slice());
+
+    let mut streamed = Vec::new();
+    let n = client
+        .blob_to_writer(&repo, &layer.digest, layer.size, &mut streamed)
+        .await
+        .unwrap();
+    assert_eq!(n, layer.size);
+    assert_eq!(streamed, expected);
+
+    for range in [
+        0..1,
+        100..70_000,
+        layer.size - 10..layer.size,
+        0..layer.size,
+    ] {
+        let bytes = client
+            .blob_range(&repo, &layer.digest, range.clone(), layer.size)
+            .await
+            .unwrap();
+        assert_eq!(
+            bytes.as_ref(),
+            &expected[range.start as usize..range.end as usize]
+        );
+    }
+    // Many concurrent ranges over the pooled connections.
+    let reads = (0..64u64).map(|i| {
+        let client = client.clone();
+        let repo = repo.clone();
+        let digest = layer.digest.clone();
+        let size = layer.size;
+        async move {
+            let start = i * 40_000;
+            let bytes = client
+                .blob_range(&repo, &digest, start..start + 4096, size)
+                .await
+                .unwrap();
+            (start, bytes)
+        }
+    });
+    for (start, bytes) in futures_util::future::join_all(reads).await {
+        assert_eq!(
+            bytes.as_ref(),
+            &expected[start as usize..start as usize + 4096]
+        );
+    }
+    let err = client
+        .blob_range(&repo, &layer.digest, 0..layer.size + 1, layer.size)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Invalid { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn multi_platform_docker_images_resolve_per_platform() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(work.path()).unwrap();
+    let amd = two_layer_image(&layout, BuildPlatform::new("linux", "amd64"));
+    let arm = {
+        let mut p = BuildPlatform::new("linux", "arm64");
+        p.variant = Some("v8".into());
+        ImageBuilder::new()
+            .platform(p)
+            .layer(Layer::new().file("arch", "arm64\n"))
+            .build(&layout)
+            .unwrap()
+    };
+    layout
+        .tag_multi_platform("multi", &[amd.clone(), arm.clone()])
+        .unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = registry
+        .push_as(&layout, "multi", "team/multi:v1", ManifestFormat::Docker)
+        .unwrap();
+    let reference = parse_reference(&reference).unwrap();
+    let client = client();
+
+    let default = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        default.index.as_ref().unwrap().media_type,
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    assert_eq!(
+        default.manifest.media_type,
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(default.config.architecture().to_string(), "amd64");
+    let arm64 = client
+        .resolve(&reference, &"linux/arm64".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(arm64.config.architecture().to_string(), "arm64");
+    let err = client
+        .resolve(&reference, &"linux/s390x".parse().unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("linux/s390x") && err.contains("linux/arm64/v8"),
+        "{err}"
+    );
+
+    let missing = client
+        .resolve(
+            &parse_reference(&format!("{}/team/multi:nope", registry.host())).unwrap(),
+            &Platform::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(missing.status(), Some(404), "{missing}");
+}
+
+#[tokio::test]
+async fn basic_auth_with_and_without_credentials() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(work.path()).unwrap();
+    let image = two_layer_image(&layout, BuildPlatform::default());
+    layout.tag("v1", &image).unwrap();
+    let registry = Registry::start_with(RegistryOptions {
+        basic_auth: Some(Credentials::new("alice", "correct horse")),
+    })
+    .unwrap();
+    let reference =
+        parse_reference(&registry.push(&layout, "v1", "private/app:v1").unwrap()).unwrap();
+
+    let anonymous = client()
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap_err();
+    let message = anonymous.to_string();
+    assert!(matches!(anonymous, RegistryError::Auth { .. }), "{message}");
+    assert!(
+        message.contains("no credentials are configured"),
+        "{message}"
+    );
+
+    let with = |password: &str| {
+        RegistryClient::new(ClientConfig {
+            credentials: Arc::new(StaticCredentials::none().with(
+                &registry.host(),
+                "alice",
+                password,
+            )),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let resolved = with("correct horse")
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest.digest, image.manifest_digest);
+
+    let wrong = with("battery staple")
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap_err();
+    let message = wrong.to_string();
+    assert!(matches!(wrong, RegistryError::Auth { .. }), "{message}");
+    assert!(!message.contains("battery staple"), "{message}");
+}
+
+#[tokio::test]
+async fn referrers_use_the_tag_schema_on_distribution_2_8() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(work.path()).unwrap();
+    let image = two_layer_image(&layout, BuildPlatform::default());
+    layout.tag("v1", &image).unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = parse_reference(&registry.push(&layout, "v1", "team/app:v1").unwrap()).unwrap();
+    let repo = Repository::of(&reference);
+    let client = client();
+    let subject = &image.manifest_digest;
+
+    assert!(
+        client
+            .referrers(&repo, subject, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let empty = client
+        .push_blob(&repo, Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    let mut pushed = Vec::new();
+    for (artifact_type, payload) in [
+        ("application/vnd.pronto.index.v1", &b"index one"[..]),
+        ("application/vnd.example.signature", &b"signature"[..]),
+    ] {
+        let blob = client
+            .push_blob(&repo, Bytes::copy_from_slice(payload))
+            .await
+            .unwrap();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": artifact_type,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": blob, "size": payload.len()}],
+            "subject": {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": subject,
+                "size": image.manifest.len(),
+            },
+        }))
+        .unwrap();
+        let result = client
+            .push_referrer(
+                &repo,
+                subject,
+                "application/vnd.oci.image.manifest.v1+json",
+                artifact_type,
+                manifest.into(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            !result.subject_accepted,
+            "distribution 2.8 has no referrers API"
+        );
+        pushed.push(result.digest);
+    }
+
+    let all = client.referrers(&repo, subject, None).await.unwrap();
+    let digests: Vec<String> = all.iter().map(|d| d.digest().to_string()).collect();
+    assert_eq!(digests, pushed);
+    let only_index = client
+        .referrers(&repo, subject, Some("application/vnd.pronto.index.v1"))
+        .await
+        .unwrap();
+    assert_eq!(only_index.len(), 1);
+    assert_eq!(only_index[0].digest().to_string(), pushed[0]);
+
+    // The fallback index is a real tag holding an OCI index.
+    let tag = client
+        .manifest(&repo, &fallback_tag(subject))
+        .await
+        .unwrap();
+    assert_eq!(tag.media_type, "application/vnd.oci.image.index.v1+json");
+
+    // Pushing the same referrer again does not duplicate it.
+    client
+        .remove_referrer(&repo, subject, &pushed[1])
+        .await
+        .unwrap();
+    let left = client.referrers(&repo, subject, None).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].digest().to_string(), pushed[0]);
+}
+
+#[tokio::test]
+async fn pushes_blobs_whole_in_chunks_and_by_mount() {
+    require!(NEEDS);
+    let registry = Registry::start().unwrap();
+    let client = client();
+    let repo = Repository::new(&registry.host(), "push/a");
+    let other = Repository::new(&registry.host(), "push/b");
+    let data = Bytes::from(Content::random(11, 300_000).to_vec().unwrap());
+
+    let whole = client.push_blob(&repo, data.slice(..1000)).await.unwrap();
+    assert_eq!(
+        client.blob(&repo, &whole, 1 << 20).await.unwrap(),
+        data.slice(..1000)
+    );
+    let chunked = client
+        .push_blob_chunked(&repo, data.clone(), 64 * 1024)
+        .await
+        .unwrap();
+    assert_eq!(chunked, sha256_digest(&data));
+    assert_eq!(client.blob(&repo, &chunked, 1 << 20).await.unwrap(), data);
+
+    assert!(!client.blob_exists(&other, &chunked).await.unwrap());
+    assert!(client.mount_blob(&other, "push/a", &chunked).await.unwrap());
+    assert!(client.blob_exists(&other, &chunked).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_corrupted_blob_is_rejected_by_digest() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(work.path()).unwrap();
+    let image = two_layer_image(&layout, BuildPlatform::default());
+    layout.tag("v1", &image).unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = parse_reference(&registry.push(&layout, "v1", "team/app:v1").unwrap()).unwrap();
+    let repo = Repository::of(&reference);
+    let layer = &image.layers[1];
+
+    // Flip one byte of the stored blob behind the registry's back.
+    let hex = layer.digest.strip_prefix("sha256:").unwrap();
+    let data = registry.storage_dir().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&data, &bytes).unwrap();
+
+    let client = client();
+    let err = client
+        .blob(&repo, &layer.digest, 64 << 20)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&layer.digest), "{err}");
+    let mut sink = Vec::new();
+    let err = client
+        .blob_to_writer(&repo, &layer.digest, layer.size, &mut sink)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+}
