@@ -35,6 +35,27 @@ pub enum Command {
     /// Show or check Pronto's configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Look at images in a registry.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Show an image's platforms, layers, config and referrers, read from
+    /// its registry (nothing is pulled). Credentials come from docker's
+    /// config.json and its credential helpers.
+    Inspect {
+        /// Image reference; short names are normalised as containerd does
+        /// (`busybox` is `docker.io/library/busybox:latest`).
+        reference: String,
+        /// Platform to show from a multi-platform image.
+        #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+        platform: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,6 +2,7 @@
 //! configuration and does its work through the library crates.
 
 mod config;
+mod image;
 
 use anyhow::Result;
 
@@ -12,5 +13,6 @@ pub fn run(cli: Cli) -> Result<()> {
     let loaded = LoadedConfig::load(cli.config.as_deref())?;
     match cli.command {
         Command::Config(cmd) => config::run(cmd, &loaded),
+        Command::Image(cmd) => image::run(cmd),
     }
 }

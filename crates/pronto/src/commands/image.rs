@@ -1,0 +1,207 @@
+//! `pronto image inspect`: what a registry holds for an image.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use pronto_registry::{
+    ClientConfig, DockerConfigCredentials, ManifestKind, Platform, RegistryClient, ResolvedImage,
+    parse_reference,
+};
+use serde_json::{Value, json};
+
+use crate::cli::ImageCommand;
+
+pub fn run(cmd: ImageCommand) -> Result<()> {
+    match cmd {
+        ImageCommand::Inspect {
+            reference,
+            platform,
+            json,
+        } => {
+            let platform: Platform = platform.parse().map_err(|e: String| anyhow!(e))?;
+            let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+            let report = runtime.block_on(inspect(&reference, &platform))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", render(&report));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn inspect(reference: &str, platform: &Platform) -> Result<Value> {
+    let reference = parse_reference(reference)?;
+    let client = RegistryClient::new(ClientConfig {
+        credentials: Arc::new(DockerConfigCredentials),
+        ..Default::default()
+    })?;
+    let resolved = client.resolve(&reference, platform).await?;
+    let referrers = client
+        .referrers(&resolved.repository, &resolved.manifest.digest, None)
+        .await?;
+    let mut report = describe(&reference.to_string(), platform, &resolved);
+    report["referrers"] = referrers
+        .iter()
+        .map(|d| {
+            json!({
+                "digest": d.digest().to_string(),
+                "artifact_type": d.artifact_type().as_ref().map(|t| t.to_string()),
+                "media_type": d.media_type().to_string(),
+                "size": d.size(),
+            })
+        })
+        .collect();
+    Ok(report)
+}
+
+fn describe(reference: &str, platform: &Platform, resolved: &ResolvedImage) -> Value {
+    let platforms: Vec<String> = match resolved.index.as_ref().map(|i| &i.kind) {
+        Some(ManifestKind::Index(index)) => index
+            .manifests()
+            .iter()
+            .filter_map(|m| m.platform().as_ref())
+            .map(|p| {
+                let mut s = format!("{}/{}", p.os(), p.architecture());
+                if let Some(v) = p.variant() {
+                    s.push('/');
+                    s.push_str(v);
+                }
+                s
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let config = resolved.config.config().as_ref();
+    json!({
+        "reference": reference,
+        "index": resolved.index.as_ref().map(|i| json!({
+            "digest": i.digest,
+            "media_type": i.media_type,
+            "platforms": platforms,
+        })),
+        "platform": platform.to_string(),
+        "manifest": {
+            "digest": resolved.manifest.digest,
+            "media_type": resolved.manifest.media_type,
+        },
+        "config": {
+            "digest": resolved.image.config().digest().to_string(),
+            "os": resolved.config.os().to_string(),
+            "architecture": resolved.config.architecture().to_string(),
+            "created": resolved.config.created(),
+            "entrypoint": config.and_then(|c| c.entrypoint().clone()),
+            "cmd": config.and_then(|c| c.cmd().clone()),
+            "env": config.and_then(|c| c.env().clone()).unwrap_or_default(),
+            "working_dir": config.and_then(|c| c.working_dir().clone()),
+        },
+        "layers": resolved.image.layers().iter().map(|l| json!({
+            "digest": l.digest().to_string(),
+            "media_type": l.media_type().to_string(),
+            "size": l.size(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn render(report: &Value) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, text: String| out.push_str(&format!("{label:<11}{text}\n"));
+    line("reference", text(&report["reference"]));
+    if let Some(index) = report["index"].as_object() {
+        let platforms: Vec<String> = index["platforms"]
+            .as_array()
+            .map(|a| a.iter().map(text).collect())
+            .unwrap_or_default();
+        line(
+            "index",
+            format!(
+                "{} ({})",
+                text(&index["digest"]),
+                text(&index["media_type"])
+            ),
+        );
+        line("platforms", platforms.join(", "));
+    }
+    line("platform", text(&report["platform"]));
+    let manifest = &report["manifest"];
+    line(
+        "manifest",
+        format!(
+            "{} ({})",
+            text(&manifest["digest"]),
+            text(&manifest["media_type"])
+        ),
+    );
+    let config = &report["config"];
+    line("config", text(&config["digest"]));
+    line("created", text(&config["created"]));
+    line("entrypoint", text(&config["entrypoint"]));
+    line("cmd", text(&config["cmd"]));
+    line(
+        "env",
+        format!("{} variables", config["env"].as_array().map_or(0, Vec::len)),
+    );
+    let layers = report["layers"].as_array().cloned().unwrap_or_default();
+    let total: u64 = layers.iter().filter_map(|l| l["size"].as_u64()).sum();
+    out.push_str(&format!(
+        "layers     {} layers, {} compressed\n",
+        layers.len(),
+        human_size(total)
+    ));
+    for layer in &layers {
+        out.push_str(&format!(
+            "  {}  {:>10}  {}\n",
+            text(&layer["digest"]),
+            human_size(layer["size"].as_u64().unwrap_or(0)),
+            text(&layer["media_type"])
+        ));
+    }
+    let referrers = report["referrers"].as_array().cloned().unwrap_or_default();
+    out.push_str(&format!("referrers  {}\n", referrers.len()));
+    for r in &referrers {
+        out.push_str(&format!(
+            "  {}  {:>10}  {}\n",
+            text(&r["digest"]),
+            human_size(r["size"].as_u64().unwrap_or(0)),
+            text(&r["artifact_type"])
+        ));
+    }
+    out
+}
+
+/// A JSON value as plain text: strings unquoted, null as "-".
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_human() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(3 << 30), "3.0 GiB");
+    }
+}
