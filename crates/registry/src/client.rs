@@ -17,7 +17,7 @@ use crate::auth::{
     Challenge, CredentialSource, Credentials, StaticCredentials, Token, TokenResponse,
 };
 use crate::error::{RegistryError, Target};
-use crate::hosts::Hosts;
+use crate::hosts::{Endpoint, Hosts};
 use crate::{Repository, Result};
 
 /// When and how often failed requests are tried again.
@@ -101,11 +101,34 @@ struct Inner {
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
+/// Where a request goes: an API path below `/v2/<name>/`, sent to each
+/// endpoint of the registry in turn, or an absolute URL the registry gave
+/// (an upload `Location`).
+#[derive(Debug, Clone)]
+pub(crate) enum RequestUrl {
+    Api(String),
+    Absolute(String),
+}
+
+impl RequestUrl {
+    /// The URL with `key=value` added to its query.
+    pub fn with_query(&self, key: &str, value: &str) -> Self {
+        let add = |url: &str| {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}{key}={value}")
+        };
+        match self {
+            RequestUrl::Api(path) => RequestUrl::Api(add(path)),
+            RequestUrl::Absolute(url) => RequestUrl::Absolute(add(url)),
+        }
+    }
+}
+
 /// One request, rebuilt for every attempt.
 #[derive(Debug, Clone)]
 pub(crate) struct Request {
     pub method: Method,
-    pub url: String,
+    pub url: RequestUrl,
     pub headers: Vec<(&'static str, String)>,
     pub body: Option<Bytes>,
     /// `pull` or `pull,push`: the token scope's actions.
@@ -113,7 +136,7 @@ pub(crate) struct Request {
 }
 
 impl Request {
-    pub fn get(url: String) -> Self {
+    pub fn get(url: RequestUrl) -> Self {
         Self {
             method: Method::GET,
             url,
@@ -171,24 +194,28 @@ impl RegistryClient {
         &self.inner.config
     }
 
-    /// `scheme://host/v2/<name>/<path>`.
-    pub(crate) fn url(&self, repo: &Repository, path: &str) -> String {
-        format!(
-            "{}/v2/{}/{path}",
-            self.inner.config.hosts.base_url(&repo.registry),
-            repo.name
-        )
+    /// The API path `<path>` below `/v2/<name>/`, sent to whichever
+    /// endpoint of the repository's registry serves the request.
+    pub(crate) fn url(&self, _repo: &Repository, path: &str) -> RequestUrl {
+        RequestUrl::Api(path.to_owned())
     }
 
-    /// Resolves a `Location` header against the registry's base URL.
-    pub(crate) fn absolute(&self, repo: &Repository, location: &str) -> String {
+    /// Resolves a `Location` header against the registry's upstream URL.
+    pub(crate) fn absolute(&self, repo: &Repository, location: &str) -> RequestUrl {
         if location.starts_with("http://") || location.starts_with("https://") {
-            location.to_owned()
+            RequestUrl::Absolute(location.to_owned())
         } else {
-            format!(
-                "{}{location}",
-                self.inner.config.hosts.base_url(&repo.registry)
-            )
+            let base = self.inner.config.hosts.upstream(&repo.registry).base_url;
+            RequestUrl::Absolute(format!("{base}{location}"))
+        }
+    }
+
+    /// Where `request` may be sent, in order: mirrors first for pulls.
+    fn endpoints(&self, repo: &Repository, request: &Request) -> Vec<Endpoint> {
+        let hosts = &self.inner.config.hosts;
+        match request.url {
+            RequestUrl::Api(_) => hosts.endpoints(&repo.registry, request.actions != "pull"),
+            RequestUrl::Absolute(_) => vec![hosts.upstream(&repo.registry)],
         }
     }
 
@@ -202,12 +229,41 @@ impl RegistryClient {
         request: &Request,
         max_len: u64,
     ) -> Result<Fetched> {
+        let endpoints = self.endpoints(repo, request);
+        let last = endpoints.len() - 1;
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            match self
+                .fetch_from(endpoint, repo, target, request, max_len)
+                .await
+            {
+                Ok(fetched) if fetched.status == StatusCode::NOT_FOUND && i < last => {
+                    tracing::debug!(%target, mirror = endpoint.base_url, "not on the mirror; trying the next host");
+                }
+                Err(err) if i < last && is_endpoint_failure(&err) => {
+                    tracing::warn!(%target, mirror = endpoint.base_url, "mirror failed; trying the next host: {err}");
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the upstream endpoint is always last and always returns")
+    }
+
+    async fn fetch_from(
+        &self,
+        endpoint: &Endpoint,
+        repo: &Repository,
+        target: &Target,
+        request: &Request,
+        max_len: u64,
+    ) -> Result<Fetched> {
         let policy = &self.inner.config.retry;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let result = async {
-                let opened = self.open_once(repo, target, request, attempt).await?;
+                let opened = self
+                    .open_once(endpoint, repo, target, request, attempt)
+                    .await?;
                 let status = opened.response.status();
                 let headers = opened.response.headers().clone();
                 let body = self.read_body(target, opened, max_len, attempt).await?;
@@ -238,11 +294,35 @@ impl RegistryClient {
         target: &Target,
         request: &Request,
     ) -> Result<Opened> {
+        let endpoints = self.endpoints(repo, request);
+        let last = endpoints.len() - 1;
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            match self.open_from(endpoint, repo, target, request).await {
+                Ok(opened) if opened.response.status() == StatusCode::NOT_FOUND && i < last => {}
+                Err(err) if i < last && is_endpoint_failure(&err) => {
+                    tracing::warn!(%target, mirror = endpoint.base_url, "mirror failed; trying the next host: {err}");
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the upstream endpoint is always last and always returns")
+    }
+
+    async fn open_from(
+        &self,
+        endpoint: &Endpoint,
+        repo: &Repository,
+        target: &Target,
+        request: &Request,
+    ) -> Result<Opened> {
         let policy = &self.inner.config.retry;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.open_once(repo, target, request, attempt).await {
+            match self
+                .open_once(endpoint, repo, target, request, attempt)
+                .await
+            {
                 Ok(opened) => return Ok(opened),
                 Err(err) if attempt < policy.attempts && is_retryable(&err) => {
                     let delay = retry_delay(&err, policy, attempt);
@@ -258,16 +338,19 @@ impl RegistryClient {
     /// answers a 401 challenge once by authenticating and resending.
     async fn open_once(
         &self,
+        endpoint: &Endpoint,
         repo: &Repository,
         target: &Target,
         request: &Request,
         attempt: u32,
     ) -> Result<Opened> {
-        let permit = self.slot(&repo.registry).await;
+        let permit = self.slot(&endpoint.base_url).await;
         let scope = format!("repository:{}:{}", repo.name, request.actions);
         let mut authenticated = false;
         loop {
-            let response = self.send(repo, target, request, &scope, attempt).await?;
+            let response = self
+                .send(endpoint, repo, target, request, &scope, attempt)
+                .await?;
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED && !authenticated {
                 let challenge = response
@@ -275,7 +358,8 @@ impl RegistryClient {
                     .get(WWW_AUTHENTICATE)
                     .and_then(|v| v.to_str().ok())
                     .and_then(Challenge::parse);
-                self.authenticate(repo, target, challenge, &scope).await?;
+                self.authenticate(endpoint, target, challenge, &scope)
+                    .await?;
                 authenticated = true;
                 continue;
             }
@@ -301,6 +385,7 @@ impl RegistryClient {
 
     async fn send(
         &self,
+        endpoint: &Endpoint,
         repo: &Repository,
         target: &Target,
         request: &Request,
@@ -308,16 +393,20 @@ impl RegistryClient {
         attempt: u32,
     ) -> Result<Response> {
         let config = &self.inner.config;
-        let http = if config.hosts.settings(&repo.registry).skip_verify {
+        let http = if endpoint.skip_verify {
             &self.inner.http_insecure
         } else {
             &self.inner.http
         };
-        let mut builder = http.request(request.method.clone(), &request.url);
+        let url = match &request.url {
+            RequestUrl::Api(path) => format!("{}/v2/{}/{path}", endpoint.base_url, repo.name),
+            RequestUrl::Absolute(url) => url.clone(),
+        };
+        let mut builder = http.request(request.method.clone(), url);
         for (name, value) in &request.headers {
             builder = builder.header(*name, value);
         }
-        match self.authorization(&repo.registry, scope) {
+        match self.authorization(endpoint, scope) {
             Some(Authorization::Bearer(token)) => builder = builder.bearer_auth(token),
             Some(Authorization::Basic(creds)) => {
                 builder = builder.basic_auth(creds.username, Some(creds.password));
@@ -414,7 +503,8 @@ impl RegistryClient {
     }
 
     /// What to authorize a request with, if we hold anything.
-    fn authorization(&self, registry: &str, scope: &str) -> Option<Authorization> {
+    fn authorization(&self, endpoint: &Endpoint, scope: &str) -> Option<Authorization> {
+        let registry = endpoint.credentials_host.as_str();
         let tokens = self.inner.tokens.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(token) = tokens.get(&(registry.to_owned(), scope.to_owned()))
             && token.expires > Instant::now()
@@ -434,12 +524,12 @@ impl RegistryClient {
     /// fetches and caches a bearer token for `scope`.
     async fn authenticate(
         &self,
-        repo: &Repository,
+        endpoint: &Endpoint,
         target: &Target,
         challenge: Option<Challenge>,
         scope: &str,
     ) -> Result<()> {
-        let registry = &repo.registry;
+        let registry = &endpoint.credentials_host;
         let creds = self.inner.config.credentials.credentials(registry);
         let auth_error = |problem: String| RegistryError::Auth {
             target: target.clone(),
@@ -525,6 +615,15 @@ fn too_large(target: &Target, max_len: u64) -> RegistryError {
         target: target.clone(),
         problem: format!("the response is larger than the {max_len}-byte limit"),
     }
+}
+
+/// Errors after which the next endpoint (after a mirror) is worth a try.
+fn is_endpoint_failure(err: &RegistryError) -> bool {
+    is_retryable(err)
+        || matches!(
+            err,
+            RegistryError::Status { .. } | RegistryError::Auth { .. }
+        )
 }
 
 fn is_retryable(err: &RegistryError) -> bool {

@@ -22,7 +22,7 @@ pub use auth::{CredentialSource, Credentials, DockerConfigCredentials, StaticCre
 pub use client::{ClientConfig, RegistryClient, RetryPolicy};
 pub use digest::{sha256_digest, verify_digest};
 pub use error::{RegistryError, Target};
-pub use hosts::{HostSettings, Hosts};
+pub use hosts::{Endpoint, HostSettings, Hosts, HostsError};
 pub use manifest::{Manifest, ManifestKind, Platform, ResolvedImage};
 pub use oci_spec::distribution::Reference;
 pub use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};

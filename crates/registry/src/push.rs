@@ -5,7 +5,7 @@ use bytes::Bytes;
 use reqwest::header::LOCATION;
 use reqwest::{Method, StatusCode};
 
-use crate::client::Request;
+use crate::client::{Request, RequestUrl};
 use crate::digest::sha256_digest;
 use crate::error::{RegistryError, Target};
 use crate::manifest::{expect_status, status_error};
@@ -21,7 +21,7 @@ pub struct PushedManifest {
 }
 
 impl Request {
-    fn push(method: Method, url: String) -> Self {
+    fn push(method: Method, url: RequestUrl) -> Self {
         Self {
             method,
             url,
@@ -60,7 +60,7 @@ impl RegistryClient {
         }
         let target = Target::new(repo, format!("upload of blob {digest}"));
         let location = self.start_upload(repo, &target).await?;
-        let put = Request::push(Method::PUT, with_digest(&location, &digest))
+        let put = Request::push(Method::PUT, location.with_query("digest", &digest))
             .header("content-type", "application/octet-stream")
             .with_body(bytes);
         let fetched = self.fetch(repo, &target, &put, 1 << 20).await?;
@@ -90,7 +90,7 @@ impl RegistryClient {
             let fetched = expect_status(&target, fetched, &[StatusCode::ACCEPTED])?;
             location = self.location(repo, &target, &fetched.headers)?;
         }
-        let put = Request::push(Method::PUT, with_digest(&location, &digest));
+        let put = Request::push(Method::PUT, location.with_query("digest", &digest));
         let fetched = self.fetch(repo, &target, &put, 1 << 20).await?;
         expect_status(&target, fetched, &[StatusCode::CREATED])?;
         Ok(digest)
@@ -101,10 +101,10 @@ impl RegistryClient {
     /// mount it (the caller then uploads).
     pub async fn mount_blob(&self, repo: &Repository, from: &str, digest: &str) -> Result<bool> {
         let target = Target::new(repo, format!("mount of blob {digest} from {from}"));
-        let url = format!(
-            "{}?mount={digest}&from={from}",
-            self.url(repo, "blobs/uploads/")
-        );
+        let url = self
+            .url(repo, "blobs/uploads/")
+            .with_query("mount", digest)
+            .with_query("from", from);
         let fetched = self
             .fetch(repo, &target, &Request::push(Method::POST, url), 1 << 20)
             .await?;
@@ -157,7 +157,7 @@ impl RegistryClient {
         Ok(())
     }
 
-    async fn start_upload(&self, repo: &Repository, target: &Target) -> Result<String> {
+    async fn start_upload(&self, repo: &Repository, target: &Target) -> Result<RequestUrl> {
         let post = Request::push(Method::POST, self.url(repo, "blobs/uploads/"));
         let fetched = self.fetch(repo, target, &post, 1 << 20).await?;
         let fetched = expect_status(target, fetched, &[StatusCode::ACCEPTED])?;
@@ -169,7 +169,7 @@ impl RegistryClient {
         repo: &Repository,
         target: &Target,
         headers: &reqwest::header::HeaderMap,
-    ) -> Result<String> {
+    ) -> Result<RequestUrl> {
         let location = headers
             .get(LOCATION)
             .and_then(|v| v.to_str().ok())
@@ -179,9 +179,4 @@ impl RegistryClient {
             })?;
         Ok(self.absolute(repo, location))
     }
-}
-
-fn with_digest(location: &str, digest: &str) -> String {
-    let sep = if location.contains('?') { '&' } else { '?' };
-    format!("{location}{sep}digest={digest}")
 }
