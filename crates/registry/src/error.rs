@@ -83,6 +83,10 @@ pub enum RegistryError {
     #[error("{target}: {problem}")]
     Invalid { target: Target, problem: String },
 
+    /// A range answer that does not match the request.
+    #[error("{target}: the answer does not match the range asked for: {problem}")]
+    RangeMismatch { target: Target, problem: String },
+
     #[error("{target}: authentication failed: {problem}")]
     Auth { target: Target, problem: String },
 

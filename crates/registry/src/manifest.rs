@@ -314,7 +314,34 @@ impl RegistryClient {
     /// carry the matching `Content-Range`; a registry that ignores ranges
     /// and answers `200` is coped with by cutting the range out of the
     /// whole blob.
+    ///
+    /// An answer that does not match the range asked for (a wrong
+    /// `Content-Range` or length) is retried like a network fault: caches
+    /// and proxies in front of registries produce them transiently.
     pub async fn blob_range(
+        &self,
+        repo: &Repository,
+        digest: &str,
+        range: Range<u64>,
+        blob_size: u64,
+    ) -> Result<Bytes> {
+        let attempts = self.config().retry.attempts;
+        let mut attempt = 1;
+        loop {
+            match self
+                .blob_range_once(repo, digest, range.clone(), blob_size)
+                .await
+            {
+                Err(err @ RegistryError::RangeMismatch { .. }) if attempt < attempts => {
+                    tracing::warn!(attempt, "retrying: {err}");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn blob_range_once(
         &self,
         repo: &Repository,
         digest: &str,
@@ -340,7 +367,7 @@ impl RegistryClient {
             StatusCode::PARTIAL_CONTENT => {
                 check_content_range(&target, &fetched.headers, range.start, blob_size)?;
                 if fetched.body.len() as u64 != len {
-                    return Err(RegistryError::Invalid {
+                    return Err(RegistryError::RangeMismatch {
                         target,
                         problem: format!("got {} bytes for a {len}-byte range", fetched.body.len()),
                     });
@@ -389,7 +416,7 @@ fn check_content_range(
         Some((first, size)) if first == start && (size == "*" || size.parse() == Ok(total)) => {
             Ok(())
         }
-        _ => Err(RegistryError::Invalid {
+        _ => Err(RegistryError::RangeMismatch {
             target: target.clone(),
             problem: format!(
                 "Content-Range {value:?} does not match the request from byte {start} of {total}"

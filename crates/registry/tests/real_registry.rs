@@ -387,3 +387,65 @@ async fn a_corrupted_blob_is_rejected_by_digest() {
         .unwrap_err();
     assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn mirrors_serve_pulls_and_fall_back_to_upstream() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(work.path()).unwrap();
+    let image = two_layer_image(&layout, BuildPlatform::default());
+    layout.tag("v1", &image).unwrap();
+    let upstream = Registry::start().unwrap();
+    upstream.push(&layout, "v1", "team/app:v1").unwrap();
+    let mirror = Registry::start().unwrap();
+    let upstream_relay = pronto_testbed::Relay::start(upstream.addr()).unwrap();
+    let mirror_relay = pronto_testbed::Relay::start(mirror.addr()).unwrap();
+    let reference = parse_reference(&format!("{}/team/app:v1", upstream_relay.host())).unwrap();
+
+    let with_mirror = |url: &str| {
+        let mut hosts = pronto_registry::Hosts::new();
+        hosts.add_mirror(&upstream_relay.host(), url, false);
+        RegistryClient::new(ClientConfig {
+            hosts,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+
+    // An empty mirror answers 404; the upstream host serves the image.
+    let client = with_mirror(&format!("http://{}", mirror_relay.host()));
+    let resolved = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest.digest, image.manifest_digest);
+    assert!(mirror_relay.bytes_down() > 0 && upstream_relay.bytes_down() > 0);
+
+    // A mirror that has the image serves everything.
+    mirror.push(&layout, "v1", "team/app:v1").unwrap();
+    upstream_relay.reset();
+    let resolved = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    let layer = &resolved.image.layers()[1];
+    let blob = client
+        .blob(
+            &resolved.repository,
+            &layer.digest().to_string(),
+            layer.size(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(blob.len() as u64, layer.size());
+    assert_eq!(upstream_relay.bytes_down(), 0);
+
+    // A mirror that is down is skipped.
+    let dead_port = pronto_testbed::net::free_loopback_port().unwrap();
+    let client = with_mirror(&format!("http://127.0.0.1:{dead_port}"));
+    let resolved = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest.digest, image.manifest_digest);
+}

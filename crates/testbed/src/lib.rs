@@ -12,6 +12,7 @@
 //! anything but loopback.
 
 pub mod containerd;
+pub mod faults;
 pub mod image;
 pub mod net;
 pub mod prereq;
@@ -20,6 +21,7 @@ pub mod registry;
 pub mod relay;
 
 pub use containerd::{Containerd, ContainerdOptions, CriOptions};
+pub use faults::{Fault, FaultProxy};
 pub use image::{Compression, Content, Entry, ImageBuilder, Layer, OciLayout};
 pub use prereq::Prereq;
 pub use registry::{Credentials, Registry, RegistryOptions};
