@@ -430,11 +430,7 @@ async fn mirrors_serve_pulls_and_fall_back_to_upstream() {
         .unwrap();
     let layer = &resolved.image.layers()[1];
     let blob = client
-        .blob(
-            &resolved.repository,
-            &layer.digest().to_string(),
-            layer.size(),
-        )
+        .blob(&resolved.repository, layer.digest().as_ref(), layer.size())
         .await
         .unwrap();
     assert_eq!(blob.len() as u64, layer.size());
