@@ -90,3 +90,86 @@ fn inspect_shows_platforms_layers_config_and_referrers() {
         "{err}"
     );
 }
+
+/// Credentials reach `pronto` the way docker users keep them: `auths` in
+/// config.json, a `credsStore`, or a per-registry `credHelpers` entry.
+#[test]
+fn docker_config_credentials_are_used() {
+    use std::os::unix::fs::PermissionsExt;
+
+    require!(&[Prereq::Registry, Prereq::Skopeo]);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let image = ImageBuilder::new()
+        .layer(Layer::new().file("a", "private\n"))
+        .build(&layout)
+        .unwrap();
+    layout.tag("v1", &image).unwrap();
+    let creds = pronto_testbed::Credentials::new("dave", "pa55");
+    let registry = Registry::start_with(pronto_testbed::RegistryOptions {
+        basic_auth: Some(creds),
+        ..Default::default()
+    })
+    .unwrap();
+    let reference = registry.push(&layout, "v1", "private/app:v1").unwrap();
+    let host = registry.host();
+
+    // A credential helper, as docker runs it: `get` reads the server on stdin.
+    let bin = work.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-pronto-test");
+    std::fs::write(
+        &helper,
+        "#!/bin/sh\nread server\nprintf '{\"ServerURL\":\"%s\",\"Username\":\"dave\",\"Secret\":\"pa55\"}' \"$server\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    let configs = [
+        (
+            "auths",
+            serde_json::json!({"auths": {&host: {"auth": "ZGF2ZTpwYTU1"}}}),
+        ),
+        (
+            "credsStore",
+            serde_json::json!({"credsStore": "pronto-test"}),
+        ),
+        (
+            "credHelpers",
+            serde_json::json!({"credHelpers": {&host: "pronto-test"}}),
+        ),
+        ("none", serde_json::json!({})),
+    ];
+    for (kind, config) in configs {
+        let dir = work.path().join(kind);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_pronto"))
+            .args(["image", "inspect", &reference, "--json"])
+            .env("DOCKER_CONFIG", &dir)
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("pa55"),
+            "{kind}: a secret reached the output: {stderr}"
+        );
+        if kind == "none" {
+            assert!(!out.status.success(), "anonymous access must fail");
+            assert!(stderr.contains("no credentials are configured"), "{stderr}");
+        } else {
+            assert!(out.status.success(), "{kind}: {stderr}");
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(
+                report["manifest"]["digest"], image.manifest_digest,
+                "{kind}"
+            );
+        }
+    }
+}

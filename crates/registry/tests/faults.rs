@@ -224,6 +224,7 @@ async fn cross_host_redirects_drop_the_authorization_header() {
     layout.tag("v1", &image).unwrap();
     let private = Registry::start_with(RegistryOptions {
         basic_auth: Some(Credentials::new("bob", "s3cret")),
+        ..Default::default()
     })
     .unwrap();
     private.push(&layout, "v1", "redirect/app:v1").unwrap();

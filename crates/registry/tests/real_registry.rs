@@ -192,6 +192,7 @@ async fn basic_auth_with_and_without_credentials() {
     layout.tag("v1", &image).unwrap();
     let registry = Registry::start_with(RegistryOptions {
         basic_auth: Some(Credentials::new("alice", "correct horse")),
+        ..Default::default()
     })
     .unwrap();
     let reference =
@@ -444,4 +445,86 @@ async fn mirrors_serve_pulls_and_fall_back_to_upstream() {
         .await
         .unwrap();
     assert_eq!(resolved.manifest.digest, image.manifest_digest);
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_fetched_cached_per_scope_and_refreshed() {
+    require!(NEEDS);
+    use pronto_testbed::{TokenServer, TokenServerOptions};
+    let creds = Credentials::new("carol", "tok3n-pass");
+    // Tokens die after 2 s although the response claims 300 s: the
+    // registry's 401 must make the client fetch a new one.
+    let tokens = TokenServer::start(TokenServerOptions {
+        credentials: Some(creds.clone()),
+        token_lifetime: std::time::Duration::from_secs(2),
+        announced_lifetime: std::time::Duration::from_secs(300),
+    })
+    .unwrap();
+    let registry = Registry::start_with(RegistryOptions {
+        token_auth: Some(tokens.auth().clone()),
+        push_credentials: Some(creds.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(work.path()).unwrap();
+    let image = two_layer_image(&layout, BuildPlatform::default());
+    layout.tag("v1", &image).unwrap();
+    let reference =
+        parse_reference(&registry.push(&layout, "v1", "secure/app:v1").unwrap()).unwrap();
+    let pushes = tokens.requests().len();
+
+    let anonymous = client()
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(anonymous, RegistryError::Auth { .. }),
+        "{anonymous}"
+    );
+
+    let client = RegistryClient::new(ClientConfig {
+        credentials: Arc::new(StaticCredentials::none().with(
+            &registry.host(),
+            "carol",
+            "tok3n-pass",
+        )),
+        ..Default::default()
+    })
+    .unwrap();
+    let resolved = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest.digest, image.manifest_digest);
+    for layer in &image.layers {
+        client
+            .blob(&resolved.repository, &layer.digest, layer.size)
+            .await
+            .unwrap();
+    }
+    let asked: Vec<_> = tokens.requests()[pushes + 1..].to_vec();
+    assert_eq!(
+        asked.len(),
+        1,
+        "one token for the pull scope, reused: {asked:?}"
+    );
+    assert_eq!(
+        asked[0].scope.as_deref(),
+        Some("repository:secure/app:pull")
+    );
+    assert_eq!(asked[0].service.as_deref(), Some("pronto-test-registry"));
+    assert!(asked[0].granted);
+
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let again = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(again.manifest.digest, image.manifest_digest);
+    assert_eq!(
+        tokens.requests().len(),
+        pushes + 3,
+        "a refreshed token after the 401"
+    );
 }

@@ -8,7 +8,7 @@
 //! (`Connection: close`), which keeps the proxy simple and lets faults end
 //! a response mid-body.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +16,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+
+use crate::http::Head;
 
 /// What to do to a matching request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,58 +159,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A parsed HTTP/1.1 message head: the first line and the header lines.
-struct Head {
-    first: String,
-    headers: Vec<(String, String)>,
-}
-
-impl Head {
-    fn read(reader: &mut impl BufRead) -> Result<Option<Head>> {
-        let mut first = String::new();
-        if reader.read_line(&mut first)? == 0 {
-            return Ok(None);
-        }
-        let mut headers = Vec::new();
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line)?;
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                headers.push((name.trim().to_owned(), value.trim().to_owned()));
-            }
-        }
-        Ok(Some(Head {
-            first: first.trim_end().to_owned(),
-            headers,
-        }))
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn set(&mut self, name: &str, value: String) {
-        self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-        self.headers.push((name.to_owned(), value));
-    }
-
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut out = format!("{}\r\n", self.first);
-        for (name, value) in &self.headers {
-            out.push_str(&format!("{name}: {value}\r\n"));
-        }
-        out.push_str("\r\n");
-        out.into_bytes()
-    }
-}
-
 fn serve(client: TcpStream, upstream: SocketAddr, shared: &Shared) -> Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let Some(mut request) = Head::read(&mut reader)? else {
@@ -316,18 +266,7 @@ fn take_fault(shared: &Shared, method: &str, path: &str) -> Option<Fault> {
 }
 
 fn answer(client: &mut TcpStream, status: u16, headers: &[(&str, String)]) -> Result<()> {
-    let mut head = Head {
-        first: format!("HTTP/1.1 {status} Injected"),
-        headers: Vec::new(),
-    };
-    for (name, value) in headers {
-        head.set(name, value.clone());
-    }
-    head.set("Content-Length", "0".into());
-    head.set("Connection", "close".into());
-    client.write_all(&head.to_bytes())?;
-    client.flush()?;
-    Ok(())
+    crate::http::respond(client, status, headers, &[])
 }
 
 /// `bytes 10-19/100` → `bytes 11-20/100`.

@@ -13,12 +13,14 @@
 
 pub mod containerd;
 pub mod faults;
+mod http;
 pub mod image;
 pub mod net;
 pub mod prereq;
 pub mod process;
 pub mod registry;
 pub mod relay;
+pub mod token;
 
 pub use containerd::{Containerd, ContainerdOptions, CriOptions};
 pub use faults::{Fault, FaultProxy};
@@ -26,3 +28,4 @@ pub use image::{Compression, Content, Entry, ImageBuilder, Layer, OciLayout};
 pub use prereq::Prereq;
 pub use registry::{Credentials, Registry, RegistryOptions};
 pub use relay::Relay;
+pub use token::{TokenServer, TokenServerOptions};

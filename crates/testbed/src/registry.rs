@@ -43,6 +43,11 @@ impl std::fmt::Debug for Credentials {
 pub struct RegistryOptions {
     /// Require these credentials (htpasswd, bcrypt) for every request.
     pub basic_auth: Option<Credentials>,
+    /// Require bearer tokens from this token server (`auth.token`).
+    pub token_auth: Option<crate::token::TokenAuth>,
+    /// Credentials skopeo pushes with when the registry needs them and
+    /// `basic_auth` does not say (token auth).
+    pub push_credentials: Option<Credentials>,
 }
 
 /// Manifest format a push writes.
@@ -74,6 +79,9 @@ impl Registry {
         let dir = tempfile::Builder::new()
             .prefix("pronto-registry-")
             .tempdir()?;
+        if let Some(token) = &options.token_auth {
+            std::fs::write(dir.path().join("token.crt"), &token.cert_pem)?;
+        }
         if let Some(creds) = &options.basic_auth {
             let hash = bcrypt::hash(&creds.password, 5).context("hash htpasswd password")?;
             std::fs::write(
@@ -135,8 +143,12 @@ impl Registry {
         self.dir.path().join("storage")
     }
 
+    /// The credentials that let a client in, if the registry wants any.
     pub fn credentials(&self) -> Option<&Credentials> {
-        self.options.basic_auth.as_ref()
+        self.options
+            .basic_auth
+            .as_ref()
+            .or(self.options.push_credentials.as_ref())
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
@@ -173,7 +185,7 @@ impl Registry {
         if layout.is_multi_platform(name)? {
             skopeo.arg("--all");
         }
-        if let Some(creds) = &self.options.basic_auth {
+        if let Some(creds) = self.credentials() {
             skopeo.arg(format!(
                 "--dest-creds={}:{}",
                 creds.username, creds.password
@@ -224,6 +236,14 @@ health:
         yaml.push_str(&format!(
             "auth:\n  htpasswd:\n    realm: pronto-test\n    path: {}\n",
             dir.path().join("htpasswd").display()
+        ));
+    } else if let Some(token) = &options.token_auth {
+        yaml.push_str(&format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            token.realm,
+            token.service,
+            token.issuer,
+            dir.path().join("token.crt").display()
         ));
     }
     yaml

@@ -124,6 +124,7 @@ fn basic_auth_registry_and_docker_manifests() {
     let creds = pronto_testbed::Credentials::new("pronto", "s3cret");
     let registry = Registry::start_with(RegistryOptions {
         basic_auth: Some(creds.clone()),
+        ..Default::default()
     })
     .unwrap();
     let reference = registry
