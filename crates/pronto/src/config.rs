@@ -36,12 +36,36 @@ pub struct Config {
     /// Pronto's state directory. Everything Pronto writes on a node lives
     /// below it.
     pub root: PathBuf,
+    /// How Pronto talks to registries.
+    pub registry: RegistryConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             root: PathBuf::from(DEFAULT_ROOT),
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+/// The `[registry]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Directory of containerd-style `<host>/hosts.toml` files (mirrors,
+    /// plain HTTP, skip_verify). Defaults to containerd's own, so mirrors
+    /// configured for containerd apply to Pronto as well.
+    pub hosts_dir: PathBuf,
+    /// Requests in flight to one registry at a time.
+    pub max_concurrent_per_registry: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            hosts_dir: PathBuf::from("/etc/containerd/certs.d"),
+            max_concurrent_per_registry: 32,
         }
     }
 }
@@ -103,12 +127,31 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, problem| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            problem,
+        };
         if !self.root.is_absolute() {
-            return Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                key: "root",
-                problem: format!("must be an absolute path, not {:?}", self.root),
-            });
+            return Err(invalid(
+                "root",
+                format!("must be an absolute path, not {:?}", self.root),
+            ));
+        }
+        if !self.registry.hosts_dir.is_absolute() {
+            return Err(invalid(
+                "registry.hosts_dir",
+                format!(
+                    "must be an absolute path, not {:?}",
+                    self.registry.hosts_dir
+                ),
+            ));
+        }
+        if self.registry.max_concurrent_per_registry == 0 {
+            return Err(invalid(
+                "registry.max_concurrent_per_registry",
+                "must be at least 1".to_owned(),
+            ));
         }
         Ok(())
     }
@@ -154,6 +197,28 @@ mod tests {
     fn relative_root_is_rejected_by_key() {
         let err = parse("root = \"var/pronto\"\n").unwrap_err().to_string();
         assert!(err.contains("`root`"), "{err}");
+    }
+
+    #[test]
+    fn registry_table_is_read_and_checked() {
+        let config = parse(
+            "[registry]\nhosts_dir = \"/etc/pronto/hosts\"\nmax_concurrent_per_registry = 4\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.registry.hosts_dir,
+            PathBuf::from("/etc/pronto/hosts")
+        );
+        assert_eq!(config.registry.max_concurrent_per_registry, 4);
+        let err = parse("[registry]\nmax_concurrent_per_registry = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("registry.max_concurrent_per_registry"),
+            "{err}"
+        );
+        let err = parse("[registry]\nmirrors = []\n").unwrap_err().to_string();
+        assert!(err.contains("mirrors"), "{err}");
     }
 
     #[test]

@@ -50,7 +50,15 @@ fn config_file_root_is_used() {
     std::fs::write(&path, "root = \"/srv/pronto-test\"\n").unwrap();
     let out = pronto(&["--config", path.to_str().unwrap(), "config", "show"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "root = \"/srv/pronto-test\"\n");
+    let shown = stdout(&out);
+    assert!(
+        shown.starts_with("root = \"/srv/pronto-test\"\n"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("[registry]\nhosts_dir = \"/etc/containerd/certs.d\""),
+        "{shown}"
+    );
 }
 
 #[test]

@@ -12,9 +12,11 @@ mod digest;
 mod error;
 mod hosts;
 mod manifest;
+mod parallel;
 mod push;
 mod referrers;
 
+pub use parallel::ParallelFetch;
 pub use push::PushedManifest;
 pub use referrers::fallback_tag;
 

@@ -528,3 +528,45 @@ async fn bearer_tokens_are_fetched_cached_per_scope_and_refreshed() {
         "a refreshed token after the 401"
     );
 }
+
+#[tokio::test]
+async fn parallel_download_writes_and_verifies_the_whole_blob() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let image = two_layer_image(&layout, BuildPlatform::default());
+    layout.tag("v1", &image).unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = parse_reference(&registry.push(&layout, "v1", "team/app:v1").unwrap()).unwrap();
+    let repo = Repository::of(&reference);
+    let layer = &image.layers[1];
+    let expected = std::fs::read(layout.blob_path(&layer.digest)).unwrap();
+    let client = client();
+    let plan = pronto_registry::ParallelFetch {
+        chunk_size: 100_000,
+        concurrency: 6,
+    };
+    let out = work.path().join("layer.tar.gz");
+    client
+        .blob_to_file_parallel(&repo, &layer.digest, layer.size, &out, plan)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+
+    // A blob whose stored bytes were altered fails and leaves no file.
+    let hex = layer.digest.strip_prefix("sha256:").unwrap();
+    let data = registry.storage_dir().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[200_000] ^= 1;
+    std::fs::write(&data, &bytes).unwrap();
+    let bad = work.path().join("bad.tar.gz");
+    let err = client
+        .blob_to_file_parallel(&repo, &layer.digest, layer.size, &bad, plan)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+    assert!(!bad.exists());
+}

@@ -27,5 +27,5 @@ pub use faults::{Fault, FaultProxy};
 pub use image::{Compression, Content, Entry, ImageBuilder, Layer, OciLayout};
 pub use prereq::Prereq;
 pub use registry::{Credentials, Registry, RegistryOptions};
-pub use relay::Relay;
+pub use relay::{Relay, RelayOptions};
 pub use token::{TokenServer, TokenServerOptions};

@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -18,6 +19,14 @@ pub struct RelayStats {
     /// Bytes sent from clients to the upstream server.
     pub bytes_up: AtomicU64,
     pub connections: AtomicU64,
+}
+
+/// How a relay shapes traffic.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayOptions {
+    /// Cap on the server-to-client throughput of each connection, in bytes
+    /// per second, like an object store's per-connection limit.
+    pub down_bytes_per_sec_per_connection: Option<u64>,
 }
 
 /// Forwards every connection on `addr()` to `upstream`. Dropping it closes
@@ -34,6 +43,11 @@ pub struct Relay {
 impl Relay {
     /// Listens on a free 127.0.0.1 port and forwards to `upstream`.
     pub fn start(upstream: SocketAddr) -> Result<Self> {
+        Self::start_with(upstream, RelayOptions::default())
+    }
+
+    /// Like [`Relay::start`], shaping traffic as `options` say.
+    pub fn start_with(upstream: SocketAddr, options: RelayOptions) -> Result<Self> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind relay")?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(RelayStats::default());
@@ -41,7 +55,9 @@ impl Relay {
         let open = Arc::new(Mutex::new(Vec::new()));
         let acceptor = {
             let (stats, stopping, open) = (stats.clone(), stopping.clone(), open.clone());
-            std::thread::spawn(move || accept_loop(listener, upstream, &stats, &stopping, &open))
+            std::thread::spawn(move || {
+                accept_loop(listener, upstream, options, &stats, &stopping, &open)
+            })
         };
         Ok(Self {
             addr,
@@ -100,6 +116,7 @@ impl Drop for Relay {
 fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
+    options: RelayOptions,
     stats: &Arc<RelayStats>,
     stopping: &AtomicBool,
     open: &Mutex<Vec<TcpStream>>,
@@ -121,8 +138,14 @@ fn accept_loop(
             open.push(c);
             open.push(s);
         }
-        spawn_pipe(&client, &server, stats.clone(), |s| &s.bytes_up);
-        spawn_pipe(&server, &client, stats.clone(), |s| &s.bytes_down);
+        spawn_pipe(&client, &server, stats.clone(), |s| &s.bytes_up, None);
+        spawn_pipe(
+            &server,
+            &client,
+            stats.clone(),
+            |s| &s.bytes_down,
+            options.down_bytes_per_sec_per_connection,
+        );
     }
 }
 
@@ -133,12 +156,16 @@ fn spawn_pipe(
     to: &TcpStream,
     stats: Arc<RelayStats>,
     pick: fn(&RelayStats) -> &AtomicU64,
+    rate: Option<u64>,
 ) {
     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
         return;
     };
     std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
+        // With a rate cap, read in 16 KiB steps so pacing stays smooth.
+        let mut buf = vec![0u8; if rate.is_some() { 16 * 1024 } else { 64 * 1024 }];
+        let started = Instant::now();
+        let mut sent = 0u64;
         loop {
             let n = match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
@@ -150,15 +177,40 @@ fn spawn_pipe(
             if to.write_all(&buf[..n]).is_err() {
                 break;
             }
+            sent += n as u64;
+            if let Some(wait) = rate.and_then(|r| pacing_delay(sent, r, started.elapsed())) {
+                std::thread::sleep(wait);
+            }
         }
         let _ = to.shutdown(Shutdown::Write);
         let _: io::Result<()> = from.shutdown(Shutdown::Read);
     });
 }
 
+/// How long to wait so that `sent` bytes over `elapsed` do not exceed
+/// `rate` bytes per second.
+fn pacing_delay(sent: u64, rate: u64, elapsed: Duration) -> Option<Duration> {
+    let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+    due.checked_sub(elapsed).filter(|wait| !wait.is_zero())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pacing_waits_until_the_rate_allows() {
+        let second = Duration::from_secs(1);
+        assert_eq!(
+            pacing_delay(1_000_000, 1_000_000, Duration::ZERO),
+            Some(second)
+        );
+        assert_eq!(
+            pacing_delay(500_000, 1_000_000, Duration::from_millis(100)),
+            Some(Duration::from_millis(400))
+        );
+        assert_eq!(pacing_delay(500_000, 1_000_000, second), None);
+    }
 
     #[test]
     fn relay_forwards_and_counts() {

@@ -4,14 +4,15 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use pronto_registry::{
-    ClientConfig, DockerConfigCredentials, ManifestKind, Platform, RegistryClient, ResolvedImage,
-    parse_reference,
+    ClientConfig, DockerConfigCredentials, Hosts, ManifestKind, Platform, RegistryClient,
+    ResolvedImage, parse_reference,
 };
 use serde_json::{Value, json};
 
 use crate::cli::ImageCommand;
+use crate::config::Config;
 
-pub fn run(cmd: ImageCommand) -> Result<()> {
+pub fn run(cmd: ImageCommand, config: &Config) -> Result<()> {
     match cmd {
         ImageCommand::Inspect {
             reference,
@@ -20,7 +21,8 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
         } => {
             let platform: Platform = platform.parse().map_err(|e: String| anyhow!(e))?;
             let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
-            let report = runtime.block_on(inspect(&reference, &platform))?;
+            let client = registry_client(config)?;
+            let report = runtime.block_on(inspect(&client, &reference, &platform))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -31,12 +33,20 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
     }
 }
 
-async fn inspect(reference: &str, platform: &Platform) -> Result<Value> {
-    let reference = parse_reference(reference)?;
-    let client = RegistryClient::new(ClientConfig {
+/// A registry client set up from the configuration: hosts.toml settings,
+/// docker's credentials, the concurrency limit.
+pub fn registry_client(config: &Config) -> Result<RegistryClient> {
+    let hosts = Hosts::load_dir(&config.registry.hosts_dir)?;
+    Ok(RegistryClient::new(ClientConfig {
+        hosts,
         credentials: Arc::new(DockerConfigCredentials),
+        max_concurrent_per_registry: config.registry.max_concurrent_per_registry,
         ..Default::default()
-    })?;
+    })?)
+}
+
+async fn inspect(client: &RegistryClient, reference: &str, platform: &Platform) -> Result<Value> {
+    let reference = parse_reference(reference)?;
     let resolved = client.resolve(&reference, platform).await?;
     let referrers = client
         .referrers(&resolved.repository, &resolved.manifest.digest, None)

@@ -13,6 +13,6 @@ pub fn run(cli: Cli) -> Result<()> {
     let loaded = LoadedConfig::load(cli.config.as_deref())?;
     match cli.command {
         Command::Config(cmd) => config::run(cmd, &loaded),
-        Command::Image(cmd) => image::run(cmd),
+        Command::Image(cmd) => image::run(cmd, &loaded.config),
     }
 }
