@@ -1,0 +1,554 @@
+//! Building an index from a layer blob in one streaming pass: the blob is
+//! hashed (to bind the index to it), inflated with checkpoints at deflate
+//! block boundaries every span, and its tar stream is parsed for the file
+//! table. Memory use does not grow with the layer: windows are spooled to
+//! a temporary file and only the file table grows, with the file count.
+
+use std::io::{self, Read, Seek, Write};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::IndexError;
+use crate::format::{
+    Checkpoint, Entry, EntryKind, IndexMeta, LayerCompression, LayerInfo, Span, encode_prefix,
+};
+use crate::gzip::{Inflate, WINDOW_SIZE};
+
+/// Default uncompressed bytes per span; see `docs/formats.md` for the
+/// measurement behind it.
+pub const DEFAULT_SPAN_SIZE: u64 = 4 << 20;
+
+/// What the index is built for.
+#[derive(Debug, Clone)]
+pub struct LayerToIndex {
+    pub digest: String,
+    pub size: u64,
+    pub compression: LayerCompression,
+}
+
+/// A finished index: where its parts are and what they hash to.
+#[derive(Debug, Clone)]
+pub struct BuiltIndex {
+    pub meta: IndexMeta,
+    /// Length of the prefix a node fetches to mount (header + metadata).
+    pub prefix_len: u64,
+    /// `sha256:<hex>` of the prefix.
+    pub prefix_digest: String,
+    /// Size and digest of the whole index blob.
+    pub size: u64,
+    pub digest: String,
+}
+
+/// Builds the index of `layer` from its blob and writes the index blob to
+/// `out`. Fails if the blob does not match `layer`'s digest and size.
+pub fn build_index(
+    blob: impl Read,
+    layer: &LayerToIndex,
+    span_size: u64,
+    out: impl Write,
+) -> Result<BuiltIndex, IndexError> {
+    if span_size < 64 * 1024 {
+        return Err(IndexError::Encode(format!(
+            "span size {span_size} is below the 64 KiB minimum"
+        )));
+    }
+    let mut blob = HashingReader::new(blob);
+    let mut windows = tempfile::tempfile()?;
+    let (entries, spans, uncompressed_size, windows_length) = match layer.compression {
+        LayerCompression::Gzip => {
+            let mut stream = Checkpointer::new(&mut blob, span_size, &mut windows, &layer.digest)?;
+            let entries = read_entries(&mut stream, &layer.digest)?;
+            io::copy(&mut stream, &mut io::sink())?;
+            let (spans, total_out, windows_length) = stream.finish()?;
+            (entries, spans, total_out, windows_length)
+        }
+        LayerCompression::None => {
+            let mut stream = FixedSpans::new(&mut blob, span_size);
+            let entries = read_entries(&mut stream, &layer.digest)?;
+            io::copy(&mut stream, &mut io::sink())?;
+            let (spans, total) = stream.finish();
+            (entries, spans, total, 0)
+        }
+    };
+    let (digest, size) = blob.finish();
+    if digest != layer.digest || size != layer.size {
+        return Err(IndexError::LayerDigest {
+            expected: format!("{} ({} bytes)", layer.digest, layer.size),
+            actual: format!("{digest} ({size} bytes)"),
+        });
+    }
+    let meta = IndexMeta {
+        layer: LayerInfo {
+            digest,
+            size,
+            compression: layer.compression,
+            uncompressed_size,
+        },
+        span_size,
+        entries,
+        spans,
+        windows_length,
+    };
+    crate::validate::validate(&meta, &crate::format::Limits::default())?;
+    let prefix = encode_prefix(&meta)?;
+    let mut out = HashingWriter::new(out);
+    out.write_all(&prefix)?;
+    windows.rewind()?;
+    io::copy(&mut windows, &mut out)?;
+    let (digest, total) = out.finish()?;
+    Ok(BuiltIndex {
+        prefix_len: prefix.len() as u64,
+        prefix_digest: format!("sha256:{}", hex::encode(Sha256::digest(&prefix))),
+        size: total,
+        digest,
+        meta,
+    })
+}
+
+/// Reads the tar stream's headers into entries; the data is read past
+/// (through `stream`, which keeps track of offsets and spans).
+fn read_entries(stream: &mut impl Read, layer: &str) -> Result<Vec<Entry>, IndexError> {
+    let unsupported = |problem: String| IndexError::Unsupported {
+        digest: layer.to_owned(),
+        problem,
+    };
+    let mut archive = tar::Archive::new(stream);
+    let mut entries = Vec::new();
+    let tar_error = |e: io::Error, what: &str| match IndexError::from(e) {
+        IndexError::Io(e) => unsupported(format!("{what}: {e}")),
+        inner => inner,
+    };
+    let items = archive
+        .entries()
+        .map_err(|e| tar_error(e, "not a tar stream"))?;
+    for item in items {
+        let mut item = item.map_err(|e| tar_error(e, "malformed tar entry"))?;
+        let header = item.header();
+        let kind = match header.entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
+            tar::EntryType::Directory => EntryKind::Dir,
+            tar::EntryType::Symlink => EntryKind::Symlink,
+            tar::EntryType::Link => EntryKind::Hardlink,
+            tar::EntryType::Char => EntryKind::CharDevice,
+            tar::EntryType::Block => EntryKind::BlockDevice,
+            tar::EntryType::Fifo => EntryKind::Fifo,
+            tar::EntryType::XGlobalHeader => continue,
+            other => {
+                return Err(unsupported(format!(
+                    "tar entry type {:?} ({}) is not supported",
+                    other.as_byte() as char,
+                    String::from_utf8_lossy(&item.path_bytes())
+                )));
+            }
+        };
+        let path = normalize(&String::from_utf8_lossy(&item.path_bytes()));
+        if path.is_empty() && kind != EntryKind::Dir {
+            continue;
+        }
+        let link = match item.link_name_bytes() {
+            Some(target) if kind == EntryKind::Hardlink => {
+                normalize(&String::from_utf8_lossy(&target))
+            }
+            Some(target) => String::from_utf8_lossy(&target).into_owned(),
+            None => String::new(),
+        };
+        let mut entry = Entry {
+            path,
+            kind,
+            mode: header.mode().unwrap_or(0o644) & 0o7777,
+            uid: header.uid().unwrap_or(0),
+            gid: header.gid().unwrap_or(0),
+            uname: header.username().ok().flatten().unwrap_or("").to_owned(),
+            gname: header.groupname().ok().flatten().unwrap_or("").to_owned(),
+            mtime: header.mtime().unwrap_or(0) as i64,
+            mtime_nsec: 0,
+            size: if kind == EntryKind::File {
+                item.size()
+            } else {
+                0
+            },
+            offset: item.raw_file_position(),
+            link,
+            dev_major: header.device_major().ok().flatten().unwrap_or(0),
+            dev_minor: header.device_minor().ok().flatten().unwrap_or(0),
+            xattrs: Vec::new(),
+            pax: Vec::new(),
+        };
+        if let Ok(Some(records)) = item.pax_extensions() {
+            for record in records {
+                let record =
+                    record.map_err(|e| unsupported(format!("malformed PAX record: {e}")))?;
+                let Ok(key) = record.key() else { continue };
+                let value = record.value_bytes().to_vec();
+                if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                    entry.xattrs.push((name.to_owned(), value));
+                } else if key == "mtime" {
+                    apply_pax_mtime(&mut entry, &value);
+                } else if !matches!(
+                    key,
+                    "path" | "linkpath" | "size" | "uid" | "gid" | "uname" | "gname"
+                ) {
+                    entry.pax.push((key.to_owned(), value));
+                }
+            }
+        }
+        if let Some(sparse) = entry.pax.iter().find(|(k, _)| k.starts_with("GNU.sparse")) {
+            return Err(unsupported(format!(
+                "sparse file {} ({})",
+                entry.path, sparse.0
+            )));
+        }
+        // Drain the data so the next header is read; the stream counts it.
+        io::copy(&mut item, &mut io::sink()).map_err(|e| tar_error(e, "unreadable entry data"))?;
+        entries.push(entry);
+    }
+    Ok(entries)
+}
+
+/// `./a/b/` → `a/b`; `/` and `.` → `` (the root).
+fn normalize(path: &str) -> String {
+    path.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// PAX `mtime` is decimal seconds with an optional fraction.
+fn apply_pax_mtime(entry: &mut Entry, value: &[u8]) {
+    let Ok(text) = std::str::from_utf8(value) else {
+        return;
+    };
+    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
+    if let Ok(secs) = secs.parse::<i64>() {
+        entry.mtime = secs;
+        let digits: String = frac.chars().take(9).collect();
+        entry.mtime_nsec = format!("{digits:0<9}").parse().unwrap_or(0);
+    }
+}
+
+/// A reader that hashes and counts what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+
+    fn finish(self) -> (String, u64) {
+        (
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            self.count,
+        )
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+
+    fn finish(mut self) -> io::Result<(String, u64)> {
+        self.inner.flush()?;
+        Ok((
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            self.count,
+        ))
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Spans of an uncompressed tar: fixed-size pieces of the blob itself.
+struct FixedSpans<R> {
+    inner: R,
+    span_size: u64,
+    position: u64,
+    hasher: Sha256,
+    spans: Vec<Span>,
+}
+
+impl<R: Read> FixedSpans<R> {
+    fn new(inner: R, span_size: u64) -> Self {
+        Self {
+            inner,
+            span_size,
+            position: 0,
+            hasher: Sha256::new(),
+            spans: Vec::new(),
+        }
+    }
+
+    fn close_span(&mut self) {
+        let start = self.spans.last().map_or(0, |s: &Span| s.compressed_end);
+        if self.position == start {
+            return;
+        }
+        let digest = std::mem::take(&mut self.hasher).finalize().into();
+        self.spans.push(Span {
+            compressed_start: start,
+            compressed_end: self.position,
+            uncompressed_start: start,
+            digest,
+            checkpoint: None,
+        });
+    }
+
+    fn finish(mut self) -> (Vec<Span>, u64) {
+        self.close_span();
+        (self.spans, self.position)
+    }
+}
+
+impl<R: Read> Read for FixedSpans<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let span_start = self.spans.last().map_or(0, |s| s.compressed_end);
+        let room = (span_start + self.span_size - self.position) as usize;
+        let want = buf.len().min(room);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.hasher.update(&buf[..n]);
+        self.position += n as u64;
+        if self.position - span_start == self.span_size {
+            self.close_span();
+        }
+        Ok(n)
+    }
+}
+
+/// Inflates a gzip blob for a reader of its tar stream, recording a
+/// checkpoint at the first deflate block boundary after every `span_size`
+/// bytes of output, and the digest of every span's compressed bytes.
+struct Checkpointer<'a, R> {
+    blob: R,
+    layer: &'a str,
+    inflate: Inflate,
+    input: Vec<u8>,
+    input_pos: usize,
+    input_len: usize,
+    blob_eof: bool,
+    ended: bool,
+    /// The last 32 KiB of output (a ring; `window_filled` bytes valid).
+    window: Vec<u8>,
+    window_pos: usize,
+    window_filled: usize,
+    span_size: u64,
+    last_checkpoint_out: u64,
+    hasher: Sha256,
+    last_byte: u8,
+    spans: Vec<Span>,
+    windows: &'a mut std::fs::File,
+    windows_length: u64,
+}
+
+impl<'a, R: Read> Checkpointer<'a, R> {
+    fn new(
+        blob: R,
+        span_size: u64,
+        windows: &'a mut std::fs::File,
+        layer: &'a str,
+    ) -> Result<Self, IndexError> {
+        Ok(Self {
+            blob,
+            layer,
+            inflate: Inflate::gzip().map_err(|e| IndexError::Encode(e.to_string()))?,
+            input: vec![0; 256 * 1024],
+            input_pos: 0,
+            input_len: 0,
+            blob_eof: false,
+            ended: false,
+            window: vec![0; WINDOW_SIZE],
+            window_pos: 0,
+            window_filled: 0,
+            span_size,
+            last_checkpoint_out: 0,
+            hasher: Sha256::new(),
+            last_byte: 0,
+            spans: Vec::new(),
+            windows,
+            windows_length: 0,
+        })
+    }
+
+    fn corrupt(&self, problem: String) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            IndexError::CorruptLayer {
+                digest: self.layer.to_owned(),
+                offset: self.inflate.total_in(),
+                problem,
+            },
+        )
+    }
+
+    fn remember_output(&mut self, out: &[u8]) {
+        let out = if out.len() > WINDOW_SIZE {
+            &out[out.len() - WINDOW_SIZE..]
+        } else {
+            out
+        };
+        let first = out.len().min(WINDOW_SIZE - self.window_pos);
+        self.window[self.window_pos..self.window_pos + first].copy_from_slice(&out[..first]);
+        self.window[..out.len() - first].copy_from_slice(&out[first..]);
+        self.window_pos = (self.window_pos + out.len()) % WINDOW_SIZE;
+        self.window_filled = (self.window_filled + out.len()).min(WINDOW_SIZE);
+    }
+
+    /// The window in order, oldest byte first.
+    fn current_window(&self) -> Vec<u8> {
+        if self.window_filled < WINDOW_SIZE {
+            return self.window[..self.window_filled].to_vec();
+        }
+        let mut w = self.window[self.window_pos..].to_vec();
+        w.extend_from_slice(&self.window[..self.window_pos]);
+        w
+    }
+
+    fn checkpoint(&mut self) -> io::Result<()> {
+        let total_in = self.inflate.total_in();
+        let total_out = self.inflate.total_out();
+        let bits = (self.inflate.data_type() & 7) as u8;
+        let window = self.current_window();
+        let compressed = crate::deflate(&window);
+        self.windows.write_all(&compressed)?;
+        let checkpoint = Checkpoint {
+            deflate_offset: total_in,
+            bits,
+            window_offset: self.windows_length,
+            window_length: compressed.len() as u32,
+            window_size: window.len() as u32,
+            window_digest: Sha256::digest(&compressed).into(),
+        };
+        self.windows_length += compressed.len() as u64;
+        if let Some(previous) = self.spans.last_mut() {
+            previous.compressed_end = total_in;
+            previous.digest = std::mem::take(&mut self.hasher).finalize().into();
+            if bits > 0 {
+                // The partial byte belongs to both spans.
+                self.hasher.update([self.last_byte]);
+            }
+        }
+        self.spans.push(Span {
+            compressed_start: if self.spans.is_empty() {
+                0
+            } else {
+                total_in - u64::from(bits > 0)
+            },
+            compressed_end: total_in,
+            uncompressed_start: total_out,
+            digest: [0; 32],
+            checkpoint: Some(checkpoint),
+        });
+        self.last_checkpoint_out = total_out;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(Vec<Span>, u64, u64), IndexError> {
+        if !self.ended {
+            return Err(IndexError::CorruptLayer {
+                digest: self.layer.to_owned(),
+                offset: self.inflate.total_in(),
+                problem: "the gzip stream ends early".into(),
+            });
+        }
+        // Anything after the gzip trailer (another member, garbage) would be
+        // data the index cannot reach.
+        let mut rest = self.input_len - self.input_pos;
+        if rest == 0 && !self.blob_eof {
+            rest = self.blob.read(&mut self.input)?;
+        }
+        if rest > 0 {
+            return Err(IndexError::Unsupported {
+                digest: self.layer.to_owned(),
+                problem: format!(
+                    "data follows the gzip stream at byte {} (multi-member gzip is not indexed)",
+                    self.inflate.total_in()
+                ),
+            });
+        }
+        let total_in = self.inflate.total_in();
+        let total_out = self.inflate.total_out();
+        if let Some(last) = self.spans.last_mut() {
+            last.compressed_end = total_in;
+            last.digest = self.hasher.finalize().into();
+        }
+        Ok((self.spans, total_out, self.windows_length))
+    }
+}
+
+impl<R: Read> Read for Checkpointer<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while !self.ended && !buf.is_empty() {
+            if self.input_pos == self.input_len && !self.blob_eof {
+                self.input_len = self.blob.read(&mut self.input)?;
+                self.input_pos = 0;
+                self.blob_eof = self.input_len == 0;
+            }
+            let input = &self.input[self.input_pos..self.input_len];
+            let step = self
+                .inflate
+                .step(input, buf, true)
+                .map_err(|e| self.corrupt(e.0))?;
+            if step.consumed > 0 {
+                let used = &self.input[self.input_pos..self.input_pos + step.consumed];
+                self.hasher.update(used);
+                self.last_byte = used[step.consumed - 1];
+                self.input_pos += step.consumed;
+            }
+            self.remember_output(&buf[..step.produced]);
+            let data_type = self.inflate.data_type();
+            let at_boundary = data_type & 128 != 0 && data_type & 64 == 0;
+            let out = self.inflate.total_out();
+            if step.end {
+                self.ended = true;
+            } else if at_boundary
+                && (self.spans.is_empty() || out - self.last_checkpoint_out >= self.span_size)
+            {
+                self.checkpoint()?;
+            }
+            if step.produced > 0 {
+                return Ok(step.produced);
+            }
+            if step.consumed == 0 && self.blob_eof && !step.end {
+                return Err(self.corrupt("the gzip stream ends early".into()));
+            }
+        }
+        Ok(0)
+    }
+}

@@ -1,0 +1,230 @@
+//! The index blob: its data model, its byte layout and its parser.
+//!
+//! Layout (all integers little-endian):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `PRNTIDX\0` |
+//! | 8 | 2 | format version (1) |
+//! | 10 | 2 | reserved, 0 |
+//! | 12 | 4 | length M of the compressed metadata |
+//! | 16 | M | metadata: [`IndexMeta`] in postcard encoding, raw-deflate compressed |
+//! | 16+M | … | windows: each checkpoint's 32 KiB window, raw-deflate compressed, back to back |
+//!
+//! The prefix `[0, 16+M)` is everything a node needs to mount; windows are
+//! fetched one by one with range reads when their span is first read. Every
+//! window and every compressed span of the layer carries a SHA-256 in the
+//! metadata; the prefix itself is verified against the digest recorded in
+//! the index manifest (see `docs/formats.md`).
+
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::IndexError;
+
+pub const MAGIC: &[u8; 8] = b"PRNTIDX\0";
+pub const VERSION: u16 = 1;
+pub const HEADER_SIZE: usize = 16;
+
+/// Limits a parser applies before trusting anything in an index.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_meta_compressed: u64,
+    pub max_meta_uncompressed: u64,
+    pub max_entries: usize,
+    pub max_spans: usize,
+    pub max_name_len: usize,
+    pub max_xattrs_per_entry: usize,
+    pub max_xattr_value: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_meta_compressed: 256 << 20,
+            max_meta_uncompressed: 1 << 30,
+            max_entries: 8_000_000,
+            max_spans: 4_000_000,
+            max_name_len: 16 * 1024,
+            max_xattrs_per_entry: 256,
+            max_xattr_value: 64 * 1024,
+        }
+    }
+}
+
+/// How the layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerCompression {
+    /// A plain tar: compressed and uncompressed offsets are the same.
+    None,
+    Gzip,
+}
+
+/// The layer an index describes. The index is only valid for this blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    /// `sha256:<hex>` of the compressed layer blob.
+    pub digest: String,
+    /// Size of the layer blob.
+    pub size: u64,
+    pub compression: LayerCompression,
+    /// Size of the tar stream.
+    pub uncompressed_size: u64,
+}
+
+/// The type of a tar entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Hardlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+}
+
+/// One tar entry with all the metadata a filesystem needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Relative path without a leading `./` or `/`, directories without a
+    /// trailing `/`. Whiteouts keep their `.wh.` names.
+    pub path: String,
+    pub kind: EntryKind,
+    /// Permission and special bits (`0o7777`).
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub uname: String,
+    pub gname: String,
+    /// Seconds since the epoch, and nanoseconds (from PAX `mtime`).
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    /// File size in bytes (0 for everything but regular files).
+    pub size: u64,
+    /// Where the file's data starts in the uncompressed tar stream.
+    pub offset: u64,
+    /// Symlink target, or the path a hardlink points to.
+    pub link: String,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    /// Extended attributes (`SCHILY.xattr.*` PAX records).
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Other PAX records that Pronto does not interpret, kept verbatim.
+    pub pax: Vec<(String, Vec<u8>)>,
+}
+
+/// Where decompression can resume: the state at a deflate block boundary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Offset in the layer blob of the first whole byte of deflate data.
+    pub deflate_offset: u64,
+    /// Bits (0–7) of the byte before `deflate_offset` that belong to the
+    /// next block.
+    pub bits: u8,
+    /// The window: offset in the windows section, compressed length,
+    /// uncompressed length (≤ 32 KiB) and SHA-256 of the compressed bytes.
+    pub window_offset: u64,
+    pub window_length: u32,
+    pub window_size: u32,
+    pub window_digest: [u8; 32],
+}
+
+/// A piece of the layer that is fetched, verified and decompressed as one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    /// The bytes of the layer blob to fetch: `[compressed_start, compressed_end)`.
+    pub compressed_start: u64,
+    pub compressed_end: u64,
+    /// Where the span's output starts in the tar stream; it ends where the
+    /// next span starts (or at the end of the stream).
+    pub uncompressed_start: u64,
+    /// SHA-256 of the compressed bytes.
+    pub digest: [u8; 32],
+    /// For gzip layers, where to resume decompression.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Everything in the index except the windows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexMeta {
+    pub layer: LayerInfo,
+    /// The span size the index was built with (spans end at the first
+    /// deflate block boundary after this many uncompressed bytes).
+    pub span_size: u64,
+    pub entries: Vec<Entry>,
+    pub spans: Vec<Span>,
+    /// Length of the windows section.
+    pub windows_length: u64,
+}
+
+/// Serialises `meta` into the index prefix (header plus compressed
+/// metadata).
+pub fn encode_prefix(meta: &IndexMeta) -> Result<Vec<u8>, IndexError> {
+    let raw = postcard::to_stdvec(meta).map_err(|e| IndexError::Encode(e.to_string()))?;
+    let compressed = crate::deflate(&raw);
+    let length = u32::try_from(compressed.len())
+        .map_err(|_| IndexError::Encode("metadata larger than 4 GiB".into()))?;
+    let mut out = Vec::with_capacity(HEADER_SIZE + compressed.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&length.to_le_bytes());
+    out.extend_from_slice(&compressed);
+    Ok(out)
+}
+
+/// Length of the prefix, read from the first 16 bytes.
+pub fn prefix_len(header: &[u8], limits: &Limits) -> Result<usize, IndexError> {
+    let bad = |problem: String| IndexError::Malformed(problem);
+    if header.len() < HEADER_SIZE {
+        return Err(bad(format!(
+            "the index is truncated at byte {} of its {HEADER_SIZE}-byte header",
+            header.len()
+        )));
+    }
+    if &header[..8] != MAGIC {
+        return Err(bad("this is not a Pronto index (wrong magic bytes)".into()));
+    }
+    let version = u16::from_le_bytes([header[8], header[9]]);
+    if version != VERSION {
+        return Err(IndexError::Version(version));
+    }
+    let length = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+    if u64::from(length) > limits.max_meta_compressed {
+        return Err(bad(format!(
+            "the index metadata claims {length} bytes, over the limit of {}",
+            limits.max_meta_compressed
+        )));
+    }
+    Ok(HEADER_SIZE + length as usize)
+}
+
+/// Parses and validates an index prefix.
+pub fn decode_prefix(prefix: &[u8], limits: &Limits) -> Result<IndexMeta, IndexError> {
+    let len = prefix_len(prefix, limits)?;
+    if prefix.len() < len {
+        return Err(IndexError::Malformed(format!(
+            "the index is truncated at byte {} of {len}",
+            prefix.len()
+        )));
+    }
+    let mut raw = Vec::new();
+    flate2::read::DeflateDecoder::new(&prefix[HEADER_SIZE..len])
+        .take(limits.max_meta_uncompressed + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| {
+            IndexError::Malformed(format!("the index metadata does not decompress: {e}"))
+        })?;
+    if raw.len() as u64 > limits.max_meta_uncompressed {
+        return Err(IndexError::Malformed(format!(
+            "the index metadata decompresses to more than {} bytes",
+            limits.max_meta_uncompressed
+        )));
+    }
+    let meta: IndexMeta = postcard::from_bytes(&raw)
+        .map_err(|e| IndexError::Malformed(format!("the index metadata is malformed: {e}")))?;
+    crate::validate::validate(&meta, limits)?;
+    Ok(meta)
+}

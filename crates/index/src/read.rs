@@ -1,0 +1,201 @@
+//! Reading through an index: which spans hold a byte range, and turning a
+//! span's verified compressed bytes (plus its checkpoint's window) back
+//! into the tar stream's bytes.
+
+use std::io::Read;
+use std::ops::Range;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::IndexError;
+use crate::format::{IndexMeta, LayerCompression, Limits, decode_prefix};
+use crate::gzip::{Inflate, WINDOW_SIZE};
+
+/// A parsed, validated layer index.
+#[derive(Debug, Clone)]
+pub struct LayerIndex {
+    meta: IndexMeta,
+    prefix_len: u64,
+}
+
+impl LayerIndex {
+    /// Parses an index prefix (or a whole index blob) with the default
+    /// limits.
+    pub fn parse(prefix: &[u8]) -> Result<Self, IndexError> {
+        Self::parse_with(prefix, &Limits::default())
+    }
+
+    pub fn parse_with(prefix: &[u8], limits: &Limits) -> Result<Self, IndexError> {
+        let prefix_len = crate::format::prefix_len(prefix, limits)? as u64;
+        let meta = decode_prefix(prefix, limits)?;
+        Ok(Self { meta, prefix_len })
+    }
+
+    pub fn meta(&self) -> &IndexMeta {
+        &self.meta
+    }
+
+    /// Length of the prefix (header + metadata) in the index blob.
+    pub fn prefix_len(&self) -> u64 {
+        self.prefix_len
+    }
+
+    /// The tar-stream bytes span `i` produces.
+    pub fn span_output(&self, i: usize) -> Range<u64> {
+        let start = self.meta.spans[i].uncompressed_start;
+        let end = self
+            .meta
+            .spans
+            .get(i + 1)
+            .map_or(self.meta.layer.uncompressed_size, |s| s.uncompressed_start);
+        start..end
+    }
+
+    /// The layer-blob bytes to fetch for span `i`.
+    pub fn span_input(&self, i: usize) -> Range<u64> {
+        let span = &self.meta.spans[i];
+        span.compressed_start..span.compressed_end
+    }
+
+    /// Indices of the spans holding the tar-stream bytes `range`.
+    pub fn spans_for(&self, range: Range<u64>) -> Range<usize> {
+        if range.start >= range.end {
+            return 0..0;
+        }
+        let spans = &self.meta.spans;
+        let first = spans.partition_point(|s| s.uncompressed_start <= range.start) - 1;
+        let last = spans.partition_point(|s| s.uncompressed_start < range.end);
+        first..last
+    }
+
+    /// Where span `i`'s window lies in the index blob, if it needs one.
+    pub fn window_range(&self, i: usize) -> Option<Range<u64>> {
+        let cp = self.meta.spans[i].checkpoint.as_ref()?;
+        if cp.window_size == 0 {
+            return None;
+        }
+        let start = self.prefix_len + cp.window_offset;
+        Some(start..start + u64::from(cp.window_length))
+    }
+
+    /// Verifies and decompresses span `i`'s window from the bytes at
+    /// [`Self::window_range`].
+    pub fn decode_window(&self, i: usize, compressed: &[u8]) -> Result<Vec<u8>, IndexError> {
+        let span_error = |problem: String| IndexError::Span {
+            layer: self.meta.layer.digest.clone(),
+            span: i,
+            problem,
+        };
+        let Some(cp) = self.meta.spans[i].checkpoint.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let digest: [u8; 32] = Sha256::digest(compressed).into();
+        if digest != cp.window_digest {
+            return Err(span_error(
+                "its window does not match the digest in the index".into(),
+            ));
+        }
+        let mut window = Vec::with_capacity(cp.window_size as usize);
+        flate2::read::DeflateDecoder::new(compressed)
+            .take(WINDOW_SIZE as u64 + 1)
+            .read_to_end(&mut window)
+            .map_err(|e| span_error(format!("its window does not decompress: {e}")))?;
+        if window.len() != cp.window_size as usize {
+            return Err(span_error("its window has the wrong size".into()));
+        }
+        Ok(window)
+    }
+
+    /// Verifies span `i`'s compressed bytes (from [`Self::span_input`])
+    /// against its digest and returns the tar-stream bytes it holds
+    /// ([`Self::span_output`]). `window` is the decoded window (empty when
+    /// the span needs none).
+    pub fn decode_span(
+        &self,
+        i: usize,
+        compressed: &[u8],
+        window: &[u8],
+    ) -> Result<Vec<u8>, IndexError> {
+        let span = &self.meta.spans[i];
+        let span_error = |problem: String| IndexError::Span {
+            layer: self.meta.layer.digest.clone(),
+            span: i,
+            problem,
+        };
+        let input = self.span_input(i);
+        if compressed.len() as u64 != input.end - input.start {
+            return Err(span_error(format!(
+                "got {} bytes, expected {}",
+                compressed.len(),
+                input.end - input.start
+            )));
+        }
+        let digest: [u8; 32] = Sha256::digest(compressed).into();
+        if digest != span.digest {
+            return Err(span_error(
+                "its bytes do not match the digest in the index".into(),
+            ));
+        }
+        let output = self.span_output(i);
+        let len = (output.end - output.start) as usize;
+        match (self.meta.layer.compression, &span.checkpoint) {
+            (LayerCompression::None, _) => Ok(compressed.to_vec()),
+            (LayerCompression::Gzip, Some(cp)) => {
+                let start = (cp.deflate_offset - span.compressed_start) as usize;
+                let mut inflate = Inflate::raw().map_err(|e| span_error(e.0))?;
+                if cp.bits > 0 {
+                    inflate
+                        .prime(cp.bits, compressed[start - 1])
+                        .map_err(|e| span_error(e.0))?;
+                }
+                inflate
+                    .set_dictionary(window)
+                    .map_err(|e| span_error(e.0))?;
+                let mut out = vec![0u8; len];
+                let mut pos_in = start;
+                let mut pos_out = 0;
+                while pos_out < len {
+                    let step = inflate
+                        .step(&compressed[pos_in..], &mut out[pos_out..], false)
+                        .map_err(|e| span_error(e.0))?;
+                    pos_in += step.consumed;
+                    pos_out += step.produced;
+                    if step.end || (step.consumed == 0 && step.produced == 0) {
+                        break;
+                    }
+                }
+                if pos_out != len {
+                    return Err(span_error(format!(
+                        "decompressed to {pos_out} bytes, expected {len}"
+                    )));
+                }
+                Ok(out)
+            }
+            (LayerCompression::Gzip, None) => Err(span_error("it has no checkpoint".into())),
+        }
+    }
+
+    /// Reads tar-stream bytes `range` with caller-supplied fetchers for
+    /// layer-blob ranges and index-blob ranges. For tests and simple tools;
+    /// the filesystem schedules spans itself.
+    pub fn read_range(
+        &self,
+        range: Range<u64>,
+        mut fetch_layer: impl FnMut(Range<u64>) -> Result<Vec<u8>, IndexError>,
+        mut fetch_index: impl FnMut(Range<u64>) -> Result<Vec<u8>, IndexError>,
+    ) -> Result<Vec<u8>, IndexError> {
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        for i in self.spans_for(range.clone()) {
+            let window = match self.window_range(i) {
+                Some(r) => self.decode_window(i, &fetch_index(r)?)?,
+                None => Vec::new(),
+            };
+            let bytes = self.decode_span(i, &fetch_layer(self.span_input(i))?, &window)?;
+            let span = self.span_output(i);
+            let from = range.start.max(span.start) - span.start;
+            let to = range.end.min(span.end) - span.start;
+            out.extend_from_slice(&bytes[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+}
