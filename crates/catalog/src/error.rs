@@ -5,7 +5,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error(transparent)]
-    Registry(#[from] pronto_registry::RegistryError),
+    Registry(Box<pronto_registry::RegistryError>),
 
     #[error(transparent)]
     Index(#[from] pronto_index::IndexError),
@@ -23,6 +23,12 @@ pub enum CatalogError {
 
     #[error("no index {digest} in the local store")]
     NotFound { digest: String },
+}
+
+impl From<pronto_registry::RegistryError> for CatalogError {
+    fn from(err: pronto_registry::RegistryError) -> Self {
+        CatalogError::Registry(Box::new(err))
+    }
 }
 
 impl CatalogError {
