@@ -18,7 +18,9 @@ pub use create::{
 };
 pub use error::CatalogError;
 pub use local::LocalIndexStore;
-pub use remote::{fetch_prefix, find_indexes, push_indexes, remove_remote, save_local};
+pub use remote::{
+    fetch_prefix, find_indexes, push_indexes, remove_remote, save_local, verify_prefix,
+};
 
 /// The digest of the empty JSON object `{}`, the config of artifacts.
 pub const EMPTY_CONFIG_DIGEST: &str =

@@ -103,7 +103,17 @@ pub async fn fetch_prefix(
             .await?
             .to_vec(),
     };
-    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    verify_prefix(set, layer, &bytes)
+}
+
+/// Checks a fetched prefix against the digest the artifact records, parses
+/// it, and checks it describes the layer it is listed for.
+pub fn verify_prefix(
+    set: &IndexSet,
+    layer: &LayerIndexRef,
+    bytes: &[u8],
+) -> Result<LayerIndex, CatalogError> {
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
     if digest != layer.prefix_digest {
         return Err(CatalogError::Artifact {
             digest: set.manifest_digest.clone(),
@@ -113,7 +123,7 @@ pub async fn fetch_prefix(
             ),
         });
     }
-    let index = LayerIndex::parse(&bytes)?;
+    let index = LayerIndex::parse(bytes)?;
     if index.meta().layer.digest != layer.layer {
         return Err(CatalogError::Artifact {
             digest: set.manifest_digest.clone(),

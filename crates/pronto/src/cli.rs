@@ -4,6 +4,21 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("4 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+}
+
 /// Pronto starts containers from large images in seconds: it mounts image
 /// layers lazily and fetches file data on demand from any OCI registry.
 #[derive(Debug, Parser)]
@@ -38,6 +53,91 @@ pub enum Command {
     /// Look at images in a registry.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Create, list, inspect and remove the seekable indexes that let
+    /// nodes start unmodified images lazily.
+    #[command(subcommand)]
+    Index(IndexCommand),
+}
+
+/// Which platforms of an image a command works on.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PlatformArgs {
+    /// Platform of a multi-platform image.
+    #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: String,
+    /// Every platform of a multi-platform image.
+    #[arg(long, conflicts_with = "platform")]
+    pub all_platforms: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Build indexes for an image's layers. Each layer is downloaded once
+    /// and indexed in one pass; the image itself is not changed. With
+    /// --push the indexes are stored in the registry as a referrer of the
+    /// image manifest; otherwise in the node's local store (under `root`).
+    Create {
+        reference: String,
+        #[command(flatten)]
+        platforms: PlatformArgs,
+        /// Uncompressed bytes per span: the unit fetched on demand.
+        #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+        span_size: u64,
+        /// Layers smaller than this get no index and are fetched whole.
+        #[arg(long, default_value = "10MiB", value_parser = parse_size)]
+        min_layer_size: u64,
+        /// Push the indexes to the image's repository.
+        #[arg(long)]
+        push: bool,
+    },
+    /// List the index sets of an image, in the local store and the registry.
+    List {
+        reference: String,
+        #[command(flatten)]
+        platforms: PlatformArgs,
+    },
+    /// Show an index set per layer: spans, files and size overhead. Takes an
+    /// image reference, or the digest of an index set in the local store.
+    Inspect {
+        #[arg(value_name = "REF|DIGEST")]
+        target: String,
+        #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+        platform: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove index sets of an image from the local store and the registry.
+    Rm {
+        reference: String,
+        #[command(flatten)]
+        platforms: PlatformArgs,
+        /// Remove only this index set.
+        #[arg(long, value_name = "DIGEST")]
+        index: Option<String>,
+    },
+}
+
+/// Parses sizes such as `4194304`, `4MiB`, `512k`, `1G`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (try 4MiB or 4194304)"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::cli::ImageCommand;
 use crate::config::Config;
+use crate::text::human_size;
 
 pub fn run(cmd: ImageCommand, config: &Config) -> Result<()> {
     match cmd {
@@ -189,29 +190,14 @@ fn text(value: &Value) -> String {
     }
 }
 
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn sizes_are_human() {
-        assert_eq!(human_size(512), "512 B");
-        assert_eq!(human_size(1536), "1.5 KiB");
-        assert_eq!(human_size(3 << 30), "3.0 GiB");
+    fn text_of_json_values() {
+        assert_eq!(text(&Value::Null), "-");
+        assert_eq!(text(&json!("a")), "a");
+        assert_eq!(text(&json!(["x"])), "[\"x\"]");
     }
 }

@@ -2,7 +2,8 @@
 //! configuration and does its work through the library crates.
 
 mod config;
-mod image;
+pub(crate) mod image;
+mod index;
 
 use anyhow::Result;
 
@@ -14,5 +15,6 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Config(cmd) => config::run(cmd, &loaded),
         Command::Image(cmd) => image::run(cmd, &loaded.config),
+        Command::Index(cmd) => index::run(cmd, &loaded.config),
     }
 }
