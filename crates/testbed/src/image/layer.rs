@@ -276,6 +276,28 @@ impl Layer {
         self
     }
 
+    /// `count` compressible text files (source-code-like lines, 1–8 KiB)
+    /// under `dir`, 100 to a subdirectory.
+    pub fn many_text_files(mut self, dir: &str, count: usize) -> Self {
+        let dir = dir.trim_end_matches('/');
+        for i in 0..count {
+            if i % 100 == 0 {
+                self = self.dir(&format!("{dir}/d{:04}", i / 100));
+            }
+            let lines = 20 + (i * 7919) % 200;
+            let text: String = (0..lines)
+                .map(|l| {
+                    format!(
+                        "    let value_{l} = compute({i}, {l}) + offset_{};\n",
+                        l % 13
+                    )
+                })
+                .collect();
+            self = self.file(&format!("{dir}/d{:04}/m{i:06}.rs", i / 100), text);
+        }
+        self
+    }
+
     /// Writes the layer blob to `out` and returns its digests.
     pub fn write<W: Write>(&self, out: W) -> Result<LayerDigests> {
         match self.compression {
