@@ -1,6 +1,21 @@
 //! The read-only lazy filesystem: the merged tree of an image's layers, the
-//! read path that turns "these bytes of this file" into verified spans, the
-//! prefetch scheduler, and the FUSE adapter.
+//! read path that turns "these bytes of this file" into verified spans, and
+//! the FUSE adapter.
 //!
-//! It must not know about containerd; layers reach it through one narrow
-//! interface so that every layer format plugs in without touching FUSE code.
+//! It must not know about containerd. Layers reach it through one narrow
+//! interface, [`LayerSource`]: the entries (the tree) and "read these bytes
+//! of this entry". The seekable index over unmodified layers implements it
+//! in [`IndexedLayer`]; the chunked format planned next implements the same
+//! trait without touching the tree or FUSE code.
+
+mod fuse;
+mod image;
+mod indexed;
+mod source;
+mod tree;
+
+pub use fuse::{MountOptions, mount};
+pub use image::{LayerMode, NodeContext, OpenError, OpenedImage, open_image};
+pub use indexed::{BlobReader, IndexedLayer, LayerFetchStats, LocalBlob, RegistryBlob};
+pub use source::{LayerSource, ReadError};
+pub use tree::{Node, NodeKind, Tree, TreeMode};

@@ -53,6 +53,24 @@ pub enum Command {
     /// Look at images in a registry.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Mount an image read-only over FUSE: all layers merged, or one layer
+    /// in overlayfs lower-directory form. Files are fetched on demand.
+    /// Runs until unmounted (`pronto umount DIR`, or SIGINT/SIGTERM).
+    Mount {
+        reference: String,
+        dir: std::path::PathBuf,
+        #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+        platform: String,
+        /// Mount only this layer, with whiteouts as overlayfs expects them.
+        #[arg(long, value_name = "DIGEST")]
+        layer: Option<String>,
+    },
+    /// Unmount a directory mounted by `pronto mount`, even with readers
+    /// blocked in it.
+    Umount { dir: std::path::PathBuf },
+    /// Show or shrink the node cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Create, list, inspect and remove the seekable indexes that let
     /// nodes start unmodified images lazily.
     #[command(subcommand)]
@@ -68,6 +86,20 @@ pub struct PlatformArgs {
     /// Every platform of a multi-platform image.
     #[arg(long, conflicts_with = "platform")]
     pub all_platforms: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Entries, bytes used and the budget.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evict cached data not in use, down to SIZE (default: everything).
+    Prune {
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        to: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]

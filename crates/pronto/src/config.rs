@@ -38,6 +38,8 @@ pub struct Config {
     pub root: PathBuf,
     /// How Pronto talks to registries.
     pub registry: RegistryConfig,
+    /// The node cache.
+    pub cache: CacheConfig,
 }
 
 impl Default for Config {
@@ -45,7 +47,32 @@ impl Default for Config {
         Self {
             root: PathBuf::from(DEFAULT_ROOT),
             registry: RegistryConfig::default(),
+            cache: CacheConfig::default(),
         }
+    }
+}
+
+/// The `[cache]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Disk space the node cache may use, e.g. `"20GiB"`. Data of open
+    /// files is never evicted, so usage can exceed it while they are open.
+    pub budget: String,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            budget: "20GiB".to_owned(),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The budget in bytes (validated when the configuration is loaded).
+    pub fn budget_bytes(&self) -> u64 {
+        crate::cli::parse_size(&self.budget).unwrap_or(20 << 30)
     }
 }
 
@@ -146,6 +173,9 @@ impl Config {
                     self.registry.hosts_dir
                 ),
             ));
+        }
+        if let Err(problem) = crate::cli::parse_size(&self.cache.budget) {
+            return Err(invalid("cache.budget", problem));
         }
         if self.registry.max_concurrent_per_registry == 0 {
             return Err(invalid(

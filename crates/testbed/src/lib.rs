@@ -21,6 +21,7 @@ pub mod process;
 pub mod registry;
 pub mod relay;
 pub mod token;
+pub mod tree;
 
 pub use containerd::{Containerd, ContainerdOptions, CriOptions};
 pub use faults::{Fault, FaultProxy};

@@ -1,9 +1,11 @@
 //! One module per subcommand; each takes the parsed arguments and the loaded
 //! configuration and does its work through the library crates.
 
+mod cache;
 mod config;
 pub(crate) mod image;
 mod index;
+mod mount;
 
 use anyhow::Result;
 
@@ -16,5 +18,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Config(cmd) => config::run(cmd, &loaded),
         Command::Image(cmd) => image::run(cmd, &loaded.config),
         Command::Index(cmd) => index::run(cmd, &loaded.config),
+        Command::Mount {
+            reference,
+            dir,
+            platform,
+            layer,
+        } => mount::run(
+            &loaded.config,
+            &reference,
+            &dir,
+            &platform,
+            layer.as_deref(),
+        ),
+        Command::Umount { dir } => mount::unmount(&dir),
+        Command::Cache(cmd) => cache::run(cmd, &loaded.config),
     }
 }

@@ -1,0 +1,247 @@
+//! Opening an image for mounting: resolve it, find its index set (local
+//! store first, then the registry's referrers), fetch each indexed layer's
+//! prefix, and make every other layer local (fetched whole, verified, and
+//! indexed on the node) so that all layers are read the same way.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pronto_catalog::{
+    IndexSet, LocalIndexStore, Location, fetch_prefix, find_indexes, layer_compression,
+};
+use pronto_index::{LayerIndex, LayerToIndex, build_index};
+use pronto_registry::{ParallelFetch, Platform, RegistryClient, ResolvedImage, parse_reference};
+use pronto_store::ContentCache;
+
+use crate::indexed::{BlobReader, IndexedLayer, LocalBlob, RegistryBlob};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Registry(Box<pronto_registry::RegistryError>),
+    #[error(transparent)]
+    Catalog(Box<pronto_catalog::CatalogError>),
+    #[error(transparent)]
+    Index(#[from] pronto_index::IndexError),
+    #[error("layer {layer} of {image}: {problem}")]
+    Layer {
+        image: String,
+        layer: String,
+        problem: String,
+    },
+    #[error("cannot write {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<pronto_registry::RegistryError> for OpenError {
+    fn from(e: pronto_registry::RegistryError) -> Self {
+        OpenError::Registry(Box::new(e))
+    }
+}
+
+impl From<pronto_catalog::CatalogError> for OpenError {
+    fn from(e: pronto_catalog::CatalogError) -> Self {
+        OpenError::Catalog(Box::new(e))
+    }
+}
+
+/// How each layer of an opened image is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerMode {
+    /// Through an index: spans fetched on demand.
+    Lazy,
+    /// Fetched whole before mounting (no index, or too small to index).
+    Local,
+}
+
+/// An image ready to mount: its layers bottom first.
+pub struct OpenedImage {
+    pub image: ResolvedImage,
+    pub index_set: Option<IndexSet>,
+    pub layers: Vec<Arc<IndexedLayer>>,
+    pub modes: Vec<LayerMode>,
+}
+
+impl std::fmt::Debug for OpenedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedImage")
+            .field("manifest", &self.image.manifest.digest)
+            .field("modes", &self.modes)
+            .finish()
+    }
+}
+
+/// Everything opening an image needs from the node.
+#[derive(Debug)]
+pub struct NodeContext<'a> {
+    pub client: &'a RegistryClient,
+    pub store: &'a LocalIndexStore,
+    pub cache: Arc<ContentCache>,
+    /// Where whole layers and their node-made indexes are kept.
+    pub layers_dir: PathBuf,
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// Opens `reference` for `platform`.
+pub async fn open_image(
+    node: &NodeContext<'_>,
+    reference: &str,
+    platform: &Platform,
+) -> Result<OpenedImage, OpenError> {
+    let reference = parse_reference(reference)?;
+    let image = node.client.resolve(&reference, platform).await?;
+    let sets = find_indexes(
+        node.client,
+        Some(node.store),
+        &image.repository,
+        &image.manifest.digest,
+    )
+    .await?;
+    let index_set = sets.into_iter().next();
+    let mut layers = Vec::new();
+    let mut modes = Vec::new();
+    for descriptor in image.image.layers() {
+        let digest = descriptor.digest().to_string();
+        let size = descriptor.size();
+        let indexed = index_set
+            .as_ref()
+            .and_then(|set| set.layer(&digest).map(|r| (set, r.clone())));
+        let layer = match indexed {
+            Some((set, layer_ref)) => {
+                let index = fetch_prefix(
+                    node.client,
+                    Some(node.store),
+                    &image.repository,
+                    set,
+                    &layer_ref,
+                )
+                .await?;
+                let layer_blob: Box<dyn BlobReader> = Box::new(RegistryBlob {
+                    client: node.client.clone(),
+                    repository: image.repository.clone(),
+                    digest: digest.clone(),
+                    size,
+                });
+                let index_blob: Box<dyn BlobReader> = match set.location {
+                    Location::Registry => Box::new(RegistryBlob {
+                        client: node.client.clone(),
+                        repository: image.repository.clone(),
+                        digest: layer_ref.blob.clone(),
+                        size: layer_ref.size,
+                    }),
+                    Location::Local => Box::new(LocalBlob {
+                        path: node
+                            .store
+                            .blob_path(&layer_ref.blob)
+                            .expect("catalog digests are valid"),
+                    }),
+                };
+                modes.push(LayerMode::Lazy);
+                IndexedLayer::new(
+                    index,
+                    layer_blob,
+                    index_blob,
+                    node.cache.clone(),
+                    node.runtime.clone(),
+                )
+            }
+            None => {
+                let (index, blob_path, index_path) = fetch_whole(
+                    node,
+                    &image,
+                    &digest,
+                    size,
+                    descriptor.media_type().as_ref(),
+                )
+                .await?;
+                modes.push(LayerMode::Local);
+                IndexedLayer::new(
+                    index,
+                    Box::new(LocalBlob { path: blob_path }),
+                    Box::new(LocalBlob { path: index_path }),
+                    node.cache.clone(),
+                    node.runtime.clone(),
+                )
+            }
+        };
+        layers.push(Arc::new(layer));
+    }
+    Ok(OpenedImage {
+        image,
+        index_set,
+        layers,
+        modes,
+    })
+}
+
+/// Fetches a layer whole (verified) into the node's layer directory and
+/// indexes it there, once; later opens reuse both files.
+async fn fetch_whole(
+    node: &NodeContext<'_>,
+    image: &ResolvedImage,
+    digest: &str,
+    size: u64,
+    media_type: &str,
+) -> Result<(LayerIndex, PathBuf, PathBuf), OpenError> {
+    let layer_error = |problem: String| OpenError::Layer {
+        image: image.manifest.digest.clone(),
+        layer: digest.to_owned(),
+        problem,
+    };
+    let compression = layer_compression(media_type)
+        .ok_or_else(|| layer_error(format!("media type {media_type} is not supported")))?;
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest).to_owned();
+    std::fs::create_dir_all(&node.layers_dir).map_err(|source| OpenError::Io {
+        path: node.layers_dir.clone(),
+        source,
+    })?;
+    let blob_path = node.layers_dir.join(&hex);
+    let index_path = node.layers_dir.join(format!("{hex}.index"));
+    if !index_path.exists() {
+        let partial = node.layers_dir.join(format!("{hex}.partial"));
+        node.client
+            .blob_to_file_parallel(
+                &image.repository,
+                digest,
+                size,
+                &partial,
+                ParallelFetch::default(),
+            )
+            .await?;
+        let target = LayerToIndex {
+            digest: digest.to_owned(),
+            size,
+            compression,
+        };
+        let index_partial = node.layers_dir.join(format!("{hex}.index.partial"));
+        let (input, output) = (partial.clone(), index_partial.clone());
+        tokio::task::spawn_blocking(move || {
+            let reader = std::io::BufReader::new(std::fs::File::open(&input)?);
+            let writer = std::io::BufWriter::new(std::fs::File::create(&output)?);
+            build_index(reader, &target, 4 << 20, writer)
+        })
+        .await
+        .map_err(|e| layer_error(e.to_string()))??;
+        for (from, to) in [(&partial, &blob_path), (&index_partial, &index_path)] {
+            std::fs::rename(from, to).map_err(|source| OpenError::Io {
+                path: to.clone(),
+                source,
+            })?;
+        }
+    }
+    let bytes = std::fs::read(&index_path).map_err(|source| OpenError::Io {
+        path: index_path.clone(),
+        source,
+    })?;
+    let index = LayerIndex::parse(&bytes)?;
+    if index.meta().layer.digest != digest {
+        return Err(layer_error(
+            "the node-made index describes another layer".into(),
+        ));
+    }
+    Ok((index, blob_path, index_path))
+}

@@ -1,0 +1,333 @@
+//! [`IndexedLayer`]: a layer read through its seekable index. The read path:
+//! file range → spans → node cache hit? serve : fetch the missing spans (one
+//! range request per run of neighbours; one fetch per span however many
+//! readers wait for it) → decompress from the checkpoint → verify → cache →
+//! serve.
+
+use std::future::Future;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use pronto_index::{Entry, LayerIndex};
+use pronto_registry::{RegistryClient, Repository};
+use pronto_store::{CacheKey, ContentCache};
+use sha2::{Digest, Sha256};
+
+use crate::source::{LayerSource, ReadError};
+
+/// Boxed future returned by [`BlobReader::read`].
+pub type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + 'a>>;
+
+/// Where a blob's bytes come from: the registry or a local file.
+pub trait BlobReader: Send + Sync {
+    fn read(&self, range: Range<u64>) -> ReadFuture<'_>;
+}
+
+/// A blob read with range requests from its registry.
+#[derive(Debug, Clone)]
+pub struct RegistryBlob {
+    pub client: RegistryClient,
+    pub repository: Repository,
+    pub digest: String,
+    pub size: u64,
+}
+
+impl BlobReader for RegistryBlob {
+    fn read(&self, range: Range<u64>) -> ReadFuture<'_> {
+        Box::pin(async move {
+            self.client
+                .blob_range(&self.repository, &self.digest, range, self.size)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// A blob in a local file (a layer fetched whole, or an index in the local
+/// store).
+#[derive(Debug, Clone)]
+pub struct LocalBlob {
+    pub path: PathBuf,
+}
+
+impl BlobReader for LocalBlob {
+    fn read(&self, range: Range<u64>) -> ReadFuture<'_> {
+        Box::pin(async move {
+            let path = self.path.clone();
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let file =
+                    std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let mut out = vec![0u8; (range.end - range.start) as usize];
+                file.read_exact_at(&mut out, range.start)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok(Bytes::from(out))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        })
+    }
+}
+
+/// What a layer has fetched, for tests, status and metrics.
+#[derive(Debug, Default)]
+pub struct LayerFetchStats {
+    /// Bytes of the layer blob fetched.
+    pub layer_bytes: AtomicU64,
+    /// Bytes of the index blob fetched (windows).
+    pub index_bytes: AtomicU64,
+    /// Range requests to the layer blob.
+    pub requests: AtomicU64,
+}
+
+/// A layer served through its seekable index.
+pub struct IndexedLayer {
+    index: LayerIndex,
+    layer: Box<dyn BlobReader>,
+    index_blob: Box<dyn BlobReader>,
+    cache: Arc<ContentCache>,
+    runtime: tokio::runtime::Handle,
+    /// One lock per span: holding it means "I fetch this span".
+    span_locks: Vec<tokio::sync::Mutex<()>>,
+    stats: LayerFetchStats,
+}
+
+impl std::fmt::Debug for IndexedLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexedLayer")
+            .field("layer", &self.index.meta().layer.digest)
+            .field("spans", &self.span_locks.len())
+            .finish()
+    }
+}
+
+impl IndexedLayer {
+    pub fn new(
+        index: LayerIndex,
+        layer: Box<dyn BlobReader>,
+        index_blob: Box<dyn BlobReader>,
+        cache: Arc<ContentCache>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        let span_locks = (0..index.meta().spans.len())
+            .map(|_| tokio::sync::Mutex::new(()))
+            .collect();
+        Self {
+            index,
+            layer,
+            index_blob,
+            cache,
+            runtime,
+            span_locks,
+            stats: LayerFetchStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &LayerFetchStats {
+        &self.stats
+    }
+
+    pub fn index(&self) -> &LayerIndex {
+        &self.index
+    }
+
+    fn error(&self, problem: String) -> ReadError {
+        ReadError {
+            layer: self.index.meta().layer.digest.clone(),
+            problem,
+        }
+    }
+
+    /// The cache key of span `i`'s decoded bytes: its compressed digest and
+    /// its window's digest together (the same compressed bytes after a
+    /// different window decode differently).
+    fn span_key(&self, i: usize) -> CacheKey {
+        let span = &self.index.meta().spans[i];
+        let mut hasher = Sha256::new();
+        hasher.update(b"pronto span v1");
+        hasher.update(span.digest);
+        if let Some(cp) = &span.checkpoint {
+            hasher.update(cp.window_digest);
+        }
+        hasher.finalize().into()
+    }
+
+    fn window_key(&self, i: usize) -> Option<CacheKey> {
+        let cp = self.index.meta().spans[i].checkpoint.as_ref()?;
+        let mut hasher = Sha256::new();
+        hasher.update(b"pronto window v1");
+        hasher.update(cp.window_digest);
+        Some(hasher.finalize().into())
+    }
+
+    /// Makes spans `run` local: waits for whoever is fetching them, then
+    /// fetches the still-missing ones with one range request per run of
+    /// neighbours.
+    async fn ensure_spans(&self, run: Range<usize>) -> Result<(), ReadError> {
+        let mut guards = Vec::with_capacity(run.len());
+        // Ascending order: two readers never wait on each other in a cycle.
+        for i in run.clone() {
+            if self.cache.contains(&self.span_key(i)) {
+                continue;
+            }
+            guards.push((i, self.span_locks[i].lock().await));
+        }
+        let missing: Vec<usize> = guards
+            .iter()
+            .map(|(i, _)| *i)
+            .filter(|i| !self.cache.contains(&self.span_key(*i)))
+            .collect();
+        let mut start = 0;
+        while start < missing.len() {
+            let mut end = start + 1;
+            while end < missing.len() && missing[end] == missing[end - 1] + 1 {
+                end += 1;
+            }
+            self.fetch_run(missing[start]..missing[end - 1] + 1).await?;
+            start = end;
+        }
+        drop(guards);
+        Ok(())
+    }
+
+    /// Fetches neighbouring spans `run` with one range request (retrying
+    /// once if the bytes fail verification), decodes and caches them.
+    async fn fetch_run(&self, run: Range<usize>) -> Result<(), ReadError> {
+        let first = self.index.span_input(run.start).start;
+        let last = self.index.span_input(run.end - 1).end;
+        let mut last_error = None;
+        for attempt in 1..=2 {
+            let bytes = self
+                .layer
+                .read(first..last)
+                .await
+                .map_err(|e| self.error(format!("spans {}..{}: {e}", run.start, run.end)))?;
+            self.stats
+                .layer_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            match self.decode_and_store(&run, first, &bytes).await {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    tracing::warn!(layer = %self.index.meta().layer.digest, attempt, "{err}");
+                    last_error = Some(err);
+                }
+            }
+        }
+        Err(last_error.expect("two attempts ran"))
+    }
+
+    async fn decode_and_store(
+        &self,
+        run: &Range<usize>,
+        first: u64,
+        bytes: &Bytes,
+    ) -> Result<(), ReadError> {
+        for i in run.clone() {
+            let input = self.index.span_input(i);
+            let compressed = &bytes[(input.start - first) as usize..(input.end - first) as usize];
+            let window = self.window(i).await?;
+            let data = self
+                .index
+                .decode_span(i, compressed, &window)
+                .map_err(|e| self.error(e.to_string()))?;
+            self.cache
+                .put(&self.span_key(i), &data)
+                .map_err(|e| self.error(format!("cannot cache span {i}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn window(&self, i: usize) -> Result<Vec<u8>, ReadError> {
+        let (Some(range), Some(key)) = (self.index.window_range(i), self.window_key(i)) else {
+            return Ok(Vec::new());
+        };
+        if let Some(window) = self
+            .cache
+            .get(&key)
+            .map_err(|e| self.error(e.to_string()))?
+        {
+            return Ok(window);
+        }
+        let bytes = self
+            .index_blob
+            .read(range)
+            .await
+            .map_err(|e| self.error(format!("window of span {i}: {e}")))?;
+        self.stats
+            .index_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let window = self
+            .index
+            .decode_window(i, &bytes)
+            .map_err(|e| self.error(e.to_string()))?;
+        self.cache
+            .put(&key, &window)
+            .map_err(|e| self.error(format!("cannot cache a window: {e}")))?;
+        Ok(window)
+    }
+
+    async fn read_stream(&self, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
+        let spans = self.index.spans_for(range.clone());
+        self.ensure_spans(spans.clone()).await?;
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        for i in spans {
+            let output = self.index.span_output(i);
+            let from = range.start.max(output.start) - output.start;
+            let to = range.end.min(output.end) - output.start;
+            let key = self.span_key(i);
+            let part = match self.cache.read_at(&key, from, (to - from) as usize) {
+                Ok(Some(part)) => part,
+                // Evicted between fetch and read (budget smaller than one
+                // read): fetch again.
+                Ok(None) => {
+                    self.ensure_spans(i..i + 1).await?;
+                    self.cache
+                        .read_at(&key, from, (to - from) as usize)
+                        .map_err(|e| self.error(e.to_string()))?
+                        .ok_or_else(|| {
+                            self.error(format!("span {i} was evicted while being read"))
+                        })?
+                }
+                Err(e) => return Err(self.error(e.to_string())),
+            };
+            if part.len() as u64 != to - from {
+                return Err(self.error(format!("cached span {i} is shorter than its index says")));
+            }
+            out.extend_from_slice(&part);
+        }
+        Ok(out)
+    }
+}
+
+impl LayerSource for IndexedLayer {
+    fn digest(&self) -> &str {
+        &self.index.meta().layer.digest
+    }
+
+    fn entries(&self) -> &[Entry] {
+        &self.index.meta().entries
+    }
+
+    fn read(&self, entry: usize, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
+        let entry = &self.index.meta().entries[entry];
+        if offset >= entry.size {
+            return Ok(Vec::new());
+        }
+        let end = (offset + len as u64).min(entry.size);
+        let range = entry.offset + offset..entry.offset + end;
+        self.runtime.block_on(self.read_stream(range))
+    }
+
+    fn cache_keys(&self, entry: usize) -> Vec<CacheKey> {
+        let entry = &self.index.meta().entries[entry];
+        self.index
+            .spans_for(entry.offset..entry.offset + entry.size)
+            .map(|i| self.span_key(i))
+            .collect()
+    }
+}

@@ -1,0 +1,30 @@
+//! The interface between the filesystem and a layer format.
+
+use pronto_index::Entry;
+use pronto_store::CacheKey;
+
+/// Why a read failed. The FUSE adapter answers every one with `EIO`; the
+/// message goes to the log.
+#[derive(Debug, thiserror::Error)]
+#[error("layer {layer}: {problem}")]
+pub struct ReadError {
+    pub layer: String,
+    pub problem: String,
+}
+
+/// One layer as the filesystem sees it.
+pub trait LayerSource: Send + Sync {
+    /// The layer's digest, for logs.
+    fn digest(&self) -> &str;
+
+    /// The layer's tar entries, in tar order.
+    fn entries(&self) -> &[Entry];
+
+    /// Reads up to `len` bytes at `offset` of regular-file entry `entry`.
+    /// Returns fewer bytes only at the end of the file. Every byte returned
+    /// has been verified.
+    fn read(&self, entry: usize, offset: u64, len: usize) -> Result<Vec<u8>, ReadError>;
+
+    /// The cache keys holding `entry`'s data, to pin while it is open.
+    fn cache_keys(&self, entry: usize) -> Vec<CacheKey>;
+}

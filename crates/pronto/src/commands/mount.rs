@@ -1,0 +1,147 @@
+//! `pronto mount` and `pronto umount`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use pronto_catalog::LocalIndexStore;
+use pronto_fs::{LayerMode, LayerSource, MountOptions, NodeContext, Tree, TreeMode, open_image};
+use pronto_registry::Platform;
+use pronto_store::ContentCache;
+
+use crate::commands::image::registry_client;
+use crate::config::Config;
+
+pub fn run(
+    config: &Config,
+    reference: &str,
+    dir: &Path,
+    platform: &str,
+    layer: Option<&str>,
+) -> Result<()> {
+    let platform: Platform = platform.parse().map_err(|e: String| anyhow!(e))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let client = registry_client(config)?;
+    let store = LocalIndexStore::open(&config.root)?;
+    let cache = Arc::new(open_cache(config)?);
+    let node = NodeContext {
+        client: &client,
+        store: &store,
+        cache: cache.clone(),
+        layers_dir: config.root.join("layers"),
+        runtime: runtime.handle().clone(),
+    };
+    let opened = runtime.block_on(open_image(&node, reference, &platform))?;
+    let sources: Vec<Arc<dyn LayerSource>> = opened
+        .layers
+        .iter()
+        .map(|l| l.clone() as Arc<dyn LayerSource>)
+        .collect();
+    let (tree, sources) = match layer {
+        None => {
+            let entries: Vec<&[pronto_index::Entry]> =
+                sources.iter().map(|s| s.entries()).collect();
+            (Tree::build(&entries, TreeMode::Merged), sources)
+        }
+        Some(digest) => {
+            let Some(source) = sources.iter().find(|s| s.digest() == digest) else {
+                bail!("image {reference} has no layer {digest}");
+            };
+            (
+                Tree::build(&[source.entries()], TreeMode::OverlayLower),
+                vec![source.clone()],
+            )
+        }
+    };
+    let mut session = pronto_fs::mount(
+        tree,
+        sources,
+        cache,
+        dir,
+        &MountOptions {
+            fs_name: format!("pronto:{reference}"),
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("mount FUSE at {}", dir.display()))?;
+    let lazy = opened
+        .modes
+        .iter()
+        .filter(|m| **m == LayerMode::Lazy)
+        .count();
+    eprintln!(
+        "mounted {reference} ({}) at {}: {lazy} of {} layers lazy{}",
+        opened.image.manifest.digest,
+        dir.display(),
+        opened.modes.len(),
+        match &opened.index_set {
+            Some(set) => format!(", index {} ({})", set.manifest_digest, set.location),
+            None => ", no index: every layer was fetched whole".to_owned(),
+        }
+    );
+    let mut unmounter = session.unmount_callable();
+    runtime.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received; unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!("unmount failed: {e}");
+        }
+    });
+    session.run().context("serve the FUSE mount")?;
+    Ok(())
+}
+
+pub fn open_cache(config: &Config) -> Result<ContentCache> {
+    ContentCache::open(&config.root, config.cache.budget_bytes()).with_context(|| {
+        format!(
+            "open the node cache under {} (only one pronto process can use it at a time)",
+            config.root.display()
+        )
+    })
+}
+
+/// Unmounts a `pronto mount` at `dir`: detaches it, then aborts its FUSE
+/// connection so that readers blocked on the network return at once.
+pub fn unmount(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir =
+        std::fs::canonicalize(dir).with_context(|| format!("no directory {}", dir.display()))?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let is_pronto = mountinfo.lines().any(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let point = fields.get(4).copied();
+        let fstype = fields
+            .iter()
+            .position(|f| *f == "-")
+            .and_then(|i| fields.get(i + 1));
+        point == dir.to_str() && fstype == Some(&"fuse.pronto")
+    });
+    if !is_pronto {
+        bail!("{} is not a pronto mount", dir.display());
+    }
+    let dev = std::fs::metadata(&dir).map(|m| m.dev()).ok();
+    nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH)
+        .with_context(|| format!("unmount {}", dir.display()))?;
+    if let Some(dev) = dev {
+        let minor = nix::sys::stat::minor(dev);
+        let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
+        if Path::new(&abort).exists() {
+            let _ = std::fs::write(&abort, "1");
+        }
+    }
+    println!("unmounted {}", dir.display());
+    Ok(())
+}

@@ -1,0 +1,438 @@
+//! `pronto mount` end to end: a real FUSE mount of an image served lazily
+//! from the real registry, compared with containerd's own unpack and with
+//! `tar -x`; concurrent readers; faults; bytes fetched for a small read.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use pronto_testbed::image::{BuiltImage, LongNames};
+use pronto_testbed::net::wait_until;
+use pronto_testbed::process::{Daemon, mounts_below};
+use pronto_testbed::tree::{PathInfo, SnapshotOptions, diff, snapshot};
+use pronto_testbed::{
+    Compression, Containerd, ContainerdOptions, Content, Entry, Fault, FaultProxy, ImageBuilder,
+    Layer, OciLayout, Prereq, Registry, Relay, require,
+};
+
+const NEEDS: &[Prereq] = &[Prereq::Root, Prereq::Fuse, Prereq::Registry, Prereq::Skopeo];
+
+/// A pronto state directory with its config file.
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.toml"),
+            format!(
+                "root = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n",
+                dir.path().join("root").display(),
+                dir.path().join("hosts").display()
+            ),
+        )
+        .unwrap();
+        Node { dir }
+    }
+
+    fn pronto(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pronto"));
+        cmd.arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .args(args);
+        cmd.env("DOCKER_CONFIG", self.dir.path());
+        cmd
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.pronto(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "pronto {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `pronto mount` in the background, until dropped.
+    fn mount(&self, reference: &str, extra: &[&str]) -> Mounted {
+        let dir = self.dir.path().join(format!("mnt-{}", rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cmd = self.pronto(&["mount", reference, dir.to_str().unwrap()]);
+        cmd.args(extra);
+        let log = self.dir.path().join(format!("mount-{}.log", rand_suffix()));
+        let mut daemon = Daemon::spawn("pronto mount", cmd, &log).unwrap();
+        let target = dir.clone();
+        wait_until("pronto mount", Duration::from_secs(60), || {
+            if !daemon.is_running() {
+                anyhow::bail!("pronto mount exited:\n{}", daemon.log_tail(30));
+            }
+            Ok(!mounts_below(&target).is_empty())
+        })
+        .unwrap();
+        Mounted {
+            dir,
+            daemon,
+            config: self.dir.path().join("config.toml"),
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+struct Mounted {
+    dir: PathBuf,
+    daemon: Daemon,
+    config: PathBuf,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new(env!("CARGO_BIN_EXE_pronto"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("umount")
+            .arg(&self.dir)
+            .output();
+        self.daemon.stop();
+        for point in mounts_below(&self.dir) {
+            let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn edge_image(layout: &OciLayout) -> BuiltImage {
+    let long_dir = format!("opt/{}", "d".repeat(120));
+    let base = Layer::new()
+        .compression(Compression::Gzip(6))
+        .dir("etc")
+        .file("etc/hosts", "127.0.0.1 localhost\n")
+        .dir("data")
+        .file("data/gone", "whited out\n")
+        .dir("data/opaque")
+        .file("data/opaque/old", "hidden by opaque\n")
+        .dir("opt")
+        .dir(&long_dir)
+        .file(&format!("{long_dir}/{}", "f".repeat(200)), "long name\n")
+        .entry(
+            Entry::file("data/big", Content::random(1, 3 << 20))
+                .mode(0o600)
+                .owner(1000, 1000),
+        )
+        .many_small_files("data/small", 300, 5);
+    let upper = Layer::new()
+        .compression(Compression::Gzip(6))
+        .long_names(LongNames::Gnu)
+        .dir("data")
+        .whiteout("data/gone")
+        .dir("data/opaque")
+        .opaque("data/opaque")
+        .file("data/opaque/new", "new\n")
+        .entry(Entry::file("data/model", Content::random(2, 2 << 20)).xattr("user.pronto", "yes"))
+        .entry(Entry::hardlink("data/model-link", "data/model"))
+        .symlink("data/sym", "opaque/new")
+        .file("data/empty", "")
+        .entry(Entry::char_device("data/tty", 5, 0))
+        .entry(Entry::file("data/setuid", "x").mode(0o4755))
+        .file("data/deep/a/b/c/d/e/f/g/leaf", "deep\n");
+    ImageBuilder::new()
+        .layer(base)
+        .layer(upper)
+        .build(layout)
+        .unwrap()
+}
+
+struct Pushed {
+    _work: tempfile::TempDir,
+    layout: OciLayout,
+    image: BuiltImage,
+    registry: Registry,
+    reference: String,
+}
+
+fn push_edge_image() -> Pushed {
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let image = edge_image(&layout);
+    layout.tag("v1", &image).unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = registry.push(&layout, "v1", "mount/edge:v1").unwrap();
+    Pushed {
+        _work: work,
+        layout,
+        image,
+        registry,
+        reference,
+    }
+}
+
+/// Without the root directory entry, and with directory link counts left
+/// out (overlayfs reports 1 for merged directories).
+fn comparable(mut tree: BTreeMap<String, PathInfo>) -> BTreeMap<String, PathInfo> {
+    for info in tree.values_mut() {
+        if info.kind == "dir" {
+            info.nlink = 0;
+        }
+    }
+    tree
+}
+
+#[test]
+fn merged_mount_matches_containerds_unpack() {
+    require!(&[NEEDS, &[Prereq::Containerd, Prereq::Runc]].concat());
+    let pushed = push_edge_image();
+    let node = Node::new();
+    // Index the upper layer only: the base is fetched whole, the upper one
+    // lazily from the registry.
+    node.ok(&[
+        "index",
+        "create",
+        &pushed.reference,
+        "--min-layer-size",
+        "2MiB",
+        "--span-size",
+        "256KiB",
+        "--push",
+    ]);
+
+    let containerd = Containerd::start_with(ContainerdOptions {
+        plain_http_registries: vec![pushed.registry.host()],
+        ..Default::default()
+    })
+    .unwrap();
+    containerd.pull(&pushed.reference, "overlayfs").unwrap();
+    let reference_dir = containerd.root_dir().parent().unwrap().join("image-mount");
+    std::fs::create_dir_all(&reference_dir).unwrap();
+    containerd
+        .ctr_ok(&[
+            "images",
+            "mount",
+            &pushed.reference,
+            reference_dir.to_str().unwrap(),
+        ])
+        .unwrap();
+    let expected = comparable(snapshot(&reference_dir, SnapshotOptions::default()).unwrap());
+    let _ = containerd.ctr_ok(&["images", "unmount", reference_dir.to_str().unwrap()]);
+
+    let mounted = node.mount(&pushed.reference, &[]);
+    let actual = comparable(snapshot(&mounted.dir, SnapshotOptions::default()).unwrap());
+    let differences = diff(&expected, &actual);
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+    assert!(actual.contains_key("data/opaque/new") && !actual.contains_key("data/gone"));
+}
+
+#[test]
+fn single_layer_mount_matches_tar_extraction() {
+    require!(NEEDS);
+    let pushed = push_edge_image();
+    let node = Node::new();
+    node.ok(&[
+        "index",
+        "create",
+        &pushed.reference,
+        "--min-layer-size",
+        "1MiB",
+        "--span-size",
+        "256KiB",
+    ]);
+    for layer in &pushed.image.layers {
+        let extracted = tempfile::tempdir().unwrap();
+        let status = Command::new("tar")
+            .args([
+                "-x",
+                "--xattrs",
+                "--xattrs-include=*",
+                "--numeric-owner",
+                "-p",
+                "-f",
+            ])
+            .arg(pushed.layout.blob_path(&layer.digest))
+            .arg("-C")
+            .arg(extracted.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let expected =
+            overlay_form(snapshot(extracted.path(), SnapshotOptions::default()).unwrap());
+        let mounted = node.mount(&pushed.reference, &["--layer", &layer.digest]);
+        let actual = snapshot(&mounted.dir, SnapshotOptions::default()).unwrap();
+        let differences = diff(&expected, &actual);
+        assert!(
+            differences.is_empty(),
+            "layer {}:\n{}",
+            layer.digest,
+            differences.join("\n")
+        );
+    }
+}
+
+/// What `tar -x` wrote, in the form an overlayfs lower directory has:
+/// `.wh.NAME` files become character devices 0/0 named NAME, and
+/// `.wh..wh..opq` becomes the `trusted.overlay.opaque` xattr of its dir.
+fn overlay_form(tree: BTreeMap<String, PathInfo>) -> BTreeMap<String, PathInfo> {
+    let mut out = BTreeMap::new();
+    let mut opaque = Vec::new();
+    for (path, info) in tree {
+        let (dir, name) = path
+            .rsplit_once('/')
+            .map_or(("", path.as_str()), |(d, n)| (d, n));
+        if name == ".wh..wh..opq" {
+            opaque.push(dir.to_owned());
+        } else if let Some(hidden) = name.strip_prefix(".wh.") {
+            let target = if dir.is_empty() {
+                hidden.to_owned()
+            } else {
+                format!("{dir}/{hidden}")
+            };
+            out.insert(
+                target,
+                PathInfo {
+                    kind: "char",
+                    mode: 0,
+                    size: 0,
+                    rdev: 0,
+                    content: None,
+                    inode_group: 0,
+                    nlink: 1,
+                    ..info
+                },
+            );
+        } else {
+            out.insert(path, info);
+        }
+    }
+    for dir in opaque {
+        if let Some(info) = out.get_mut(&dir) {
+            info.xattrs
+                .insert("trusted.overlay.opaque".into(), b"y".to_vec());
+        }
+    }
+    out
+}
+
+#[test]
+fn concurrent_readers_get_the_right_bytes() {
+    require!(NEEDS);
+    let pushed = push_edge_image();
+    let node = Node::new();
+    node.ok(&[
+        "index",
+        "create",
+        &pushed.reference,
+        "--min-layer-size",
+        "1MiB",
+        "--span-size",
+        "128KiB",
+        "--push",
+    ]);
+    let mounted = node.mount(&pushed.reference, &[]);
+    let big = Content::random(1, 3 << 20).to_vec().unwrap();
+    let model = Content::random(2, 2 << 20).to_vec().unwrap();
+    std::thread::scope(|scope| {
+        for i in 0..12 {
+            let (dir, big, model) = (&mounted.dir, &big, &model);
+            scope.spawn(move || {
+                let (path, want) = if i % 2 == 0 {
+                    ("data/big", big)
+                } else {
+                    ("data/model", model)
+                };
+                let got = std::fs::read(dir.join(path)).unwrap();
+                assert!(got == *want, "reader {i} got wrong bytes of {path}");
+                let small = std::fs::read_dir(dir.join("data/small/d0001"))
+                    .unwrap()
+                    .count();
+                assert_eq!(small, 100);
+            });
+        }
+    });
+}
+
+#[test]
+fn faults_give_correct_bytes_or_eio() {
+    require!(NEEDS);
+    let pushed = push_edge_image();
+    let proxy = FaultProxy::start(pushed.registry.addr()).unwrap();
+    let reference = pushed
+        .reference
+        .replace(&pushed.registry.host(), &proxy.host());
+    let node = Node::new();
+    node.ok(&[
+        "index",
+        "create",
+        &reference,
+        "--min-layer-size",
+        "1MiB",
+        "--span-size",
+        "128KiB",
+        "--push",
+    ]);
+    let mounted = node.mount(&reference, &[]);
+    let model_layer = &pushed.image.layers[1].digest;
+    let want = Content::random(2, 2 << 20).to_vec().unwrap();
+
+    // Transient faults are retried: the bytes are right.
+    proxy.inject(&format!("/blobs/{model_layer}"), 2, Fault::Status(503));
+    proxy.inject(&format!("/blobs/{model_layer}"), 1, Fault::Truncate);
+    let got = std::fs::read(mounted.dir.join("data/model")).unwrap();
+    assert!(got == want, "wrong bytes after transient faults");
+
+    // A registry that keeps failing: the read fails with EIO, never with
+    // wrong bytes; afterwards reads work again.
+    proxy.inject(&format!("/blobs/{model_layer}"), 1000, Fault::Corrupt);
+    let err = std::fs::read(mounted.dir.join("data/opaque/new"));
+    match err {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(nix::libc::EIO), "{e}"),
+        Ok(bytes) => assert_eq!(bytes, b"new\n"),
+    }
+    proxy.clear();
+    assert_eq!(
+        std::fs::read(mounted.dir.join("data/opaque/new")).unwrap(),
+        b"new\n"
+    );
+}
+
+#[test]
+fn one_small_file_of_a_large_layer_fetches_a_few_spans() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let image = ImageBuilder::new()
+        .layer(
+            Layer::new()
+                .compression(Compression::FAST)
+                .file("weights-a", Content::random(1, 150 << 20))
+                .file("config.json", "{\"layers\": 32}\n")
+                .file("weights-b", Content::random(2, 150 << 20)),
+        )
+        .build(&layout)
+        .unwrap();
+    layout.tag("v1", &image).unwrap();
+    let registry = Registry::start().unwrap();
+    registry.push(&layout, "v1", "big/model:v1").unwrap();
+    let relay = Relay::start(registry.addr()).unwrap();
+    let reference = format!("{}/big/model:v1", relay.host());
+    let node = Node::new();
+    node.ok(&["index", "create", &reference, "--push"]);
+    relay.reset();
+    let mounted = node.mount(&reference, &[]);
+    let at_mount = relay.bytes_down();
+    assert_eq!(
+        std::fs::read(mounted.dir.join("config.json")).unwrap(),
+        b"{\"layers\": 32}\n"
+    );
+    let fetched = relay.bytes_down();
+    let layer = image.layers[0].size;
+    assert!(at_mount < 256 * 1024, "mounting fetched {at_mount} bytes");
+    assert!(
+        fetched < 3 * (4 << 20) + 256 * 1024,
+        "reading one small file fetched {fetched} of {layer} bytes"
+    );
+}
