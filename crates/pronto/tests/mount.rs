@@ -436,3 +436,73 @@ fn one_small_file_of_a_large_layer_fetches_a_few_spans() {
         "reading one small file fetched {fetched} of {layer} bytes"
     );
 }
+
+#[test]
+fn eviction_keeps_the_budget_and_spares_open_files() {
+    require!(NEEDS);
+    let pushed = push_edge_image();
+    let relay = Relay::start(pushed.registry.addr()).unwrap();
+    let reference = pushed
+        .reference
+        .replace(&pushed.registry.host(), &relay.host());
+    let node = Node::new();
+    let config = node.dir.path().join("config.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[cache]\nbudget = \"1MiB\"\n");
+    std::fs::write(&config, text).unwrap();
+    node.ok(&[
+        "index",
+        "create",
+        &reference,
+        "--min-layer-size",
+        "1MiB",
+        "--span-size",
+        "128KiB",
+        "--push",
+    ]);
+    let mounted = node.mount(&reference, &[]);
+    let stats = || -> serde_json::Value {
+        serde_json::from_str(&node.ok(&["cache", "stats", "--json"])).unwrap()
+    };
+
+    // The 2 MiB model stays open: its data is pinned although it alone is
+    // over the budget.
+    let mut open = std::fs::File::open(mounted.dir.join("data/model")).unwrap();
+    let mut first = Vec::new();
+    std::io::Read::read_to_end(&mut open, &mut first).unwrap();
+    for entry in std::fs::read_dir(mounted.dir.join("data/small/d0002")).unwrap() {
+        std::fs::read(entry.unwrap().path()).unwrap();
+    }
+    let before = relay.bytes_down();
+    let again = std::fs::read(mounted.dir.join("data/model")).unwrap();
+    assert!(again == first);
+    assert_eq!(
+        relay.bytes_down(),
+        before,
+        "an open file's data was evicted and fetched again"
+    );
+    drop(open);
+
+    // Closed, it can go: reading other data brings usage back to budget.
+    for path in [
+        "data/opaque/new",
+        "data/sym",
+        "data/deep/a/b/c/d/e/f/g/leaf",
+    ] {
+        std::fs::read(mounted.dir.join(path)).unwrap();
+    }
+    // The kernel sends RELEASE after close() returns; give it a moment.
+    let mut usage = stats();
+    wait_until("eviction after close", Duration::from_secs(10), || {
+        usage = stats();
+        Ok(usage["bytes"].as_u64().unwrap() <= 1 << 20)
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "cache holds {} bytes with a 1 MiB budget; mount log:\n{}",
+            usage["bytes"],
+            mounted.daemon.log_tail(40)
+        )
+    });
+    assert_eq!(usage["in_use"], true);
+}

@@ -61,6 +61,7 @@ pub struct ContentCache {
     budget: u64,
     usage: AtomicU64,
     state: Mutex<State>,
+    evicting: Mutex<()>,
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
@@ -86,6 +87,7 @@ impl ContentCache {
                 pins: HashMap::new(),
                 tick: 0,
             }),
+            evicting: Mutex::new(()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -268,9 +270,15 @@ impl ContentCache {
             let mut state = self.lock();
             state.tick += 1;
             let tick = state.tick;
-            state.entries.insert(*key, (bytes.len() as u64, tick));
+            // Two readers may have put the same key at once; count it once.
+            if state
+                .entries
+                .insert(*key, (bytes.len() as u64, tick))
+                .is_none()
+            {
+                self.usage.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
         }
-        self.usage.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.evict_to(self.budget)
     }
 
@@ -280,13 +288,20 @@ impl ContentCache {
         *self.lock().pins.entry(*key).or_insert(0) += 1;
     }
 
+    /// Releases a pin; data that was kept over budget only because it was
+    /// pinned is evicted now.
     pub fn unpin(&self, key: &CacheKey) {
-        let mut state = self.lock();
-        if let Some(count) = state.pins.get_mut(key) {
-            *count -= 1;
-            if *count == 0 {
-                state.pins.remove(key);
+        {
+            let mut state = self.lock();
+            if let Some(count) = state.pins.get_mut(key) {
+                *count -= 1;
+                if *count == 0 {
+                    state.pins.remove(key);
+                }
             }
+        }
+        if let Err(err) = self.evict_to(self.budget) {
+            tracing::warn!("eviction after closing a file failed: {err}");
         }
     }
 
@@ -296,6 +311,8 @@ impl ContentCache {
         if self.usage.load(Ordering::Relaxed) <= target {
             return Ok(());
         }
+        // One eviction at a time, so two never pick the same victims.
+        let _evicting = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
         let victims: Vec<(CacheKey, u64)> = {
             let state = self.lock();
             let mut candidates: Vec<(CacheKey, u64, u64)> = state
@@ -331,10 +348,11 @@ impl ContentCache {
         for (key, size) in victims {
             // Pinned meanwhile: the entry is gone from the database, so keep
             // nothing half-way; the data will be fetched again if needed.
-            state.entries.remove(&key);
-            let _ = std::fs::remove_file(self.path(&key));
-            self.usage.fetch_sub(size, Ordering::Relaxed);
-            self.evictions.fetch_add(1, Ordering::Relaxed);
+            if state.entries.remove(&key).is_some() {
+                let _ = std::fs::remove_file(self.path(&key));
+                self.usage.fetch_sub(size, Ordering::Relaxed);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -351,6 +369,31 @@ impl ContentCache {
             pinned: state.pins.len() as u64,
         }
     }
+}
+
+/// Entries and bytes of the cache below `root`, counted from its data
+/// directory without opening the database: works while another process
+/// (a running mount or daemon) holds the cache open.
+pub fn scan_usage(root: &Path) -> Result<(u64, u64), CacheError> {
+    let data = root.join("cache").join("data");
+    let mut entries = 0;
+    let mut bytes = 0;
+    let listing = match std::fs::read_dir(&data) {
+        Ok(listing) => listing,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(io(&data)(e)),
+    };
+    for entry in listing.flatten() {
+        let name = entry.file_name();
+        if parse_key(&name.to_string_lossy()).is_none() {
+            continue;
+        }
+        if let Ok(meta) = entry.metadata() {
+            entries += 1;
+            bytes += meta.len();
+        }
+    }
+    Ok((entries, bytes))
 }
 
 fn parse_key(name: &str) -> Option<CacheKey> {
@@ -422,6 +465,10 @@ mod tests {
         assert!(cache.contains(&key(1)), "pinned data stays");
         assert!(cache.contains(&key(5)), "the newest stays");
         cache.unpin(&key(1));
+        assert!(
+            cache.stats().bytes <= 250,
+            "unpinning evicts what was over budget"
+        );
         cache.evict_to(0).unwrap();
         assert_eq!(cache.stats().entries, 0);
     }

@@ -8,4 +8,4 @@
 
 mod cache;
 
-pub use cache::{CacheError, CacheKey, CacheStats, ContentCache};
+pub use cache::{CacheError, CacheKey, CacheStats, ContentCache, scan_usage};

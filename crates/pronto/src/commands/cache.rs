@@ -9,12 +9,34 @@ use crate::config::Config;
 use crate::text::human_size;
 
 pub fn run(cmd: CacheCommand, config: &Config) -> Result<()> {
-    let cache = open_cache(config)?;
+    let cache = match (&cmd, open_cache(config)) {
+        (_, Ok(cache)) => cache,
+        // A running mount or daemon holds the cache: count its files.
+        (CacheCommand::Stats { json }, Err(err)) => {
+            tracing::debug!("{err:#}");
+            let (entries, bytes) = pronto_store::scan_usage(&config.root)?;
+            let budget = config.cache.budget_bytes();
+            if *json {
+                println!(
+                    "{}",
+                    json!({"entries": entries, "bytes": bytes, "budget": budget, "in_use": true})
+                );
+            } else {
+                println!(
+                    "{entries} entries, {} of {} budget (in use by a running pronto)",
+                    human_size(bytes),
+                    human_size(budget)
+                );
+            }
+            return Ok(());
+        }
+        (CacheCommand::Prune { .. }, Err(err)) => return Err(err),
+    };
     match cmd {
         CacheCommand::Stats { json } => {
             let s = cache.stats();
             if json {
-                let value = json!({"entries": s.entries, "bytes": s.bytes, "budget": s.budget});
+                let value = json!({"entries": s.entries, "bytes": s.bytes, "budget": s.budget, "in_use": false});
                 println!("{value}");
             } else {
                 println!(

@@ -120,14 +120,19 @@ pub fn unmount(dir: &Path) -> Result<()> {
     let dir =
         std::fs::canonicalize(dir).with_context(|| format!("no directory {}", dir.display()))?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // A FUSE mount whose source is the `pronto:<reference>` we name mounts.
     let is_pronto = mountinfo.lines().any(|line| {
         let fields: Vec<&str> = line.split(' ').collect();
-        let point = fields.get(4).copied();
-        let fstype = fields
-            .iter()
-            .position(|f| *f == "-")
-            .and_then(|i| fields.get(i + 1));
-        point == dir.to_str() && fstype == Some(&"fuse.pronto")
+        let after = fields.iter().position(|f| *f == "-");
+        let field = |offset: usize| {
+            after
+                .and_then(|i| fields.get(i + offset))
+                .copied()
+                .unwrap_or("")
+        };
+        fields.get(4).copied() == dir.to_str()
+            && field(1).starts_with("fuse")
+            && field(2).starts_with("pronto:")
     });
     if !is_pronto {
         bail!("{} is not a pronto mount", dir.display());
