@@ -506,3 +506,76 @@ fn eviction_keeps_the_budget_and_spares_open_files() {
     });
     assert_eq!(usage["in_use"], true);
 }
+
+/// A real Debian root filesystem, mounted lazily: its tree equals `tar -x`
+/// of the layer, and a real program runs from it.
+#[test]
+fn debian_root_filesystem_runs_python_from_the_mount() {
+    require!(&[NEEDS, &[Prereq::Debootstrap]].concat());
+    let rootfs = pronto_testbed::debian::bookworm_with_python().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let image = ImageBuilder::new()
+        .layer(
+            Layer::from_dir(&rootfs)
+                .unwrap()
+                .compression(Compression::Gzip(6)),
+        )
+        .build(&layout)
+        .unwrap();
+    layout.tag("bookworm", &image).unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = registry
+        .push(&layout, "bookworm", "debian/python:bookworm")
+        .unwrap();
+    let node = Node::new();
+    node.ok(&["index", "create", &reference, "--push"]);
+
+    let layer = &image.layers[0];
+    let extracted = tempfile::tempdir().unwrap();
+    let status = Command::new("tar")
+        .args([
+            "-x",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "-p",
+            "-f",
+        ])
+        .arg(layout.blob_path(&layer.digest))
+        .arg("-C")
+        .arg(extracted.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let expected = snapshot(extracted.path(), SnapshotOptions::default()).unwrap();
+    let mounted = node.mount(&reference, &[]);
+    let actual = snapshot(&mounted.dir, SnapshotOptions::default()).unwrap();
+    let differences = diff(&expected, &actual);
+    assert!(
+        differences.is_empty(),
+        "{} differences, first: {}",
+        differences.len(),
+        differences
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    let out = Command::new("chroot")
+        .arg(&mounted.dir)
+        .args(["/usr/bin/python3", "-c", "import json, os; print(json.dumps({'ok': True, 'files': len(os.listdir('/usr/bin')) > 50}))"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"ok": true, "files": true}"#
+    );
+}

@@ -12,6 +12,7 @@
 //! anything but loopback.
 
 pub mod containerd;
+pub mod debian;
 pub mod faults;
 mod http;
 pub mod image;

@@ -22,6 +22,8 @@ pub enum Prereq {
     /// A statically linked busybox at `/bin/busybox` (Debian's
     /// `busybox-static`), the userland of generated images.
     Busybox,
+    /// `debootstrap`, to build a real Debian root filesystem.
+    Debootstrap,
 }
 
 impl Prereq {
@@ -47,6 +49,7 @@ impl Prereq {
             Prereq::Registry => on_path("docker-registry"),
             Prereq::Skopeo => on_path("skopeo"),
             Prereq::Busybox => is_static_busybox(Path::new(BUSYBOX)),
+            Prereq::Debootstrap => on_path("debootstrap"),
         };
         (!ok).then(|| self.hint().to_owned())
     }
@@ -64,6 +67,7 @@ impl Prereq {
             Prereq::Busybox => {
                 "/bin/busybox is not a static busybox (apt-get install busybox-static)"
             }
+            Prereq::Debootstrap => "debootstrap is not installed (apt-get install debootstrap)",
         }
     }
 }

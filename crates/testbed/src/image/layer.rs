@@ -298,6 +298,89 @@ impl Layer {
         self
     }
 
+    /// A layer holding the tree below `root` on the host, as `tar -c`
+    /// would: directories, files, symlinks, hardlinks (by inode), devices
+    /// and FIFOs, with modes, owners, mtimes and xattrs. Sockets are
+    /// skipped. Paths are relative to `root`, in sorted order.
+    pub fn from_dir(root: &std::path::Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let mut layer = Layer::new();
+        let mut inodes: std::collections::HashMap<(u64, u64), String> = Default::default();
+        let mut stack = vec![root.to_path_buf()];
+        let mut paths = Vec::new();
+        while let Some(dir) = stack.pop() {
+            let mut children: Vec<_> = std::fs::read_dir(&dir)?.collect::<std::io::Result<_>>()?;
+            children.sort_by_key(|e| e.file_name());
+            for child in children.iter().rev() {
+                let path = child.path();
+                if child.file_type()?.is_dir() {
+                    stack.push(path.clone());
+                }
+            }
+            for child in children {
+                paths.push(child.path());
+            }
+        }
+        paths.sort();
+        for path in paths {
+            let meta = std::fs::symlink_metadata(&path)?;
+            let rel = path.strip_prefix(root)?.to_string_lossy().into_owned();
+            let kind = meta.file_type();
+            let mut entry = if kind.is_dir() {
+                Entry::dir(rel.clone())
+            } else if kind.is_symlink() {
+                Entry::symlink(
+                    rel.clone(),
+                    std::fs::read_link(&path)?.to_string_lossy().into_owned(),
+                )
+            } else if kind.is_file() {
+                let id = (meta.dev(), meta.ino());
+                if meta.nlink() > 1 {
+                    if let Some(first) = inodes.get(&id) {
+                        let link = Entry::hardlink(rel.clone(), first.clone());
+                        layer = layer.entry(
+                            link.mode(meta.mode() & 0o7777)
+                                .owner(meta.uid().into(), meta.gid().into())
+                                .mtime(meta.mtime() as u64),
+                        );
+                        continue;
+                    }
+                    inodes.insert(id, rel.clone());
+                }
+                Entry::file(rel.clone(), Content::HostFile(path.clone()))
+            } else if kind.is_char_device() || kind.is_block_device() {
+                let (major, minor) = (
+                    nix::sys::stat::major(meta.rdev()) as u32,
+                    nix::sys::stat::minor(meta.rdev()) as u32,
+                );
+                if kind.is_char_device() {
+                    Entry::char_device(rel.clone(), major, minor)
+                } else {
+                    Entry::block_device(rel.clone(), major, minor)
+                }
+            } else if kind.is_fifo() {
+                Entry::fifo(rel.clone())
+            } else {
+                continue;
+            };
+            entry = entry
+                .mode(meta.mode() & 0o7777)
+                .owner(meta.uid().into(), meta.gid().into())
+                .mtime(meta.mtime().max(0) as u64);
+            if !kind.is_symlink()
+                && let Ok(names) = xattr::list(&path)
+            {
+                for name in names {
+                    if let Ok(Some(value)) = xattr::get(&path, &name) {
+                        entry = entry.xattr(name.to_string_lossy().into_owned(), value);
+                    }
+                }
+            }
+            layer = layer.entry(entry);
+        }
+        Ok(layer)
+    }
+
     /// Writes the layer blob to `out` and returns its digests.
     pub fn write<W: Write>(&self, out: W) -> Result<LayerDigests> {
         match self.compression {

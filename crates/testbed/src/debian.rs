@@ -1,0 +1,55 @@
+//! A real Debian root filesystem for tests, built once with `debootstrap`
+//! (minbase plus python3) and cached between runs.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// The mirror apt on this machine uses; Debian's package registry.
+const MIRROR: &str = "http://deb.debian.org/debian";
+
+/// Where the root filesystem is kept: `$PRONTO_TEST_CACHE` or
+/// `/var/cache/pronto-test`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("PRONTO_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/pronto-test"))
+}
+
+/// A bookworm minbase root with python3, building it if it is not cached.
+/// Building takes about 30 seconds and needs root.
+pub fn bookworm_with_python() -> Result<PathBuf> {
+    let cache = cache_dir();
+    let root = cache.join("debootstrap-bookworm-python3-v2");
+    if root.join("usr/bin/python3").exists() {
+        return Ok(root);
+    }
+    std::fs::create_dir_all(&cache).with_context(|| format!("create {}", cache.display()))?;
+    let building = tempfile::Builder::new()
+        .prefix("debootstrap-")
+        .tempdir_in(&cache)?;
+    let target = building.path().join("root");
+    let out = Command::new("debootstrap")
+        .args(["--variant=minbase", "--include=python3", "bookworm"])
+        .arg(&target)
+        .arg(MIRROR)
+        .output()
+        .context("run debootstrap")?;
+    if !out.status.success() {
+        bail!(
+            "debootstrap failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(10)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // Logs and caches that differ from run to run and say nothing.
+    let _ = std::fs::remove_dir_all(target.join("var/cache/apt/archives"));
+    std::fs::rename(&target, &root)
+        .with_context(|| format!("move the root into {}", root.display()))?;
+    Ok(root)
+}
