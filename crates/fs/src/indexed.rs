@@ -9,7 +9,8 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pronto_index::{Entry, LayerIndex};
@@ -82,6 +83,10 @@ pub struct LayerFetchStats {
     pub index_bytes: AtomicU64,
     /// Range requests to the layer blob.
     pub requests: AtomicU64,
+    /// Bytes of the layer blob read by the background fetch.
+    pub background_bytes: AtomicU64,
+    /// The background fetch has read the whole layer and its digest matched.
+    pub complete: AtomicBool,
 }
 
 /// A layer served through its seekable index.
@@ -94,6 +99,8 @@ pub struct IndexedLayer {
     /// One lock per span: holding it means "I fetch this span".
     span_locks: Vec<tokio::sync::Mutex<()>>,
     stats: LayerFetchStats,
+    /// On-demand reads in progress; background work waits while any are.
+    on_demand: AtomicUsize,
 }
 
 impl std::fmt::Debug for IndexedLayer {
@@ -124,6 +131,7 @@ impl IndexedLayer {
             runtime,
             span_locks,
             stats: LayerFetchStats::default(),
+            on_demand: AtomicUsize::new(0),
         }
     }
 
@@ -272,6 +280,96 @@ impl IndexedLayer {
     }
 
     async fn read_stream(&self, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
+        self.on_demand.fetch_add(1, Ordering::SeqCst);
+        let result = self.read_stream_inner(range).await;
+        self.on_demand.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    /// Reads the whole layer blob in order at low priority (pausing while
+    /// on-demand reads run, and at most `rate` bytes per second when set),
+    /// caches every span not cached yet, and checks the blob against the
+    /// layer digest from the image manifest.
+    pub async fn fetch_in_background(
+        &self,
+        chunk: u64,
+        rate: Option<u64>,
+    ) -> Result<(), ReadError> {
+        let layer = &self.index.meta().layer;
+        let mut hasher = Sha256::new();
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut buffer_start = 0u64;
+        let mut next_span = 0;
+        let started = Instant::now();
+        let mut offset = 0;
+        while offset < layer.size {
+            while self.on_demand.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let end = (offset + chunk).min(layer.size);
+            let bytes = self
+                .layer
+                .read(offset..end)
+                .await
+                .map_err(|e| self.error(format!("background fetch at byte {offset}: {e}")))?;
+            hasher.update(&bytes);
+            buffer.extend_from_slice(&bytes);
+            self.stats
+                .background_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            offset = end;
+            // Decode every span the buffer now holds completely.
+            while next_span < self.span_locks.len()
+                && self.index.span_input(next_span).end <= offset
+            {
+                let input = self.index.span_input(next_span);
+                let key = self.span_key(next_span);
+                if !self.cache.contains(&key) {
+                    let _guard = self.span_locks[next_span].lock().await;
+                    if !self.cache.contains(&key) {
+                        let from = (input.start - buffer_start) as usize;
+                        let to = (input.end - buffer_start) as usize;
+                        let window = self.window(next_span).await?;
+                        let data = self
+                            .index
+                            .decode_span(next_span, &buffer[from..to], &window)
+                            .map_err(|e| self.error(e.to_string()))?;
+                        self.cache.put(&key, &data).map_err(|e| {
+                            self.error(format!("cannot cache span {next_span}: {e}"))
+                        })?;
+                    }
+                }
+                next_span += 1;
+                // Keep only what later spans still need (they may share a byte).
+                let keep_from = self
+                    .index
+                    .meta()
+                    .spans
+                    .get(next_span)
+                    .map_or(offset, |s| s.compressed_start);
+                let drop = (keep_from.saturating_sub(buffer_start) as usize).min(buffer.len());
+                buffer.drain(..drop);
+                buffer_start += drop as u64;
+            }
+            if let Some(rate) = rate.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64(offset as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if digest != layer.digest {
+            return Err(self.error(format!(
+                "the whole layer hashes to {digest}, not to the manifest's digest"
+            )));
+        }
+        self.stats.complete.store(true, Ordering::SeqCst);
+        tracing::info!(layer = %layer.digest, bytes = layer.size, "layer fetched completely and verified against its digest");
+        Ok(())
+    }
+
+    async fn read_stream_inner(&self, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
         let spans = self.index.spans_for(range.clone());
         self.ensure_spans(spans.clone()).await?;
         let mut out = Vec::with_capacity((range.end - range.start) as usize);

@@ -40,6 +40,8 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// The node cache.
     pub cache: CacheConfig,
+    /// Fetching of layer data.
+    pub fetch: FetchConfig,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             root: PathBuf::from(DEFAULT_ROOT),
             registry: RegistryConfig::default(),
             cache: CacheConfig::default(),
+            fetch: FetchConfig::default(),
         }
     }
 }
@@ -73,6 +76,36 @@ impl CacheConfig {
     /// The budget in bytes (validated when the configuration is loaded).
     pub fn budget_bytes(&self) -> u64 {
         crate::cli::parse_size(&self.budget).unwrap_or(20 << 30)
+    }
+}
+
+/// The `[fetch]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchConfig {
+    /// After mounting, fetch the rest of each lazy layer in the background
+    /// (pausing while on-demand reads run) and verify the whole layer.
+    pub background: bool,
+    /// Bandwidth cap of the background fetch per layer, per second, e.g.
+    /// `"50MiB"`; `"0"` means no cap.
+    pub background_rate: String,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            background: true,
+            background_rate: "50MiB".to_owned(),
+        }
+    }
+}
+
+impl FetchConfig {
+    /// The cap in bytes per second; `None` for no cap.
+    pub fn rate(&self) -> Option<u64> {
+        crate::cli::parse_size(&self.background_rate)
+            .ok()
+            .filter(|r| *r > 0)
     }
 }
 
@@ -173,6 +206,9 @@ impl Config {
                     self.registry.hosts_dir
                 ),
             ));
+        }
+        if let Err(problem) = crate::cli::parse_size(&self.fetch.background_rate) {
+            return Err(invalid("fetch.background_rate", problem));
         }
         if let Err(problem) = crate::cli::parse_size(&self.cache.budget) {
             return Err(invalid("cache.budget", problem));

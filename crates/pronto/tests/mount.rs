@@ -29,7 +29,7 @@ impl Node {
         std::fs::write(
             dir.path().join("config.toml"),
             format!(
-                "root = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n",
+                "root = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = false\n",
                 dir.path().join("root").display(),
                 dir.path().join("hosts").display()
             ),
@@ -578,4 +578,43 @@ fn debian_root_filesystem_runs_python_from_the_mount() {
         String::from_utf8_lossy(&out.stdout).trim(),
         r#"{"ok": true, "files": true}"#
     );
+}
+
+#[test]
+fn background_fetch_makes_the_image_local_and_verifies_it() {
+    require!(NEEDS);
+    let pushed = push_edge_image();
+    let node = Node::new();
+    let config = node.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "background = false",
+        "background = true\nbackground_rate = \"0\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    node.ok(&[
+        "index",
+        "create",
+        &pushed.reference,
+        "--min-layer-size",
+        "1MiB",
+        "--span-size",
+        "256KiB",
+        "--push",
+    ]);
+    let mounted = node.mount(&pushed.reference, &[]);
+    wait_until("background fetch", Duration::from_secs(60), || {
+        Ok(mounted
+            .daemon
+            .log_tail(50)
+            .matches("fetched completely and verified")
+            .count()
+            == 2)
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}", mounted.daemon.log_tail(30)));
+    // With the registry gone, every file still reads: all of it is local.
+    drop(pushed.registry);
+    let model = std::fs::read(mounted.dir.join("data/model")).unwrap();
+    assert!(model == Content::random(2, 2 << 20).to_vec().unwrap());
+    let big = std::fs::read(mounted.dir.join("data/big")).unwrap();
+    assert!(big == Content::random(1, 3 << 20).to_vec().unwrap());
 }

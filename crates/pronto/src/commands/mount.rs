@@ -82,6 +82,20 @@ pub fn run(
             None => ", no index: every layer was fetched whole".to_owned(),
         }
     );
+    if config.fetch.background {
+        let rate = config.fetch.rate();
+        for (layer, mode) in opened.layers.iter().zip(&opened.modes) {
+            if *mode != LayerMode::Lazy {
+                continue;
+            }
+            let layer = layer.clone();
+            runtime.spawn(async move {
+                if let Err(err) = layer.fetch_in_background(4 << 20, rate).await {
+                    tracing::error!("background fetch stopped: {err}");
+                }
+            });
+        }
+    }
     let mut unmounter = session.unmount_callable();
     runtime.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
