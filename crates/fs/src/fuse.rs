@@ -48,6 +48,8 @@ struct OpenFile {
     layer: usize,
     entry: usize,
     keys: Vec<CacheKey>,
+    /// The kernel reads this file itself (passthrough) while it is held.
+    _backing: Option<fuser::BackingId>,
 }
 
 struct ProntoFs {
@@ -56,6 +58,8 @@ struct ProntoFs {
     cache: Arc<ContentCache>,
     open: Mutex<HashMap<u64, OpenFile>>,
     next_fh: AtomicU64,
+    /// The kernel accepted FUSE passthrough (Linux 6.9 and later).
+    passthrough: bool,
 }
 
 /// Mounts `tree` over `layers` at `dir`, read-only. Call `run()` on the
@@ -74,6 +78,7 @@ pub fn mount(
         cache,
         open: Mutex::new(HashMap::new()),
         next_fh: AtomicU64::new(1),
+        passthrough: false,
     };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -92,6 +97,25 @@ pub fn mount(
 }
 
 impl ProntoFs {
+    /// A backing file for passthrough, when the file's data is all local.
+    fn backing_file(
+        &self,
+        layer: usize,
+        entry: usize,
+        reply: &ReplyOpen,
+    ) -> Option<(CacheKey, fuser::BackingId)> {
+        let key = self.layers[layer].local_file(entry)?;
+        let path = self.cache.path_of(&key)?;
+        let file = std::fs::File::open(&path).ok()?;
+        match reply.open_backing(&file) {
+            Ok(id) => Some((key, id)),
+            Err(err) => {
+                tracing::debug!("passthrough not possible for {}: {err}", path.display());
+                None
+            }
+        }
+    }
+
     fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
         self.tree.get(ino.0).ok_or(Errno::ENOENT)
     }
@@ -134,7 +158,14 @@ fn file_type(kind: NodeKind) -> FileType {
 }
 
 impl Filesystem for ProntoFs {
-    fn init(&mut self, _req: &Request, _config: &mut KernelConfig) -> std::io::Result<()> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Passthrough lets the kernel read local files without us. A stack
+        // depth of 1 keeps the mount usable as an overlayfs lower layer.
+        self.passthrough = config
+            .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+            .is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        tracing::info!(passthrough = self.passthrough, "FUSE session initialised");
         Ok(())
     }
 
@@ -175,16 +206,36 @@ impl Filesystem for ProntoFs {
             return reply.error(Errno::EINVAL);
         };
         // Pin the file's data while it is open, so eviction never takes it.
-        let keys = self.layers[layer].cache_keys(entry);
+        let mut keys = self.layers[layer].cache_keys(entry);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let backing = if self.passthrough && node.size > 0 {
+            self.backing_file(layer, entry, &reply).map(|(key, id)| {
+                keys.push(key);
+                id
+            })
+        } else {
+            None
+        };
         for key in &keys {
             self.cache.pin(key);
         }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, OpenFile { layer, entry, keys });
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        match &backing {
+            Some(id) => {
+                tracing::debug!(ino = ino.0, "opened with passthrough");
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+            }
+            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        }
+        open.insert(
+            fh,
+            OpenFile {
+                layer,
+                entry,
+                keys,
+                _backing: backing,
+            },
+        );
     }
 
     fn read(

@@ -421,6 +421,47 @@ impl LayerSource for IndexedLayer {
         self.runtime.block_on(self.read_stream(range))
     }
 
+    fn local_file(&self, entry: usize) -> Option<CacheKey> {
+        let entry = &self.index.meta().entries[entry];
+        let spans = self
+            .index
+            .spans_for(entry.offset..entry.offset + entry.size);
+        let keys: Vec<CacheKey> = spans.clone().map(|i| self.span_key(i)).collect();
+        if keys.is_empty() || !keys.iter().all(|k| self.cache.contains(k)) {
+            return None;
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(b"pronto file v1");
+        hasher.update(entry.offset.to_le_bytes());
+        hasher.update(entry.size.to_le_bytes());
+        for key in &keys {
+            hasher.update(key);
+        }
+        let file_key: CacheKey = hasher.finalize().into();
+        let copied = self.cache.put_with(&file_key, |file| {
+            use std::io::Write;
+            for i in spans {
+                let output = self.index.span_output(i);
+                let from = entry.offset.max(output.start) - output.start;
+                let to = (entry.offset + entry.size).min(output.end) - output.start;
+                let part = self
+                    .cache
+                    .read_at(&self.span_key(i), from, (to - from) as usize)
+                    .map_err(std::io::Error::other)?
+                    .ok_or_else(|| std::io::Error::other("a span was evicted while copying"))?;
+                file.write_all(&part)?;
+            }
+            Ok(())
+        });
+        match copied {
+            Ok(()) => Some(file_key),
+            Err(err) => {
+                tracing::debug!(layer = %self.index.meta().layer.digest, "cannot make a local file: {err}");
+                None
+            }
+        }
+    }
+
     fn cache_keys(&self, entry: usize) -> Vec<CacheKey> {
         let entry = &self.index.meta().entries[entry];
         self.index

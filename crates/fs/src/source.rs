@@ -27,4 +27,11 @@ pub trait LayerSource: Send + Sync {
 
     /// The cache keys holding `entry`'s data, to pin while it is open.
     fn cache_keys(&self, entry: usize) -> Vec<CacheKey>;
+
+    /// If all of `entry`'s data is local, a cache key whose file holds
+    /// exactly that data (made now if needed), so the kernel can read it
+    /// directly (FUSE passthrough). `None` when not local or unsupported.
+    fn local_file(&self, _entry: usize) -> Option<CacheKey> {
+        None
+    }
 }

@@ -245,25 +245,53 @@ impl ContentCache {
     /// Stores verified `bytes` under `key`, then evicts unpinned data
     /// until usage is within budget.
     pub fn put(&self, key: &CacheKey, bytes: &[u8]) -> Result<(), CacheError> {
+        self.put_with(key, |file| file.write_all(bytes))
+    }
+
+    /// Where the data of `key` is, if cached: for opening it directly (FUSE
+    /// passthrough). Pin the key while the file is open.
+    pub fn path_of(&self, key: &CacheKey) -> Option<PathBuf> {
+        self.contains(key).then(|| self.path(key))
+    }
+
+    /// Stores data of `key` that is being written by `fill` into a file,
+    /// without holding it in memory (large files made local for
+    /// passthrough). `fill` writes the verified bytes.
+    pub fn put_with(
+        &self,
+        key: &CacheKey,
+        fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+    ) -> Result<(), CacheError> {
         if self.contains(key) {
             return Ok(());
         }
-        let path = self.path(key);
-        let temp = self
-            .data
-            .join(format!(".{}.{}.tmp", hex::encode(key), std::process::id()));
-        {
+        static TEMP: AtomicU64 = AtomicU64::new(0);
+        let n = TEMP.fetch_add(1, Ordering::Relaxed);
+        let temp = self.data.join(format!(
+            ".{}.{}.{n}.tmp",
+            hex::encode(key),
+            std::process::id()
+        ));
+        let size = {
             let mut file = std::fs::File::create(&temp).map_err(io(&temp))?;
-            file.write_all(bytes).map_err(io(&temp))?;
-            file.sync_all().map_err(io(&temp))?;
-        }
-        std::fs::rename(&temp, &path).map_err(io(&path))?;
+            let filled = fill(&mut file).and_then(|()| file.sync_all());
+            if let Err(e) = filled {
+                let _ = std::fs::remove_file(&temp);
+                return Err(io(&temp)(e));
+            }
+            file.metadata().map_err(io(&temp))?.len()
+        };
+        self.commit(key, &temp, size)
+    }
+
+    /// Renames a synced temporary file into place and records it.
+    fn commit(&self, key: &CacheKey, temp: &Path, size: u64) -> Result<(), CacheError> {
+        let path = self.path(key);
+        std::fs::rename(temp, &path).map_err(io(&path))?;
         let txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(db_error(&self.db_path))?;
-            table
-                .insert(key, bytes.len() as u64)
-                .map_err(db_error(&self.db_path))?;
+            table.insert(key, size).map_err(db_error(&self.db_path))?;
         }
         txn.commit().map_err(db_error(&self.db_path))?;
         {
@@ -271,12 +299,8 @@ impl ContentCache {
             state.tick += 1;
             let tick = state.tick;
             // Two readers may have put the same key at once; count it once.
-            if state
-                .entries
-                .insert(*key, (bytes.len() as u64, tick))
-                .is_none()
-            {
-                self.usage.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            if state.entries.insert(*key, (size, tick)).is_none() {
+                self.usage.fetch_add(size, Ordering::Relaxed);
             }
         }
         self.evict_to(self.budget)
