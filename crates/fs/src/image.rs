@@ -84,6 +84,8 @@ pub struct NodeContext<'a> {
     /// Where whole layers and their node-made indexes are kept.
     pub layers_dir: PathBuf,
     pub runtime: tokio::runtime::Handle,
+    /// Set to true when the mount goes away; pending reads give up.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Opens `reference` for `platform`.
@@ -147,6 +149,7 @@ pub async fn open_image(
                     index_blob,
                     node.cache.clone(),
                     node.runtime.clone(),
+                    node.shutdown.clone(),
                 )
             }
             None => {
@@ -165,6 +168,7 @@ pub async fn open_image(
                     Box::new(LocalBlob { path: index_path }),
                     node.cache.clone(),
                     node.runtime.clone(),
+                    node.shutdown.clone(),
                 )
             }
         };

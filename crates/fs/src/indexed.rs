@@ -101,6 +101,9 @@ pub struct IndexedLayer {
     stats: LayerFetchStats,
     /// On-demand reads in progress; background work waits while any are.
     on_demand: AtomicUsize,
+    /// Becomes true when the mount goes away: reads still waiting on the
+    /// network give up, so the daemon can exit.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for IndexedLayer {
@@ -119,6 +122,7 @@ impl IndexedLayer {
         index_blob: Box<dyn BlobReader>,
         cache: Arc<ContentCache>,
         runtime: tokio::runtime::Handle,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let span_locks = (0..index.meta().spans.len())
             .map(|_| tokio::sync::Mutex::new(()))
@@ -132,6 +136,7 @@ impl IndexedLayer {
             span_locks,
             stats: LayerFetchStats::default(),
             on_demand: AtomicUsize::new(0),
+            shutdown,
         }
     }
 
@@ -281,7 +286,11 @@ impl IndexedLayer {
 
     async fn read_stream(&self, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
         self.on_demand.fetch_add(1, Ordering::SeqCst);
-        let result = self.read_stream_inner(range).await;
+        let mut shutdown = self.shutdown.clone();
+        let result = tokio::select! {
+            result = self.read_stream_inner(range) => result,
+            _ = shutdown.wait_for(|down| *down) => Err(self.error("the mount is shutting down".into())),
+        };
         self.on_demand.fetch_sub(1, Ordering::SeqCst);
         result
     }

@@ -631,3 +631,92 @@ fn background_fetch_makes_the_image_local_and_verifies_it() {
         eprintln!("this kernel has no FUSE passthrough; reads went through the daemon");
     }
 }
+
+/// Offsets past 4 GiB: a file larger than 4 GiB has the right size, and the
+/// file stored after it in the tar stream reads back right.
+#[test]
+fn files_over_4_gib() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let huge = (4u64 << 30) + (3 << 20);
+    let image = ImageBuilder::new()
+        .layer(
+            Layer::new()
+                .compression(Compression::FAST)
+                .file("huge", Content::Zeros(huge))
+                .file("after", "stored past the 4 GiB mark\n"),
+        )
+        .build(&layout)
+        .unwrap();
+    layout.tag("v1", &image).unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = registry.push(&layout, "v1", "big/huge:v1").unwrap();
+    let node = Node::new();
+    node.ok(&["index", "create", &reference, "--push"]);
+    let mounted = node.mount(&reference, &[]);
+    assert_eq!(
+        std::fs::metadata(mounted.dir.join("huge")).unwrap().len(),
+        huge
+    );
+    assert_eq!(
+        std::fs::read(mounted.dir.join("after")).unwrap(),
+        b"stored past the 4 GiB mark\n"
+    );
+    let mut file = std::fs::File::open(mounted.dir.join("huge")).unwrap();
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(huge - 4096)).unwrap();
+    let mut tail = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut tail).unwrap();
+    assert_eq!(tail.len(), 4096);
+    assert!(tail.iter().all(|b| *b == 0));
+}
+
+/// `pronto umount` succeeds while a reader is stuck on a stalled registry,
+/// and the reader gets an error instead of hanging.
+#[test]
+fn unmount_works_with_readers_blocked() {
+    require!(NEEDS);
+    let pushed = push_edge_image();
+    let proxy = FaultProxy::start(pushed.registry.addr()).unwrap();
+    let reference = pushed
+        .reference
+        .replace(&pushed.registry.host(), &proxy.host());
+    let node = Node::new();
+    node.ok(&[
+        "index",
+        "create",
+        &reference,
+        "--min-layer-size",
+        "1MiB",
+        "--push",
+    ]);
+    let mut mounted = node.mount(&reference, &[]);
+    proxy.inject("/blobs/", 1000, Fault::Stall(Duration::from_secs(600)));
+    let path = mounted.dir.join("data/model");
+    let reader = std::thread::spawn(move || std::fs::read(path));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !reader.is_finished(),
+        "the reader should be waiting on the registry"
+    );
+
+    let out = node
+        .pronto(&["umount", mounted.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(mounts_below(&mounted.dir).is_empty());
+    let result = reader.join().unwrap();
+    assert!(
+        result.is_err(),
+        "a read of an aborted mount must fail, not return data"
+    );
+    wait_until("the mount process to exit", Duration::from_secs(20), || {
+        Ok(!mounted.daemon.is_running())
+    })
+    .unwrap();
+}

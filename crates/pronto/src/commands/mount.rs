@@ -27,12 +27,17 @@ pub fn run(
     let client = registry_client(config)?;
     let store = LocalIndexStore::open(&config.root)?;
     let cache = Arc::new(open_cache(config)?);
+    let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+    // Resolved before mounting: afterwards it would ask the mount itself.
+    let canonical_dir =
+        std::fs::canonicalize(dir).with_context(|| format!("no directory {}", dir.display()))?;
     let node = NodeContext {
         client: &client,
         store: &store,
         cache: cache.clone(),
         layers_dir: config.root.join("layers"),
         runtime: runtime.handle().clone(),
+        shutdown,
     };
     let opened = runtime.block_on(open_image(&node, reference, &platform))?;
     let sources: Vec<Arc<dyn LayerSource>> = opened
@@ -96,6 +101,18 @@ pub fn run(
             });
         }
     }
+    // When the mount disappears (pronto umount, umount -l, an abort), tell
+    // reads still waiting on the network to give up, so this process exits.
+    let watched = canonical_dir;
+    runtime.spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            if !is_mounted(&watched) {
+                let _ = shutdown_tx.send(true);
+                return;
+            }
+        }
+    });
     let mut unmounter = session.unmount_callable();
     runtime.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -155,12 +172,46 @@ pub fn unmount(dir: &Path) -> Result<()> {
     nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH)
         .with_context(|| format!("unmount {}", dir.display()))?;
     if let Some(dev) = dev {
-        let minor = nix::sys::stat::minor(dev);
-        let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
-        if Path::new(&abort).exists() {
-            let _ = std::fs::write(&abort, "1");
-        }
+        abort_connection(dev, &mountinfo);
     }
     println!("unmounted {}", dir.display());
     Ok(())
+}
+
+/// Aborts the FUSE connection of the mount whose device is `dev`, so that
+/// requests still waiting on the daemon (a read stuck on a stalled
+/// registry) fail at once. Mounts the fusectl filesystem if needed.
+fn abort_connection(dev: u64, mountinfo: &str) {
+    let connections = Path::new("/sys/fs/fuse/connections");
+    let fusectl_mounted = mountinfo
+        .lines()
+        .any(|line| line.split(' ').nth(4) == Some("/sys/fs/fuse/connections"));
+    if !fusectl_mounted && connections.is_dir() {
+        let mounted = nix::mount::mount(
+            Some("fusectl"),
+            connections,
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+        if let Err(err) = mounted {
+            tracing::warn!("cannot mount fusectl to abort the connection: {err}");
+            return;
+        }
+    }
+    // Anonymous devices have major 0, so the connection is named by minor.
+    let abort = connections
+        .join(nix::sys::stat::minor(dev).to_string())
+        .join("abort");
+    if let Err(err) = std::fs::write(&abort, "1") {
+        tracing::warn!("cannot abort FUSE connection {}: {err}", abort.display());
+    }
+}
+
+/// True while `dir` (an absolute, resolved path) is a mount point.
+fn is_mounted(dir: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+        info.lines()
+            .any(|line| line.split(' ').nth(4) == dir.to_str())
+    })
 }
