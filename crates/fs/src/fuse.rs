@@ -208,7 +208,14 @@ impl Filesystem for ProntoFs {
         // Pin the file's data while it is open, so eviction never takes it.
         let mut keys = self.layers[layer].cache_keys(entry);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let backing = if self.passthrough && node.size > 0 {
+        // On Linux 6.18, a passthrough open of a file that a process is
+        // executing fails with EIO (and executing a file through one does
+        // too). Programs are therefore always served by the daemon (and
+        // then the page cache): opens for execve (FMODE_EXEC, 0x20) and
+        // files with an execute bit never use passthrough.
+        const FMODE_EXEC: i32 = 0x20;
+        let program = flags.0 & FMODE_EXEC != 0 || node.mode & 0o111 != 0;
+        let backing = if self.passthrough && node.size > 0 && !program {
             self.backing_file(layer, entry, &reply).map(|(key, id)| {
                 keys.push(key);
                 id

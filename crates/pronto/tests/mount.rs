@@ -720,3 +720,38 @@ fn unmount_works_with_readers_blocked() {
     })
     .unwrap();
 }
+
+/// Programs keep running once their files are local and read through
+/// passthrough: executing a file another process is running works.
+#[test]
+fn programs_run_from_local_files() {
+    require!(&[NEEDS, &[Prereq::Busybox]].concat());
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh", "wc", "echo", "cat"]))
+        .build(&layout)
+        .unwrap();
+    layout.tag("v1", &image).unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = registry.push(&layout, "v1", "tools/busybox:v1").unwrap();
+    let node = Node::new();
+    let mounted = node.mount_with_log(&reference, &[], "info,pronto_fs=debug");
+    for _ in 0..3 {
+        let out = Command::new("chroot")
+            .arg(&mounted.dir)
+            .args(["/bin/sh", "-c", "echo hi | wc -c; cat /bin/busybox | wc -c"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let size = std::fs::metadata(pronto_testbed::prereq::BUSYBOX)
+            .unwrap()
+            .len();
+        assert_eq!(
+            stdout.split_whitespace().collect::<Vec<_>>(),
+            ["3", size.to_string().as_str()],
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
