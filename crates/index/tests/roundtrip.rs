@@ -309,6 +309,9 @@ proptest! {
             .filter(|e| e.kind == EntryKind::File)
             .cloned()
             .collect();
+        if files.is_empty() {
+            return Ok(());
+        }
         for (pick, a, b) in picks {
             let file = &files[pick.index(files.len())];
             let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
