@@ -162,19 +162,27 @@ impl ContentCache {
         self.data.join(hex::encode(key))
     }
 
+    /// Marks `key` as just used; false (and a miss) when it is not cached.
+    fn touch(&self, key: &CacheKey) -> bool {
+        let mut state = self.lock();
+        state.tick += 1;
+        let tick = state.tick;
+        match state.entries.get_mut(key) {
+            Some(entry) => {
+                entry.1 = tick;
+                true
+            }
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
     /// The cached bytes of `key`, if present.
     pub fn get(&self, key: &CacheKey) -> Result<Option<Vec<u8>>, CacheError> {
-        {
-            let mut state = self.lock();
-            state.tick += 1;
-            let tick = state.tick;
-            match state.entries.get_mut(key) {
-                Some(entry) => entry.1 = tick,
-                None => {
-                    self.misses.fetch_add(1, Ordering::Relaxed);
-                    return Ok(None);
-                }
-            }
+        if !self.touch(key) {
+            return Ok(None);
         }
         let path = self.path(key);
         match std::fs::read(&path) {
@@ -200,17 +208,8 @@ impl ContentCache {
         len: usize,
     ) -> Result<Option<Vec<u8>>, CacheError> {
         use std::os::unix::fs::FileExt;
-        {
-            let mut state = self.lock();
-            state.tick += 1;
-            let tick = state.tick;
-            match state.entries.get_mut(key) {
-                Some(entry) => entry.1 = tick,
-                None => {
-                    self.misses.fetch_add(1, Ordering::Relaxed);
-                    return Ok(None);
-                }
-            }
+        if !self.touch(key) {
+            return Ok(None);
         }
         let path = self.path(key);
         let file = match std::fs::File::open(&path) {
