@@ -7,10 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use pronto_catalog::{
-    IndexSet, LocalIndexStore, Location, fetch_prefix, find_indexes, layer_compression,
+    IndexSet, LayerIndexRef, LocalIndexStore, Location, fetch_prefix, find_indexes,
+    layer_compression,
 };
 use pronto_index::{LayerIndex, LayerToIndex, build_index};
-use pronto_registry::{ParallelFetch, Platform, RegistryClient, ResolvedImage, parse_reference};
+use pronto_registry::{
+    ParallelFetch, Platform, RegistryClient, Repository, ResolvedImage, parse_reference,
+};
 use pronto_store::ContentCache;
 
 use crate::indexed::{BlobReader, IndexedLayer, LocalBlob, RegistryBlob};
@@ -114,43 +117,8 @@ pub async fn open_image(
             .and_then(|set| set.layer(&digest).map(|r| (set, r.clone())));
         let layer = match indexed {
             Some((set, layer_ref)) => {
-                let index = fetch_prefix(
-                    node.client,
-                    Some(node.store),
-                    &image.repository,
-                    set,
-                    &layer_ref,
-                )
-                .await?;
-                let layer_blob: Box<dyn BlobReader> = Box::new(RegistryBlob {
-                    client: node.client.clone(),
-                    repository: image.repository.clone(),
-                    digest: digest.clone(),
-                    size,
-                });
-                let index_blob: Box<dyn BlobReader> = match set.location {
-                    Location::Registry => Box::new(RegistryBlob {
-                        client: node.client.clone(),
-                        repository: image.repository.clone(),
-                        digest: layer_ref.blob.clone(),
-                        size: layer_ref.size,
-                    }),
-                    Location::Local => Box::new(LocalBlob {
-                        path: node
-                            .store
-                            .blob_path(&layer_ref.blob)
-                            .expect("catalog digests are valid"),
-                    }),
-                };
                 modes.push(LayerMode::Lazy);
-                IndexedLayer::new(
-                    index,
-                    layer_blob,
-                    index_blob,
-                    node.cache.clone(),
-                    node.runtime.clone(),
-                    node.shutdown.clone(),
-                )
+                open_lazy_layer(node, &image.repository, set, &layer_ref).await?
             }
             None => {
                 let (index, blob_path, index_path) = fetch_whole(
@@ -180,6 +148,46 @@ pub async fn open_image(
         layers,
         modes,
     })
+}
+
+/// Opens one layer of `repository` through its index in `set`: fetches
+/// and verifies the index prefix; file data is fetched on demand.
+pub async fn open_lazy_layer(
+    node: &NodeContext<'_>,
+    repository: &Repository,
+    set: &IndexSet,
+    layer_ref: &LayerIndexRef,
+) -> Result<IndexedLayer, OpenError> {
+    let index = fetch_prefix(node.client, Some(node.store), repository, set, layer_ref).await?;
+    let layer = index.meta().layer.clone();
+    let layer_blob: Box<dyn BlobReader> = Box::new(RegistryBlob {
+        client: node.client.clone(),
+        repository: repository.clone(),
+        digest: layer.digest,
+        size: layer.size,
+    });
+    let index_blob: Box<dyn BlobReader> = match set.location {
+        Location::Registry => Box::new(RegistryBlob {
+            client: node.client.clone(),
+            repository: repository.clone(),
+            digest: layer_ref.blob.clone(),
+            size: layer_ref.size,
+        }),
+        Location::Local => Box::new(LocalBlob {
+            path: node
+                .store
+                .blob_path(&layer_ref.blob)
+                .expect("catalog digests are valid"),
+        }),
+    };
+    Ok(IndexedLayer::new(
+        index,
+        layer_blob,
+        index_blob,
+        node.cache.clone(),
+        node.runtime.clone(),
+        node.shutdown.clone(),
+    ))
 }
 
 /// Fetches a layer whole (verified) into the node's layer directory and

@@ -155,6 +155,13 @@ impl IndexedLayer {
         }
     }
 
+    /// Every cache key this layer may have filled: its spans and windows.
+    pub fn all_cache_keys(&self) -> Vec<CacheKey> {
+        (0..self.index.meta().spans.len())
+            .flat_map(|i| std::iter::once(self.span_key(i)).chain(self.window_key(i)))
+            .collect()
+    }
+
     /// The cache key of span `i`'s decoded bytes: its compressed digest and
     /// its window's digest together (the same compressed bytes after a
     /// different window decode differently).

@@ -11,11 +11,12 @@
 mod fuse;
 mod image;
 mod indexed;
+pub mod mounts;
 mod source;
 mod tree;
 
 pub use fuse::{MountOptions, mount};
-pub use image::{LayerMode, NodeContext, OpenError, OpenedImage, open_image};
+pub use image::{LayerMode, NodeContext, OpenError, OpenedImage, open_image, open_lazy_layer};
 pub use indexed::{BlobReader, IndexedLayer, LayerFetchStats, LocalBlob, RegistryBlob};
 pub use source::{LayerSource, ReadError};
 pub use tree::{Node, NodeKind, Tree, TreeMode};

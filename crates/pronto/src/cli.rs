@@ -65,6 +65,10 @@ pub enum Command {
         #[arg(long, value_name = "DIGEST")]
         layer: Option<String>,
     },
+    /// Run the containerd snapshotter (proxy plugin) on the `address`
+    /// socket until SIGINT/SIGTERM. Indexed layers are mounted lazily;
+    /// everything else behaves like containerd's overlayfs snapshotter.
+    Serve,
     /// Unmount a directory mounted by `pronto mount`, even with readers
     /// blocked in it.
     Umount { dir: std::path::PathBuf },

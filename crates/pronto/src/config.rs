@@ -11,6 +11,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/pronto/config.toml";
 /// Default state directory: caches, indexes and snapshot metadata.
 pub const DEFAULT_ROOT: &str = "/var/lib/pronto";
 
+/// Default socket of `pronto serve`.
+pub const DEFAULT_ADDRESS: &str = "/run/pronto/pronto.sock";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read configuration file {path}")]
@@ -36,6 +39,10 @@ pub struct Config {
     /// Pronto's state directory. Everything Pronto writes on a node lives
     /// below it.
     pub root: PathBuf,
+    /// Unix socket where `pronto serve` answers containerd's snapshots API
+    /// (created with mode 0600; containerd's `[proxy_plugins.pronto]`
+    /// `address` must name it).
+    pub address: PathBuf,
     /// How Pronto talks to registries.
     pub registry: RegistryConfig,
     /// The node cache.
@@ -48,6 +55,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             root: PathBuf::from(DEFAULT_ROOT),
+            address: PathBuf::from(DEFAULT_ADDRESS),
             registry: RegistryConfig::default(),
             cache: CacheConfig::default(),
             fetch: FetchConfig::default(),
@@ -192,6 +200,12 @@ impl Config {
             key,
             problem,
         };
+        if !self.address.is_absolute() {
+            return Err(invalid(
+                "address",
+                format!("must be an absolute path, not {:?}", self.address),
+            ));
+        }
         if !self.root.is_absolute() {
             return Err(invalid(
                 "root",

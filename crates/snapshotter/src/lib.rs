@@ -1,6 +1,71 @@
-//! containerd snapshot semantics for Pronto: local overlay snapshots, the
-//! remote-layer handshake that mounts indexed layers lazily, overlay mount
-//! options, fallback with a logged reason, and parallel pull.
+//! containerd snapshotter for Pronto, served over containerd's snapshots
+//! gRPC API as a proxy plugin (`[proxy_plugins.pronto]`).
 //!
-//! It must not know FUSE internals: it asks the filesystem to mount a layer
-//! and gets a directory back.
+//! Local snapshots behave exactly like containerd's overlayfs snapshotter.
+//! Layer snapshots of indexed images are *remote*: mounted lazily through
+//! FUSE and reported to containerd as already there, so it neither
+//! downloads nor unpacks them (the remote-snapshotter handshake).
+
+pub mod filter;
+pub mod local;
+pub mod remote;
+mod service;
+
+#[allow(clippy::all, missing_docs)]
+mod generated {
+    pub type Empty = ();
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/containerd.services.snapshots.v1.Snapshots.rs"
+    ));
+}
+
+use std::path::Path;
+
+pub use local::LocalSnapshots;
+pub use remote::{Fallback, Remote, RemoteOptions};
+pub use service::Snapshotter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{0}: not found")]
+    NotFound(String),
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Serves `snapshotter` on the unix socket `address` (mode 0600) until
+/// `shutdown` completes. A stale socket file is replaced.
+pub async fn serve(
+    snapshotter: Snapshotter,
+    address: &Path,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(address) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(address)?;
+    std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o600))?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(generated::snapshots_server::SnapshotsServer::new(
+            snapshotter,
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(std::io::Error::other)
+}

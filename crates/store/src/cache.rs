@@ -356,6 +356,28 @@ impl ContentCache {
                 .map(|(k, size, _)| (k, size))
                 .collect()
         };
+        self.delete(victims)
+    }
+
+    /// Drops `keys` from the cache (those not pinned by an open file), e.g.
+    /// when the image they belong to is removed. Returns the bytes freed.
+    pub fn remove(&self, keys: &[CacheKey]) -> Result<u64, CacheError> {
+        let _evicting = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        let victims: Vec<(CacheKey, u64)> = {
+            let state = self.lock();
+            keys.iter()
+                .filter(|k| !state.pins.contains_key(*k))
+                .filter_map(|k| state.entries.get(k).map(|(size, _)| (*k, *size)))
+                .collect()
+        };
+        let freed = victims.iter().map(|(_, size)| size).sum();
+        self.delete(victims)?;
+        Ok(freed)
+    }
+
+    /// Deletes entries from the database, then their files. The caller
+    /// holds the eviction lock.
+    fn delete(&self, victims: Vec<(CacheKey, u64)>) -> Result<(), CacheError> {
         if victims.is_empty() {
             return Ok(());
         }

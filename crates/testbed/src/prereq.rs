@@ -24,6 +24,9 @@ pub enum Prereq {
     Busybox,
     /// `debootstrap`, to build a real Debian root filesystem.
     Debootstrap,
+    /// Go and containerd 1.6's sources (its snapshotter test suite), from
+    /// Debian's `golang-go` and `golang-github-containerd-containerd-dev`.
+    ContainerdSuite,
 }
 
 impl Prereq {
@@ -50,6 +53,7 @@ impl Prereq {
             Prereq::Skopeo => on_path("skopeo"),
             Prereq::Busybox => is_static_busybox(Path::new(BUSYBOX)),
             Prereq::Debootstrap => on_path("debootstrap"),
+            Prereq::ContainerdSuite => on_path("go") && Path::new(CONTAINERD_SUITE).is_dir(),
         };
         (!ok).then(|| self.hint().to_owned())
     }
@@ -68,9 +72,17 @@ impl Prereq {
                 "/bin/busybox is not a static busybox (apt-get install busybox-static)"
             }
             Prereq::Debootstrap => "debootstrap is not installed (apt-get install debootstrap)",
+            Prereq::ContainerdSuite => {
+                "Go or containerd's snapshotter test suite is missing \
+                 (apt-get install golang-go golang-github-containerd-containerd-dev)"
+            }
         }
     }
 }
+
+/// containerd 1.6's snapshotter test suite, as Debian installs it.
+pub const CONTAINERD_SUITE: &str =
+    "/usr/share/gocode/src/github.com/containerd/containerd/snapshots/testsuite";
 
 /// Where generated images take their userland from.
 pub const BUSYBOX: &str = "/bin/busybox";

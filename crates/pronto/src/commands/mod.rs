@@ -6,6 +6,7 @@ mod config;
 pub(crate) mod image;
 mod index;
 mod mount;
+mod serve;
 
 use anyhow::Result;
 
@@ -30,6 +31,7 @@ pub fn run(cli: Cli) -> Result<()> {
             &platform,
             layer.as_deref(),
         ),
+        Command::Serve => serve::run(&loaded.config),
         Command::Umount { dir } => mount::unmount(&dir),
         Command::Cache(cmd) => cache::run(cmd, &loaded.config),
     }

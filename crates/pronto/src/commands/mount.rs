@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use pronto_catalog::LocalIndexStore;
-use pronto_fs::{LayerMode, LayerSource, MountOptions, NodeContext, Tree, TreeMode, open_image};
+use pronto_fs::{
+    LayerMode, LayerSource, MountOptions, NodeContext, Tree, TreeMode, mounts, open_image,
+};
 use pronto_registry::Platform;
 use pronto_store::ContentCache;
 
@@ -107,7 +109,7 @@ pub fn run(
     runtime.spawn(async move {
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            if !is_mounted(&watched) {
+            if !mounts::is_mounted(&watched) {
                 let _ = shutdown_tx.send(true);
                 return;
             }
@@ -147,72 +149,12 @@ pub fn open_cache(config: &Config) -> Result<ContentCache> {
 /// Unmounts a `pronto mount` at `dir`: detaches it, then aborts its FUSE
 /// connection so that readers blocked on the network return at once.
 pub fn unmount(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
     let dir =
         std::fs::canonicalize(dir).with_context(|| format!("no directory {}", dir.display()))?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    // A FUSE mount whose source is the `pronto:<reference>` we name mounts.
-    let is_pronto = mountinfo.lines().any(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let after = fields.iter().position(|f| *f == "-");
-        let field = |offset: usize| {
-            after
-                .and_then(|i| fields.get(i + offset))
-                .copied()
-                .unwrap_or("")
-        };
-        fields.get(4).copied() == dir.to_str()
-            && field(1).starts_with("fuse")
-            && field(2).starts_with("pronto:")
-    });
-    if !is_pronto {
+    if !mounts::is_pronto_mount(&dir) {
         bail!("{} is not a pronto mount", dir.display());
     }
-    let dev = std::fs::metadata(&dir).map(|m| m.dev()).ok();
-    nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH)
-        .with_context(|| format!("unmount {}", dir.display()))?;
-    if let Some(dev) = dev {
-        abort_connection(dev, &mountinfo);
-    }
+    mounts::detach_and_abort(&dir).with_context(|| format!("unmount {}", dir.display()))?;
     println!("unmounted {}", dir.display());
     Ok(())
-}
-
-/// Aborts the FUSE connection of the mount whose device is `dev`, so that
-/// requests still waiting on the daemon (a read stuck on a stalled
-/// registry) fail at once. Mounts the fusectl filesystem if needed.
-fn abort_connection(dev: u64, mountinfo: &str) {
-    let connections = Path::new("/sys/fs/fuse/connections");
-    let fusectl_mounted = mountinfo
-        .lines()
-        .any(|line| line.split(' ').nth(4) == Some("/sys/fs/fuse/connections"));
-    if !fusectl_mounted && connections.is_dir() {
-        let mounted = nix::mount::mount(
-            Some("fusectl"),
-            connections,
-            Some("fusectl"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        );
-        if let Err(err) = mounted {
-            tracing::warn!("cannot mount fusectl to abort the connection: {err}");
-            return;
-        }
-    }
-    // Anonymous devices have major 0, so the connection is named by minor.
-    let abort = connections
-        .join(nix::sys::stat::minor(dev).to_string())
-        .join("abort");
-    if let Err(err) = std::fs::write(&abort, "1") {
-        // Gone already when nothing held the mount open.
-        tracing::debug!("cannot abort FUSE connection {}: {err}", abort.display());
-    }
-}
-
-/// True while `dir` (an absolute, resolved path) is a mount point.
-fn is_mounted(dir: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
-        info.lines()
-            .any(|line| line.split(' ').nth(4) == dir.to_str())
-    })
 }

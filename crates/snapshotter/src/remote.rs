@@ -1,0 +1,436 @@
+//! Remote layers: the lazy half of the snapshotter. When containerd
+//! prepares a layer snapshot (`containerd.io/snapshot.ref`) and the image
+//! has a Pronto index, the layer is mounted through FUSE, recorded as a
+//! committed snapshot, and containerd is told it already exists.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pronto_catalog::{IndexSet, LocalIndexStore, find_indexes};
+use pronto_fs::{
+    IndexedLayer, LayerSource, MountOptions, NodeContext, Tree, TreeMode, mounts, open_lazy_layer,
+};
+use pronto_registry::{RegistryClient, Repository, parse_reference};
+use pronto_store::ContentCache;
+
+use crate::local::{LocalSnapshots, RemoteLayer};
+
+pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+pub const LABEL_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+
+/// How long "this image has no index" is remembered, so that the layers of
+/// one pull ask the registry once.
+const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+
+/// Why a layer was not served lazily. Every fallback is logged with its
+/// reason and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Fallback {
+    /// containerd sent no image labels (CRI annotations are off, or the
+    /// client pulled without them).
+    NoImageLabels,
+    /// Neither the node nor the registry has an index for the image.
+    NoIndex,
+    /// The image's index set does not cover this layer (too small).
+    LayerNotIndexed,
+    /// The index could not be fetched or verified.
+    IndexUnavailable,
+    /// The lazy mount could not be set up.
+    MountFailed,
+}
+
+impl Fallback {
+    pub const ALL: [Fallback; 5] = [
+        Fallback::NoImageLabels,
+        Fallback::NoIndex,
+        Fallback::LayerNotIndexed,
+        Fallback::IndexUnavailable,
+        Fallback::MountFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::NoImageLabels => "no-image-labels",
+            Fallback::NoIndex => "no-index",
+            Fallback::LayerNotIndexed => "layer-not-indexed",
+            Fallback::IndexUnavailable => "index-unavailable",
+            Fallback::MountFailed => "mount-failed",
+        }
+    }
+}
+
+struct OpenLayer {
+    layer: Arc<IndexedLayer>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+/// A live lazy mount.
+struct Mounted {
+    layer: Arc<IndexedLayer>,
+    dir: PathBuf,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    _session: fuser::BackgroundSession,
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// Fetch the rest of each lazy layer in the background.
+    pub background: bool,
+    /// Bytes per second for background fetching (`None`: unlimited).
+    pub background_rate: Option<u64>,
+    /// Threads answering FUSE requests per layer.
+    pub threads_per_layer: usize,
+}
+
+pub struct Remote {
+    client: RegistryClient,
+    store: LocalIndexStore,
+    cache: Arc<ContentCache>,
+    layers_dir: PathBuf,
+    runtime: tokio::runtime::Handle,
+    options: RemoteOptions,
+    mounted: Mutex<HashMap<u64, Mounted>>,
+    sets: tokio::sync::Mutex<HashMap<String, (Instant, Option<IndexSet>)>>,
+    fallbacks: Mutex<BTreeMap<Fallback, u64>>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").finish_non_exhaustive()
+    }
+}
+
+/// The image a layer snapshot belongs to, from containerd's labels.
+struct LayerLabels<'a> {
+    image_ref: &'a str,
+    manifest: &'a str,
+    layer: &'a str,
+}
+
+impl Remote {
+    pub fn new(
+        client: RegistryClient,
+        store: LocalIndexStore,
+        cache: Arc<ContentCache>,
+        layers_dir: PathBuf,
+        runtime: tokio::runtime::Handle,
+        options: RemoteOptions,
+    ) -> Self {
+        Self {
+            client,
+            store,
+            cache,
+            layers_dir,
+            runtime,
+            options,
+            mounted: Mutex::new(HashMap::new()),
+            sets: tokio::sync::Mutex::new(HashMap::new()),
+            fallbacks: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Fallbacks so far, by reason.
+    pub fn fallback_counts(&self) -> BTreeMap<Fallback, u64> {
+        self.fallbacks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Number of live lazy mounts.
+    pub fn mounted_count(&self) -> usize {
+        self.lock_mounted().len()
+    }
+
+    fn lock_mounted(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Mounted>> {
+        self.mounted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records and logs a fallback.
+    pub fn fall_back(
+        &self,
+        reason: Fallback,
+        target: &str,
+        labels: &BTreeMap<String, String>,
+        detail: &str,
+    ) {
+        let count = {
+            let mut counts = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
+            let count = counts.entry(reason).or_insert(0);
+            *count += 1;
+            *count
+        };
+        tracing::warn!(
+            reason = reason.as_str(),
+            count,
+            image = labels
+                .get(LABEL_IMAGE_REF)
+                .map(String::as_str)
+                .unwrap_or("-"),
+            layer = labels.get(LABEL_LAYER).map(String::as_str).unwrap_or("-"),
+            chain = target,
+            "fallback: containerd fetches and unpacks this layer: {detail}"
+        );
+    }
+
+    /// Tries to serve the layer snapshot `target` (over `parent`) lazily.
+    /// On success the committed snapshot `target` exists.
+    pub async fn mount_layer(
+        &self,
+        local: &LocalSnapshots,
+        target: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), (Fallback, String)> {
+        let (Some(image_ref), Some(manifest), Some(layer)) = (
+            labels.get(LABEL_IMAGE_REF),
+            labels.get(LABEL_MANIFEST),
+            labels.get(LABEL_LAYER),
+        ) else {
+            return Err((
+                Fallback::NoImageLabels,
+                "no cri.image-ref/manifest-digest/layer-digest labels (set disable_snapshot_annotations = false, or pull with `pronto pull`)".into(),
+            ));
+        };
+        let image = LayerLabels {
+            image_ref,
+            manifest,
+            layer,
+        };
+        let remote = RemoteLayer {
+            image_ref: image.image_ref.to_owned(),
+            manifest_digest: image.manifest.to_owned(),
+            layer_digest: image.layer.to_owned(),
+        };
+        let indexed = self.open_layer(&remote).await?;
+        let (id, dir) = local
+            .reserve()
+            .map_err(|e| (Fallback::MountFailed, e.to_string()))?;
+        let inodes = indexed.layer.index().meta().entries.len() as i64;
+        if let Err(e) = self.mount_at(id, &dir, &remote, indexed) {
+            local.remove_dir(id);
+            return Err((Fallback::MountFailed, e));
+        }
+        let mut stored = labels.clone();
+        stored.insert(LABEL_TARGET.into(), target.into());
+        match local.insert_committed(target, id, parent, stored, remote, inodes) {
+            Ok(()) => {
+                tracing::info!(
+                    image = image.image_ref,
+                    layer = image.layer,
+                    chain = target,
+                    id,
+                    "layer mounted lazily"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                // Another Prepare committed the same layer meanwhile.
+                self.release(id, false);
+                local.remove_dir(id);
+                match local.get(target) {
+                    Ok(Some(_)) => Ok(()),
+                    _ => Err((Fallback::MountFailed, e.to_string())),
+                }
+            }
+        }
+    }
+
+    /// Opens a layer through its index (fetching the index prefix), with
+    /// the sender that shuts its pending reads down.
+    async fn open_layer(&self, remote: &RemoteLayer) -> Result<OpenLayer, (Fallback, String)> {
+        let reference = parse_reference(&remote.image_ref)
+            .map_err(|e| (Fallback::NoImageLabels, e.to_string()))?;
+        let repository = Repository::of(&reference);
+        let set = self
+            .index_set(&repository, &remote.manifest_digest)
+            .await
+            .map_err(|e| (Fallback::IndexUnavailable, e))?
+            .ok_or_else(|| {
+                (
+                    Fallback::NoIndex,
+                    format!(
+                        "no Pronto index for {}@{} (create one with `pronto index create`)",
+                        remote.image_ref, remote.manifest_digest
+                    ),
+                )
+            })?;
+        let Some(layer_ref) = set.layer(&remote.layer_digest) else {
+            return Err((
+                Fallback::LayerNotIndexed,
+                format!(
+                    "index {} does not cover layer {} (layers under the minimum size are not indexed)",
+                    set.manifest_digest, remote.layer_digest
+                ),
+            ));
+        };
+        let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let node = NodeContext {
+            client: &self.client,
+            store: &self.store,
+            cache: self.cache.clone(),
+            layers_dir: self.layers_dir.clone(),
+            runtime: self.runtime.clone(),
+            shutdown,
+        };
+        let layer = open_lazy_layer(&node, &repository, &set, layer_ref)
+            .await
+            .map_err(|e| (Fallback::IndexUnavailable, e.to_string()))?;
+        Ok(OpenLayer {
+            layer: Arc::new(layer),
+            shutdown: shutdown_tx,
+        })
+    }
+
+    /// The index set of an image manifest: remembered once found, and its
+    /// absence for a short while.
+    async fn index_set(
+        &self,
+        repository: &Repository,
+        manifest: &str,
+    ) -> Result<Option<IndexSet>, String> {
+        let mut sets = self.sets.lock().await;
+        if let Some((when, set)) = sets.get(manifest)
+            && (set.is_some() || when.elapsed() < NEGATIVE_TTL)
+        {
+            return Ok(set.clone());
+        }
+        let found = find_indexes(&self.client, Some(&self.store), repository, manifest)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .next();
+        sets.insert(manifest.to_owned(), (Instant::now(), found.clone()));
+        Ok(found)
+    }
+
+    fn mount_at(
+        &self,
+        id: u64,
+        dir: &Path,
+        remote: &RemoteLayer,
+        opened: OpenLayer,
+    ) -> Result<(), String> {
+        let OpenLayer { layer, shutdown } = opened;
+        let tree = Tree::build(&[layer.entries()], TreeMode::OverlayLower);
+        let source: Arc<dyn LayerSource> = layer.clone();
+        let options = MountOptions {
+            fs_name: format!("pronto:{}@{}", remote.image_ref, remote.layer_digest),
+            threads: self.options.threads_per_layer,
+            ..Default::default()
+        };
+        let session = pronto_fs::mount(tree, vec![source], self.cache.clone(), dir, &options)
+            .and_then(|s| s.spawn())
+            .map_err(|e| format!("cannot mount FUSE at {}: {e}", dir.display()))?;
+        if self.options.background {
+            let (layer, rate) = (layer.clone(), self.options.background_rate);
+            self.runtime.spawn(async move {
+                if let Err(err) = layer.fetch_in_background(4 << 20, rate).await {
+                    tracing::warn!(layer = layer.digest(), "background fetch stopped: {err}");
+                }
+            });
+        }
+        self.lock_mounted().insert(
+            id,
+            Mounted {
+                layer,
+                dir: dir.to_owned(),
+                shutdown,
+                _session: session,
+            },
+        );
+        Ok(())
+    }
+
+    /// Mounts again, after a restart, every remote snapshot that is not
+    /// mounted. A stale mount left by the previous process is detached
+    /// first. Returns the snapshots that could not be mounted.
+    pub async fn restore(&self, local: &LocalSnapshots) -> Vec<(String, String)> {
+        let mut failed = Vec::new();
+        let Ok(all) = local.all() else {
+            return failed;
+        };
+        for info in all {
+            let Some(remote) = &info.record.remote else {
+                continue;
+            };
+            if let Err(e) = self.ensure_mounted(local, info.record.id, remote).await {
+                tracing::error!(
+                    snapshot = info.name,
+                    layer = remote.layer_digest,
+                    "cannot mount the layer again: {e}"
+                );
+                failed.push((info.name.clone(), e));
+            }
+        }
+        failed
+    }
+
+    /// Makes sure the remote snapshot `id` is served by this process.
+    pub async fn ensure_mounted(
+        &self,
+        local: &LocalSnapshots,
+        id: u64,
+        remote: &RemoteLayer,
+    ) -> Result<(), String> {
+        if self.lock_mounted().contains_key(&id) {
+            return Ok(());
+        }
+        let dir = local.fs_path(id);
+        if mounts::is_mounted(&dir) {
+            // Left by a previous process: its connection is dead.
+            mounts::detach_and_abort(&dir)
+                .map_err(|e| format!("cannot detach stale mount {}: {e}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let layer = self.open_layer(remote).await.map_err(|(_, e)| e)?;
+        if self.lock_mounted().contains_key(&id) {
+            return Ok(());
+        }
+        self.mount_at(id, &dir, remote, layer)?;
+        tracing::info!(id, layer = remote.layer_digest, "layer mounted again");
+        Ok(())
+    }
+
+    /// Unmounts remote snapshot `id`; with `drop_cache`, its cached data
+    /// is removed too unless another mount serves the same layer.
+    pub fn release(&self, id: u64, drop_cache: bool) {
+        let Some(mounted) = self.lock_mounted().remove(&id) else {
+            return;
+        };
+        let _ = mounted.shutdown.send(true);
+        if let Err(e) = mounts::detach_and_abort(&mounted.dir) {
+            tracing::warn!("cannot unmount {}: {e}", mounted.dir.display());
+        }
+        let digest = mounted.layer.digest().to_owned();
+        let shared = self
+            .lock_mounted()
+            .values()
+            .any(|m| m.layer.digest() == digest);
+        if drop_cache && !shared {
+            match self.cache.remove(&mounted.layer.all_cache_keys()) {
+                Ok(freed) => {
+                    tracing::info!(layer = digest, freed, "layer unmounted, cache released")
+                }
+                Err(e) => tracing::warn!(layer = digest, "cannot release cached data: {e}"),
+            }
+        }
+    }
+
+    /// Unmounts everything (daemon shutdown). Cached data stays.
+    pub fn release_all(&self) {
+        let ids: Vec<u64> = self.lock_mounted().keys().copied().collect();
+        for id in ids {
+            self.release(id, false);
+        }
+    }
+
+    pub fn is_mounted(&self, id: u64) -> bool {
+        self.lock_mounted().contains_key(&id)
+    }
+}
