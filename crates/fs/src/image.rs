@@ -121,23 +121,16 @@ pub async fn open_image(
                 open_lazy_layer(node, &image.repository, set, &layer_ref).await?
             }
             None => {
-                let (index, blob_path, index_path) = fetch_whole(
+                modes.push(LayerMode::Local);
+                open_whole_layer(
                     node,
-                    &image,
+                    &image.repository,
                     &digest,
                     size,
                     descriptor.media_type().as_ref(),
                 )
-                .await?;
-                modes.push(LayerMode::Local);
-                IndexedLayer::new(
-                    index,
-                    Box::new(LocalBlob { path: blob_path }),
-                    Box::new(LocalBlob { path: index_path }),
-                    node.cache.clone(),
-                    node.runtime.clone(),
-                    node.shutdown.clone(),
-                )
+                .await?
+                .0
             }
         };
         layers.push(Arc::new(layer));
@@ -190,17 +183,44 @@ pub async fn open_lazy_layer(
     ))
 }
 
+/// Opens a layer that has no index: fetched whole (parallel range
+/// requests, verified) into the node's layer directory and indexed there,
+/// once. Returns the layer and the files it keeps on the node.
+pub async fn open_whole_layer(
+    node: &NodeContext<'_>,
+    repository: &Repository,
+    digest: &str,
+    size: u64,
+    media_type: &str,
+) -> Result<(IndexedLayer, [PathBuf; 2]), OpenError> {
+    let (index, blob_path, index_path) =
+        fetch_whole(node, repository, digest, size, media_type).await?;
+    let layer = IndexedLayer::new(
+        index,
+        Box::new(LocalBlob {
+            path: blob_path.clone(),
+        }),
+        Box::new(LocalBlob {
+            path: index_path.clone(),
+        }),
+        node.cache.clone(),
+        node.runtime.clone(),
+        node.shutdown.clone(),
+    );
+    Ok((layer, [blob_path, index_path]))
+}
+
 /// Fetches a layer whole (verified) into the node's layer directory and
 /// indexes it there, once; later opens reuse both files.
 async fn fetch_whole(
     node: &NodeContext<'_>,
-    image: &ResolvedImage,
+    repository: &Repository,
     digest: &str,
     size: u64,
     media_type: &str,
 ) -> Result<(LayerIndex, PathBuf, PathBuf), OpenError> {
     let layer_error = |problem: String| OpenError::Layer {
-        image: image.manifest.digest.clone(),
+        image: repository.name.clone(),
         layer: digest.to_owned(),
         problem,
     };
@@ -216,13 +236,7 @@ async fn fetch_whole(
     if !index_path.exists() {
         let partial = node.layers_dir.join(format!("{hex}.partial"));
         node.client
-            .blob_to_file_parallel(
-                &image.repository,
-                digest,
-                size,
-                &partial,
-                ParallelFetch::default(),
-            )
+            .blob_to_file_parallel(repository, digest, size, &partial, ParallelFetch::default())
             .await?;
         let target = LayerToIndex {
             digest: digest.to_owned(),

@@ -219,6 +219,12 @@ impl IndexedLayer {
     async fn fetch_run(&self, run: Range<usize>) -> Result<(), ReadError> {
         let first = self.index.span_input(run.start).start;
         let last = self.index.span_input(run.end - 1).end;
+        tracing::debug!(
+            layer = %self.index.meta().layer.digest,
+            spans = ?run,
+            bytes = last - first,
+            "fetching on demand"
+        );
         let mut last_error = None;
         for attempt in 1..=2 {
             let bytes = self

@@ -69,6 +69,25 @@ pub enum Command {
     /// socket until SIGINT/SIGTERM. Indexed layers are mounted lazily;
     /// everything else behaves like containerd's overlayfs snapshotter.
     Serve,
+    /// Pull an image through containerd so that indexed layers are mounted
+    /// lazily by `pronto serve` (what kubelet's pull does through CRI).
+    /// Layers without an index are fetched in parallel and unpacked by
+    /// containerd.
+    Pull {
+        reference: String,
+        /// containerd's socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        address: std::path::PathBuf,
+        /// containerd namespace; `k8s.io` makes the image visible to
+        /// Kubernetes.
+        #[arg(long, short = 'n', default_value = "k8s.io")]
+        namespace: String,
+        /// The name of Pronto's proxy plugin in containerd's config.
+        #[arg(long, default_value = "pronto")]
+        snapshotter: String,
+        #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+        platform: String,
+    },
     /// Unmount a directory mounted by `pronto mount`, even with readers
     /// blocked in it.
     Umount { dir: std::path::PathBuf },

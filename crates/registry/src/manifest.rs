@@ -113,6 +113,8 @@ pub struct ResolvedImage {
     pub manifest: Manifest,
     pub image: ImageManifest,
     pub config: ImageConfiguration,
+    /// The config exactly as fetched (verified against its digest).
+    pub config_bytes: Bytes,
 }
 
 impl RegistryClient {
@@ -198,6 +200,7 @@ impl RegistryClient {
             manifest,
             image: *image,
             config,
+            config_bytes,
         })
     }
 

@@ -8,6 +8,7 @@
 
 pub mod filter;
 pub mod local;
+pub mod pull;
 pub mod remote;
 mod service;
 

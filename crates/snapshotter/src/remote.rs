@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use pronto_catalog::{IndexSet, LocalIndexStore, find_indexes};
 use pronto_fs::{
     IndexedLayer, LayerSource, MountOptions, NodeContext, Tree, TreeMode, mounts, open_lazy_layer,
+    open_whole_layer,
 };
-use pronto_registry::{RegistryClient, Repository, parse_reference};
+use pronto_registry::{ManifestKind, RegistryClient, Repository, parse_reference};
 use pronto_store::ContentCache;
 
 use crate::local::{LocalSnapshots, RemoteLayer};
@@ -66,6 +67,8 @@ impl Fallback {
 struct OpenLayer {
     layer: Arc<IndexedLayer>,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Node files the layer is read from (a layer fetched whole).
+    files: Vec<PathBuf>,
 }
 
 /// A live lazy mount.
@@ -73,6 +76,7 @@ struct Mounted {
     layer: Arc<IndexedLayer>,
     dir: PathBuf,
     shutdown: tokio::sync::watch::Sender<bool>,
+    files: Vec<PathBuf>,
     _session: fuser::BackgroundSession,
 }
 
@@ -259,15 +263,6 @@ impl Remote {
                     ),
                 )
             })?;
-        let Some(layer_ref) = set.layer(&remote.layer_digest) else {
-            return Err((
-                Fallback::LayerNotIndexed,
-                format!(
-                    "index {} does not cover layer {} (layers under the minimum size are not indexed)",
-                    set.manifest_digest, remote.layer_digest
-                ),
-            ));
-        };
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let node = NodeContext {
             client: &self.client,
@@ -277,12 +272,61 @@ impl Remote {
             runtime: self.runtime.clone(),
             shutdown,
         };
+        let Some(layer_ref) = set.layer(&remote.layer_digest) else {
+            // A layer of an indexed image too small to have an index: fetch
+            // it whole here, so that containerd does not start fetching
+            // every layer above it.
+            let not_indexed = |e: String| {
+                (
+                    Fallback::LayerNotIndexed,
+                    format!(
+                        "index {} does not cover layer {} and fetching it whole failed: {e}",
+                        set.manifest_digest, remote.layer_digest
+                    ),
+                )
+            };
+            let manifest = self
+                .client
+                .manifest(&repository, &remote.manifest_digest)
+                .await
+                .map_err(|e| not_indexed(e.to_string()))?;
+            let ManifestKind::Image(image) = &manifest.kind else {
+                return Err(not_indexed("the manifest is an index".into()));
+            };
+            let Some(descriptor) = image
+                .layers()
+                .iter()
+                .find(|l| l.digest().to_string() == remote.layer_digest)
+            else {
+                return Err(not_indexed("the manifest has no such layer".into()));
+            };
+            let (layer, files) = open_whole_layer(
+                &node,
+                &repository,
+                &remote.layer_digest,
+                descriptor.size(),
+                descriptor.media_type().as_ref(),
+            )
+            .await
+            .map_err(|e| not_indexed(e.to_string()))?;
+            tracing::info!(
+                layer = remote.layer_digest,
+                bytes = descriptor.size(),
+                "layer has no index (too small): fetched whole"
+            );
+            return Ok(OpenLayer {
+                layer: Arc::new(layer),
+                shutdown: shutdown_tx,
+                files: files.to_vec(),
+            });
+        };
         let layer = open_lazy_layer(&node, &repository, &set, layer_ref)
             .await
             .map_err(|e| (Fallback::IndexUnavailable, e.to_string()))?;
         Ok(OpenLayer {
             layer: Arc::new(layer),
             shutdown: shutdown_tx,
+            files: Vec::new(),
         })
     }
 
@@ -315,7 +359,11 @@ impl Remote {
         remote: &RemoteLayer,
         opened: OpenLayer,
     ) -> Result<(), String> {
-        let OpenLayer { layer, shutdown } = opened;
+        let OpenLayer {
+            layer,
+            shutdown,
+            files,
+        } = opened;
         let tree = Tree::build(&[layer.entries()], TreeMode::OverlayLower);
         let source: Arc<dyn LayerSource> = layer.clone();
         let options = MountOptions {
@@ -340,6 +388,7 @@ impl Remote {
                 layer,
                 dir: dir.to_owned(),
                 shutdown,
+                files,
                 _session: session,
             },
         );
@@ -413,6 +462,9 @@ impl Remote {
             .values()
             .any(|m| m.layer.digest() == digest);
         if drop_cache && !shared {
+            for file in &mounted.files {
+                let _ = std::fs::remove_file(file);
+            }
             match self.cache.remove(&mounted.layer.all_cache_keys()) {
                 Ok(freed) => {
                     tracing::info!(layer = digest, freed, "layer unmounted, cache released")

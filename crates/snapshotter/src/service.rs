@@ -268,8 +268,8 @@ impl Snapshots for Snapshotter {
         &self,
         request: Request<api::ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
-        let filters = Filters::parse(&request.into_inner().filters)
-            .map_err(Status::invalid_argument)?;
+        let filters =
+            Filters::parse(&request.into_inner().filters).map_err(Status::invalid_argument)?;
         let infos = self.local.walk(&filters)?;
         let batches: Vec<Result<api::ListSnapshotsResponse, Status>> = infos
             .chunks(100)

@@ -12,6 +12,7 @@
 //! anything but loopback.
 
 pub mod containerd;
+pub mod cri;
 pub mod debian;
 pub mod faults;
 mod http;

@@ -6,6 +6,7 @@ mod config;
 pub(crate) mod image;
 mod index;
 mod mount;
+mod pull;
 mod serve;
 
 use anyhow::Result;
@@ -30,6 +31,20 @@ pub fn run(cli: Cli) -> Result<()> {
             &dir,
             &platform,
             layer.as_deref(),
+        ),
+        Command::Pull {
+            reference,
+            address,
+            namespace,
+            snapshotter,
+            platform,
+        } => pull::run(
+            &loaded.config,
+            &reference,
+            address,
+            namespace,
+            snapshotter,
+            &platform,
         ),
         Command::Serve => serve::run(&loaded.config),
         Command::Umount { dir } => mount::unmount(&dir),

@@ -1,0 +1,53 @@
+//! `pronto pull`: an image pull through containerd with the labels that
+//! let Pronto's snapshotter serve layers lazily.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use pronto_registry::Platform;
+use pronto_snapshotter::pull::{LayerOutcome, PullOptions, pull};
+
+use crate::commands::image::registry_client;
+use crate::config::Config;
+use crate::text::human_size;
+
+pub fn run(
+    config: &Config,
+    reference: &str,
+    address: PathBuf,
+    namespace: String,
+    snapshotter: String,
+    platform: &str,
+) -> Result<()> {
+    let platform: Platform = platform.parse().map_err(|e: String| anyhow!(e))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let client = registry_client(config)?;
+    let options = PullOptions {
+        address,
+        namespace,
+        snapshotter,
+        platform,
+        work_dir: config.root.join("pull"),
+    };
+    let started = Instant::now();
+    let report = runtime.block_on(pull(&client, reference, &options, &|line| {
+        eprintln!("{line}")
+    }))?;
+    let count = |outcome| report.layers.iter().filter(|(_, o)| *o == outcome).count();
+    println!(
+        "pulled {} ({}) into namespace {} in {:.2}s: {} layers lazy, {} unpacked, {} already present; {} fetched",
+        report.name,
+        report.target,
+        options.namespace,
+        started.elapsed().as_secs_f64(),
+        count(LayerOutcome::Remote),
+        count(LayerOutcome::Unpacked),
+        count(LayerOutcome::Present),
+        human_size(report.bytes_fetched),
+    );
+    Ok(())
+}

@@ -1,0 +1,423 @@
+//! `pronto serve` as containerd's proxy snapshotter, end to end: the real
+//! registry (behind a byte-counting relay), containerd 1.6 with CRI, runc,
+//! and Pronto's FUSE mounts.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use pronto_testbed::cri::Cri;
+use pronto_testbed::image::BuiltImage;
+use pronto_testbed::net::wait_until;
+use pronto_testbed::process::{Daemon, mounts_below, unmount_below};
+use pronto_testbed::{
+    Compression, Containerd, ContainerdOptions, Content, CriOptions, ImageBuilder, Layer,
+    OciLayout, Prereq, Registry, Relay, require,
+};
+use sha2::{Digest, Sha256};
+
+const NEEDS: &[Prereq] = &[
+    Prereq::Root,
+    Prereq::Fuse,
+    Prereq::Containerd,
+    Prereq::Runc,
+    Prereq::Registry,
+    Prereq::Skopeo,
+    Prereq::Busybox,
+];
+
+/// The data file of the test image (96 MiB, incompressible).
+const MODEL: Content = Content::Random {
+    seed: 7,
+    len: 96 << 20,
+};
+
+/// A registry behind a relay, containerd with CRI using the `pronto` proxy
+/// snapshotter, and `pronto serve`.
+struct Stack {
+    work: tempfile::TempDir,
+    layout: OciLayout,
+    registry: Registry,
+    relay: Relay,
+    containerd: Option<Containerd>,
+    serve: Option<Daemon>,
+    serve_starts: usize,
+}
+
+impl Stack {
+    fn start() -> Self {
+        let work = tempfile::tempdir().unwrap();
+        let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+        let registry = Registry::start().unwrap();
+        let relay = Relay::start(registry.addr()).unwrap();
+        let socket = work.path().join("pronto.sock");
+        let containerd = Containerd::start_with(ContainerdOptions {
+            proxy_snapshotters: vec![("pronto".into(), socket)],
+            cri: Some(CriOptions {
+                snapshotter: "pronto".into(),
+                sandbox_image: "pronto.test/pause:3.9".into(),
+            }),
+            plain_http_registries: vec![relay.host(), registry.host()],
+        })
+        .unwrap();
+        std::fs::write(
+            work.path().join("config.toml"),
+            format!(
+                "root = \"{}\"\naddress = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = false\n",
+                work.path().join("root").display(),
+                work.path().join("pronto.sock").display(),
+                containerd.hosts_dir().display(),
+            ),
+        )
+        .unwrap();
+        let mut stack = Stack {
+            work,
+            layout,
+            registry,
+            relay,
+            containerd: Some(containerd),
+            serve: None,
+            serve_starts: 0,
+        };
+        stack.start_serve();
+        stack
+    }
+
+    fn containerd(&self) -> &Containerd {
+        self.containerd.as_ref().unwrap()
+    }
+
+    fn root(&self) -> PathBuf {
+        self.work.path().join("root")
+    }
+
+    fn pronto(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pronto"));
+        cmd.arg("--config")
+            .arg(self.work.path().join("config.toml"))
+            .args(args)
+            .env("DOCKER_CONFIG", self.work.path());
+        cmd
+    }
+
+    fn pronto_ok(&self, args: &[&str]) -> String {
+        let out = self.pronto(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "pronto {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn start_serve(&mut self) {
+        self.serve_starts += 1;
+        let log = self.work.path().join("serve.log");
+        std::fs::write(&log, "").unwrap();
+        let mut cmd = self.pronto(&["serve"]);
+        cmd.env("PRONTO_LOG", "info,pronto_fs=debug");
+        let mut daemon = Daemon::spawn("pronto serve", cmd, &log).unwrap();
+        let socket = self.work.path().join("pronto.sock");
+        wait_until("pronto serve", Duration::from_secs(60), || {
+            if !daemon.is_running() {
+                anyhow::bail!("pronto serve exited:\n{}", daemon.log_tail(30));
+            }
+            Ok(daemon
+                .log_tail(50)
+                .contains("serving containerd's snapshots API")
+                && socket.exists())
+        })
+        .unwrap();
+        self.serve = Some(daemon);
+        if let Some(containerd) = &self.containerd {
+            // containerd reconnects to a restarted plugin after its backoff
+            // (at most 3 s); until then calls fail as unavailable.
+            wait_until("containerd reconnects", Duration::from_secs(30), || {
+                Ok(containerd
+                    .ctr_in("k8s.io")
+                    .args(["snapshots", "--snapshotter", "pronto", "ls"])
+                    .output()?
+                    .status
+                    .success())
+            })
+            .unwrap();
+        }
+    }
+
+    fn stop_serve(&mut self) {
+        if let Some(mut daemon) = self.serve.take() {
+            daemon.stop();
+        }
+    }
+
+    fn serve_log(&self) -> String {
+        std::fs::read_to_string(self.work.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// An image of busybox plus a layer with a 96 MiB data file and a small
+    /// text file, pushed to the registry; indexed when `indexed`.
+    fn push_model_image(&self, repo: &str, indexed: bool) -> (String, BuiltImage) {
+        let image = ImageBuilder::new()
+            .layer(Layer::busybox(&["sh", "cat", "sha256sum", "sleep", "head"]))
+            .layer(
+                Layer::new()
+                    .compression(Compression::Gzip(6))
+                    .dir("model")
+                    .file("model/config.json", "{\"ready\": true}\n")
+                    .file("model/weights.bin", MODEL),
+            )
+            .cmd(&["cat", "/model/config.json"])
+            .build(&self.layout)
+            .unwrap();
+        let tag = repo.replace('/', "-");
+        self.layout.tag(&tag, &image).unwrap();
+        self.registry
+            .push(&self.layout, &tag, &format!("{repo}:v1"))
+            .unwrap();
+        let reference = format!("{}/{repo}:v1", self.relay.host());
+        if indexed {
+            self.pronto_ok(&["index", "create", &reference, "--push"]);
+        }
+        (reference, image)
+    }
+
+    /// `ctr run --rm` in the Kubernetes namespace on the `pronto` snapshotter.
+    fn run(&self, image: &str, args: &[&str]) -> Output {
+        let id = format!("c{}", rand_suffix());
+        let out = self
+            .containerd()
+            .ctr_in("k8s.io")
+            .args(["run", "--rm", "--snapshotter", "pronto", image, &id])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "container from {image}: {}\n{}\npronto serve:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.serve_log(), 30)
+        );
+        out
+    }
+
+    fn snapshots(&self) -> Vec<String> {
+        let out = self
+            .containerd()
+            .ctr_in("k8s.io")
+            .args(["snapshots", "--snapshotter", "pronto", "ls"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// FUSE mounts of lazy layers below Pronto's root.
+    fn lazy_mounts(&self) -> Vec<PathBuf> {
+        mounts_below(&self.root().join("snapshotter"))
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // containerd first: its overlays stack on Pronto's mounts.
+        drop(self.containerd.take());
+        self.stop_serve();
+        unmount_below(self.work.path());
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed) + u64::from(std::process::id()) * 1000
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn model_sha256() -> String {
+    hex::encode(Sha256::digest(MODEL.to_vec().unwrap()))
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cri_pull_mounts_indexed_layers_lazily_and_the_container_runs() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    let (reference, image) = stack.push_model_image("lazy/model", true);
+    stack.relay.reset();
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    let image_id = cri.pull_image(&reference).unwrap();
+    assert!(image_id.starts_with("sha256:"), "{image_id}");
+    let out = stack.run(&reference, &[]);
+    assert_eq!(stdout(&out), "{\"ready\": true}\n");
+    let fetched = stack.relay.bytes_down();
+    let total = image.layers_size();
+    assert!(
+        fetched * 10 < total,
+        "pull and start fetched {fetched} of {total} bytes:\n{}",
+        tail(&stack.serve_log(), 40)
+    );
+    let log = stack.serve_log();
+    assert!(log.contains("layer mounted lazily"), "{}", tail(&log, 30));
+    // The small busybox layer has no index of its own: Pronto fetches it
+    // whole itself, so containerd never starts fetching the layers above.
+    assert!(log.contains("fetched whole"), "{}", tail(&log, 30));
+    assert!(!log.contains("fallback"), "{}", tail(&log, 30));
+    assert_eq!(stack.lazy_mounts().len(), 2, "{:?}", stack.lazy_mounts());
+    // The data reads back exactly, fetched on demand.
+    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
+    assert!(
+        stdout(&out).starts_with(&model_sha256()),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn an_image_without_an_index_runs_through_the_logged_fallback() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    let (reference, image) = stack.push_model_image("plain/model", false);
+    stack.relay.reset();
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    cri.pull_image(&reference).unwrap();
+    assert!(
+        stack.relay.bytes_down() >= image.layers_size(),
+        "every layer came whole"
+    );
+    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
+    assert!(
+        stdout(&out).starts_with(&model_sha256()),
+        "{}",
+        stdout(&out)
+    );
+    let log = stack.serve_log();
+    let fallbacks = log
+        .lines()
+        .filter(|l| l.contains("fallback") && l.contains("no-index"))
+        .count();
+    assert_eq!(
+        fallbacks,
+        2,
+        "each layer's fallback is logged:\n{}",
+        tail(&log, 30)
+    );
+    assert!(log.contains(&image.manifest_digest) || log.contains("plain/model"));
+    assert!(stack.lazy_mounts().is_empty());
+}
+
+#[test]
+fn a_restarted_daemon_serves_existing_snapshots_again() {
+    require!(NEEDS);
+    let mut stack = Stack::start();
+    let (reference, _) = stack.push_model_image("restart/model", true);
+    let pulled = stack.pronto_ok(&[
+        "pull",
+        "--address",
+        stack.containerd().socket().to_str().unwrap(),
+        &reference,
+    ]);
+    assert!(pulled.contains("2 layers lazy"), "{pulled}");
+    // A container that keeps running across the restart.
+    let running = format!("long{}", rand_suffix());
+    let out = stack
+        .containerd()
+        .ctr_in("k8s.io")
+        .args([
+            "run",
+            "-d",
+            "--snapshotter",
+            "pronto",
+            &reference,
+            &running,
+            "sleep",
+            "600",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stack.stop_serve();
+    stack.start_serve();
+    assert!(
+        stack.serve_log().contains("layer mounted again"),
+        "{}",
+        stack.serve_log()
+    );
+    assert_eq!(stack.lazy_mounts().len(), 2);
+    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
+    assert!(
+        stdout(&out).starts_with(&model_sha256()),
+        "{}",
+        stdout(&out)
+    );
+    let _ = stack
+        .containerd()
+        .ctr_in("k8s.io")
+        .args(["task", "kill", "-s", "SIGKILL", &running])
+        .output();
+    assert_eq!(stack.serve_starts, 2);
+}
+
+#[test]
+fn removing_the_image_unmounts_and_releases_everything() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    let (reference, _) = stack.push_model_image("remove/model", true);
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    cri.pull_image(&reference).unwrap();
+    let out = stack.run(&reference, &["head", "-c", "1000000", "/model/weights.bin"]);
+    assert_eq!(out.stdout.len(), 1_000_000);
+    assert_eq!(stack.lazy_mounts().len(), 2);
+    assert_eq!(stack.snapshots().len(), 2, "{:?}", stack.snapshots());
+    let cache = stack.root().join("cache");
+    assert!(files_below(&cache) > 0, "reading filled the cache");
+
+    cri.remove_image(&reference).unwrap();
+    // containerd collects garbage in the background after a removal.
+    wait_until("snapshots removed", Duration::from_secs(60), || {
+        Ok(stack.snapshots().is_empty() && stack.lazy_mounts().is_empty())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}\n{}",
+            stack.snapshots(),
+            tail(&stack.serve_log(), 20)
+        )
+    });
+    let dirs: Vec<_> = std::fs::read_dir(stack.root().join("snapshotter/snapshots"))
+        .unwrap()
+        .collect();
+    assert!(dirs.is_empty(), "snapshot directories left: {dirs:?}");
+    assert_eq!(files_below(&cache.join("data")), 0, "cached data released");
+    assert!(stack.serve_log().contains("cache released"));
+}
+
+fn files_below(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                files_below(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
