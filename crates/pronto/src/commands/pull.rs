@@ -39,7 +39,7 @@ pub fn run(
     }))?;
     let count = |outcome| report.layers.iter().filter(|(_, o)| *o == outcome).count();
     println!(
-        "pulled {} ({}) into namespace {} in {:.2}s: {} layers lazy, {} unpacked, {} already present; {} fetched",
+        "pulled {} ({}) into namespace {} in {:.2}s: {} layers lazy, {} unpacked by containerd, {} already present; {} fetched for unpacking",
         report.name,
         report.target,
         options.namespace,
