@@ -81,12 +81,13 @@ async fn main() -> Result<()> {
         let plan = ParallelFetch {
             chunk_size: args.chunk_mib << 20,
             concurrency,
+            limits: Vec::new(),
         };
         let mut runs = Vec::new();
         for _ in 0..args.repeat {
             let started = Instant::now();
             client
-                .blob_to_file_parallel(&repo, &layer.digest, layer.size, &out, plan)
+                .blob_to_file_parallel(&repo, &layer.digest, layer.size, &out, plan.clone())
                 .await
                 .context("parallel fetch")?;
             runs.push(started.elapsed());

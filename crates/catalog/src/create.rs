@@ -10,7 +10,7 @@ use pronto_registry::{ParallelFetch, RegistryClient, ResolvedImage};
 use crate::artifact::{LayerIndexRef, Subject};
 use crate::error::CatalogError;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CreateOptions {
     /// Uncompressed bytes per span.
     pub span_size: u64,
@@ -139,7 +139,7 @@ pub async fn create_indexes(
                 &layer,
                 size,
                 &blob_path,
-                options.download,
+                options.download.clone(),
             )
             .await?;
         on_event(Event::Indexing {

@@ -49,6 +49,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Fetching of layer data.
     pub fetch: FetchConfig,
+    /// Layers that cannot be lazy, fetched and unpacked by Pronto.
+    pub pull: PullConfig,
 }
 
 impl Default for Config {
@@ -59,6 +61,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             cache: CacheConfig::default(),
             fetch: FetchConfig::default(),
+            pull: PullConfig::default(),
         }
     }
 }
@@ -114,6 +117,64 @@ impl FetchConfig {
         crate::cli::parse_size(&self.background_rate)
             .ok()
             .filter(|r| *r > 0)
+    }
+}
+
+/// The `[pull]` table: how layers that cannot be served lazily (no index,
+/// or too small to have one) are fetched. Key names follow SOCI's parallel
+/// pull mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PullConfig {
+    /// Pronto fetches such layers itself, with parallel range requests,
+    /// unpacking several at once; `false` leaves them to containerd.
+    pub parallel: bool,
+    /// Range requests in flight on the node.
+    pub max_concurrent_downloads: usize,
+    /// Range requests in flight for one image.
+    pub max_concurrent_downloads_per_image: usize,
+    /// Bytes per range request, e.g. `"16MiB"`.
+    pub concurrent_download_chunk_size: String,
+    /// Layers being unpacked at once on the node.
+    pub max_concurrent_unpacks: usize,
+    /// Layers of one image being unpacked at once.
+    pub max_concurrent_unpacks_per_image: usize,
+    /// Delete a layer's compressed blob once it is unpacked.
+    pub discard_unpacked_layers: bool,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        let d = pronto_snapshotter::PullSettings::default();
+        Self {
+            parallel: true,
+            max_concurrent_downloads: d.max_concurrent_downloads,
+            max_concurrent_downloads_per_image: d.max_concurrent_downloads_per_image,
+            concurrent_download_chunk_size: format!(
+                "{}MiB",
+                d.concurrent_download_chunk_size >> 20
+            ),
+            max_concurrent_unpacks: d.max_concurrent_unpacks,
+            max_concurrent_unpacks_per_image: d.max_concurrent_unpacks_per_image,
+            discard_unpacked_layers: d.discard_unpacked_layers,
+        }
+    }
+}
+
+impl PullConfig {
+    /// The settings the snapshotter runs with (validated at load).
+    pub fn settings(&self) -> pronto_snapshotter::PullSettings {
+        pronto_snapshotter::PullSettings {
+            max_concurrent_downloads: self.max_concurrent_downloads,
+            max_concurrent_downloads_per_image: self.max_concurrent_downloads_per_image,
+            concurrent_download_chunk_size: crate::cli::parse_size(
+                &self.concurrent_download_chunk_size,
+            )
+            .unwrap_or(16 << 20),
+            max_concurrent_unpacks: self.max_concurrent_unpacks,
+            max_concurrent_unpacks_per_image: self.max_concurrent_unpacks_per_image,
+            discard_unpacked_layers: self.discard_unpacked_layers,
+        }
     }
 }
 
@@ -227,6 +288,38 @@ impl Config {
         if let Err(problem) = crate::cli::parse_size(&self.cache.budget) {
             return Err(invalid("cache.budget", problem));
         }
+        match crate::cli::parse_size(&self.pull.concurrent_download_chunk_size) {
+            Err(problem) => return Err(invalid("pull.concurrent_download_chunk_size", problem)),
+            Ok(size) if size < 1 << 20 => {
+                return Err(invalid(
+                    "pull.concurrent_download_chunk_size",
+                    "must be at least 1MiB".to_owned(),
+                ));
+            }
+            Ok(_) => {}
+        }
+        for (key, value) in [
+            (
+                "pull.max_concurrent_downloads",
+                self.pull.max_concurrent_downloads,
+            ),
+            (
+                "pull.max_concurrent_downloads_per_image",
+                self.pull.max_concurrent_downloads_per_image,
+            ),
+            (
+                "pull.max_concurrent_unpacks",
+                self.pull.max_concurrent_unpacks,
+            ),
+            (
+                "pull.max_concurrent_unpacks_per_image",
+                self.pull.max_concurrent_unpacks_per_image,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".to_owned()));
+            }
+        }
         if self.registry.max_concurrent_per_registry == 0 {
             return Err(invalid(
                 "registry.max_concurrent_per_registry",
@@ -249,6 +342,29 @@ mod tests {
     fn empty_file_gives_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
         assert_eq!(Config::default().root, PathBuf::from("/var/lib/pronto"));
+    }
+
+    #[test]
+    fn pull_settings_are_validated_by_key() {
+        let err = parse("[pull]\nmax_concurrent_unpacks = 0\n").unwrap_err();
+        assert!(
+            err.to_string().contains("pull.max_concurrent_unpacks"),
+            "{err}"
+        );
+        let err = parse("[pull]\nconcurrent_download_chunk_size = \"4KiB\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("pull.concurrent_download_chunk_size"),
+            "{err}"
+        );
+        let config =
+            parse("[pull]\nconcurrent_download_chunk_size = \"32MiB\"\nparallel = false\n")
+                .unwrap();
+        assert_eq!(
+            config.pull.settings().concurrent_download_chunk_size,
+            32 << 20
+        );
+        assert!(!config.pull.parallel);
     }
 
     #[test]

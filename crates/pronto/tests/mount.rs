@@ -7,13 +7,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use pronto_testbed::image::{BuiltImage, LongNames};
+use pronto_testbed::image::BuiltImage;
 use pronto_testbed::net::wait_until;
 use pronto_testbed::process::{Daemon, mounts_below};
-use pronto_testbed::tree::{PathInfo, SnapshotOptions, diff, snapshot};
+use pronto_testbed::tree::{PathInfo, SnapshotOptions, diff, snapshot, without_dir_link_counts};
 use pronto_testbed::{
-    Compression, Containerd, ContainerdOptions, Content, Entry, Fault, FaultProxy, ImageBuilder,
-    Layer, OciLayout, Prereq, Registry, Relay, require,
+    Compression, Containerd, ContainerdOptions, Content, Fault, FaultProxy, ImageBuilder, Layer,
+    OciLayout, Prereq, Registry, Relay, require,
 };
 
 const NEEDS: &[Prereq] = &[Prereq::Root, Prereq::Fuse, Prereq::Registry, Prereq::Skopeo];
@@ -113,47 +113,6 @@ impl Drop for Mounted {
     }
 }
 
-fn edge_image(layout: &OciLayout) -> BuiltImage {
-    let long_dir = format!("opt/{}", "d".repeat(120));
-    let base = Layer::new()
-        .compression(Compression::Gzip(6))
-        .dir("etc")
-        .file("etc/hosts", "127.0.0.1 localhost\n")
-        .dir("data")
-        .file("data/gone", "whited out\n")
-        .dir("data/opaque")
-        .file("data/opaque/old", "hidden by opaque\n")
-        .dir("opt")
-        .dir(&long_dir)
-        .file(&format!("{long_dir}/{}", "f".repeat(200)), "long name\n")
-        .entry(
-            Entry::file("data/big", Content::random(1, 3 << 20))
-                .mode(0o600)
-                .owner(1000, 1000),
-        )
-        .many_small_files("data/small", 300, 5);
-    let upper = Layer::new()
-        .compression(Compression::Gzip(6))
-        .long_names(LongNames::Gnu)
-        .dir("data")
-        .whiteout("data/gone")
-        .dir("data/opaque")
-        .opaque("data/opaque")
-        .file("data/opaque/new", "new\n")
-        .entry(Entry::file("data/model", Content::random(2, 2 << 20)).xattr("user.pronto", "yes"))
-        .entry(Entry::hardlink("data/model-link", "data/model"))
-        .symlink("data/sym", "opaque/new")
-        .file("data/empty", "")
-        .entry(Entry::char_device("data/tty", 5, 0))
-        .entry(Entry::file("data/setuid", "x").mode(0o4755))
-        .file("data/deep/a/b/c/d/e/f/g/leaf", "deep\n");
-    ImageBuilder::new()
-        .layer(base)
-        .layer(upper)
-        .build(layout)
-        .unwrap()
-}
-
 struct Pushed {
     _work: tempfile::TempDir,
     layout: OciLayout,
@@ -165,7 +124,7 @@ struct Pushed {
 fn push_edge_image() -> Pushed {
     let work = tempfile::tempdir().unwrap();
     let layout = OciLayout::create(&work.path().join("layout")).unwrap();
-    let image = edge_image(&layout);
+    let image = pronto_testbed::image::edge_image(&layout);
     layout.tag("v1", &image).unwrap();
     let registry = Registry::start().unwrap();
     let reference = registry.push(&layout, "v1", "mount/edge:v1").unwrap();
@@ -176,17 +135,6 @@ fn push_edge_image() -> Pushed {
         registry,
         reference,
     }
-}
-
-/// Without the root directory entry, and with directory link counts left
-/// out (overlayfs reports 1 for merged directories).
-fn comparable(mut tree: BTreeMap<String, PathInfo>) -> BTreeMap<String, PathInfo> {
-    for info in tree.values_mut() {
-        if info.kind == "dir" {
-            info.nlink = 0;
-        }
-    }
-    tree
 }
 
 #[test]
@@ -223,11 +171,13 @@ fn merged_mount_matches_containerds_unpack() {
             reference_dir.to_str().unwrap(),
         ])
         .unwrap();
-    let expected = comparable(snapshot(&reference_dir, SnapshotOptions::default()).unwrap());
+    let expected =
+        without_dir_link_counts(snapshot(&reference_dir, SnapshotOptions::default()).unwrap());
     let _ = containerd.ctr_ok(&["images", "unmount", reference_dir.to_str().unwrap()]);
 
     let mounted = node.mount(&pushed.reference, &[]);
-    let actual = comparable(snapshot(&mounted.dir, SnapshotOptions::default()).unwrap());
+    let actual =
+        without_dir_link_counts(snapshot(&mounted.dir, SnapshotOptions::default()).unwrap());
     let differences = diff(&expected, &actual);
     assert!(differences.is_empty(), "{}", differences.join("\n"));
     assert!(actual.contains_key("data/opaque/new") && !actual.contains_key("data/gone"));

@@ -10,6 +10,7 @@ use pronto_testbed::cri::Cri;
 use pronto_testbed::image::BuiltImage;
 use pronto_testbed::net::wait_until;
 use pronto_testbed::process::{Daemon, mounts_below, unmount_below};
+use pronto_testbed::tree::{SnapshotOptions, diff, snapshot, without_dir_link_counts};
 use pronto_testbed::{
     Compression, Containerd, ContainerdOptions, Content, CriOptions, ImageBuilder, Layer,
     OciLayout, Prereq, Registry, Relay, require,
@@ -269,11 +270,17 @@ fn cri_pull_mounts_indexed_layers_lazily_and_the_container_runs() {
     );
     let log = stack.serve_log();
     assert!(log.contains("layer mounted lazily"), "{}", tail(&log, 30));
-    // The small busybox layer has no index of its own: Pronto fetches it
-    // whole itself, so containerd never starts fetching the layers above.
-    assert!(log.contains("fetched whole"), "{}", tail(&log, 30));
-    assert!(!log.contains("fallback"), "{}", tail(&log, 30));
-    assert_eq!(stack.lazy_mounts().len(), 2, "{:?}", stack.lazy_mounts());
+    // The small busybox layer has no index of its own: Pronto fetches and
+    // unpacks it itself (logged), so containerd never starts fetching the
+    // layers above it.
+    assert!(log.contains("layer-not-indexed"), "{}", tail(&log, 30));
+    assert!(
+        log.contains("layer fetched in parallel and unpacked"),
+        "{}",
+        tail(&log, 30)
+    );
+    assert!(!log.contains(CONTAINERD_PULLS), "{}", tail(&log, 30));
+    assert_eq!(stack.lazy_mounts().len(), 1, "{:?}", stack.lazy_mounts());
     // The data reads back exactly, fetched on demand.
     let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
     assert!(
@@ -283,8 +290,11 @@ fn cri_pull_mounts_indexed_layers_lazily_and_the_container_runs() {
     );
 }
 
+/// What the daemon logs when it leaves a layer to containerd.
+const CONTAINERD_PULLS: &str = "containerd fetches and unpacks this layer";
+
 #[test]
-fn an_image_without_an_index_runs_through_the_logged_fallback() {
+fn an_image_without_an_index_is_pulled_in_parallel_and_runs() {
     require!(NEEDS);
     let stack = Stack::start();
     let (reference, image) = stack.push_model_image("plain/model", false);
@@ -302,17 +312,21 @@ fn an_image_without_an_index_runs_through_the_logged_fallback() {
         stdout(&out)
     );
     let log = stack.serve_log();
-    let fallbacks = log
+    let not_lazy = log
         .lines()
-        .filter(|l| l.contains("fallback") && l.contains("no-index"))
+        .filter(|l| l.contains("not lazy") && l.contains("no-index"))
         .count();
     assert_eq!(
-        fallbacks,
+        not_lazy,
         2,
         "each layer's fallback is logged:\n{}",
         tail(&log, 30)
     );
-    assert!(log.contains(&image.manifest_digest) || log.contains("plain/model"));
+    let pulled = log
+        .matches("layer fetched in parallel and unpacked")
+        .count();
+    assert_eq!(pulled, 2, "{}", tail(&log, 30));
+    assert!(log.contains("plain/model"));
     assert!(stack.lazy_mounts().is_empty());
 }
 
@@ -327,7 +341,10 @@ fn a_restarted_daemon_serves_existing_snapshots_again() {
         stack.containerd().socket().to_str().unwrap(),
         &reference,
     ]);
-    assert!(pulled.contains("2 layers lazy"), "{pulled}");
+    assert!(
+        pulled.contains("2 layers lazy"),
+        "the snapshotter made both layers: {pulled}"
+    );
     // A container that keeps running across the restart.
     let running = format!("long{}", rand_suffix());
     let out = stack
@@ -357,7 +374,7 @@ fn a_restarted_daemon_serves_existing_snapshots_again() {
         "{}",
         stack.serve_log()
     );
-    assert_eq!(stack.lazy_mounts().len(), 2);
+    assert_eq!(stack.lazy_mounts().len(), 1);
     let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
     assert!(
         stdout(&out).starts_with(&model_sha256()),
@@ -381,7 +398,7 @@ fn removing_the_image_unmounts_and_releases_everything() {
     cri.pull_image(&reference).unwrap();
     let out = stack.run(&reference, &["head", "-c", "1000000", "/model/weights.bin"]);
     assert_eq!(out.stdout.len(), 1_000_000);
-    assert_eq!(stack.lazy_mounts().len(), 2);
+    assert_eq!(stack.lazy_mounts().len(), 1);
     assert_eq!(stack.snapshots().len(), 2, "{:?}", stack.snapshots());
     let cache = stack.root().join("cache");
     assert!(files_below(&cache) > 0, "reading filled the cache");
@@ -420,4 +437,89 @@ fn files_below(dir: &Path) -> usize {
             }
         })
         .sum()
+}
+
+#[test]
+fn a_parallel_pull_unpacks_exactly_what_containerd_unpacks() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    let image = pronto_testbed::image::edge_image(&stack.layout);
+    stack.layout.tag("edge", &image).unwrap();
+    stack
+        .registry
+        .push(&stack.layout, "edge", "edge/layers:v1")
+        .unwrap();
+    let reference = format!("{}/edge/layers:v1", stack.relay.host());
+    let containerd = stack.containerd();
+
+    // containerd's own pull and unpack, in its overlayfs snapshotter.
+    containerd.pull(&reference, "overlayfs").unwrap();
+    let expected_dir = stack.work.path().join("containerd-view");
+    std::fs::create_dir_all(&expected_dir).unwrap();
+    containerd
+        .ctr_ok(&[
+            "images",
+            "mount",
+            &reference,
+            expected_dir.to_str().unwrap(),
+        ])
+        .unwrap();
+    let expected =
+        without_dir_link_counts(snapshot(&expected_dir, SnapshotOptions::default()).unwrap());
+    containerd
+        .ctr_ok(&["images", "unmount", expected_dir.to_str().unwrap()])
+        .unwrap();
+
+    // Kubernetes' pull into Pronto: no index, so Pronto fetches and unpacks.
+    let cri = Cri::connect(&containerd.socket()).unwrap();
+    cri.pull_image(&reference).unwrap();
+    let log = stack.serve_log();
+    assert_eq!(
+        log.matches("layer fetched in parallel and unpacked")
+            .count(),
+        2,
+        "{}",
+        tail(&log, 30)
+    );
+    // A read-only view of the top layer, mounted as containerd would.
+    let top = stack
+        .snapshots()
+        .iter()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() == 3).then(|| fields[0].to_owned())
+        })
+        .next()
+        .expect("a committed snapshot with a parent");
+    let actual_dir = stack.work.path().join("pronto-view");
+    std::fs::create_dir_all(&actual_dir).unwrap();
+    let ctr = |args: &[&str]| {
+        let out = containerd
+            .ctr_in("k8s.io")
+            .args(["snapshots", "--snapshotter", "pronto"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ctr(&["view", "pronto-check", &top]);
+    let mount = ctr(&["mounts", actual_dir.to_str().unwrap(), "pronto-check"]);
+    let status = Command::new("sh")
+        .args(["-c", mount.trim()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "{mount}");
+    let actual =
+        without_dir_link_counts(snapshot(&actual_dir, SnapshotOptions::default()).unwrap());
+    nix::mount::umount2(&actual_dir, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    ctr(&["rm", "pronto-check"]);
+    let differences = diff(&expected, &actual);
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+    assert!(actual.contains_key("data/opaque/new") && !actual.contains_key("data/gone"));
+    assert!(!actual.contains_key("data/opaque/old"));
 }

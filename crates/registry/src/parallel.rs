@@ -5,20 +5,26 @@
 use std::io::Write;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use futures_util::{StreamExt, TryStreamExt, stream};
+use tokio::sync::Semaphore;
 
 use crate::digest::{StreamDigest, check_algorithm};
 use crate::error::{RegistryError, Target};
 use crate::{RegistryClient, Repository, Result};
 
 /// How a parallel download is cut up.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ParallelFetch {
     /// Bytes per range request.
     pub chunk_size: u64,
     /// Range requests in flight at once (the client's per-registry limit
     /// still applies).
     pub concurrency: usize,
+    /// Shared limits: each range request holds a permit of every one (e.g.
+    /// a node-wide and a per-image cap on downloads).
+    pub limits: Vec<Arc<Semaphore>>,
 }
 
 impl Default for ParallelFetch {
@@ -26,6 +32,7 @@ impl Default for ParallelFetch {
         Self {
             chunk_size: 16 << 20,
             concurrency: 8,
+            limits: Vec::new(),
         }
     }
 }
@@ -75,7 +82,21 @@ impl RegistryClient {
         let chunk = plan.chunk_size.max(1);
         let ranges = (0..size.div_ceil(chunk)).map(|i| i * chunk..((i + 1) * chunk).min(size));
         let mut chunks = stream::iter(ranges)
-            .map(|range| self.blob_range(repo, digest, range, size))
+            .map(|range| {
+                let limits = &plan.limits;
+                async move {
+                    let mut permits = Vec::with_capacity(limits.len());
+                    for limit in limits {
+                        permits.push(
+                            limit
+                                .acquire()
+                                .await
+                                .expect("download limits are never closed"),
+                        );
+                    }
+                    self.blob_range(repo, digest, range, size).await
+                }
+            })
             .buffered(plan.concurrency.max(1));
         let mut hasher = StreamDigest::default();
         while let Some(bytes) = chunks.try_next().await? {

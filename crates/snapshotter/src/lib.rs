@@ -11,6 +11,8 @@ pub mod local;
 pub mod pull;
 pub mod remote;
 mod service;
+pub mod unpack;
+pub mod whole;
 
 #[allow(clippy::all, missing_docs)]
 mod generated {
@@ -26,6 +28,7 @@ use std::path::Path;
 pub use local::LocalSnapshots;
 pub use remote::{Fallback, Remote, RemoteOptions};
 pub use service::Snapshotter;
+pub use whole::{PullSettings, WholeLayers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {

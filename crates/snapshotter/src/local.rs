@@ -103,6 +103,9 @@ fn encode(record: &Record) -> Result<Vec<u8>, SnapshotError> {
 pub struct LocalSnapshots {
     root: PathBuf,
     db: Database,
+    /// Ids reserved for snapshots being made (a lazy mount, an unpack) and
+    /// not yet recorded: `Cleanup` leaves their directories alone.
+    pending: std::sync::Mutex<HashSet<u64>>,
 }
 
 impl std::fmt::Debug for LocalSnapshots {
@@ -133,6 +136,7 @@ impl LocalSnapshots {
         Ok(Self {
             root: root.to_owned(),
             db,
+            pending: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
@@ -236,15 +240,27 @@ impl LocalSnapshots {
     }
 
     /// Reserves an id and its directory for a snapshot made outside the
-    /// normal path (a remote layer). `Cleanup` removes it if it is never
-    /// recorded.
+    /// normal path (a lazy layer, a layer unpacked by Pronto). Until it is
+    /// recorded or given up (`abandon`), `Cleanup` leaves it alone; after
+    /// a crash, `Cleanup` removes it.
     pub fn reserve(&self) -> Result<(u64, PathBuf), SnapshotError> {
         let txn = self.db.begin_write().map_err(db_error)?;
         let id = Self::next_id(&txn)?;
         txn.commit().map_err(db_error)?;
+        self.lock_pending().insert(id);
         let fs = self.fs_path(id);
         std::fs::create_dir_all(&fs).map_err(|e| io_error("cannot create", &fs, e))?;
         Ok((id, fs))
+    }
+
+    /// Gives up a reserved id and removes its directory.
+    pub fn abandon(&self, id: u64) {
+        self.remove_dir(id);
+        self.lock_pending().remove(&id);
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Prepare (active) or View: a new snapshot `key` over `parent`.
@@ -341,15 +357,16 @@ impl LocalSnapshots {
     }
 
     /// Records a committed snapshot whose files are already at
-    /// `fs_path(id)` (a remote layer).
+    /// `fs_path(id)` of a reserved id (a lazy layer, or one unpacked by
+    /// Pronto), with its usage.
     pub fn insert_committed(
         &self,
         name: &str,
         id: u64,
         parent: &str,
         labels: BTreeMap<String, String>,
-        remote: RemoteLayer,
-        inodes: i64,
+        remote: Option<RemoteLayer>,
+        (size, inodes): (i64, i64),
     ) -> Result<(), SnapshotError> {
         let txn = self.db.begin_write().map_err(db_error)?;
         {
@@ -375,9 +392,9 @@ impl LocalSnapshots {
                 labels,
                 created: t,
                 updated: t,
-                size: 0,
+                size,
                 inodes,
-                remote: Some(remote),
+                remote,
             };
             table
                 .insert(name, encode(&record)?.as_slice())
@@ -387,7 +404,9 @@ impl LocalSnapshots {
                 children.insert((parent, name), ()).map_err(db_error)?;
             }
         }
-        txn.commit().map_err(db_error)
+        txn.commit().map_err(db_error)?;
+        self.lock_pending().remove(&id);
+        Ok(())
     }
 
     /// The mounts of an active or view snapshot.
@@ -611,13 +630,15 @@ impl LocalSnapshots {
         Ok((info.record.size, info.record.inodes))
     }
 
-    /// Directories under `snapshots/` that no snapshot owns.
+    /// Directories under `snapshots/` that no snapshot owns (and no
+    /// reservation in progress).
     pub fn orphan_dirs(&self) -> Result<Vec<PathBuf>, SnapshotError> {
-        let ids: HashSet<String> = self
+        let mut ids: HashSet<String> = self
             .all()?
             .into_iter()
             .map(|i| i.record.id.to_string())
             .collect();
+        ids.extend(self.lock_pending().iter().map(u64::to_string));
         let dir = self.root.join("snapshots");
         let entries = std::fs::read_dir(&dir).map_err(|e| io_error("cannot read", &dir, e))?;
         Ok(entries

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 use pronto_catalog::{IndexSet, LocalIndexStore, find_indexes};
 use pronto_fs::{
     IndexedLayer, LayerSource, MountOptions, NodeContext, Tree, TreeMode, mounts, open_lazy_layer,
-    open_whole_layer,
 };
-use pronto_registry::{ManifestKind, RegistryClient, Repository, parse_reference};
+use pronto_registry::{RegistryClient, Repository, parse_reference};
 use pronto_store::ContentCache;
 
 use crate::local::{LocalSnapshots, RemoteLayer};
@@ -42,15 +41,18 @@ pub enum Fallback {
     IndexUnavailable,
     /// The lazy mount could not be set up.
     MountFailed,
+    /// Pronto's own whole-layer pull failed (containerd takes over).
+    ParallelPullFailed,
 }
 
 impl Fallback {
-    pub const ALL: [Fallback; 5] = [
+    pub const ALL: [Fallback; 6] = [
         Fallback::NoImageLabels,
         Fallback::NoIndex,
         Fallback::LayerNotIndexed,
         Fallback::IndexUnavailable,
         Fallback::MountFailed,
+        Fallback::ParallelPullFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +62,7 @@ impl Fallback {
             Fallback::LayerNotIndexed => "layer-not-indexed",
             Fallback::IndexUnavailable => "index-unavailable",
             Fallback::MountFailed => "mount-failed",
+            Fallback::ParallelPullFailed => "parallel-pull-failed",
         }
     }
 }
@@ -67,8 +70,6 @@ impl Fallback {
 struct OpenLayer {
     layer: Arc<IndexedLayer>,
     shutdown: tokio::sync::watch::Sender<bool>,
-    /// Node files the layer is read from (a layer fetched whole).
-    files: Vec<PathBuf>,
 }
 
 /// A live lazy mount.
@@ -76,7 +77,6 @@ struct Mounted {
     layer: Arc<IndexedLayer>,
     dir: PathBuf,
     shutdown: tokio::sync::watch::Sender<bool>,
-    files: Vec<PathBuf>,
     _session: fuser::BackgroundSession,
 }
 
@@ -161,6 +161,7 @@ impl Remote {
         target: &str,
         labels: &BTreeMap<String, String>,
         detail: &str,
+        action: &str,
     ) {
         let count = {
             let mut counts = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
@@ -177,7 +178,7 @@ impl Remote {
                 .unwrap_or("-"),
             layer = labels.get(LABEL_LAYER).map(String::as_str).unwrap_or("-"),
             chain = target,
-            "fallback: containerd fetches and unpacks this layer: {detail}"
+            "not lazy: {action}: {detail}"
         );
     }
 
@@ -216,12 +217,12 @@ impl Remote {
             .map_err(|e| (Fallback::MountFailed, e.to_string()))?;
         let inodes = indexed.layer.index().meta().entries.len() as i64;
         if let Err(e) = self.mount_at(id, &dir, &remote, indexed) {
-            local.remove_dir(id);
+            local.abandon(id);
             return Err((Fallback::MountFailed, e));
         }
         let mut stored = labels.clone();
         stored.insert(LABEL_TARGET.into(), target.into());
-        match local.insert_committed(target, id, parent, stored, remote, inodes) {
+        match local.insert_committed(target, id, parent, stored, Some(remote), (0, inodes)) {
             Ok(()) => {
                 tracing::info!(
                     image = image.image_ref,
@@ -235,7 +236,7 @@ impl Remote {
             Err(e) => {
                 // Another Prepare committed the same layer meanwhile.
                 self.release(id, false);
-                local.remove_dir(id);
+                local.abandon(id);
                 match local.get(target) {
                     Ok(Some(_)) => Ok(()),
                     _ => Err((Fallback::MountFailed, e.to_string())),
@@ -273,52 +274,13 @@ impl Remote {
             shutdown,
         };
         let Some(layer_ref) = set.layer(&remote.layer_digest) else {
-            // A layer of an indexed image too small to have an index: fetch
-            // it whole here, so that containerd does not start fetching
-            // every layer above it.
-            let not_indexed = |e: String| {
-                (
-                    Fallback::LayerNotIndexed,
-                    format!(
-                        "index {} does not cover layer {} and fetching it whole failed: {e}",
-                        set.manifest_digest, remote.layer_digest
-                    ),
-                )
-            };
-            let manifest = self
-                .client
-                .manifest(&repository, &remote.manifest_digest)
-                .await
-                .map_err(|e| not_indexed(e.to_string()))?;
-            let ManifestKind::Image(image) = &manifest.kind else {
-                return Err(not_indexed("the manifest is an index".into()));
-            };
-            let Some(descriptor) = image
-                .layers()
-                .iter()
-                .find(|l| l.digest().to_string() == remote.layer_digest)
-            else {
-                return Err(not_indexed("the manifest has no such layer".into()));
-            };
-            let (layer, files) = open_whole_layer(
-                &node,
-                &repository,
-                &remote.layer_digest,
-                descriptor.size(),
-                descriptor.media_type().as_ref(),
-            )
-            .await
-            .map_err(|e| not_indexed(e.to_string()))?;
-            tracing::info!(
-                layer = remote.layer_digest,
-                bytes = descriptor.size(),
-                "layer has no index (too small): fetched whole"
-            );
-            return Ok(OpenLayer {
-                layer: Arc::new(layer),
-                shutdown: shutdown_tx,
-                files: files.to_vec(),
-            });
+            return Err((
+                Fallback::LayerNotIndexed,
+                format!(
+                    "index {} does not cover layer {} (layers under the minimum size are not indexed)",
+                    set.manifest_digest, remote.layer_digest
+                ),
+            ));
         };
         let layer = open_lazy_layer(&node, &repository, &set, layer_ref)
             .await
@@ -326,13 +288,25 @@ impl Remote {
         Ok(OpenLayer {
             layer: Arc::new(layer),
             shutdown: shutdown_tx,
-            files: Vec::new(),
         })
+    }
+
+    /// The index set of the image a layer snapshot's labels name, if any.
+    pub(crate) async fn index_set_for(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<IndexSet> {
+        let reference = parse_reference(labels.get(LABEL_IMAGE_REF)?).ok()?;
+        let manifest = labels.get(LABEL_MANIFEST)?;
+        self.index_set(&Repository::of(&reference), manifest)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The index set of an image manifest: remembered once found, and its
     /// absence for a short while.
-    async fn index_set(
+    pub(crate) async fn index_set(
         &self,
         repository: &Repository,
         manifest: &str,
@@ -359,11 +333,7 @@ impl Remote {
         remote: &RemoteLayer,
         opened: OpenLayer,
     ) -> Result<(), String> {
-        let OpenLayer {
-            layer,
-            shutdown,
-            files,
-        } = opened;
+        let OpenLayer { layer, shutdown } = opened;
         let tree = Tree::build(&[layer.entries()], TreeMode::OverlayLower);
         let source: Arc<dyn LayerSource> = layer.clone();
         let options = MountOptions {
@@ -388,7 +358,6 @@ impl Remote {
                 layer,
                 dir: dir.to_owned(),
                 shutdown,
-                files,
                 _session: session,
             },
         );
@@ -462,9 +431,6 @@ impl Remote {
             .values()
             .any(|m| m.layer.digest() == digest);
         if drop_cache && !shared {
-            for file in &mounted.files {
-                let _ = std::fs::remove_file(file);
-            }
             match self.cache.remove(&mounted.layer.all_cache_keys()) {
                 Ok(freed) => {
                     tracing::info!(layer = digest, freed, "layer unmounted, cache released")

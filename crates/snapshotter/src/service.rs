@@ -12,13 +12,18 @@ use crate::filter::Filters;
 use crate::generated::Empty;
 use crate::generated::snapshots_server::Snapshots;
 use crate::local::{Info, Kind, LocalSnapshots, Mount};
-use crate::remote::{LABEL_TARGET, Remote};
+use crate::remote::{Fallback, LABEL_TARGET, Remote};
+use crate::whole::{WholeError, WholeLayers};
+
+const CONTAINERD_PULLS: &str = "containerd fetches and unpacks this layer";
 
 /// The snapshotter containerd talks to.
 #[derive(Debug, Clone)]
 pub struct Snapshotter {
     pub local: Arc<LocalSnapshots>,
     pub remote: Option<Arc<Remote>>,
+    /// Pronto's own parallel pull of layers that cannot be lazy.
+    pub whole: Option<Arc<WholeLayers>>,
 }
 
 impl From<SnapshotError> for Status {
@@ -146,13 +151,43 @@ impl Snapshotter {
         }
         // Mounting may fetch index prefixes: parents must be there first.
         self.ensure_lowers(parent).await?;
-        match remote
+        let (reason, detail) = match remote
             .mount_layer(&self.local, target, parent, labels)
             .await
         {
+            Ok(()) => return Ok(true),
+            Err(fallback) => fallback,
+        };
+        let Some(whole) = self
+            .whole
+            .as_ref()
+            .filter(|_| reason != Fallback::NoImageLabels)
+        else {
+            remote.fall_back(reason, target, labels, &detail, CONTAINERD_PULLS);
+            return Ok(false);
+        };
+        remote.fall_back(
+            reason,
+            target,
+            labels,
+            &detail,
+            "Pronto fetches it whole, in parallel",
+        );
+        let lazy = remote.index_set_for(labels).await;
+        match whole
+            .prepare(&self.local, target, parent, labels, lazy.as_ref())
+            .await
+        {
             Ok(()) => Ok(true),
-            Err((reason, detail)) => {
-                remote.fall_back(reason, target, labels, &detail);
+            Err(WholeError::Rejected(message)) => Err(Status::invalid_argument(message)),
+            Err(WholeError::Failed(message)) => {
+                remote.fall_back(
+                    Fallback::ParallelPullFailed,
+                    target,
+                    labels,
+                    &message,
+                    CONTAINERD_PULLS,
+                );
                 Ok(false)
             }
         }

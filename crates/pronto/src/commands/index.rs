@@ -110,8 +110,10 @@ async fn create(
     let scratch = config.root.join("tmp");
     for (platform, image) in resolve_all(client, reference, platforms).await? {
         let mut progress = Progress::new();
-        let created =
-            create_indexes(client, &image, options, &scratch, |e| progress.event(e)).await?;
+        let created = create_indexes(client, &image, options.clone(), &scratch, |e| {
+            progress.event(e)
+        })
+        .await?;
         progress.finish();
         let indexed = created.layers.len();
         let total = image.image.layers().len();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use pronto_catalog::LocalIndexStore;
-use pronto_snapshotter::{LocalSnapshots, Remote, RemoteOptions, Snapshotter};
+use pronto_snapshotter::{LocalSnapshots, Remote, RemoteOptions, Snapshotter, WholeLayers};
 
 use crate::commands::image::registry_client;
 use crate::commands::mount::open_cache;
@@ -17,6 +17,7 @@ pub fn run(config: &Config) -> Result<()> {
         .build()
         .context("start the async runtime")?;
     let client = registry_client(config)?;
+    let whole_client = client.clone();
     let store = LocalIndexStore::open(&config.root)?;
     let cache = Arc::new(open_cache(config)?);
     let snapshots_root = config.root.join("snapshotter");
@@ -36,9 +37,17 @@ pub fn run(config: &Config) -> Result<()> {
             threads_per_layer: 4,
         },
     ));
+    let whole = config.pull.parallel.then(|| {
+        Arc::new(WholeLayers::new(
+            whole_client,
+            config.root.join("layers"),
+            config.pull.settings(),
+        ))
+    });
     let snapshotter = Snapshotter {
         local: local.clone(),
         remote: Some(remote.clone()),
+        whole,
     };
     runtime.block_on(async {
         // Lazy layers of existing snapshots come back before containerd is

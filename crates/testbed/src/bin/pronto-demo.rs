@@ -162,17 +162,25 @@ fn lazy_start(
     println!("\nindexing the image once (pronto index create --push)...");
     run(&["index", "create", reference, "--push"])?;
     let log = work.join("serve.log");
-    let mut serve = pronto_testbed::process::Daemon::spawn(
-        "pronto serve",
-        pronto_cmd(&["serve"]),
-        &log,
-    )?;
+    let mut serve =
+        pronto_testbed::process::Daemon::spawn("pronto serve", pronto_cmd(&["serve"]), &log)?;
     pronto_testbed::net::wait_until("pronto serve", Duration::from_secs(60), || {
-        ensure!(serve.is_running(), "pronto serve exited:\n{}", serve.log_tail(20));
-        Ok(serve.log_tail(20).contains("serving containerd's snapshots API"))
+        ensure!(
+            serve.is_running(),
+            "pronto serve exited:\n{}",
+            serve.log_tail(20)
+        );
+        Ok(serve
+            .log_tail(20)
+            .contains("serving containerd's snapshots API"))
     })?;
-    println!("pronto serve on {} (containerd proxy snapshotter \"pronto\")", socket.display());
-    println!("cold start through containerd with Pronto (pronto pull, then ctr run --snapshotter pronto):");
+    println!(
+        "pronto serve on {} (containerd proxy snapshotter \"pronto\")",
+        socket.display()
+    );
+    println!(
+        "cold start through containerd with Pronto (pronto pull, then ctr run --snapshotter pronto):"
+    );
     drop_page_cache();
     relay.reset();
     let started = Instant::now();

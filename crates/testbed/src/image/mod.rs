@@ -5,10 +5,12 @@
 
 mod content;
 mod digest;
+mod fixtures;
 mod layer;
 mod layout;
 
 pub use content::Content;
 pub use digest::Digested;
+pub use fixtures::edge_image;
 pub use layer::{Compression, Entry, EntryKind, Layer, LongNames};
 pub use layout::{BuiltImage, BuiltLayer, ImageBuilder, OciLayout, Platform};

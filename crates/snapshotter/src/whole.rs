@@ -1,0 +1,375 @@
+//! Layers that must come whole (no index, or too small to have one) are
+//! fetched and unpacked by Pronto itself: parallel range requests, several
+//! layers at once, verified, then committed as a snapshot, and containerd
+//! is told the layer exists. containerd would fetch them a few at a time
+//! over single connections and unpack them one by one.
+//!
+//! containerd prepares layers bottom up, one after the other. When it asks
+//! for the first whole layer of an image, Pronto starts jobs for it and
+//! every whole layer above it (from the image's manifest), so downloads and
+//! unpacks overlap; each later `Prepare` waits for its layer's job. The
+//! settings mirror SOCI's parallel pull mode.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use oci_spec::image::ImageConfiguration;
+use pronto_catalog::IndexSet;
+use pronto_registry::{ManifestKind, ParallelFetch, RegistryClient, Repository, parse_reference};
+use tokio::sync::{Semaphore, watch};
+
+use crate::SnapshotError;
+use crate::local::{LocalSnapshots, disk_usage};
+use crate::remote::{LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET};
+use crate::unpack::{Compression, UnpackError, unpack};
+
+/// The image config is small; anything larger is not a config.
+const MAX_CONFIG_SIZE: u64 = 4 << 20;
+/// Unpacked layers nobody asked for are dropped after this long.
+const UNCLAIMED_TTL: Duration = Duration::from_secs(600);
+
+/// Limits and behaviour of whole-layer pulls (`[pull]` in the config).
+#[derive(Debug, Clone)]
+pub struct PullSettings {
+    /// Range requests in flight on the node.
+    pub max_concurrent_downloads: usize,
+    /// Range requests in flight for one image.
+    pub max_concurrent_downloads_per_image: usize,
+    /// Bytes per range request.
+    pub concurrent_download_chunk_size: u64,
+    /// Layers being unpacked at once on the node.
+    pub max_concurrent_unpacks: usize,
+    /// Layers of one image being unpacked at once.
+    pub max_concurrent_unpacks_per_image: usize,
+    /// Delete a layer's compressed blob once it is unpacked (otherwise it
+    /// stays under `<root>/layers`).
+    pub discard_unpacked_layers: bool,
+}
+
+impl Default for PullSettings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_downloads: 32,
+            max_concurrent_downloads_per_image: 16,
+            concurrent_download_chunk_size: 16 << 20,
+            max_concurrent_unpacks: 4,
+            max_concurrent_unpacks_per_image: 2,
+            discard_unpacked_layers: true,
+        }
+    }
+}
+
+/// Why a whole-layer pull did not produce a snapshot.
+#[derive(Debug, Clone)]
+pub enum WholeError {
+    /// The layer is hostile or malformed: the pull must fail.
+    Rejected(String),
+    /// Anything else (network, registry, disk): containerd may try itself.
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Layer {
+    digest: String,
+    size: u64,
+    media_type: String,
+    diff_id: String,
+}
+
+#[derive(Debug)]
+struct ImageInfo {
+    repository: Repository,
+    layers: Vec<Layer>,
+    downloads: Arc<Semaphore>,
+    unpacks: Arc<Semaphore>,
+}
+
+/// A layer unpacked into a reserved snapshot directory.
+#[derive(Debug, Clone)]
+struct Done {
+    id: u64,
+    usage: (i64, i64),
+}
+
+type JobResult = Option<Result<Done, WholeError>>;
+
+struct Job {
+    result: watch::Receiver<JobResult>,
+    started: Instant,
+}
+
+pub struct WholeLayers {
+    client: RegistryClient,
+    layers_dir: PathBuf,
+    settings: PullSettings,
+    downloads: Arc<Semaphore>,
+    unpacks: Arc<Semaphore>,
+    images: tokio::sync::Mutex<HashMap<String, Arc<ImageInfo>>>,
+    jobs: Mutex<HashMap<String, Job>>,
+}
+
+impl std::fmt::Debug for WholeLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WholeLayers")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WholeLayers {
+    pub fn new(client: RegistryClient, layers_dir: PathBuf, settings: PullSettings) -> Self {
+        Self {
+            client,
+            layers_dir,
+            downloads: Arc::new(Semaphore::new(settings.max_concurrent_downloads.max(1))),
+            unpacks: Arc::new(Semaphore::new(settings.max_concurrent_unpacks.max(1))),
+            settings,
+            images: tokio::sync::Mutex::new(HashMap::new()),
+            jobs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Job>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the committed snapshot `target` (over `parent`) from the
+    /// layer named in `labels`, fetched and unpacked by Pronto. `lazy`, the
+    /// image's index set if it has one, tells which layers above are served
+    /// lazily and need no job.
+    pub async fn prepare(
+        self: &Arc<Self>,
+        local: &Arc<LocalSnapshots>,
+        target: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+        lazy: Option<&IndexSet>,
+    ) -> Result<(), WholeError> {
+        let failed = |e: String| WholeError::Failed(e);
+        let (Some(image_ref), Some(manifest), Some(digest)) = (
+            labels.get(LABEL_IMAGE_REF),
+            labels.get(LABEL_MANIFEST),
+            labels.get(LABEL_LAYER),
+        ) else {
+            return Err(failed("no image labels".into()));
+        };
+        let image = self.image(image_ref, manifest).await.map_err(failed)?;
+        let Some(position) = image.layers.iter().position(|l| &l.digest == digest) else {
+            return Err(failed(format!("manifest {manifest} has no layer {digest}")));
+        };
+        // This layer and every whole layer above it start now.
+        for layer in &image.layers[position..] {
+            if layer.digest != *digest && lazy.is_some_and(|set| set.layer(&layer.digest).is_some())
+            {
+                continue;
+            }
+            self.start(local, &image, layer);
+        }
+        let mut result = {
+            let jobs = self.lock_jobs();
+            match jobs.get(digest) {
+                Some(job) => job.result.clone(),
+                None => return Err(failed("the layer's job vanished".into())),
+            }
+        };
+        let done = match result.wait_for(Option::is_some).await {
+            Ok(r) => r.clone().expect("waited for a result"),
+            Err(_) => Err(failed("the layer's job stopped".into())),
+        };
+        // Claimed: the next Prepare of this layer starts afresh.
+        self.lock_jobs().remove(digest);
+        let done = done?;
+        let mut stored = labels.clone();
+        stored.insert(LABEL_TARGET.into(), target.into());
+        match local.insert_committed(target, done.id, parent, stored, None, done.usage) {
+            Ok(()) => Ok(()),
+            Err(SnapshotError::AlreadyExists(_)) => {
+                local.abandon(done.id);
+                Ok(())
+            }
+            Err(e) => {
+                local.abandon(done.id);
+                Err(failed(e.to_string()))
+            }
+        }
+    }
+
+    /// The image's layers with their diff IDs, and its limits.
+    async fn image(&self, image_ref: &str, manifest: &str) -> Result<Arc<ImageInfo>, String> {
+        let mut images = self.images.lock().await;
+        if let Some(info) = images.get(manifest) {
+            return Ok(info.clone());
+        }
+        let reference = parse_reference(image_ref).map_err(|e| e.to_string())?;
+        let repository = Repository::of(&reference);
+        let fetched = self
+            .client
+            .manifest(&repository, manifest)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ManifestKind::Image(image) = &fetched.kind else {
+            return Err(format!("{manifest} is not an image manifest"));
+        };
+        let config_digest = image.config().digest().to_string();
+        let config_bytes = self
+            .client
+            .blob(&repository, &config_digest, MAX_CONFIG_SIZE)
+            .await
+            .map_err(|e| e.to_string())?;
+        let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
+            .map_err(|e| format!("config {config_digest}: {e}"))?;
+        let diff_ids = config.rootfs().diff_ids();
+        if diff_ids.len() != image.layers().len() {
+            return Err(format!(
+                "manifest {manifest} has {} layers, its config {} diff IDs",
+                image.layers().len(),
+                diff_ids.len()
+            ));
+        }
+        let info = Arc::new(ImageInfo {
+            repository,
+            layers: image
+                .layers()
+                .iter()
+                .zip(diff_ids)
+                .map(|(l, diff_id)| Layer {
+                    digest: l.digest().to_string(),
+                    size: l.size(),
+                    media_type: l.media_type().to_string(),
+                    diff_id: diff_id.clone(),
+                })
+                .collect(),
+            downloads: Arc::new(Semaphore::new(
+                self.settings.max_concurrent_downloads_per_image.max(1),
+            )),
+            unpacks: Arc::new(Semaphore::new(
+                self.settings.max_concurrent_unpacks_per_image.max(1),
+            )),
+        });
+        images.insert(manifest.to_owned(), info.clone());
+        Ok(info)
+    }
+
+    /// Starts the job of `layer` unless one is running or waiting to be
+    /// claimed. Unclaimed results that are too old are dropped first.
+    fn start(self: &Arc<Self>, local: &Arc<LocalSnapshots>, image: &Arc<ImageInfo>, layer: &Layer) {
+        let mut jobs = self.lock_jobs();
+        jobs.retain(|_, job| {
+            let stale = job.started.elapsed() > UNCLAIMED_TTL;
+            if stale && let Some(Ok(done)) = &*job.result.borrow() {
+                local.abandon(done.id);
+            }
+            !stale
+        });
+        if jobs.contains_key(&layer.digest) {
+            return;
+        }
+        let (tx, rx) = watch::channel(None);
+        jobs.insert(
+            layer.digest.clone(),
+            Job {
+                result: rx,
+                started: Instant::now(),
+            },
+        );
+        let (this, local, image) = (self.clone(), local.clone(), image.clone());
+        let digest = layer.digest.clone();
+        tokio::spawn(async move {
+            let layer = image
+                .layers
+                .iter()
+                .find(|l| l.digest == digest)
+                .expect("layer of this image");
+            let started = Instant::now();
+            let result = this.run(&local, &image, layer).await;
+            match &result {
+                Ok(done) => tracing::info!(
+                    layer = layer.digest,
+                    bytes = layer.size,
+                    id = done.id,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "layer fetched in parallel and unpacked"
+                ),
+                Err(e) => tracing::warn!(layer = layer.digest, "whole-layer pull failed: {e:?}"),
+            }
+            let _ = tx.send(Some(result));
+        });
+    }
+
+    async fn run(
+        &self,
+        local: &Arc<LocalSnapshots>,
+        image: &ImageInfo,
+        layer: &Layer,
+    ) -> Result<Done, WholeError> {
+        let failed = |e: String| WholeError::Failed(e);
+        let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
+            failed(format!(
+                "layer media type {} is not supported",
+                layer.media_type
+            ))
+        })?;
+        std::fs::create_dir_all(&self.layers_dir)
+            .map_err(|e| failed(format!("{}: {e}", self.layers_dir.display())))?;
+        let hex = layer
+            .digest
+            .strip_prefix("sha256:")
+            .unwrap_or(&layer.digest);
+        let blob = self.layers_dir.join(hex);
+        if !blob.exists() {
+            let partial = self.layers_dir.join(format!("{hex}.pulling"));
+            let plan = ParallelFetch {
+                chunk_size: self.settings.concurrent_download_chunk_size.max(1 << 20),
+                concurrency: self.settings.max_concurrent_downloads_per_image.max(1),
+                limits: vec![self.downloads.clone(), image.downloads.clone()],
+            };
+            // Verified against the layer digest before anything is unpacked.
+            self.client
+                .blob_to_file_parallel(&image.repository, &layer.digest, layer.size, &partial, plan)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            std::fs::rename(&partial, &blob).map_err(|e| failed(e.to_string()))?;
+        }
+        let _node = self.unpacks.acquire().await.expect("never closed");
+        let _image = image.unpacks.acquire().await.expect("never closed");
+        let (id, dir) = local.reserve().map_err(|e| failed(e.to_string()))?;
+        let (path, expected) = (blob.clone(), layer.diff_id.clone());
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path).map_err(|e| UnpackError::Read(e.to_string()))?;
+            let unpacked = unpack(
+                std::io::BufReader::with_capacity(1 << 20, file),
+                compression,
+                &dir,
+            )?;
+            if unpacked.diff_id != expected {
+                return Err(UnpackError::Rejected {
+                    entry: "(whole layer)".into(),
+                    problem: format!(
+                        "unpacks to {}, but the image config says {expected}",
+                        unpacked.diff_id
+                    ),
+                });
+            }
+            disk_usage(&dir).map_err(|e| UnpackError::Read(e.to_string()))
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        if self.settings.discard_unpacked_layers {
+            let _ = std::fs::remove_file(&blob);
+        }
+        match unpacked {
+            Ok(usage) => Ok(Done { id, usage }),
+            Err(e) => {
+                local.abandon(id);
+                Err(match e {
+                    UnpackError::Rejected { .. } => {
+                        WholeError::Rejected(format!("layer {}: {e}", layer.digest))
+                    }
+                    other => failed(other.to_string()),
+                })
+            }
+        }
+    }
+}
