@@ -10,12 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use clap::Parser;
-use pronto_testbed::{
-    Compression, Containerd, ContainerdOptions, Content, Entry, ImageBuilder, Layer, OciLayout,
-    Prereq, Registry, Relay,
-};
+use pronto_testbed::{Containerd, ContainerdOptions, OciLayout, Prereq, Registry, Relay};
 
 /// Cold-start demo: registry + containerd on loopback, generated image,
 /// time and bytes from pull to ready.
@@ -53,7 +50,8 @@ fn main() -> Result<()> {
     let work = tempfile::Builder::new().prefix("pronto-demo-").tempdir()?;
     let layout = OciLayout::create(&work.path().join("layout"))?;
     let started = Instant::now();
-    let image = build_image(&args, &layout)?;
+    let image =
+        pronto_testbed::image::model_image(&layout, args.size_mib, args.files, args.read_mib)?;
     layout.tag("latest", &image)?;
     let size = image.layers_size();
     println!(
@@ -223,36 +221,6 @@ fn drop_page_cache() {
     if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
         eprintln!("cannot drop the page cache: {e}");
     }
-}
-
-/// A busybox userland, then one layer per model file: the shape of an
-/// inference image whose weights dwarf its code.
-fn build_image(args: &Args, layout: &OciLayout) -> Result<pronto_testbed::image::BuiltImage> {
-    let file_size = args.size_mib * 1024 * 1024 / args.files;
-    let mut builder = ImageBuilder::new().layer(
-        Layer::busybox(&["sh", "head", "wc", "echo"])
-            .dir("models")
-            .file("etc/model.conf", "name=demo\n"),
-    );
-    for i in 0..args.files {
-        builder = builder.layer(
-            Layer::new().compression(Compression::FAST).entry(
-                Entry::file(
-                    format!("models/weights-{i}.bin"),
-                    Content::random(i, file_size),
-                )
-                .mode(0o444),
-            ),
-        );
-    }
-    let script = format!(
-        "head -c {} /models/weights-0.bin | wc -c; echo ready",
-        args.read_mib * 1024 * 1024
-    );
-    builder
-        .cmd(&["/bin/sh", "-c", &script])
-        .build(layout)
-        .context("build the demo image")
 }
 
 fn mib(bytes: u64) -> String {

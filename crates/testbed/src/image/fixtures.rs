@@ -45,3 +45,37 @@ pub fn edge_image(layout: &OciLayout) -> BuiltImage {
         .build(layout)
         .expect("the edge-case image builds")
 }
+
+/// An inference-style image: a busybox userland, then one layer per model
+/// file (`total_mib` of incompressible data split into `files`). Its
+/// command reads `read_mib` from the first model file and prints `ready`.
+pub fn model_image(
+    layout: &OciLayout,
+    total_mib: u64,
+    files: u64,
+    read_mib: u64,
+) -> anyhow::Result<BuiltImage> {
+    anyhow::ensure!(files > 0, "a model image needs at least one file");
+    let file_size = total_mib * 1024 * 1024 / files;
+    let mut builder = ImageBuilder::new().layer(
+        Layer::busybox(&["sh", "head", "wc", "echo", "cat", "sha256sum"])
+            .dir("models")
+            .file("etc/model.conf", "name=demo\n"),
+    );
+    for i in 0..files {
+        builder = builder.layer(
+            Layer::new().compression(Compression::FAST).entry(
+                Entry::file(
+                    format!("models/weights-{i}.bin"),
+                    Content::random(i, file_size),
+                )
+                .mode(0o444),
+            ),
+        );
+    }
+    let script = format!(
+        "head -c {} /models/weights-0.bin | wc -c; echo ready",
+        read_mib * 1024 * 1024
+    );
+    builder.cmd(&["/bin/sh", "-c", &script]).build(layout)
+}
