@@ -1,6 +1,9 @@
 //! Shared pieces of Pronto's end-to-end benchmarks: the machine they ran
 //! on and summary statistics. Each benchmark is a binary in `src/bin/`.
 
+pub mod chart;
+pub mod stack;
+
 use std::time::Duration;
 
 /// One line naming the machine: CPU model, cores, memory, kernel.

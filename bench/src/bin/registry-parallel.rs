@@ -50,6 +50,7 @@ async fn main() -> Result<()> {
         registry.addr(),
         RelayOptions {
             down_bytes_per_sec_per_connection: Some(args.cap_mib << 20),
+            ..Default::default()
         },
     )?;
     let client = RegistryClient::new(ClientConfig::default())?;

@@ -270,14 +270,26 @@ async fn pull_leased(
         }
         labels.insert(LABEL_IMAGE_LAYERS.to_owned(), rest);
         let key = format!("extract-{}-{}", unique(), chain[i]);
-        let prepared = snapshots
-            .prepare(session.request(PrepareSnapshotRequest {
-                snapshotter: options.snapshotter.clone(),
-                key: key.clone(),
-                parent: parent.clone(),
-                labels: labels.clone(),
-            }))
-            .await;
+        // containerd answers UNAVAILABLE while it reconnects to a
+        // restarted snapshotter (its backoff is at most 3 s).
+        let mut attempt = 0;
+        let prepared = loop {
+            attempt += 1;
+            let result = snapshots
+                .prepare(session.request(PrepareSnapshotRequest {
+                    snapshotter: options.snapshotter.clone(),
+                    key: key.clone(),
+                    parent: parent.clone(),
+                    labels: labels.clone(),
+                }))
+                .await;
+            match result {
+                Err(status) if status.code() == Code::Unavailable && attempt < 10 => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => break other,
+            }
+        };
         let mounts = match prepared {
             Err(status) if status.code() == Code::AlreadyExists => {
                 progress(&format!("{digest}: lazy (no download)"));

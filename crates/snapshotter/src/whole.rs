@@ -27,6 +27,10 @@ use crate::unpack::{Compression, UnpackError, unpack};
 
 /// The image config is small; anything larger is not a config.
 const MAX_CONFIG_SIZE: u64 = 4 << 20;
+/// Layers of one image downloading at once. The lowest layers go first and
+/// get all the image's ranges, so they finish (and unpack) early instead of
+/// every layer finishing at the end on a bandwidth-limited link.
+const LAYERS_DOWNLOADING_PER_IMAGE: usize = 2;
 /// Unpacked layers nobody asked for are dropped after this long.
 const UNCLAIMED_TTL: Duration = Duration::from_secs(600);
 
@@ -51,9 +55,9 @@ pub struct PullSettings {
 impl Default for PullSettings {
     fn default() -> Self {
         Self {
-            max_concurrent_downloads: 32,
-            max_concurrent_downloads_per_image: 16,
-            concurrent_download_chunk_size: 16 << 20,
+            max_concurrent_downloads: 64,
+            max_concurrent_downloads_per_image: 32,
+            concurrent_download_chunk_size: 8 << 20,
             max_concurrent_unpacks: 4,
             max_concurrent_unpacks_per_image: 2,
             discard_unpacked_layers: true,
@@ -84,6 +88,8 @@ struct ImageInfo {
     layers: Vec<Layer>,
     downloads: Arc<Semaphore>,
     unpacks: Arc<Semaphore>,
+    /// Layers downloading at once (FIFO: bottom layers first).
+    layer_slots: Arc<Semaphore>,
 }
 
 /// A layer unpacked into a reserved snapshot directory.
@@ -247,6 +253,7 @@ impl WholeLayers {
             unpacks: Arc::new(Semaphore::new(
                 self.settings.max_concurrent_unpacks_per_image.max(1),
             )),
+            layer_slots: Arc::new(Semaphore::new(LAYERS_DOWNLOADING_PER_IMAGE)),
         });
         images.insert(manifest.to_owned(), info.clone());
         Ok(info)
@@ -319,6 +326,7 @@ impl WholeLayers {
             .unwrap_or(&layer.digest);
         let blob = self.layers_dir.join(hex);
         if !blob.exists() {
+            let _slot = image.layer_slots.acquire().await.expect("never closed");
             let partial = self.layers_dir.join(format!("{hex}.pulling"));
             let plan = ParallelFetch {
                 chunk_size: self.settings.concurrent_download_chunk_size.max(1 << 20),

@@ -1,5 +1,5 @@
-//! A real Debian root filesystem for tests, built once with `debootstrap`
-//! (minbase plus python3) and cached between runs.
+//! Real Debian root filesystems for tests and benchmarks, built once with
+//! `debootstrap` (minbase plus packages) and cached between runs.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,9 +20,29 @@ pub fn cache_dir() -> PathBuf {
 /// A bookworm minbase root with python3, building it if it is not cached.
 /// Building takes about 30 seconds and needs root.
 pub fn bookworm_with_python() -> Result<PathBuf> {
+    bookworm_with(
+        "debootstrap-bookworm-python3-v2",
+        &["python3"],
+        "usr/bin/python3",
+    )
+}
+
+/// A bookworm minbase root with python3 and numpy: a real distribution
+/// image of the kind data workloads run on.
+pub fn bookworm_with_numpy() -> Result<PathBuf> {
+    bookworm_with(
+        "debootstrap-bookworm-python3-numpy-v1",
+        &["python3", "python3-numpy"],
+        "usr/lib/python3/dist-packages/numpy/__init__.py",
+    )
+}
+
+/// A bookworm minbase root with `packages`, cached under `name` and
+/// considered built when `marker` exists in it.
+fn bookworm_with(name: &str, packages: &[&str], marker: &str) -> Result<PathBuf> {
     let cache = cache_dir();
-    let root = cache.join("debootstrap-bookworm-python3-v2");
-    if root.join("usr/bin/python3").exists() {
+    let root = cache.join(name);
+    if root.join(marker).exists() {
         return Ok(root);
     }
     std::fs::create_dir_all(&cache).with_context(|| format!("create {}", cache.display()))?;
@@ -31,7 +51,9 @@ pub fn bookworm_with_python() -> Result<PathBuf> {
         .tempdir_in(&cache)?;
     let target = building.path().join("root");
     let out = Command::new("debootstrap")
-        .args(["--variant=minbase", "--include=python3", "bookworm"])
+        .arg("--variant=minbase")
+        .arg(format!("--include={}", packages.join(",")))
+        .arg("bookworm")
         .arg(&target)
         .arg(MIRROR)
         .output()

@@ -27,6 +27,9 @@ pub struct RelayOptions {
     /// Cap on the server-to-client throughput of each connection, in bytes
     /// per second, like an object store's per-connection limit.
     pub down_bytes_per_sec_per_connection: Option<u64>,
+    /// Delay added to every request (each burst a client sends), like the
+    /// round trip to a distant registry.
+    pub request_latency: Option<Duration>,
 }
 
 /// Forwards every connection on `addr()` to `upstream`. Dropping it closes
@@ -138,15 +141,36 @@ fn accept_loop(
             open.push(c);
             open.push(s);
         }
-        spawn_pipe(&client, &server, stats.clone(), |s| &s.bytes_up, None);
+        spawn_pipe(
+            &client,
+            &server,
+            stats.clone(),
+            |s| &s.bytes_up,
+            Shaping {
+                rate: None,
+                delay: options.request_latency,
+            },
+        );
         spawn_pipe(
             &server,
             &client,
             stats.clone(),
             |s| &s.bytes_down,
-            options.down_bytes_per_sec_per_connection,
+            Shaping {
+                rate: options.down_bytes_per_sec_per_connection,
+                delay: None,
+            },
         );
     }
+}
+
+/// What one direction of a connection does to the traffic.
+#[derive(Debug, Clone, Copy)]
+struct Shaping {
+    /// Bytes per second.
+    rate: Option<u64>,
+    /// Wait before forwarding each read.
+    delay: Option<Duration>,
 }
 
 /// Copies `from` → `to` on its own thread, counting into the counter
@@ -156,7 +180,7 @@ fn spawn_pipe(
     to: &TcpStream,
     stats: Arc<RelayStats>,
     pick: fn(&RelayStats) -> &AtomicU64,
-    rate: Option<u64>,
+    Shaping { rate, delay }: Shaping,
 ) {
     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
         return;
@@ -171,6 +195,9 @@ fn spawn_pipe(
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            if let Some(delay) = delay {
+                std::thread::sleep(delay);
+            }
             // Count before forwarding, so a peer that has received the
             // bytes always sees them counted.
             pick(&stats).fetch_add(n as u64, Ordering::Relaxed);

@@ -1,0 +1,270 @@
+//! Pronto's cold-start benchmark: three images, three systems, a shaped
+//! link, repeated cold starts. Writes JSON results, a markdown table into
+//! `docs/benchmarks.md` and a PNG chart. Run it with `bench/run`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use pronto_bench::stack::{Link, Sample, Stack, System};
+use pronto_bench::{machine, summary};
+use pronto_testbed::{ImageBuilder, Layer};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Args {
+    /// The pronto binary.
+    #[arg(long)]
+    pronto: PathBuf,
+    /// Small images and one run per cell: a few minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Cold starts per image and system (default 3; 1 with --quick).
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Bandwidth of the registry's port, Mbit/s (tc HTB on lo); 0 for none.
+    #[arg(long, default_value_t = 1000)]
+    bandwidth_mbit: u64,
+    /// Latency added to every registry request, ms; 0 for none.
+    #[arg(long, default_value_t = 10)]
+    latency_ms: u64,
+    /// Throughput cap of each registry connection, MiB/s; 0 for none.
+    #[arg(long, default_value_t = 32)]
+    per_connection_mib: u64,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "bench/results/cold-start.json")]
+    json: PathBuf,
+    /// Where the chart goes.
+    #[arg(long, default_value = "docs/cold-start.png")]
+    chart: PathBuf,
+    /// The markdown file whose cold-start section is replaced.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    markdown: PathBuf,
+}
+
+/// One benchmark image: how to build it and what it is.
+struct Workload {
+    name: &'static str,
+    description: String,
+    image: pronto_testbed::image::BuiltImage,
+}
+
+/// Results of one image × system cell.
+struct Cell {
+    image: &'static str,
+    system: System,
+    samples: Vec<Sample>,
+}
+
+const SYSTEMS: [System; 3] = [
+    System::Containerd,
+    System::ProntoLazy,
+    System::ProntoParallel,
+];
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 });
+    let nonzero = |v: u64| (v > 0).then_some(v);
+    let link = Link {
+        bandwidth_mbit: nonzero(args.bandwidth_mbit),
+        latency: nonzero(args.latency_ms).map(Duration::from_millis),
+        per_connection_mib: nonzero(args.per_connection_mib),
+    };
+    let mut stack = Stack::start(&args.pronto, link)?;
+    println!("machine: {}", machine());
+    println!("link: {link}");
+    let workloads = build_workloads(&stack, args.quick)?;
+
+    let mut cells = Vec::new();
+    for workload in &workloads {
+        let tag = workload.name;
+        let indexed = stack.push(tag, &format!("lazy/{tag}:v1"))?;
+        let plain = stack.push(tag, &format!("plain/{tag}:v1"))?;
+        println!(
+            "\n{}: {} ({:.0} MiB compressed); indexing...",
+            workload.name,
+            workload.description,
+            workload.image.layers_size() as f64 / (1 << 20) as f64
+        );
+        stack.pronto(&["index", "create", &indexed, "--push"])?;
+        stack.start_serve("")?;
+        for system in SYSTEMS {
+            let reference = match system {
+                System::ProntoLazy => &indexed,
+                System::Containerd | System::ProntoParallel => &plain,
+            };
+            let mut samples = Vec::new();
+            for run in 0..repeat {
+                let sample = stack
+                    .cold_start(system, reference)
+                    .with_context(|| format!("{} with {}", workload.name, system.name()))?;
+                println!(
+                    "  {:<22} run {}: ready in {:.2} s, {:.1} MiB fetched",
+                    system.name(),
+                    run + 1,
+                    sample.ready.as_secs_f64(),
+                    sample.fetched as f64 / (1 << 20) as f64
+                );
+                samples.push(sample);
+            }
+            cells.push(Cell {
+                image: workload.name,
+                system,
+                samples,
+            });
+        }
+    }
+    stack.stop_serve();
+
+    let table = markdown(&cells, &workloads, &link, repeat);
+    println!("\n{table}");
+    write_json(&args.json, &cells, &link, repeat)?;
+    write_markdown(&args.markdown, &table)?;
+    pronto_bench::chart::bars(
+        &args.chart,
+        "Cold start: pull to ready (median, min–max)",
+        &workloads.iter().map(|w| w.name).collect::<Vec<_>>(),
+        &SYSTEMS.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        |image, system| {
+            let cell = cells
+                .iter()
+                .find(|c| c.image == image && c.system.name() == system)?;
+            let (median, min, max) = summary(&ready_times(cell));
+            Some((median.as_secs_f64(), min.as_secs_f64(), max.as_secs_f64()))
+        },
+    )?;
+    println!(
+        "wrote {}, {} and {}",
+        args.json.display(),
+        args.markdown.display(),
+        args.chart.display()
+    );
+    Ok(())
+}
+
+fn build_workloads(stack: &Stack, quick: bool) -> Result<Vec<Workload>> {
+    let layout = &stack.layout;
+    let mut workloads = Vec::new();
+
+    let model_mib = if quick { 256 } else { 2048 };
+    let image = pronto_testbed::image::model_image(layout, model_mib, 4, 4)?;
+    layout.tag("ml-model", &image)?;
+    workloads.push(Workload {
+        name: "ml-model",
+        description: format!("busybox + {model_mib} MiB of model weights in 4 layers; reads 4 MiB"),
+        image,
+    });
+
+    let rootfs = pronto_testbed::debian::bookworm_with_numpy()?;
+    let image = ImageBuilder::new()
+        .layer(Layer::from_dir(&rootfs)?)
+        .cmd(&[
+            "/usr/bin/python3",
+            "-c",
+            "import numpy, json, decimal, email.parser, http.client; \
+             numpy.ones((64, 64)).sum(); print('ready')",
+        ])
+        .build(layout)?;
+    layout.tag("debian-numpy", &image)?;
+    workloads.push(Workload {
+        name: "debian-numpy",
+        description: "Debian 12 (debootstrap) with python3 and numpy; imports a few modules".into(),
+        image,
+    });
+
+    let files = 50_000;
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh", "cat", "echo", "seq"]))
+        .layer(Layer::new().many_small_files("data", files, 11))
+        .cmd(&[
+            "/bin/sh",
+            "-c",
+            "for i in $(seq 0 299); do cat /data/d$(printf %04d $((i * 7 / 100)))/f$(printf %06d $((i * 7))) > /dev/null || exit 1; done; echo ready",
+        ])
+        .build(layout)?;
+    layout.tag("small-files", &image)?;
+    workloads.push(Workload {
+        name: "small-files",
+        description: format!("busybox + {files} files of 1–4 KiB; reads 300 of them"),
+        image,
+    });
+    Ok(workloads)
+}
+
+fn ready_times(cell: &Cell) -> Vec<Duration> {
+    cell.samples.iter().map(|s| s.ready).collect()
+}
+
+fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) -> String {
+    let mut out = format!(
+        "Machine: {}. Link: {link}. Each cell: {repeat} cold start(s); median (min–max).\n\n",
+        machine()
+    );
+    out.push_str("| image | system | pull to ready | fetched from registry | share of image |\n");
+    out.push_str("|---|---|---|---|---|\n");
+    for cell in cells {
+        let workload = workloads
+            .iter()
+            .find(|w| w.name == cell.image)
+            .expect("cells come from workloads");
+        let (median, min, max) = summary(&ready_times(cell));
+        let mut fetched: Vec<u64> = cell.samples.iter().map(|s| s.fetched).collect();
+        fetched.sort_unstable();
+        let fetched = fetched[fetched.len() / 2];
+        out.push_str(&format!(
+            "| {} | {} | {:.2} s ({:.2}–{:.2}) | {:.1} MiB | {:.1}% |\n",
+            cell.image,
+            cell.system.name(),
+            median.as_secs_f64(),
+            min.as_secs_f64(),
+            max.as_secs_f64(),
+            fetched as f64 / (1 << 20) as f64,
+            100.0 * fetched as f64 / workload.image.layers_size().max(1) as f64,
+        ));
+    }
+    out
+}
+
+fn write_json(path: &PathBuf, cells: &[Cell], link: &Link, repeat: usize) -> Result<()> {
+    let results: Vec<_> = cells
+        .iter()
+        .map(|cell| {
+            json!({
+                "image": cell.image,
+                "system": cell.system.name(),
+                "ready_seconds": cell.samples.iter().map(|s| s.ready.as_secs_f64()).collect::<Vec<_>>(),
+                "fetched_bytes": cell.samples.iter().map(|s| s.fetched).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let doc = json!({
+        "machine": machine(),
+        "link": {
+            "bandwidth_mbit": link.bandwidth_mbit,
+            "latency_ms": link.latency.map(|l| l.as_millis() as u64),
+            "per_connection_mib": link.per_connection_mib,
+        },
+        "repeat": repeat,
+        "results": results,
+    });
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// Replaces the text between the cold-start markers of `path`.
+fn write_markdown(path: &PathBuf, table: &str) -> Result<()> {
+    const BEGIN: &str = "<!-- cold-start results: written by bench/run -->";
+    const END: &str = "<!-- end of cold-start results -->";
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let (Some(begin), Some(end)) = (text.find(BEGIN), text.find(END)) else {
+        anyhow::bail!("{} has no cold-start markers", path.display());
+    };
+    let updated = format!("{}{BEGIN}\n{table}{}", &text[..begin], &text[end..]);
+    std::fs::write(path, updated).with_context(|| format!("write {}", path.display()))
+}

@@ -1,0 +1,316 @@
+//! The system under measurement: Debian's registry behind a shaping relay
+//! (and optionally a tc HTB bandwidth cap), containerd with Pronto's proxy
+//! snapshotter, and `pronto serve`, all on loopback. Cold starts are timed
+//! from the start of the pull to the workload's `ready` line, with the
+//! bytes the registry served counted by the relay, outside the system.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use pronto_testbed::process::Daemon;
+use pronto_testbed::{Containerd, ContainerdOptions, OciLayout, Registry, Relay, RelayOptions};
+
+/// How the link to the registry is shaped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Link {
+    /// Bandwidth of the registry's port (tc HTB on `lo`), Mbit/s.
+    pub bandwidth_mbit: Option<u64>,
+    /// Added to every request by the relay.
+    pub latency: Option<Duration>,
+    /// Throughput cap of each connection, MiB/s.
+    pub per_connection_mib: Option<u64>,
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let or = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+        write!(
+            f,
+            "bandwidth {}, latency {}, per-connection cap {}",
+            or(self.bandwidth_mbit.map(|b| format!("{b} Mbit/s"))),
+            or(self.latency.map(|l| format!("{} ms", l.as_millis()))),
+            or(self.per_connection_mib.map(|c| format!("{c} MiB/s"))),
+        )
+    }
+}
+
+/// Which system starts the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    /// `ctr images pull` into overlayfs, then `ctr run`.
+    Containerd,
+    /// `pronto pull` of the indexed image, then `ctr run --snapshotter pronto`.
+    ProntoLazy,
+    /// `pronto pull` of the same image without an index: Pronto's parallel
+    /// pull.
+    ProntoParallel,
+}
+
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Containerd => "containerd default",
+            System::ProntoLazy => "Pronto lazy",
+            System::ProntoParallel => "Pronto parallel pull",
+        }
+    }
+}
+
+/// One cold start.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub ready: Duration,
+    pub fetched: u64,
+}
+
+/// Fields drop in order: containerd (and its mounts) first, the work
+/// directory last.
+#[derive(Debug)]
+pub struct Stack {
+    pub containerd: Containerd,
+    pub relay: Relay,
+    pub registry: Registry,
+    pub layout: OciLayout,
+    work: tempfile::TempDir,
+    pronto: PathBuf,
+    serve: Option<Daemon>,
+    pull_settings: String,
+    shaped: bool,
+}
+
+impl Stack {
+    pub fn start(pronto: &Path, link: Link) -> Result<Self> {
+        let work = tempfile::Builder::new().prefix("pronto-bench-").tempdir()?;
+        let layout = OciLayout::create(&work.path().join("layout"))?;
+        let registry = Registry::start()?;
+        let relay = Relay::start_with(
+            registry.addr(),
+            RelayOptions {
+                down_bytes_per_sec_per_connection: link.per_connection_mib.map(|m| m << 20),
+                request_latency: link.latency,
+            },
+        )?;
+        let containerd = Containerd::start_with(ContainerdOptions {
+            plain_http_registries: vec![relay.host()],
+            proxy_snapshotters: vec![("pronto".into(), work.path().join("pronto.sock"))],
+            ..Default::default()
+        })?;
+        let mut stack = Self {
+            containerd,
+            relay,
+            registry,
+            layout,
+            work,
+            pronto: pronto.to_owned(),
+            serve: None,
+            pull_settings: String::new(),
+            shaped: false,
+        };
+        stack.write_config("")?;
+        if let Some(mbit) = link.bandwidth_mbit {
+            stack.shape(mbit)?;
+        }
+        Ok(stack)
+    }
+
+    /// Caps what the registry sends (its source port) with tc HTB on `lo`.
+    fn shape(&mut self, mbit: u64) -> Result<()> {
+        let port = self.registry.addr().port().to_string();
+        let rate = format!("{mbit}mbit");
+        let tc = |args: &[&str]| -> Result<()> {
+            let out = Command::new("tc").args(args).output().context("run tc")?;
+            ensure!(
+                out.status.success(),
+                "tc {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        let _ = Command::new("tc")
+            .args(["qdisc", "del", "dev", "lo", "root"])
+            .output();
+        tc(&["qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb"])?;
+        self.shaped = true;
+        tc(&[
+            "class", "add", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", &rate,
+            "ceil", &rate,
+        ])?;
+        tc(&[
+            "filter", "add", "dev", "lo", "protocol", "ip", "parent", "1:0", "prio", "1", "u32",
+            "match", "ip", "sport", &port, "0xffff", "flowid", "1:1",
+        ])
+    }
+
+    /// Pronto's configuration for this stack, with `pull` as its `[pull]`
+    /// table.
+    fn write_config(&mut self, pull: &str) -> Result<()> {
+        self.pull_settings = pull.to_owned();
+        std::fs::write(
+            self.config(),
+            format!(
+                "root = \"{}\"\naddress = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = false\n[pull]\n{pull}\n",
+                self.work.path().join("pronto-root").display(),
+                self.work.path().join("pronto.sock").display(),
+                self.containerd.hosts_dir().display(),
+            ),
+        )?;
+        Ok(())
+    }
+
+    pub fn work(&self) -> &Path {
+        self.work.path()
+    }
+
+    fn config(&self) -> PathBuf {
+        self.work.path().join("pronto.toml")
+    }
+
+    /// Runs `pronto ARGS` with this stack's configuration.
+    pub fn pronto(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.pronto)
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .output()
+            .context("run pronto")?;
+        ensure!(
+            out.status.success(),
+            "pronto {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Pushes `tag` of the layout as `repo` and returns its reference
+    /// through the relay.
+    pub fn push(&self, tag: &str, repo: &str) -> Result<String> {
+        self.registry.push(&self.layout, tag, repo)?;
+        Ok(format!("{}/{repo}", self.relay.host()))
+    }
+
+    /// (Re)starts `pronto serve` with `pull` as its `[pull]` table, and
+    /// waits until containerd talks to it.
+    pub fn start_serve(&mut self, pull: &str) -> Result<()> {
+        self.stop_serve();
+        self.write_config(pull)?;
+        let mut cmd = Command::new(&self.pronto);
+        cmd.arg("--config").arg(self.config()).arg("serve");
+        let log = self.work.path().join("serve.log");
+        let mut serve = Daemon::spawn("pronto serve", cmd, &log)?;
+        pronto_testbed::net::wait_until("pronto serve", Duration::from_secs(60), || {
+            ensure!(
+                serve.is_running(),
+                "pronto serve exited: {}",
+                serve.log_tail(20)
+            );
+            Ok(serve
+                .log_tail(20)
+                .contains("serving containerd's snapshots API"))
+        })?;
+        self.serve = Some(serve);
+        // containerd reconnects to a restarted plugin after its backoff.
+        pronto_testbed::net::wait_until("containerd reconnects", Duration::from_secs(30), || {
+            Ok(self
+                .containerd
+                .ctr()
+                .args(["snapshots", "--snapshotter", "pronto", "ls"])
+                .output()?
+                .status
+                .success())
+        })
+    }
+
+    pub fn stop_serve(&mut self) {
+        if let Some(mut serve) = self.serve.take() {
+            serve.stop();
+        }
+    }
+
+    /// Everything cold: images removed from containerd with their content
+    /// and snapshots, Pronto's node cache emptied, the page cache dropped,
+    /// the relay's counters zeroed.
+    pub fn cold(&mut self) -> Result<()> {
+        let images = self.containerd.ctr_ok(&["images", "ls", "-q"])?;
+        for name in images.lines().filter(|l| !l.is_empty()) {
+            self.containerd
+                .ctr_ok(&["images", "rm", "--sync", name])
+                .with_context(|| format!("remove {name}"))?;
+        }
+        // Snapshotters remove the snapshots of collected images shortly
+        // after; a leftover would make the next start warm.
+        let pronto_root = self.work.path().join("pronto-root");
+        let leftovers = [
+            pronto_root.join("snapshotter/snapshots"),
+            self.containerd
+                .root_dir()
+                .join("io.containerd.snapshotter.v1.overlayfs/snapshots"),
+        ];
+        pronto_testbed::net::wait_until("snapshots removed", Duration::from_secs(120), || {
+            Ok(leftovers.iter().all(|dir| {
+                std::fs::read_dir(dir)
+                    .map(|mut entries| entries.next().is_none())
+                    .unwrap_or(true)
+            }))
+        })?;
+        if self.serve.is_some() {
+            self.stop_serve();
+            for dir in ["cache", "layers"] {
+                let _ = std::fs::remove_dir_all(pronto_root.join(dir));
+            }
+            let pull = self.pull_settings.clone();
+            self.start_serve(&pull)?;
+        }
+        let _ = Command::new("sync").status();
+        std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")?;
+        self.relay.reset();
+        Ok(())
+    }
+
+    /// One cold start of `reference` by `system`: pull, then run the
+    /// image's command until it exits; it must print `ready`.
+    pub fn cold_start(&mut self, system: System, reference: &str) -> Result<Sample> {
+        self.cold()?;
+        let started = Instant::now();
+        let snapshotter = match system {
+            System::Containerd => {
+                self.containerd.pull(reference, "overlayfs")?;
+                "overlayfs"
+            }
+            System::ProntoLazy | System::ProntoParallel => {
+                self.pronto(&[
+                    "pull",
+                    "--namespace",
+                    self.containerd.namespace(),
+                    "--address",
+                    &self.containerd.socket().to_string_lossy(),
+                    reference,
+                ])?;
+                "pronto"
+            }
+        };
+        let out = self.containerd.run(reference, snapshotter, &[])?;
+        let ready = started.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !stdout.lines().any(|l| l.trim() == "ready") {
+            bail!("{reference} did not print ready: {stdout}");
+        }
+        Ok(Sample {
+            ready,
+            fetched: self.relay.bytes_down(),
+        })
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop_serve();
+        if self.shaped {
+            let _ = Command::new("tc")
+                .args(["qdisc", "del", "dev", "lo", "root"])
+                .output();
+        }
+    }
+}
