@@ -42,6 +42,9 @@ struct Args {
     /// The markdown file whose cold-start section is replaced.
     #[arg(long, default_value = "docs/benchmarks.md")]
     markdown: PathBuf,
+    /// Only draw the chart again from the JSON results.
+    #[arg(long)]
+    replot: bool,
 }
 
 /// One benchmark image: how to build it and what it is.
@@ -66,6 +69,9 @@ const SYSTEMS: [System; 3] = [
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.replot {
+        return replot(&args);
+    }
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 });
     let nonzero = |v: u64| (v > 0).then_some(v);
     let link = Link {
@@ -123,25 +129,71 @@ fn main() -> Result<()> {
     println!("\n{table}");
     write_json(&args.json, &cells, &link, repeat)?;
     write_markdown(&args.markdown, &table)?;
-    pronto_bench::chart::bars(
-        &args.chart,
-        "Cold start: pull to ready (median, min–max)",
-        &workloads.iter().map(|w| w.name).collect::<Vec<_>>(),
-        &SYSTEMS.iter().map(|s| s.name()).collect::<Vec<_>>(),
-        |image, system| {
-            let cell = cells
-                .iter()
-                .find(|c| c.image == image && c.system.name() == system)?;
-            let (median, min, max) = summary(&ready_times(cell));
-            Some((median.as_secs_f64(), min.as_secs_f64(), max.as_secs_f64()))
-        },
-    )?;
+    let times: Vec<(&str, &str, Vec<Duration>)> = cells
+        .iter()
+        .map(|c| (c.image, c.system.name(), ready_times(c)))
+        .collect();
+    chart(&args.chart, &times)?;
     println!(
         "wrote {}, {} and {}",
         args.json.display(),
         args.markdown.display(),
         args.chart.display()
     );
+    Ok(())
+}
+
+/// The chart of (image, system, ready times) cells.
+fn chart(path: &PathBuf, cells: &[(&str, &str, Vec<Duration>)]) -> Result<()> {
+    let mut images: Vec<&str> = Vec::new();
+    for (image, _, _) in cells {
+        if !images.contains(image) {
+            images.push(image);
+        }
+    }
+    pronto_bench::chart::bars(
+        path,
+        "Cold start: pull to ready (median, min–max)",
+        &images,
+        &SYSTEMS.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        |image, system| {
+            let (_, _, times) = cells.iter().find(|c| c.0 == image && c.1 == system)?;
+            let (median, min, max) = summary(times);
+            Some((median.as_secs_f64(), min.as_secs_f64(), max.as_secs_f64()))
+        },
+    )
+}
+
+/// Draws the chart from earlier JSON results.
+fn replot(args: &Args) -> Result<()> {
+    let text = std::fs::read_to_string(&args.json)
+        .with_context(|| format!("read {}", args.json.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)?;
+    let results = doc["results"]
+        .as_array()
+        .context("no results in the JSON")?;
+    let cells: Vec<(&str, &str, Vec<Duration>)> = results
+        .iter()
+        .map(|r| {
+            let times = r["ready_seconds"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_f64())
+                        .map(Duration::from_secs_f64)
+                        .collect()
+                })
+                .unwrap_or_default();
+            (
+                r["image"].as_str().unwrap_or("?"),
+                r["system"].as_str().unwrap_or("?"),
+                times,
+            )
+        })
+        .filter(|(_, _, times): &(&str, &str, Vec<Duration>)| !times.is_empty())
+        .collect();
+    chart(&args.chart, &cells)?;
+    println!("wrote {}", args.chart.display());
     Ok(())
 }
 
