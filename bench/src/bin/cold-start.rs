@@ -144,7 +144,7 @@ fn main() -> Result<()> {
 }
 
 /// The chart of (image, system, ready times) cells.
-fn chart(path: &PathBuf, cells: &[(&str, &str, Vec<Duration>)]) -> Result<()> {
+fn chart(path: &std::path::Path, cells: &[(&str, &str, Vec<Duration>)]) -> Result<()> {
     let mut images: Vec<&str> = Vec::new();
     for (image, _, _) in cells {
         if !images.contains(image) {
@@ -280,7 +280,7 @@ fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) 
     out
 }
 
-fn write_json(path: &PathBuf, cells: &[Cell], link: &Link, repeat: usize) -> Result<()> {
+fn write_json(path: &std::path::Path, cells: &[Cell], link: &Link, repeat: usize) -> Result<()> {
     let results: Vec<_> = cells
         .iter()
         .map(|cell| {
@@ -310,7 +310,7 @@ fn write_json(path: &PathBuf, cells: &[Cell], link: &Link, repeat: usize) -> Res
 }
 
 /// Replaces the text between the cold-start markers of `path`.
-fn write_markdown(path: &PathBuf, table: &str) -> Result<()> {
+fn write_markdown(path: &std::path::Path, table: &str) -> Result<()> {
     const BEGIN: &str = "<!-- cold-start results: written by bench/run -->";
     const END: &str = "<!-- end of cold-start results -->";
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
