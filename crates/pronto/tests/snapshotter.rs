@@ -59,6 +59,7 @@ impl Stack {
                 sandbox_image: "pronto.test/pause:3.9".into(),
             }),
             plain_http_registries: vec![relay.host(), registry.host()],
+            extra_config: String::new(),
         })
         .unwrap();
         std::fs::write(

@@ -20,7 +20,8 @@ use crate::process::{Daemon, kill_trees, pids_with_args, remove_cgroups, unmount
 /// The CRI plugin's settings, as a Kubernetes node running Pronto has them.
 #[derive(Debug, Clone)]
 pub struct CriOptions {
-    /// `plugins."io.containerd.grpc.v1.cri".containerd.snapshotter`.
+    /// `plugins."io.containerd.grpc.v1.cri".containerd.snapshotter`; empty
+    /// to leave that table to `ContainerdOptions::extra_config`.
     pub snapshotter: String,
     /// The pod sandbox ("pause") image reference. The harness builds it
     /// locally; see [`Containerd::import`].
@@ -37,6 +38,8 @@ pub struct ContainerdOptions {
     /// Registries (`host:port`) reached over plain HTTP, written as
     /// `hosts.toml` files that both CRI and `ctr --hosts-dir` read.
     pub plain_http_registries: Vec<String>,
+    /// TOML appended to the configuration as is (e.g. an install snippet).
+    pub extra_config: String,
 }
 
 /// A running containerd. Each instance uses its own namespace for `ctr`,
@@ -314,10 +317,7 @@ disabled_plugins = {disabled:?}
   stream_server_port = "0"
   enable_selinux = false
 
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = "{snapshotter}"
-  disable_snapshot_annotations = false
-
+{containerd_table}
 [plugins."io.containerd.grpc.v1.cri".cni]
   bin_dir = "/usr/lib/cni"
   conf_dir = "{d}/cni"
@@ -326,8 +326,17 @@ disabled_plugins = {disabled:?}
   config_path = "{d}/certs.d"
 "#,
             sandbox = cri.sandbox_image,
-            snapshotter = cri.snapshotter,
+            // An empty snapshotter leaves the table to `extra_config`.
+            containerd_table = if cri.snapshotter.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"{}\"\n  disable_snapshot_annotations = false\n",
+                    cri.snapshotter
+                )
+            },
         ));
     }
+    toml.push_str(&options.extra_config);
     toml
 }

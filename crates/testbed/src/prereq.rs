@@ -27,6 +27,8 @@ pub enum Prereq {
     /// Go and containerd 1.6's sources (its snapshotter test suite), from
     /// Debian's `golang-go` and `golang-github-containerd-containerd-dev`.
     ContainerdSuite,
+    /// `systemd-analyze`, to check unit files.
+    SystemdAnalyze,
 }
 
 impl Prereq {
@@ -54,6 +56,7 @@ impl Prereq {
             Prereq::Busybox => is_static_busybox(Path::new(BUSYBOX)),
             Prereq::Debootstrap => on_path("debootstrap"),
             Prereq::ContainerdSuite => on_path("go") && Path::new(CONTAINERD_SUITE).is_dir(),
+            Prereq::SystemdAnalyze => on_path("systemd-analyze"),
         };
         (!ok).then(|| self.hint().to_owned())
     }
@@ -72,6 +75,7 @@ impl Prereq {
                 "/bin/busybox is not a static busybox (apt-get install busybox-static)"
             }
             Prereq::Debootstrap => "debootstrap is not installed (apt-get install debootstrap)",
+            Prereq::SystemdAnalyze => "systemd-analyze is missing (apt-get install systemd)",
             Prereq::ContainerdSuite => {
                 "Go or containerd's snapshotter test suite is missing \
                  (apt-get install golang-go golang-github-containerd-containerd-dev)"

@@ -182,6 +182,7 @@ fn containerd_starts_with_pronto_proxy_plugin_and_cri_settings() {
             sandbox_image: "pronto.test/pause:3.9".into(),
         }),
         plain_http_registries: Vec::new(),
+        extra_config: String::new(),
     })
     .unwrap();
     let plugins = containerd.ctr_ok(&["plugins", "ls"]).unwrap();

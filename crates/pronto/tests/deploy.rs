@@ -1,0 +1,149 @@
+//! The install files under `deploy/`: the systemd unit passes
+//! `systemd-analyze verify`, and containerd 1.6 starts with the containerd
+//! snippet, uses Pronto for CRI pulls and passes the image labels.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use pronto_testbed::cri::Cri;
+use pronto_testbed::net::wait_until;
+use pronto_testbed::process::{Daemon, unmount_below};
+use pronto_testbed::{
+    Containerd, ContainerdOptions, CriOptions, ImageBuilder, Layer, OciLayout, Prereq, Registry,
+    require,
+};
+
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
+
+#[test]
+fn systemd_unit_verifies() {
+    require!(&[Prereq::SystemdAnalyze]);
+    let unit = std::fs::read_to_string(Path::new(DEPLOY).join("systemd/pronto.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/pronto --config /etc/pronto/config.toml serve")
+    );
+    assert!(unit.contains("Restart=on-failure") && unit.contains("Before=containerd.service"));
+    // Verified as installed, with the binary where the unit expects it.
+    let dir = tempfile::tempdir().unwrap();
+    let installed = dir.path().join("pronto.service");
+    std::fs::write(
+        &installed,
+        unit.replace("/usr/local/bin/pronto", env!("CARGO_BIN_EXE_pronto")),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&installed)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let about_unit: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("pronto.service"))
+        .collect();
+    assert!(
+        out.status.success() && about_unit.is_empty(),
+        "systemd-analyze verify: {}\n{stderr}",
+        out.status
+    );
+}
+
+#[test]
+fn containerd_starts_with_the_snippet_and_pulls_through_pronto() {
+    require!(&[
+        Prereq::Root,
+        Prereq::Fuse,
+        Prereq::Containerd,
+        Prereq::Runc,
+        Prereq::Registry,
+        Prereq::Skopeo,
+        Prereq::Busybox
+    ]);
+    let work = tempfile::tempdir().unwrap();
+    let socket = work.path().join("pronto.sock");
+    let snippet = std::fs::read_to_string(Path::new(DEPLOY).join("containerd/config-1.6.toml"))
+        .unwrap()
+        .replace("/run/pronto/pronto.sock", socket.to_str().unwrap());
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["echo"]))
+        .cmd(&["echo", "hello"])
+        .build(&layout)
+        .unwrap();
+    layout.tag("v1", &image).unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = registry.push(&layout, "v1", "deploy/hello:v1").unwrap();
+    let containerd = Containerd::start_with(ContainerdOptions {
+        cri: Some(CriOptions {
+            // The snippet provides the CRI snapshotter settings.
+            snapshotter: String::new(),
+            sandbox_image: "pronto.test/pause:3.9".into(),
+        }),
+        plain_http_registries: vec![registry.host()],
+        extra_config: format!("\n{snippet}"),
+        ..Default::default()
+    })
+    .unwrap();
+    std::fs::write(
+        work.path().join("config.toml"),
+        format!(
+            "root = \"{}\"\naddress = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n",
+            work.path().join("root").display(),
+            socket.display(),
+            containerd.hosts_dir().display()
+        ),
+    )
+    .unwrap();
+    let mut serve_cmd = Command::new(env!("CARGO_BIN_EXE_pronto"));
+    serve_cmd
+        .arg("--config")
+        .arg(work.path().join("config.toml"))
+        .arg("serve");
+    let log = work.path().join("serve.log");
+    let mut serve = Daemon::spawn("pronto serve", serve_cmd, &log).unwrap();
+    wait_until("pronto serve", Duration::from_secs(60), || {
+        Ok(serve
+            .log_tail(20)
+            .contains("serving containerd's snapshots API"))
+    })
+    .unwrap();
+
+    let plugins = containerd.ctr_ok(&["plugins", "ls"]).unwrap();
+    let pronto = plugins
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("pronto"))
+        .unwrap_or_else(|| panic!("no pronto plugin:\n{plugins}"));
+    assert!(pronto.contains("io.containerd.snapshotter.v1") && pronto.trim_end().ends_with("ok"));
+
+    // A CRI pull goes to Pronto with the image labels (the image has no
+    // index, so Pronto pulls it whole and says why it is not lazy).
+    Cri::connect(&containerd.socket())
+        .unwrap()
+        .pull_image(&reference)
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("reason=\"no-index\""), "{text}");
+    assert!(!text.contains("no-image-labels"), "{text}");
+    let out = containerd
+        .ctr_in("k8s.io")
+        .args([
+            "run",
+            "--rm",
+            "--snapshotter",
+            "pronto",
+            &reference,
+            "deploy-hello",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(containerd);
+    serve.stop();
+    unmount_below(work.path());
+}
