@@ -88,6 +88,24 @@ pub enum Command {
         #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
         platform: String,
     },
+    /// Check this node: FUSE, the kernel, containerd's proxy-plugin and CRI
+    /// settings, the snapshotter socket, and for REF the registry, the
+    /// credentials and the index. One line per check, a fix for each
+    /// failure; exit status 1 when something is wrong.
+    Doctor {
+        reference: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// containerd's configuration file.
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        containerd_config: std::path::PathBuf,
+        /// The FUSE device to check.
+        #[arg(long, default_value = "/dev/fuse", hide = true)]
+        fuse_device: std::path::PathBuf,
+        #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+        platform: String,
+    },
     /// Unmount a directory mounted by `pronto mount`, even with readers
     /// blocked in it.
     Umount { dir: std::path::PathBuf },

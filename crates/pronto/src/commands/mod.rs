@@ -3,6 +3,7 @@
 
 mod cache;
 mod config;
+mod doctor;
 pub(crate) mod image;
 mod index;
 mod mount;
@@ -46,6 +47,28 @@ pub fn run(cli: Cli) -> Result<()> {
             snapshotter,
             &platform,
         ),
+        Command::Doctor {
+            reference,
+            json,
+            containerd_config,
+            fuse_device,
+            platform,
+        } => {
+            let healthy = doctor::run(
+                &loaded.config,
+                &doctor::DoctorArgs {
+                    reference,
+                    json,
+                    containerd_config,
+                    fuse_device,
+                    platform,
+                },
+            )?;
+            if !healthy {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Serve => serve::run(&loaded.config),
         Command::Umount { dir } => mount::unmount(&dir),
         Command::Cache(cmd) => cache::run(cmd, &loaded.config),
