@@ -210,6 +210,26 @@ impl LocalSnapshots {
             .collect())
     }
 
+    /// A new snapshot's parent must exist and be committed (no parent is
+    /// fine).
+    fn check_parent(
+        table: &impl ReadableTable<&'static str, &'static [u8]>,
+        parent: &str,
+    ) -> Result<(), SnapshotError> {
+        if parent.is_empty() {
+            return Ok(());
+        }
+        let Some(p) = table.get(parent).map_err(db_error)? else {
+            return Err(SnapshotError::NotFound(format!("missing parent {parent}")));
+        };
+        if decode(p.value())?.kind != Kind::Committed {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "parent {parent} is not a committed snapshot"
+            )));
+        }
+        Ok(())
+    }
+
     /// Ids of `parent` and its ancestors, nearest first.
     fn parent_ids(
         table: &impl ReadableTable<&'static str, &'static [u8]>,
@@ -303,16 +323,7 @@ impl LocalSnapshots {
         let txn = self.db.begin_write().map_err(db_error)?;
         let (record, parent_ids) = {
             let mut table = txn.open_table(SNAPSHOTS).map_err(db_error)?;
-            if !parent.is_empty() {
-                let Some(p) = table.get(parent).map_err(db_error)? else {
-                    return Err(SnapshotError::NotFound(format!("missing parent {parent}")));
-                };
-                if decode(p.value())?.kind != Kind::Committed {
-                    return Err(SnapshotError::InvalidArgument(format!(
-                        "parent {parent} is not a committed snapshot"
-                    )));
-                }
-            }
+            Self::check_parent(&table, parent)?;
             if table.get(key).map_err(db_error)?.is_some() {
                 return Err(SnapshotError::AlreadyExists(format!("snapshot {key}")));
             }
@@ -374,16 +385,7 @@ impl LocalSnapshots {
             if table.get(name).map_err(db_error)?.is_some() {
                 return Err(SnapshotError::AlreadyExists(format!("snapshot {name}")));
             }
-            if !parent.is_empty() {
-                let Some(p) = table.get(parent).map_err(db_error)? else {
-                    return Err(SnapshotError::NotFound(format!("missing parent {parent}")));
-                };
-                if decode(p.value())?.kind != Kind::Committed {
-                    return Err(SnapshotError::InvalidArgument(format!(
-                        "parent {parent} is not a committed snapshot"
-                    )));
-                }
-            }
+            Self::check_parent(&table, parent)?;
             let t = now();
             let record = Record {
                 id,

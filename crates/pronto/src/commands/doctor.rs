@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use pronto_catalog::{LocalIndexStore, find_indexes};
 use pronto_registry::{Platform, Repository, parse_reference};
 use serde_json::json;
@@ -53,10 +53,7 @@ pub struct DoctorArgs {
 }
 
 pub fn run(config: &Config, args: &DoctorArgs) -> Result<bool> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
+    let runtime = super::runtime()?;
     let mut checks = vec![fuse(&args.fuse_device), kernel()];
     checks.extend(containerd_config(&args.containerd_config, &config.address));
     checks.push(runtime.block_on(socket(&config.address)));

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use pronto_registry::{
     ClientConfig, DockerConfigCredentials, Hosts, ManifestKind, Platform, RegistryClient,
     ResolvedImage, parse_reference,
@@ -21,7 +21,7 @@ pub fn run(cmd: ImageCommand, config: &Config) -> Result<()> {
             json,
         } => {
             let platform: Platform = platform.parse().map_err(|e: String| anyhow!(e))?;
-            let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+            let runtime = super::runtime()?;
             let client = registry_client(config)?;
             let report = runtime.block_on(inspect(&client, &reference, &platform))?;
             if json {

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::text::{human_size, stderr_is_terminal};
 
 pub fn run(cmd: IndexCommand, config: &Config) -> Result<()> {
-    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    let runtime = super::runtime()?;
     let client = registry_client(config)?;
     let store = LocalIndexStore::open(&config.root)
         .with_context(|| format!("open the local index store under {}", config.root.display()))?;

@@ -15,6 +15,15 @@ use anyhow::Result;
 use crate::cli::{Cli, Command};
 use crate::config::LoadedConfig;
 
+/// The runtime of every command that talks to registries or containerd.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     let loaded = LoadedConfig::load(cli.config.as_deref())?;
     match cli.command {

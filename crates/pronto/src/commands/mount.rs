@@ -22,10 +22,7 @@ pub fn run(
     layer: Option<&str>,
 ) -> Result<()> {
     let platform: Platform = platform.parse().map_err(|e: String| anyhow!(e))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
+    let runtime = super::runtime()?;
     let client = registry_client(config)?;
     let store = LocalIndexStore::open(&config.root)?;
     let cache = Arc::new(open_cache(config)?);

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use pronto_registry::Platform;
 use pronto_snapshotter::pull::{LayerOutcome, PullOptions, pull};
 
@@ -21,10 +21,7 @@ pub fn run(
     platform: &str,
 ) -> Result<()> {
     let platform: Platform = platform.parse().map_err(|e: String| anyhow!(e))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
+    let runtime = super::runtime()?;
     let client = registry_client(config)?;
     let options = PullOptions {
         address,

@@ -12,10 +12,7 @@ use crate::commands::mount::open_cache;
 use crate::config::Config;
 
 pub fn run(config: &Config) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
+    let runtime = super::runtime()?;
     let client = registry_client(config)?;
     let whole_client = client.clone();
     let store = LocalIndexStore::open(&config.root)?;
