@@ -1,4 +1,5 @@
-//! Generates the server side of containerd's snapshots gRPC service. The
+//! Generates the server side of containerd's snapshots gRPC service, and
+//! both sides of Pronto's status service (messages in `src/status.rs`). The
 //! message types come from `containerd-client` (generated from containerd's
 //! own protos); only the service trait and router are made here, so the
 //! build needs no `.proto` files.
@@ -97,4 +98,23 @@ fn main() {
         .build_client(false)
         .build_server(true)
         .compile(&[service]);
+
+    // Pronto's own status service, on the same socket.
+    let status = Service::builder()
+        .name("Status")
+        .package("pronto.v1")
+        .method(
+            Method::builder()
+                .name("images")
+                .route_name("Images")
+                .input_type("crate::status::StatusRequest")
+                .output_type("crate::status::StatusResponse")
+                .codec_path("tonic_prost::ProstCodec")
+                .build(),
+        )
+        .build();
+    Builder::new()
+        .build_client(true)
+        .build_server(true)
+        .compile(&[status]);
 }

@@ -13,6 +13,7 @@ use crate::artifact::{
 use crate::create::CreatedIndexes;
 use crate::error::CatalogError;
 use crate::local::LocalIndexStore;
+use pronto_metrics::{Purpose, metrics};
 
 /// Pushes the index blobs and their artifact manifest (as a referrer of
 /// the image) to `repo`. Returns the artifact manifest's digest.
@@ -100,7 +101,8 @@ pub async fn fetch_prefix(
         }
         Location::Registry => client
             .blob_range(repo, &layer.blob, 0..layer.prefix_size, layer.size)
-            .await?
+            .await
+            .inspect(|bytes| metrics().fetched(Purpose::Index, bytes.len() as u64))?
             .to_vec(),
     };
     verify_prefix(set, layer, &bytes)

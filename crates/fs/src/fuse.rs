@@ -273,6 +273,7 @@ impl Filesystem for ProntoFs {
                     size,
                     "read failed, answering EIO: {err}"
                 );
+                pronto_metrics::metrics().error(pronto_metrics::ErrorKind::Read);
                 reply.error(Errno::EIO);
             }
         }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pronto_index::{Entry, LayerIndex};
+use pronto_metrics::{ErrorKind, Purpose, metrics};
 use pronto_registry::{RegistryClient, Repository};
 use pronto_store::{CacheKey, ContentCache};
 use sha2::{Digest, Sha256};
@@ -87,6 +88,9 @@ pub struct LayerFetchStats {
     pub background_bytes: AtomicU64,
     /// The background fetch has read the whole layer and its digest matched.
     pub complete: AtomicBool,
+    /// The background fetch stopped with an error (logged); on-demand reads
+    /// go on.
+    pub background_failed: AtomicBool,
 }
 
 /// A layer served through its seekable index.
@@ -155,6 +159,30 @@ impl IndexedLayer {
         }
     }
 
+    /// Fetched bytes that do not decode to what the index promises.
+    fn verification_error(&self, problem: String) -> ReadError {
+        metrics().error(ErrorKind::Verification);
+        self.error(problem)
+    }
+
+    fn cache_error(&self, problem: String) -> ReadError {
+        metrics().error(ErrorKind::Cache);
+        self.error(problem)
+    }
+
+    /// Bytes of the compressed layer whose spans are in the node cache:
+    /// how much of the layer this node has.
+    pub fn local_bytes(&self) -> u64 {
+        let local: u64 = (0..self.span_locks.len())
+            .filter(|i| self.cache.contains(&self.span_key(*i)))
+            .map(|i| {
+                let input = self.index.span_input(i);
+                input.end - input.start
+            })
+            .sum();
+        local.min(self.index.meta().layer.size)
+    }
+
     /// Every cache key this layer may have filled: its spans and windows.
     pub fn all_cache_keys(&self) -> Vec<CacheKey> {
         (0..self.index.meta().spans.len())
@@ -201,6 +229,7 @@ impl IndexedLayer {
             .map(|(i, _)| *i)
             .filter(|i| !self.cache.contains(&self.span_key(*i)))
             .collect();
+        metrics().cache_lookups((run.len() - missing.len()) as u64, missing.len() as u64);
         let mut start = 0;
         while start < missing.len() {
             let mut end = start + 1;
@@ -236,6 +265,7 @@ impl IndexedLayer {
                 .layer_bytes
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            metrics().fetched(Purpose::OnDemand, bytes.len() as u64);
             match self.decode_and_store(&run, first, &bytes).await {
                 Ok(()) => return Ok(()),
                 Err(err) => {
@@ -260,10 +290,10 @@ impl IndexedLayer {
             let data = self
                 .index
                 .decode_span(i, compressed, &window)
-                .map_err(|e| self.error(e.to_string()))?;
+                .map_err(|e| self.verification_error(e.to_string()))?;
             self.cache
                 .put(&self.span_key(i), &data)
-                .map_err(|e| self.error(format!("cannot cache span {i}: {e}")))?;
+                .map_err(|e| self.cache_error(format!("cannot cache span {i}: {e}")))?;
         }
         Ok(())
     }
@@ -287,13 +317,14 @@ impl IndexedLayer {
         self.stats
             .index_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        metrics().fetched(Purpose::Index, bytes.len() as u64);
         let window = self
             .index
             .decode_window(i, &bytes)
-            .map_err(|e| self.error(e.to_string()))?;
+            .map_err(|e| self.verification_error(e.to_string()))?;
         self.cache
             .put(&key, &window)
-            .map_err(|e| self.error(format!("cannot cache a window: {e}")))?;
+            .map_err(|e| self.cache_error(format!("cannot cache a window: {e}")))?;
         Ok(window)
     }
 
@@ -339,6 +370,7 @@ impl IndexedLayer {
             self.stats
                 .background_bytes
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            metrics().fetched(Purpose::Background, bytes.len() as u64);
             offset = end;
             // Decode every span the buffer now holds completely.
             while next_span < self.span_locks.len()
@@ -355,9 +387,9 @@ impl IndexedLayer {
                         let data = self
                             .index
                             .decode_span(next_span, &buffer[from..to], &window)
-                            .map_err(|e| self.error(e.to_string()))?;
+                            .map_err(|e| self.verification_error(e.to_string()))?;
                         self.cache.put(&key, &data).map_err(|e| {
-                            self.error(format!("cannot cache span {next_span}: {e}"))
+                            self.cache_error(format!("cannot cache span {next_span}: {e}"))
                         })?;
                     }
                 }

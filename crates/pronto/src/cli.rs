@@ -106,6 +106,14 @@ pub enum Command {
         #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
         platform: String,
     },
+    /// Ask the running `pronto serve` what it has mounted lazily: per
+    /// image, each layer's bytes on this node against its size and the
+    /// background fetch's progress; also the cache and fallbacks.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Unmount a directory mounted by `pronto mount`, even with readers
     /// blocked in it.
     Umount { dir: std::path::PathBuf },

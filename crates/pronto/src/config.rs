@@ -43,6 +43,9 @@ pub struct Config {
     /// (created with mode 0600; containerd's `[proxy_plugins.pronto]`
     /// `address` must name it).
     pub address: PathBuf,
+    /// `HOST:PORT` where `pronto serve` answers Prometheus scrapes on
+    /// `/metrics`; empty turns the endpoint off.
+    pub metrics_address: String,
     /// How Pronto talks to registries.
     pub registry: RegistryConfig,
     /// The node cache.
@@ -58,6 +61,7 @@ impl Default for Config {
         Self {
             root: PathBuf::from(DEFAULT_ROOT),
             address: PathBuf::from(DEFAULT_ADDRESS),
+            metrics_address: String::new(),
             registry: RegistryConfig::default(),
             cache: CacheConfig::default(),
             fetch: FetchConfig::default(),
@@ -188,6 +192,10 @@ pub struct RegistryConfig {
     pub hosts_dir: PathBuf,
     /// Requests in flight to one registry at a time.
     pub max_concurrent_per_registry: usize,
+    /// Docker `config.json` to read credentials from; unset means
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_config: Option<PathBuf>,
 }
 
 impl Default for RegistryConfig {
@@ -195,6 +203,7 @@ impl Default for RegistryConfig {
         Self {
             hosts_dir: PathBuf::from("/etc/containerd/certs.d"),
             max_concurrent_per_registry: 32,
+            docker_config: None,
         }
     }
 }
@@ -245,6 +254,17 @@ impl LoadedConfig {
 }
 
 impl Config {
+    /// The address of the metrics endpoint, `None` when it is off.
+    pub fn metrics_socket(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let text = self.metrics_address.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            format!("must be HOST:PORT with an IP address, like \"127.0.0.1:9746\", not {text:?}")
+        })
+    }
+
     /// Parses and validates TOML text; `path` is used only in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
@@ -281,6 +301,17 @@ impl Config {
                     self.registry.hosts_dir
                 ),
             ));
+        }
+        if let Some(path) = &self.registry.docker_config
+            && !path.is_absolute()
+        {
+            return Err(invalid(
+                "registry.docker_config",
+                format!("must be an absolute path, not {path:?}"),
+            ));
+        }
+        if let Err(problem) = self.metrics_socket() {
+            return Err(invalid("metrics_address", problem));
         }
         if let Err(problem) = crate::cli::parse_size(&self.fetch.background_rate) {
             return Err(invalid("fetch.background_rate", problem));
@@ -342,6 +373,28 @@ mod tests {
     fn empty_file_gives_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
         assert_eq!(Config::default().root, PathBuf::from("/var/lib/pronto"));
+    }
+
+    #[test]
+    fn metrics_address_and_docker_config_are_checked() {
+        assert_eq!(parse("").unwrap().metrics_socket(), Ok(None));
+        let config = parse("metrics_address = \"127.0.0.1:9746\"\n").unwrap();
+        assert_eq!(
+            config.metrics_socket(),
+            Ok(Some("127.0.0.1:9746".parse().unwrap()))
+        );
+        let err = parse("metrics_address = \"localhost\"\n").unwrap_err();
+        assert!(err.to_string().contains("key `metrics_address`"), "{err}");
+        let err = parse("[registry]\ndocker_config = \"config.json\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("key `registry.docker_config`"),
+            "{err}"
+        );
+        let config = parse("[registry]\ndocker_config = \"/etc/pronto/docker.json\"\n").unwrap();
+        assert_eq!(
+            config.registry.docker_config,
+            Some(PathBuf::from("/etc/pronto/docker.json"))
+        );
     }
 
     #[test]

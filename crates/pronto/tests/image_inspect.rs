@@ -145,7 +145,7 @@ fn docker_config_credentials_are_used() {
         ),
         ("none", serde_json::json!({})),
     ];
-    for (kind, config) in configs {
+    for (kind, config) in &configs {
         let dir = work.path().join(kind);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -160,7 +160,7 @@ fn docker_config_credentials_are_used() {
             !stderr.contains("pa55"),
             "{kind}: a secret reached the output: {stderr}"
         );
-        if kind == "none" {
+        if *kind == "none" {
             assert!(!out.status.success(), "anonymous access must fail");
             assert!(stderr.contains("no credentials are configured"), "{stderr}");
         } else {
@@ -171,5 +171,32 @@ fn docker_config_credentials_are_used() {
                 "{kind}"
             );
         }
+    }
+
+    // `registry.docker_config` names the file, wherever it is; the debug
+    // log of the whole exchange carries no secret either.
+    let elsewhere = work.path().join("etc-pronto-docker.json");
+    std::fs::write(&elsewhere, configs[0].1.to_string()).unwrap();
+    let config = work.path().join("pronto.toml");
+    std::fs::write(
+        &config,
+        format!("[registry]\ndocker_config = \"{}\"\n", elsewhere.display()),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pronto"))
+        .args(["--config", config.to_str().unwrap()])
+        .args(["image", "inspect", &reference, "--json"])
+        .env("DOCKER_CONFIG", work.path().join("none"))
+        .env("PRONTO_LOG", "trace")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "docker_config: {stderr}");
+    assert!(stderr.contains("DEBUG"), "debug logging was on: {stderr}");
+    for secret in ["pa55", "ZGF2ZTpwYTU1"] {
+        assert!(
+            !stderr.contains(secret),
+            "a secret reached the log: {stderr}"
+        );
     }
 }

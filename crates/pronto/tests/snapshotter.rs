@@ -2,13 +2,14 @@
 //! registry (behind a byte-counting relay), containerd 1.6 with CRI, runc,
 //! and Pronto's FUSE mounts.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use pronto_testbed::cri::Cri;
 use pronto_testbed::image::BuiltImage;
-use pronto_testbed::net::wait_until;
+use pronto_testbed::net::{free_loopback_port, http_get, wait_until};
 use pronto_testbed::process::{Daemon, mounts_below, unmount_below};
 use pronto_testbed::tree::{SnapshotOptions, diff, snapshot, without_dir_link_counts};
 use pronto_testbed::{
@@ -43,6 +44,8 @@ struct Stack {
     containerd: Option<Containerd>,
     serve: Option<Daemon>,
     serve_starts: usize,
+    /// Where `pronto serve` answers Prometheus scrapes.
+    metrics: SocketAddr,
 }
 
 impl Stack {
@@ -62,10 +65,11 @@ impl Stack {
             extra_config: String::new(),
         })
         .unwrap();
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_loopback_port().unwrap()));
         std::fs::write(
             work.path().join("config.toml"),
             format!(
-                "root = \"{}\"\naddress = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = false\n",
+                "root = \"{}\"\naddress = \"{}\"\nmetrics_address = \"{metrics}\"\n[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = false\n",
                 work.path().join("root").display(),
                 work.path().join("pronto.sock").display(),
                 containerd.hosts_dir().display(),
@@ -80,6 +84,7 @@ impl Stack {
             containerd: Some(containerd),
             serve: None,
             serve_starts: 0,
+            metrics,
         };
         stack.start_serve();
         stack
@@ -288,6 +293,147 @@ fn cri_pull_mounts_indexed_layers_lazily_and_the_container_runs() {
         stdout(&out).starts_with(&model_sha256()),
         "{}",
         stdout(&out)
+    );
+}
+
+/// The value of sample `series` (name and labels exactly as exported) in
+/// Prometheus text, if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+}
+
+#[test]
+fn metrics_and_status_account_for_what_the_registry_served() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    let (reference, image) = stack.push_model_image("watched/model", true);
+    // Only what `pronto serve` asks for from here on.
+    let before = stack.registry.access_log().unwrap().len();
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    cri.pull_image(&reference).unwrap();
+    let head = 3_000_000;
+    let out = stack.run(
+        &reference,
+        &[
+            "sh",
+            "-c",
+            &format!("head -c {head} /model/weights.bin | sha256sum"),
+        ],
+    );
+    let expected = hex::encode(Sha256::digest(&MODEL.to_vec().unwrap()[..head]));
+    assert!(stdout(&out).starts_with(&expected), "{}", stdout(&out));
+
+    // Every response body byte the registry wrote to Pronto is counted,
+    // no more (the access log is written when a response completes).
+    let served = || -> u64 {
+        stack.registry.access_log().unwrap()[before..]
+            .iter()
+            .filter(|entry| entry.user_agent.starts_with("pronto/"))
+            .map(|entry| entry.bytes)
+            .sum()
+    };
+    let scrape = || {
+        let (status, text) = http_get(stack.metrics, "/metrics").unwrap();
+        assert_eq!(status, 200, "{text}");
+        text
+    };
+    let received = |text: &str| sample(text, "pronto_registry_received_bytes_total");
+    let mut text = scrape();
+    let settled = wait_until(
+        "metrics match the access log",
+        Duration::from_secs(10),
+        || {
+            text = scrape();
+            Ok(received(&text) == Some(served() as f64))
+        },
+    );
+    assert!(
+        settled.is_ok(),
+        "registry served {} bytes to Pronto, metrics say {:?}:\n{text}",
+        served(),
+        received(&text)
+    );
+    let fetched = |purpose: &str| {
+        sample(
+            &text,
+            &format!("pronto_fetched_bytes_total{{purpose=\"{purpose}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let (on_demand, index, whole) = (
+        fetched("on_demand"),
+        fetched("index"),
+        fetched("whole_layer"),
+    );
+    assert!(
+        on_demand >= head as f64 / 2.0,
+        "reads were fetched on demand:\n{text}"
+    );
+    assert!(on_demand < image.layers_size() as f64 / 4.0, "{text}");
+    assert!(
+        index > 0.0,
+        "the index prefix came from the registry:\n{text}"
+    );
+    // The busybox layer has no index of its own: fetched whole by Pronto.
+    assert_eq!(whole, image.layers[0].size as f64, "{text}");
+    assert!(
+        on_demand + index + whole <= received(&text).unwrap(),
+        "layer bytes are part of all bytes received:\n{text}"
+    );
+    for (series, value) in [
+        ("pronto_fallbacks_total{reason=\"layer-not-indexed\"}", 1.0),
+        ("pronto_lazy_mounts", 1.0),
+        ("pronto_fetched_bytes_total{purpose=\"background\"}", 0.0),
+    ] {
+        assert_eq!(
+            sample(&text, series).unwrap_or(0.0),
+            value,
+            "{series}:\n{text}"
+        );
+    }
+    assert!(sample(&text, "pronto_cache_hits_total").is_some(), "{text}");
+    assert!(
+        sample(&text, "pronto_cache_misses_total").unwrap() > 0.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "pronto_cache_usage_bytes").unwrap() > 0.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "pronto_range_request_duration_seconds_count").unwrap() > 0.0,
+        "{text}"
+    );
+    for kind in ["read", "verification", "registry"] {
+        let series = format!("pronto_errors_total{{kind=\"{kind}\"}}");
+        assert_eq!(sample(&text, &series), None, "{text}");
+    }
+
+    // `pronto status` names the image and how much of its layer is here.
+    let status: serde_json::Value =
+        serde_json::from_str(&stack.pronto_ok(&["status", "--json"])).unwrap();
+    let images = status["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{status}");
+    assert_eq!(images[0]["reference"], reference.as_str(), "{status}");
+    let layer = &images[0]["layers"][0];
+    let (local, size) = (
+        layer["local_bytes"].as_u64().unwrap(),
+        layer["size"].as_u64().unwrap(),
+    );
+    assert!(local >= head as u64 / 2 && local < size / 4, "{status}");
+    assert_eq!(
+        layer["fetched_on_demand"].as_f64().unwrap(),
+        on_demand,
+        "{status}"
+    );
+    assert_eq!(layer["background"], "off", "{status}");
+    assert_eq!(status["fallbacks"]["layer-not-indexed"], 1, "{status}");
+    let table = stack.pronto_ok(&["status"]);
+    assert!(
+        table.contains(&reference) && table.contains("1 lazy layer,"),
+        "{table}"
     );
 }
 

@@ -3,8 +3,10 @@
 //! Credentials and tokens never reach logs or error messages.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use docker_credential::{CredentialRetrievalError, DockerCredential};
 use serde::Deserialize;
 
 /// A user name and password (or identity token) for one registry.
@@ -56,10 +58,32 @@ impl CredentialSource for StaticCredentials {
     }
 }
 
-/// Docker's `config.json` (`$DOCKER_CONFIG/config.json`, else
-/// `~/.docker/config.json`): `auths`, `credsStore` and `credHelpers`.
+/// Docker's `config.json`: `auths`, `credsStore` and `credHelpers`. The
+/// file is `path` when set, else `$DOCKER_CONFIG/config.json`, else
+/// `~/.docker/config.json`. It is read at every authentication, so a
+/// `docker login` takes effect without a restart.
 #[derive(Debug, Default, Clone)]
-pub struct DockerConfigCredentials;
+pub struct DockerConfigCredentials {
+    pub path: Option<PathBuf>,
+}
+
+impl DockerConfigCredentials {
+    /// Credentials from the config file at `path` (or the default place).
+    pub fn at(path: Option<PathBuf>) -> Self {
+        Self { path }
+    }
+
+    fn lookup(&self, key: &str) -> Result<DockerCredential, CredentialRetrievalError> {
+        match &self.path {
+            Some(path) => {
+                let file = std::fs::File::open(path)
+                    .map_err(|_| CredentialRetrievalError::ConfigReadError)?;
+                docker_credential::get_credential_from_reader(std::io::BufReader::new(file), key)
+            }
+            None => docker_credential::get_credential(key),
+        }
+    }
+}
 
 impl CredentialSource for DockerConfigCredentials {
     fn credentials(&self, host: &str) -> Option<Credentials> {
@@ -69,15 +93,16 @@ impl CredentialSource for DockerConfigCredentials {
         } else {
             host
         };
-        match docker_credential::get_credential(key) {
-            Ok(docker_credential::DockerCredential::UsernamePassword(username, password)) => {
+        match self.lookup(key) {
+            Ok(DockerCredential::UsernamePassword(username, password)) => {
                 Some(Credentials { username, password })
             }
-            Ok(docker_credential::DockerCredential::IdentityToken(token)) => Some(Credentials {
+            Ok(DockerCredential::IdentityToken(token)) => Some(Credentials {
                 username: "<token>".to_owned(),
                 password: token,
             }),
             Err(err) => {
+                // The error names no secret: "no credentials", "helper failed".
                 tracing::debug!(registry = host, "no docker credentials: {err}");
                 None
             }

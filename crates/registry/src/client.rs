@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use pronto_metrics::{ErrorKind, metrics};
 use rand::Rng;
 use reqwest::header::{HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
@@ -281,7 +282,10 @@ impl RegistryClient {
                     tracing::warn!(%target, attempt, ?delay, "retrying: {err}");
                     tokio::time::sleep(delay).await;
                 }
-                Err(err) => return Err(err),
+                Err(err) => {
+                    metrics().error(ErrorKind::Registry);
+                    return Err(err);
+                }
             }
         }
     }
@@ -329,7 +333,10 @@ impl RegistryClient {
                     tracing::warn!(%target, attempt, ?delay, "retrying: {err}");
                     tokio::time::sleep(delay).await;
                 }
-                Err(err) => return Err(err),
+                Err(err) => {
+                    metrics().error(ErrorKind::Registry);
+                    return Err(err);
+                }
             }
         }
     }
@@ -480,7 +487,12 @@ impl RegistryClient {
                 attempts: attempt,
                 source: source.without_url(),
             }),
-            Ok(Ok(chunk)) => Ok(chunk),
+            Ok(Ok(chunk)) => {
+                if let Some(chunk) = &chunk {
+                    metrics().registry_received(chunk.len() as u64);
+                }
+                Ok(chunk)
+            }
         }
     }
 

@@ -3,6 +3,8 @@
 
 use sha2::{Digest as _, Sha256};
 
+use pronto_metrics::{ErrorKind, metrics};
+
 use crate::error::{RegistryError, Target};
 
 /// `sha256:<hex>` of `bytes`.
@@ -15,13 +17,20 @@ pub fn verify_digest(target: &Target, expected: &str, bytes: &[u8]) -> Result<()
     check_algorithm(target, expected)?;
     let actual = sha256_digest(bytes);
     if actual != expected {
-        return Err(RegistryError::DigestMismatch {
-            target: target.clone(),
-            expected: expected.to_owned(),
-            actual,
-        });
+        return Err(mismatch(target, expected, actual));
     }
     Ok(())
+}
+
+/// The error for bytes that hash to `actual` instead of `expected`,
+/// counted in `pronto_errors_total{kind="verification"}`.
+pub(crate) fn mismatch(target: &Target, expected: &str, actual: String) -> RegistryError {
+    metrics().error(ErrorKind::Verification);
+    RegistryError::DigestMismatch {
+        target: target.clone(),
+        expected: expected.to_owned(),
+        actual,
+    }
 }
 
 /// Rejects digests Pronto cannot verify, before any byte is fetched.

@@ -3,15 +3,17 @@
 //! by byte range.
 
 use std::ops::Range;
+use std::time::Instant;
 
 use bytes::Bytes;
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
+use pronto_metrics::metrics;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, CONTENT_TYPE};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::client::{Fetched, Request};
-use crate::digest::{StreamDigest, check_algorithm, sha256_digest, verify_digest};
+use crate::digest::{StreamDigest, check_algorithm, mismatch, sha256_digest, verify_digest};
 use crate::error::{RegistryError, Target};
 use crate::{Reference, RegistryClient, Repository, Result};
 
@@ -143,11 +145,7 @@ impl RegistryClient {
             && header.starts_with("sha256:")
             && header != digest
         {
-            return Err(RegistryError::DigestMismatch {
-                target,
-                expected: header.to_owned(),
-                actual: digest,
-            });
+            return Err(mismatch(&target, header, digest));
         }
         let header_type = fetched
             .headers
@@ -302,11 +300,7 @@ impl RegistryClient {
         })?;
         let actual = hasher.finish();
         if actual != digest {
-            return Err(RegistryError::DigestMismatch {
-                target,
-                expected: digest.to_owned(),
-                actual,
-            });
+            return Err(mismatch(&target, digest, actual));
         }
         Ok(written)
     }
@@ -364,7 +358,9 @@ impl RegistryClient {
         }
         let request = Request::get(self.url(repo, &format!("blobs/{digest}")))
             .header("range", format!("bytes={}-{}", range.start, range.end - 1));
+        let started = Instant::now();
         let fetched = self.fetch(repo, &target, &request, blob_size).await?;
+        metrics().range_request(started.elapsed());
         let len = range.end - range.start;
         match fetched.status {
             StatusCode::PARTIAL_CONTENT => {

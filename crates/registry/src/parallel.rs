@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use tokio::sync::Semaphore;
 
-use crate::digest::{StreamDigest, check_algorithm};
+use crate::digest::{StreamDigest, check_algorithm, mismatch};
 use crate::error::{RegistryError, Target};
 use crate::{RegistryClient, Repository, Result};
 
@@ -111,11 +111,7 @@ impl RegistryClient {
             .map_err(write_error)?;
         let actual = hasher.finish();
         if actual != digest {
-            return Err(RegistryError::DigestMismatch {
-                target: target.clone(),
-                expected: digest.to_owned(),
-                actual,
-            });
+            return Err(mismatch(target, digest, actual));
         }
         Ok(())
     }

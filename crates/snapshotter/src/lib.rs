@@ -11,6 +11,7 @@ pub mod local;
 pub mod pull;
 pub mod remote;
 mod service;
+pub mod status;
 pub mod unpack;
 pub mod whole;
 
@@ -21,6 +22,10 @@ mod generated {
         env!("OUT_DIR"),
         "/containerd.services.snapshots.v1.Snapshots.rs"
     ));
+
+    pub mod status {
+        include!(concat!(env!("OUT_DIR"), "/pronto.v1.Status.rs"));
+    }
 }
 
 use std::path::Path;
@@ -28,6 +33,7 @@ use std::path::Path;
 pub use local::LocalSnapshots;
 pub use remote::{Fallback, Remote, RemoteOptions};
 pub use service::Snapshotter;
+pub use status::StatusService;
 pub use whole::{PullSettings, WholeLayers};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +52,11 @@ pub enum SnapshotError {
     Internal(String),
 }
 
-/// Serves `snapshotter` on the unix socket `address` (mode 0600) until
-/// `shutdown` completes. A stale socket file is replaced.
+/// Serves `snapshotter` and `status` on the unix socket `address` (mode
+/// 0600) until `shutdown` completes. A stale socket file is replaced.
 pub async fn serve(
     snapshotter: Snapshotter,
+    status: Option<StatusService>,
     address: &Path,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
@@ -69,6 +76,7 @@ pub async fn serve(
         .add_service(generated::snapshots_server::SnapshotsServer::new(
             snapshotter,
         ))
+        .add_optional_service(status.map(generated::status::status_server::StatusServer::new))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(std::io::Error::other)

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,8 @@ use pronto_registry::{RegistryClient, Repository, parse_reference};
 use pronto_store::ContentCache;
 
 use crate::local::{LocalSnapshots, RemoteLayer};
+use crate::status::{ImageStatus, LayerStatus};
+use pronto_metrics::{ErrorKind, metrics};
 
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
 pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
@@ -74,6 +77,7 @@ struct OpenLayer {
 
 /// A live lazy mount.
 struct Mounted {
+    image_ref: String,
     layer: Arc<IndexedLayer>,
     dir: PathBuf,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -169,6 +173,7 @@ impl Remote {
             *count += 1;
             *count
         };
+        metrics().fallback(reason.as_str());
         tracing::warn!(
             reason = reason.as_str(),
             count,
@@ -348,13 +353,20 @@ impl Remote {
             let (layer, rate) = (layer.clone(), self.options.background_rate);
             self.runtime.spawn(async move {
                 if let Err(err) = layer.fetch_in_background(4 << 20, rate).await {
+                    metrics().error(ErrorKind::BackgroundFetch);
+                    layer
+                        .stats()
+                        .background_failed
+                        .store(true, Ordering::SeqCst);
                     tracing::warn!(layer = layer.digest(), "background fetch stopped: {err}");
                 }
             });
         }
+        metrics().lazy_mount_added();
         self.lock_mounted().insert(
             id,
             Mounted {
+                image_ref: remote.image_ref.clone(),
                 layer,
                 dir: dir.to_owned(),
                 shutdown,
@@ -421,6 +433,7 @@ impl Remote {
         let Some(mounted) = self.lock_mounted().remove(&id) else {
             return;
         };
+        metrics().lazy_mount_removed();
         let _ = mounted.shutdown.send(true);
         if let Err(e) = mounts::detach_and_abort(&mounted.dir) {
             tracing::warn!("cannot unmount {}: {e}", mounted.dir.display());
@@ -450,5 +463,43 @@ impl Remote {
 
     pub fn is_mounted(&self, id: u64) -> bool {
         self.lock_mounted().contains_key(&id)
+    }
+
+    /// What is mounted lazily, by image, and how much of it is local.
+    pub fn status(&self) -> Vec<ImageStatus> {
+        let mut images: BTreeMap<String, Vec<LayerStatus>> = BTreeMap::new();
+        for (id, mounted) in self.lock_mounted().iter() {
+            let layer = &mounted.layer;
+            let stats = layer.stats();
+            let background = if stats.complete.load(Ordering::SeqCst) {
+                "complete"
+            } else if stats.background_failed.load(Ordering::SeqCst) {
+                "failed"
+            } else if self.options.background {
+                "running"
+            } else {
+                "off"
+            };
+            images
+                .entry(mounted.image_ref.clone())
+                .or_default()
+                .push(LayerStatus {
+                    digest: layer.digest().to_owned(),
+                    size: layer.index().meta().layer.size,
+                    local_bytes: layer.local_bytes(),
+                    fetched_on_demand: stats.layer_bytes.load(Ordering::Relaxed),
+                    fetched_in_background: stats.background_bytes.load(Ordering::Relaxed),
+                    background: background.to_owned(),
+                    snapshot_id: *id,
+                    mountpoint: mounted.dir.display().to_string(),
+                });
+        }
+        images
+            .into_iter()
+            .map(|(reference, mut layers)| {
+                layers.sort_by_key(|l| l.snapshot_id);
+                ImageStatus { reference, layers }
+            })
+            .collect()
     }
 }

@@ -14,6 +14,7 @@ use crate::generated::snapshots_server::Snapshots;
 use crate::local::{Info, Kind, LocalSnapshots, Mount};
 use crate::remote::{Fallback, LABEL_TARGET, Remote};
 use crate::whole::{WholeError, WholeLayers};
+use pronto_metrics::{ErrorKind, metrics};
 
 const CONTAINERD_PULLS: &str = "containerd fetches and unpacks this layer";
 
@@ -29,6 +30,12 @@ pub struct Snapshotter {
 impl From<SnapshotError> for Status {
     fn from(e: SnapshotError) -> Self {
         let message = e.to_string();
+        if !matches!(
+            e,
+            SnapshotError::NotFound(_) | SnapshotError::AlreadyExists(_)
+        ) {
+            metrics().error(ErrorKind::SnapshotApi);
+        }
         match e {
             SnapshotError::NotFound(_) => Status::not_found(message),
             SnapshotError::AlreadyExists(_) => Status::already_exists(message),

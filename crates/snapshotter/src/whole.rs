@@ -24,6 +24,7 @@ use crate::SnapshotError;
 use crate::local::{LocalSnapshots, disk_usage};
 use crate::remote::{LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET};
 use crate::unpack::{Compression, UnpackError, unpack};
+use pronto_metrics::{ErrorKind, Purpose, metrics};
 
 /// The image config is small; anything larger is not a config.
 const MAX_CONFIG_SIZE: u64 = 4 << 20;
@@ -299,7 +300,10 @@ impl WholeLayers {
                     seconds = started.elapsed().as_secs_f64(),
                     "layer fetched in parallel and unpacked"
                 ),
-                Err(e) => tracing::warn!(layer = layer.digest, "whole-layer pull failed: {e:?}"),
+                Err(e) => {
+                    metrics().error(ErrorKind::ParallelPull);
+                    tracing::warn!(layer = layer.digest, "whole-layer pull failed: {e:?}");
+                }
             }
             let _ = tx.send(Some(result));
         });
@@ -338,6 +342,7 @@ impl WholeLayers {
                 .blob_to_file_parallel(&image.repository, &layer.digest, layer.size, &partial, plan)
                 .await
                 .map_err(|e| failed(e.to_string()))?;
+            metrics().fetched(Purpose::WholeLayer, layer.size);
             std::fs::rename(&partial, &blob).map_err(|e| failed(e.to_string()))?;
         }
         let _node = self.unpacks.acquire().await.expect("never closed");

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use pronto_metrics::metrics;
 use redb::{Database, ReadableTable, TableDefinition};
 
 /// A content key: 32 bytes, typically a SHA-256.
@@ -151,7 +152,15 @@ impl ContentCache {
             .map(|(k, size)| (k, (size, 0)))
             .collect();
         self.usage.store(total, Ordering::Relaxed);
+        drop(state);
+        self.report_size();
         Ok(())
+    }
+
+    /// Publishes usage and budget as `pronto_cache_usage_bytes` and
+    /// `pronto_cache_budget_bytes`.
+    fn report_size(&self) {
+        metrics().cache_size(self.usage.load(Ordering::Relaxed), self.budget);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -302,6 +311,7 @@ impl ContentCache {
                 self.usage.fetch_add(size, Ordering::Relaxed);
             }
         }
+        self.report_size();
         self.evict_to(self.budget)
     }
 
@@ -356,7 +366,10 @@ impl ContentCache {
                 .map(|(k, size, _)| (k, size))
                 .collect()
         };
-        self.delete(victims)
+        let (entries, bytes) = self.delete(victims)?;
+        self.evictions.fetch_add(entries, Ordering::Relaxed);
+        metrics().cache_evicted(entries, bytes);
+        Ok(())
     }
 
     /// Drops `keys` from the cache (those not pinned by an open file), e.g.
@@ -370,16 +383,15 @@ impl ContentCache {
                 .filter_map(|k| state.entries.get(k).map(|(size, _)| (*k, *size)))
                 .collect()
         };
-        let freed = victims.iter().map(|(_, size)| size).sum();
-        self.delete(victims)?;
+        let (_, freed) = self.delete(victims)?;
         Ok(freed)
     }
 
-    /// Deletes entries from the database, then their files. The caller
-    /// holds the eviction lock.
-    fn delete(&self, victims: Vec<(CacheKey, u64)>) -> Result<(), CacheError> {
+    /// Deletes entries from the database, then their files, and returns
+    /// how many entries and bytes went. The caller holds the eviction lock.
+    fn delete(&self, victims: Vec<(CacheKey, u64)>) -> Result<(u64, u64), CacheError> {
         if victims.is_empty() {
-            return Ok(());
+            return Ok((0, 0));
         }
         let txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
         {
@@ -389,17 +401,23 @@ impl ContentCache {
             }
         }
         txn.commit().map_err(db_error(&self.db_path))?;
-        let mut state = self.lock();
-        for (key, size) in victims {
-            // Pinned meanwhile: the entry is gone from the database, so keep
-            // nothing half-way; the data will be fetched again if needed.
-            if state.entries.remove(&key).is_some() {
-                let _ = std::fs::remove_file(self.path(&key));
-                self.usage.fetch_sub(size, Ordering::Relaxed);
-                self.evictions.fetch_add(1, Ordering::Relaxed);
+        let (mut entries, mut bytes) = (0, 0);
+        {
+            let mut state = self.lock();
+            for (key, size) in victims {
+                // Pinned meanwhile: the entry is gone from the database, so
+                // keep nothing half-way; the data will be fetched again if
+                // needed.
+                if state.entries.remove(&key).is_some() {
+                    let _ = std::fs::remove_file(self.path(&key));
+                    self.usage.fetch_sub(size, Ordering::Relaxed);
+                    entries += 1;
+                    bytes += size;
+                }
             }
         }
-        Ok(())
+        self.report_size();
+        Ok((entries, bytes))
     }
 
     pub fn stats(&self) -> CacheStats {

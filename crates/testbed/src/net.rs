@@ -27,6 +27,27 @@ pub fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     line.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
 }
 
+/// Sends `GET path` over HTTP/1.0 and returns the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connect to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("read the answer to GET {path} from {addr}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no end of headers in {response:?}"))?;
+    let status = head
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no status line in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
 /// Polls `probe` every 50 ms until it returns `Ok(true)`, fails, or
 /// `timeout` passes; the error names `what`.
 pub fn wait_until(

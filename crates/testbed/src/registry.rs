@@ -155,6 +155,13 @@ impl Registry {
         self.daemon.log_tail(lines)
     }
 
+    /// Every request the registry has answered so far, from its access log.
+    pub fn access_log(&self) -> Result<Vec<AccessLogEntry>> {
+        let text = std::fs::read_to_string(self.daemon.log_path())
+            .with_context(|| format!("read {}", self.daemon.log_path().display()))?;
+        Ok(text.lines().filter_map(AccessLogEntry::parse).collect())
+    }
+
     /// Pushes image `name` of `layout` as `repo:tag` with OCI manifests and
     /// returns the full reference (`127.0.0.1:PORT/repo:tag`).
     pub fn push(&self, layout: &OciLayout, name: &str, repo_tag: &str) -> Result<String> {
@@ -206,6 +213,41 @@ impl Registry {
     }
 }
 
+/// One line of the registry's access log (Apache combined format):
+/// `127.0.0.1 - - [date] "GET /v2/... HTTP/1.1" 206 1024 "" "pronto/0.1.0"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogEntry {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// Bytes of the response body the registry wrote.
+    pub bytes: u64,
+    pub user_agent: String,
+}
+
+impl AccessLogEntry {
+    fn parse(line: &str) -> Option<Self> {
+        let (_, rest) = line.split_once("] \"")?;
+        let (request, rest) = rest.split_once("\" ")?;
+        let mut request = request.split(' ');
+        let (method, path) = (request.next()?, request.next()?);
+        let mut fields = rest.splitn(3, ' ');
+        let status = fields.next()?.parse().ok()?;
+        let bytes = match fields.next()? {
+            "-" => 0,
+            n => n.parse().ok()?,
+        };
+        let user_agent = fields.next()?.rsplit_once(" \"")?.1.strip_suffix('"')?;
+        Some(Self {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            status,
+            bytes,
+            user_agent: user_agent.to_owned(),
+        })
+    }
+}
+
 fn config_yaml(dir: &TempDir, addr: SocketAddr, options: &RegistryOptions) -> String {
     let storage = dir.path().join("storage");
     let mut yaml = format!(
@@ -247,4 +289,26 @@ health:
         ));
     }
     yaml
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_log_lines_parse() {
+        let line = r#"127.0.0.1 - - [26/Nov/2026:02:28:34 +0000] "GET /v2/x/blobs/sha256:00 HTTP/1.1" 206 157 "" "pronto/0.1.0""#;
+        assert_eq!(
+            AccessLogEntry::parse(line),
+            Some(AccessLogEntry {
+                method: "GET".into(),
+                path: "/v2/x/blobs/sha256:00".into(),
+                status: 206,
+                bytes: 157,
+                user_agent: "pronto/0.1.0".into(),
+            })
+        );
+        let app_line = r#"time="2026-11-26T02:28:34Z" level=info msg="response completed" http.request.uri=/v2/"#;
+        assert_eq!(AccessLogEntry::parse(app_line), None);
+    }
 }

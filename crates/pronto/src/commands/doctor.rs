@@ -283,7 +283,7 @@ async fn image(config: &Config, reference: &str, platform: &str) -> Vec<Check> {
                 || text.contains("403")
                 || text.to_lowercase().contains("auth")
             {
-                "check the credentials for this registry in docker's config.json (docker login, or $DOCKER_CONFIG)"
+                "check the credentials for this registry in docker's config.json (docker login; the file is registry.docker_config, else $DOCKER_CONFIG/config.json or ~/.docker/config.json)"
             } else {
                 "check that the registry is reachable from this node (hosts.toml mirrors, network, the reference)"
             };

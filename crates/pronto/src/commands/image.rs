@@ -35,12 +35,14 @@ pub fn run(cmd: ImageCommand, config: &Config) -> Result<()> {
 }
 
 /// A registry client set up from the configuration: hosts.toml settings,
-/// docker's credentials, the concurrency limit.
+/// docker's credentials (`registry.docker_config`), the concurrency limit.
 pub fn registry_client(config: &Config) -> Result<RegistryClient> {
     let hosts = Hosts::load_dir(&config.registry.hosts_dir)?;
     Ok(RegistryClient::new(ClientConfig {
         hosts,
-        credentials: Arc::new(DockerConfigCredentials),
+        credentials: Arc::new(DockerConfigCredentials::at(
+            config.registry.docker_config.clone(),
+        )),
         max_concurrent_per_registry: config.registry.max_concurrent_per_registry,
         ..Default::default()
     })?)

@@ -9,6 +9,7 @@ mod index;
 mod mount;
 mod pull;
 mod serve;
+mod status;
 
 use anyhow::Result;
 
@@ -79,6 +80,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve => serve::run(&loaded.config),
+        Command::Status { json } => status::run(&loaded.config, json),
         Command::Umount { dir } => mount::unmount(&dir),
         Command::Cache(cmd) => cache::run(cmd, &loaded.config),
     }

@@ -5,11 +5,14 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use pronto_catalog::LocalIndexStore;
-use pronto_snapshotter::{LocalSnapshots, Remote, RemoteOptions, Snapshotter, WholeLayers};
+use pronto_snapshotter::{
+    LocalSnapshots, Remote, RemoteOptions, Snapshotter, StatusService, WholeLayers,
+};
 
 use crate::commands::image::registry_client;
 use crate::commands::mount::open_cache;
 use crate::config::Config;
+use crate::metrics_endpoint;
 
 pub fn run(config: &Config) -> Result<()> {
     let runtime = super::runtime()?;
@@ -25,7 +28,7 @@ pub fn run(config: &Config) -> Result<()> {
     let remote = Arc::new(Remote::new(
         client,
         store,
-        cache,
+        cache.clone(),
         config.root.join("layers"),
         runtime.handle().clone(),
         RemoteOptions {
@@ -46,7 +49,24 @@ pub fn run(config: &Config) -> Result<()> {
         remote: Some(remote.clone()),
         whole,
     };
+    let status = StatusService {
+        remote: remote.clone(),
+        cache,
+    };
+    let metrics_address = config
+        .metrics_socket()
+        .map_err(|problem| anyhow::anyhow!("metrics_address {problem}"))?;
     runtime.block_on(async {
+        let (stop, mut stopping) = tokio::sync::watch::channel(false);
+        let metrics = match metrics_address {
+            Some(address) => {
+                let stopped = async move {
+                    let _ = stopping.wait_for(|stop| *stop).await;
+                };
+                Some(metrics_endpoint::bind(address, stopped).await?)
+            }
+            None => None,
+        };
         // Lazy layers of existing snapshots come back before containerd is
         // answered, so no overlay is ever built on an empty directory.
         let failed = remote.restore(&local).await;
@@ -75,10 +95,18 @@ pub fn run(config: &Config) -> Result<()> {
                 _ = int.recv() => {}
             }
             tracing::info!("signal received; stopping");
+            let _ = stop.send(true);
         };
-        pronto_snapshotter::serve(snapshotter, &config.address, shutdown)
-            .await
-            .with_context(|| format!("serve on {}", config.address.display()))
+        let served =
+            pronto_snapshotter::serve(snapshotter, Some(status), &config.address, shutdown)
+                .await
+                .with_context(|| format!("serve on {}", config.address.display()));
+        // Also when serving failed without a signal.
+        let _ = stop.send(true);
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
+        }
+        served
     })?;
     let counts = remote.fallback_counts();
     if !counts.is_empty() {

@@ -1,0 +1,360 @@
+//! Pronto's Prometheus metrics: every counter, gauge and histogram the
+//! daemon exports on `/metrics`, in one place, so their names and meanings
+//! are documented together (docs/operations.md lists them).
+//!
+//! The crates that do the work record into the process-wide set returned by
+//! [`metrics`]; `pronto serve` encodes it for scrapers. This crate knows
+//! nothing about registries, FUSE or containerd beyond the label values the
+//! callers pass.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Why layer bytes were fetched from a registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A read of a lazily mounted file was waiting for them.
+    OnDemand,
+    /// The low-priority fetch of the rest of a lazily mounted layer.
+    Background,
+    /// Index data: the index prefix and the decompression windows.
+    Index,
+    /// A layer that could not be lazy, fetched whole in parallel.
+    WholeLayer,
+}
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::OnDemand => "on_demand",
+            Purpose::Background => "background",
+            Purpose::Index => "index",
+            Purpose::WholeLayer => "whole_layer",
+        }
+    }
+}
+
+/// What failed, for `pronto_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A registry request failed after its retries.
+    Registry,
+    /// Fetched bytes did not match their digest.
+    Verification,
+    /// A read of a lazily mounted file failed (the reader got `EIO`).
+    Read,
+    /// The node cache could not store or read data.
+    Cache,
+    /// The background fetch of a layer stopped.
+    BackgroundFetch,
+    /// A layer could not be fetched and unpacked by the parallel pull.
+    ParallelPull,
+    /// A call of containerd's snapshots API failed for a reason other than
+    /// "not found" or "already exists".
+    SnapshotApi,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Registry => "registry",
+            ErrorKind::Verification => "verification",
+            ErrorKind::Read => "read",
+            ErrorKind::Cache => "cache",
+            ErrorKind::BackgroundFetch => "background_fetch",
+            ErrorKind::ParallelPull => "parallel_pull",
+            ErrorKind::SnapshotApi => "snapshot_api",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PurposeLabel {
+    purpose: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// The daemon's metrics. Recording is lock-free (atomics).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    registry_bytes: Counter,
+    range_requests: Histogram,
+    fetched_bytes: Family<PurposeLabel, Counter>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_usage: Gauge,
+    cache_budget: Gauge,
+    cache_evictions: Counter,
+    cache_evicted_bytes: Counter,
+    fallbacks: Family<ReasonLabel, Counter>,
+    lazy_mounts: Gauge,
+    errors: Family<KindLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set, all zero. The daemon uses the shared [`metrics`].
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("pronto");
+        let registry_bytes = Counter::default();
+        registry.register(
+            "registry_received_bytes",
+            "Bytes of response bodies received from registries (manifests, indexes, layer data).",
+            registry_bytes.clone(),
+        );
+        // 1 ms to ~33 s.
+        let range_requests = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "range_request_duration_seconds",
+            "Time from sending a blob range request to having its last byte.",
+            range_requests.clone(),
+        );
+        let fetched_bytes = Family::default();
+        registry.register(
+            "fetched_bytes",
+            "Layer and index bytes fetched from registries, by purpose: on_demand, background, index, whole_layer.",
+            fetched_bytes.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "cache_hits",
+            "Spans a read found in the node cache.",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "cache_misses",
+            "Spans a read had to fetch because the node cache did not hold them.",
+            cache_misses.clone(),
+        );
+        let cache_usage = Gauge::default();
+        registry.register(
+            "cache_usage_bytes",
+            "Bytes of data in the node cache.",
+            cache_usage.clone(),
+        );
+        let cache_budget = Gauge::default();
+        registry.register(
+            "cache_budget_bytes",
+            "The node cache's budget ([cache] budget).",
+            cache_budget.clone(),
+        );
+        let cache_evictions = Counter::default();
+        registry.register(
+            "cache_evictions",
+            "Entries evicted from the node cache to stay within its budget.",
+            cache_evictions.clone(),
+        );
+        let cache_evicted_bytes = Counter::default();
+        registry.register(
+            "cache_evicted_bytes",
+            "Bytes evicted from the node cache to stay within its budget.",
+            cache_evicted_bytes.clone(),
+        );
+        let fallbacks = Family::default();
+        registry.register(
+            "fallbacks",
+            "Layers not mounted lazily, by reason (the daemon's log says which image and layer).",
+            fallbacks.clone(),
+        );
+        let lazy_mounts = Gauge::default();
+        registry.register(
+            "lazy_mounts",
+            "Layers mounted lazily right now.",
+            lazy_mounts.clone(),
+        );
+        let errors = Family::default();
+        registry.register(
+            "errors",
+            "Failures by kind: registry, verification, read, cache, background_fetch, parallel_pull, snapshot_api.",
+            errors.clone(),
+        );
+        Self {
+            registry,
+            registry_bytes,
+            range_requests,
+            fetched_bytes,
+            cache_hits,
+            cache_misses,
+            cache_usage,
+            cache_budget,
+            cache_evictions,
+            cache_evicted_bytes,
+            fallbacks,
+            lazy_mounts,
+            errors,
+        }
+    }
+
+    /// The metrics in Prometheus' text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn registry_received(&self, bytes: u64) {
+        self.registry_bytes.inc_by(bytes);
+    }
+
+    pub fn range_request(&self, took: Duration) {
+        self.range_requests.observe(took.as_secs_f64());
+    }
+
+    pub fn fetched(&self, purpose: Purpose, bytes: u64) {
+        self.fetched_bytes
+            .get_or_create(&PurposeLabel {
+                purpose: purpose.as_str(),
+            })
+            .inc_by(bytes);
+    }
+
+    /// Bytes fetched for `purpose` so far.
+    pub fn fetched_total(&self, purpose: Purpose) -> u64 {
+        self.fetched_bytes
+            .get_or_create(&PurposeLabel {
+                purpose: purpose.as_str(),
+            })
+            .get()
+    }
+
+    pub fn cache_lookups(&self, hits: u64, misses: u64) {
+        self.cache_hits.inc_by(hits);
+        self.cache_misses.inc_by(misses);
+    }
+
+    pub fn cache_size(&self, usage: u64, budget: u64) {
+        self.cache_usage.set(gauge_value(usage));
+        self.cache_budget.set(gauge_value(budget));
+    }
+
+    pub fn cache_evicted(&self, entries: u64, bytes: u64) {
+        self.cache_evictions.inc_by(entries);
+        self.cache_evicted_bytes.inc_by(bytes);
+    }
+
+    pub fn fallback(&self, reason: &'static str) {
+        self.fallbacks.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn lazy_mount_added(&self) {
+        self.lazy_mounts.inc();
+    }
+
+    pub fn lazy_mount_removed(&self) {
+        self.lazy_mounts.dec();
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc();
+    }
+}
+
+fn gauge_value(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process-wide metrics every crate records into.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the sample line that starts with `series` followed by a
+    /// space.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|value| value.parse().ok())
+    }
+
+    #[test]
+    fn recorded_values_appear_in_the_text_format() {
+        let metrics = Metrics::new();
+        metrics.registry_received(1000);
+        metrics.fetched(Purpose::OnDemand, 600);
+        metrics.fetched(Purpose::Background, 300);
+        metrics.fetched(Purpose::OnDemand, 50);
+        metrics.cache_lookups(3, 2);
+        metrics.cache_size(4096, 1 << 30);
+        metrics.cache_evicted(1, 512);
+        metrics.fallback("no-index");
+        metrics.lazy_mount_added();
+        metrics.lazy_mount_added();
+        metrics.lazy_mount_removed();
+        metrics.error(ErrorKind::Verification);
+        metrics.range_request(Duration::from_millis(3));
+        let text = metrics.encode();
+        let expect = [
+            ("pronto_registry_received_bytes_total", 1000.0),
+            ("pronto_fetched_bytes_total{purpose=\"on_demand\"}", 650.0),
+            ("pronto_fetched_bytes_total{purpose=\"background\"}", 300.0),
+            ("pronto_cache_hits_total", 3.0),
+            ("pronto_cache_misses_total", 2.0),
+            ("pronto_cache_usage_bytes", 4096.0),
+            ("pronto_cache_budget_bytes", f64::from(1u32 << 30)),
+            ("pronto_cache_evictions_total", 1.0),
+            ("pronto_cache_evicted_bytes_total", 512.0),
+            ("pronto_fallbacks_total{reason=\"no-index\"}", 1.0),
+            ("pronto_lazy_mounts", 1.0),
+            ("pronto_errors_total{kind=\"verification\"}", 1.0),
+            ("pronto_range_request_duration_seconds_count", 1.0),
+            (
+                "pronto_range_request_duration_seconds_bucket{le=\"0.004\"}",
+                1.0,
+            ),
+            (
+                "pronto_range_request_duration_seconds_bucket{le=\"0.002\"}",
+                0.0,
+            ),
+        ];
+        for (series, value) in expect {
+            assert_eq!(sample(&text, series), Some(value), "{series} in:\n{text}");
+        }
+        assert!(text.contains("# HELP pronto_fallbacks Layers not mounted lazily"));
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn a_cache_larger_than_a_gauge_saturates() {
+        let metrics = Metrics::new();
+        metrics.cache_size(u64::MAX, u64::MAX);
+        assert!(
+            metrics
+                .encode()
+                .contains(&format!("pronto_cache_usage_bytes {}", i64::MAX))
+        );
+    }
+}

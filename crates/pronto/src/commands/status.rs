@@ -1,0 +1,171 @@
+//! `pronto status`: asks the running daemon what it has mounted lazily,
+//! per image, and how much of each layer is on this node.
+
+use anyhow::Result;
+use pronto_snapshotter::status::{StatusResponse, query};
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::text::human_size;
+
+pub fn run(config: &Config, as_json: bool) -> Result<()> {
+    let status = super::runtime()?
+        .block_on(query(&config.address))
+        .map_err(|problem| {
+            anyhow::anyhow!("{problem}; is `pronto serve` running with this configuration?")
+        })?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&status))?);
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
+}
+
+fn to_json(status: &StatusResponse) -> Value {
+    json!({
+        "cache": {"bytes": status.cache_bytes, "budget": status.cache_budget},
+        "fallbacks": status.fallbacks.iter()
+            .map(|f| (f.reason.clone(), json!(f.count)))
+            .collect::<serde_json::Map<_, _>>(),
+        "images": status.images.iter().map(|image| json!({
+            "reference": image.reference,
+            "layers": image.layers.iter().map(|layer| json!({
+                "digest": layer.digest,
+                "size": layer.size,
+                "local_bytes": layer.local_bytes,
+                "fetched_on_demand": layer.fetched_on_demand,
+                "fetched_in_background": layer.fetched_in_background,
+                "background": layer.background,
+                "snapshot_id": layer.snapshot_id,
+                "mountpoint": layer.mountpoint,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn render(status: &StatusResponse) -> String {
+    let mut out = format!(
+        "cache: {} of {}\n",
+        human_size(status.cache_bytes),
+        human_size(status.cache_budget)
+    );
+    if !status.fallbacks.is_empty() {
+        let counts: Vec<String> = status
+            .fallbacks
+            .iter()
+            .map(|f| format!("{}={}", f.reason, f.count))
+            .collect();
+        out.push_str(&format!(
+            "not lazy since start: {} (the log names each layer)\n",
+            counts.join(" ")
+        ));
+    }
+    if status.images.is_empty() {
+        out.push_str("no layers are mounted lazily\n");
+        return out;
+    }
+    for image in &status.images {
+        let size: u64 = image.layers.iter().map(|l| l.size).sum();
+        let local: u64 = image.layers.iter().map(|l| l.local_bytes).sum();
+        let count = match image.layers.len() {
+            1 => "1 lazy layer".to_owned(),
+            n => format!("{n} lazy layers"),
+        };
+        out.push_str(&format!(
+            "\n{}\n  {count}, {} of {} local ({})\n",
+            image.reference,
+            human_size(local),
+            human_size(size),
+            percent(local, size)
+        ));
+        out.push_str("  LAYER                    LOCAL                          BACKGROUND\n");
+        for layer in &image.layers {
+            let short = layer.digest.get(..19).unwrap_or(&layer.digest);
+            let local = format!(
+                "{} / {} ({})",
+                human_size(layer.local_bytes),
+                human_size(layer.size),
+                percent(layer.local_bytes, layer.size)
+            );
+            let background = match layer.background.as_str() {
+                "running" => format!(
+                    "running, {} read",
+                    percent(layer.fetched_in_background, layer.size)
+                ),
+                other => other.to_owned(),
+            };
+            out.push_str(&format!("  {short:<24} {local:<30} {background}\n"));
+        }
+    }
+    out
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "100%".to_owned();
+    }
+    format!("{:.0}%", part as f64 * 100.0 / whole as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use pronto_snapshotter::status::{FallbackCount, ImageStatus, LayerStatus};
+
+    use super::*;
+
+    fn sample() -> StatusResponse {
+        StatusResponse {
+            images: vec![ImageStatus {
+                reference: "registry.example/ml/model:v1".into(),
+                layers: vec![LayerStatus {
+                    digest: format!("sha256:{}", "ab".repeat(32)),
+                    size: 100 << 20,
+                    local_bytes: 25 << 20,
+                    fetched_on_demand: 5 << 20,
+                    fetched_in_background: 20 << 20,
+                    background: "running".into(),
+                    snapshot_id: 7,
+                    mountpoint: "/var/lib/pronto/snapshotter/snapshots/7/fs".into(),
+                }],
+            }],
+            cache_bytes: 30 << 20,
+            cache_budget: 20 << 30,
+            fallbacks: vec![FallbackCount {
+                reason: "no-index".into(),
+                count: 2,
+            }],
+        }
+    }
+
+    #[test]
+    fn the_table_shows_local_bytes_and_background_progress() {
+        let text = render(&sample());
+        assert!(text.starts_with("cache: 30.0 MiB of 20.0 GiB\n"), "{text}");
+        assert!(text.contains("not lazy since start: no-index=2"), "{text}");
+        assert!(
+            text.contains(
+                "registry.example/ml/model:v1\n  1 lazy layer, 25.0 MiB of 100.0 MiB local (25%)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("sha256:abababababab"), "{text}");
+        assert!(text.contains("running, 20% read"), "{text}");
+    }
+
+    #[test]
+    fn json_carries_every_field() {
+        let value = to_json(&sample());
+        assert_eq!(value["fallbacks"]["no-index"], 2);
+        let layer = &value["images"][0]["layers"][0];
+        assert_eq!(layer["local_bytes"], 25 << 20);
+        assert_eq!(layer["background"], "running");
+        assert_eq!(value["cache"]["budget"], 20u64 << 30);
+    }
+
+    #[test]
+    fn nothing_mounted_says_so() {
+        let text = render(&StatusResponse::default());
+        assert!(text.ends_with("no layers are mounted lazily\n"), "{text}");
+    }
+}

@@ -1,0 +1,126 @@
+//! `pronto.v1.Status`: what the daemon has mounted lazily and how much of
+//! it is local, served next to containerd's snapshots API on the same
+//! socket so `pronto status` needs no other address. The messages are
+//! declared here (no `.proto` file); field numbers are the wire contract.
+
+use std::sync::Arc;
+
+use pronto_store::ContentCache;
+use tonic::{Request, Response, Status};
+
+use crate::remote::{Fallback, Remote};
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StatusRequest {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StatusResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub images: Vec<ImageStatus>,
+    /// Bytes in the node cache.
+    #[prost(uint64, tag = "2")]
+    pub cache_bytes: u64,
+    #[prost(uint64, tag = "3")]
+    pub cache_budget: u64,
+    /// Layers not served lazily since the daemon started, by reason.
+    #[prost(message, repeated, tag = "4")]
+    pub fallbacks: Vec<FallbackCount>,
+}
+
+/// An image with lazily mounted layers, named as containerd's CRI named it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ImageStatus {
+    #[prost(string, tag = "1")]
+    pub reference: String,
+    #[prost(message, repeated, tag = "2")]
+    pub layers: Vec<LayerStatus>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LayerStatus {
+    #[prost(string, tag = "1")]
+    pub digest: String,
+    /// Compressed size of the layer blob.
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+    /// Compressed bytes of the layer the node cache holds.
+    #[prost(uint64, tag = "3")]
+    pub local_bytes: u64,
+    #[prost(uint64, tag = "4")]
+    pub fetched_on_demand: u64,
+    #[prost(uint64, tag = "5")]
+    pub fetched_in_background: u64,
+    /// `running`, `complete` (whole layer local and verified), `failed`
+    /// (see the log) or `off` (`[fetch] background = false`).
+    #[prost(string, tag = "6")]
+    pub background: String,
+    #[prost(uint64, tag = "7")]
+    pub snapshot_id: u64,
+    #[prost(string, tag = "8")]
+    pub mountpoint: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FallbackCount {
+    #[prost(string, tag = "1")]
+    pub reason: String,
+    #[prost(uint64, tag = "2")]
+    pub count: u64,
+}
+
+/// The status service over the daemon's lazy layers and cache.
+#[derive(Debug, Clone)]
+pub struct StatusService {
+    pub remote: Arc<Remote>,
+    pub cache: Arc<ContentCache>,
+}
+
+impl StatusService {
+    pub fn snapshot(&self) -> StatusResponse {
+        let cache = self.cache.stats();
+        let counts = self.remote.fallback_counts();
+        StatusResponse {
+            images: self.remote.status(),
+            cache_bytes: cache.bytes,
+            cache_budget: cache.budget,
+            fallbacks: Fallback::ALL
+                .iter()
+                .filter_map(|reason| {
+                    counts.get(reason).map(|count| FallbackCount {
+                        reason: reason.as_str().to_owned(),
+                        count: *count,
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl crate::generated::status::status_server::Status for StatusService {
+    async fn images(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.snapshot()))
+    }
+}
+
+/// Asks the daemon on unix socket `address` for its status.
+pub async fn query(address: &std::path::Path) -> Result<StatusResponse, String> {
+    let channel = containerd_client::connect(address)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", address.display()))?;
+    let mut client = crate::generated::status::status_client::StatusClient::new(channel);
+    client
+        .images(StatusRequest {})
+        .await
+        .map(Response::into_inner)
+        .map_err(|e| {
+            format!(
+                "{} does not answer pronto's status call: {}",
+                address.display(),
+                e.message()
+            )
+        })
+}
