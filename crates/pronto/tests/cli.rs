@@ -93,3 +93,32 @@ fn config_can_come_from_the_environment() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("/srv/from-env"));
 }
+
+#[test]
+fn status_without_a_daemon_says_what_to_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let socket = dir.path().join("pronto.sock");
+    std::fs::write(&path, format!("address = \"{}\"\n", socket.display())).unwrap();
+    let out = pronto(&["--config", path.to_str().unwrap(), "status"]);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(
+        text.contains(&socket.display().to_string()) && text.contains("pronto serve"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_metrics_address_that_is_not_an_address_is_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "metrics_address = \"localhost:9746\"\n").unwrap();
+    let out = pronto(&["--config", path.to_str().unwrap(), "config", "check"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("key `metrics_address`"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -20,9 +20,8 @@ const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
 fn systemd_unit_verifies() {
     require!(&[Prereq::SystemdAnalyze]);
     let unit = std::fs::read_to_string(Path::new(DEPLOY).join("systemd/pronto.service")).unwrap();
-    assert!(
-        unit.contains("ExecStart=/usr/local/bin/pronto --config /etc/pronto/config.toml serve")
-    );
+    // No --config: a node without /etc/pronto/config.toml runs on defaults.
+    assert!(unit.contains("ExecStart=/usr/local/bin/pronto serve\n"));
     assert!(unit.contains("Restart=on-failure") && unit.contains("Before=containerd.service"));
     // Verified as installed, with the binary where the unit expects it.
     let dir = tempfile::tempdir().unwrap();

@@ -108,6 +108,9 @@ impl crate::generated::status::status_server::Status for StatusService {
 
 /// Asks the daemon on unix socket `address` for its status.
 pub async fn query(address: &std::path::Path) -> Result<StatusResponse, String> {
+    if !address.exists() {
+        return Err(format!("there is no socket at {}", address.display()));
+    }
     let channel = containerd_client::connect(address)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", address.display()))?;

@@ -294,6 +294,7 @@ impl WholeLayers {
             let result = this.run(&local, &image, layer).await;
             match &result {
                 Ok(done) => tracing::info!(
+                    image = %image.repository,
                     layer = layer.digest,
                     bytes = layer.size,
                     id = done.id,
@@ -302,7 +303,11 @@ impl WholeLayers {
                 ),
                 Err(e) => {
                     metrics().error(ErrorKind::ParallelPull);
-                    tracing::warn!(layer = layer.digest, "whole-layer pull failed: {e:?}");
+                    tracing::warn!(
+                        image = %image.repository,
+                        layer = layer.digest,
+                        "whole-layer pull failed: {e:?}"
+                    );
                 }
             }
             let _ = tx.send(Some(result));
