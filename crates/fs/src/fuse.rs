@@ -279,6 +279,19 @@ impl Filesystem for ProntoFs {
         }
     }
 
+    /// Nothing to write back on a read-only filesystem. Answered rather
+    /// than left to fuser, which logs a warning for every mount.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
     fn release(
         &self,
         _req: &Request,

@@ -33,7 +33,9 @@ use pronto_registry::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::remote::{LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET};
+use crate::remote::{
+    LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_PRONTO_LAYER, LABEL_TARGET,
+};
 
 const LABEL_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 /// CRI keeps the layer list label under this size.
@@ -88,6 +90,8 @@ pub struct PullOptions {
 pub enum LayerOutcome {
     /// Served by the snapshotter without download (lazily).
     Remote,
+    /// Fetched whole and unpacked by Pronto itself (parallel pull).
+    PulledByPronto,
     /// The snapshot existed already.
     Present,
     /// Fetched whole and unpacked through containerd.
@@ -292,8 +296,23 @@ async fn pull_leased(
         };
         let mounts = match prepared {
             Err(status) if status.code() == Code::AlreadyExists => {
-                progress(&format!("{digest}: lazy (no download)"));
-                report.layers.push((digest, LayerOutcome::Remote));
+                let info = snapshots
+                    .stat(session.request(StatSnapshotRequest {
+                        snapshotter: options.snapshotter.clone(),
+                        key: chain[i].clone(),
+                    }))
+                    .await
+                    .ok()
+                    .and_then(|r| r.into_inner().info);
+                let how = info.as_ref().and_then(|i| i.labels.get(LABEL_PRONTO_LAYER));
+                let outcome = if how.is_some_and(|how| how == "parallel") {
+                    progress(&format!("{digest}: fetched whole in parallel by Pronto"));
+                    LayerOutcome::PulledByPronto
+                } else {
+                    progress(&format!("{digest}: lazy (no download)"));
+                    LayerOutcome::Remote
+                };
+                report.layers.push((digest, outcome));
                 continue;
             }
             Err(status) => return Err(containerd(format!("prepare layer {digest}"))(status)),

@@ -24,6 +24,10 @@ pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
 pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 pub const LABEL_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
 pub const LABEL_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+/// How Pronto made a layer snapshot: `lazy` (mounted on demand) or
+/// `parallel` (fetched whole and unpacked by Pronto). Shown by `ctr
+/// snapshots info`; absent on snapshots containerd unpacked.
+pub const LABEL_PRONTO_LAYER: &str = "pronto/layer";
 
 /// How long "this image has no index" is remembered, so that the layers of
 /// one pull ask the registry once.
@@ -227,6 +231,7 @@ impl Remote {
         }
         let mut stored = labels.clone();
         stored.insert(LABEL_TARGET.into(), target.into());
+        stored.insert(LABEL_PRONTO_LAYER.into(), "lazy".into());
         match local.insert_committed(target, id, parent, stored, Some(remote), (0, inodes)) {
             Ok(()) => {
                 tracing::info!(

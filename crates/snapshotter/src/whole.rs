@@ -22,7 +22,9 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::SnapshotError;
 use crate::local::{LocalSnapshots, disk_usage};
-use crate::remote::{LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET};
+use crate::remote::{
+    LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_PRONTO_LAYER, LABEL_TARGET,
+};
 use crate::unpack::{Compression, UnpackError, unpack};
 use pronto_metrics::{ErrorKind, Purpose, metrics};
 
@@ -190,6 +192,7 @@ impl WholeLayers {
         let done = done?;
         let mut stored = labels.clone();
         stored.insert(LABEL_TARGET.into(), target.into());
+        stored.insert(LABEL_PRONTO_LAYER.into(), "parallel".into());
         match local.insert_committed(target, done.id, parent, stored, None, done.usage) {
             Ok(()) => Ok(()),
             Err(SnapshotError::AlreadyExists(_)) => {

@@ -36,12 +36,13 @@ pub fn run(
     }))?;
     let count = |outcome| report.layers.iter().filter(|(_, o)| *o == outcome).count();
     println!(
-        "pulled {} ({}) into namespace {} in {:.2}s: {} layers lazy, {} unpacked by containerd, {} already present; {} fetched for unpacking",
+        "pulled {} ({}) into namespace {} in {:.2}s: {} layers lazy, {} fetched whole by Pronto, {} unpacked by containerd, {} already present; {} fetched for unpacking",
         report.name,
         report.target,
         options.namespace,
         started.elapsed().as_secs_f64(),
         count(LayerOutcome::Remote),
+        count(LayerOutcome::PulledByPronto),
         count(LayerOutcome::Unpacked),
         count(LayerOutcome::Present),
         human_size(report.bytes_fetched),
