@@ -178,17 +178,30 @@ impl Remote {
             *count
         };
         metrics().fallback(reason.as_str());
-        tracing::warn!(
-            reason = reason.as_str(),
-            count,
-            image = labels
-                .get(LABEL_IMAGE_REF)
-                .map(String::as_str)
-                .unwrap_or("-"),
-            layer = labels.get(LABEL_LAYER).map(String::as_str).unwrap_or("-"),
-            chain = target,
-            "not lazy: {action}: {detail}"
-        );
+        let image = labels
+            .get(LABEL_IMAGE_REF)
+            .map(String::as_str)
+            .unwrap_or("-");
+        let layer = labels.get(LABEL_LAYER).map(String::as_str).unwrap_or("-");
+        macro_rules! log {
+            ($level:ident) => {
+                tracing::$level!(
+                    reason = reason.as_str(),
+                    count,
+                    image,
+                    layer,
+                    chain = target,
+                    "not lazy: {action}: {detail}"
+                )
+            };
+        }
+        // Small layers are left out of indexes on purpose: worth a line,
+        // not a warning.
+        if reason == Fallback::LayerNotIndexed {
+            log!(info);
+        } else {
+            log!(warn);
+        }
     }
 
     /// Tries to serve the layer snapshot `target` (over `parent`) lazily.
