@@ -50,6 +50,12 @@ struct Stack {
 
 impl Stack {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Like [`Stack::start`], with `extra` TOML appended to Pronto's
+    /// configuration.
+    fn start_with(extra: &str) -> Self {
         let work = tempfile::tempdir().unwrap();
         let layout = OciLayout::create(&work.path().join("layout")).unwrap();
         let registry = Registry::start().unwrap();
@@ -69,7 +75,7 @@ impl Stack {
         std::fs::write(
             work.path().join("config.toml"),
             format!(
-                "root = \"{}\"\naddress = \"{}\"\nmetrics_address = \"{metrics}\"\n[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = false\n",
+                "root = \"{}\"\naddress = \"{}\"\nmetrics_address = \"{metrics}\"\n[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = false\n{extra}",
                 work.path().join("root").display(),
                 work.path().join("pronto.sock").display(),
                 containerd.hosts_dir().display(),
@@ -643,21 +649,28 @@ fn a_parallel_pull_unpacks_exactly_what_containerd_unpacks() {
     let actual_dir = stack.work.path().join("pronto-view");
     std::fs::create_dir_all(&actual_dir).unwrap();
     let ctr = |args: &[&str]| {
-        let out = containerd
+        containerd
             .ctr_in("k8s.io")
             .args(["snapshots", "--snapshotter", "pronto"])
             .args(args)
             .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+            .unwrap()
     };
-    ctr(&["view", "pronto-check", &top]);
-    let mount = ctr(&["mounts", actual_dir.to_str().unwrap(), "pronto-check"]);
+    // One call creates the view and prints its mount: the view has no lease,
+    // so containerd's garbage collector may remove it at any time after.
+    let out = ctr(&[
+        "view",
+        "-t",
+        actual_dir.to_str().unwrap(),
+        "pronto-check",
+        &top,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mount = String::from_utf8_lossy(&out.stdout).into_owned();
     let status = Command::new("sh")
         .args(["-c", mount.trim()])
         .status()
@@ -666,9 +679,90 @@ fn a_parallel_pull_unpacks_exactly_what_containerd_unpacks() {
     let actual =
         without_dir_link_counts(snapshot(&actual_dir, SnapshotOptions::default()).unwrap());
     nix::mount::umount2(&actual_dir, nix::mount::MntFlags::MNT_DETACH).unwrap();
-    ctr(&["rm", "pronto-check"]);
+    let out = ctr(&["rm", "pronto-check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() || stderr.contains("not found"),
+        "{stderr}"
+    );
     let differences = diff(&expected, &actual);
     assert!(differences.is_empty(), "{}", differences.join("\n"));
     assert!(actual.contains_key("data/opaque/new") && !actual.contains_key("data/gone"));
     assert!(!actual.contains_key("data/opaque/old"));
+}
+
+#[test]
+fn a_hostile_layer_is_refused_through_containerd_and_nothing_escapes() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    // A layer whose second entry writes through a symlink to `/`. Without an
+    // index, Pronto fetches and unpacks it itself, as it arrives.
+    let target = format!("tmp/pronto-escape-{}", rand_suffix());
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh"]))
+        .layer(
+            Layer::new()
+                .symlink("root-link", "/")
+                .file(&format!("root-link/{target}"), "escaped\n"),
+        )
+        .build(&stack.layout)
+        .unwrap();
+    stack.layout.tag("hostile", &image).unwrap();
+    stack
+        .registry
+        .push(&stack.layout, "hostile", "hostile/image:v1")
+        .unwrap();
+    let reference = format!("{}/hostile/image:v1", stack.relay.host());
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    let err = format!("{:#}", cri.pull_image(&reference).unwrap_err());
+    assert!(
+        err.contains("layer rejected") && err.contains(&format!("root-link/{target}")),
+        "the pull fails naming the entry: {err}"
+    );
+    assert!(
+        !Path::new("/").join(&target).exists(),
+        "the layer wrote outside Pronto's directories"
+    );
+    // The daemon is still there and serves the next image.
+    let (good, _) = stack.push_model_image("after/hostile", true);
+    cri.pull_image(&good).unwrap();
+    let out = stack.run(&good, &[]);
+    assert_eq!(stdout(&out), "{\"ready\": true}\n");
+}
+
+#[test]
+fn kept_layers_are_verified_blobs_and_serve_the_next_pull() {
+    require!(NEEDS);
+    let stack = Stack::start_with("[pull]\ndiscard_unpacked_layers = false\n");
+    let (reference, image) = stack.push_model_image("kept/model", false);
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    cri.pull_image(&reference).unwrap();
+    for layer in &image.layers {
+        let hex = layer.digest.strip_prefix("sha256:").unwrap();
+        let kept = std::fs::read(stack.root().join("layers").join(hex)).unwrap();
+        assert_eq!(
+            format!("sha256:{}", hex::encode(Sha256::digest(&kept))),
+            layer.digest
+        );
+    }
+    // After the image is gone, a new pull unpacks from the kept blobs
+    // without fetching them again.
+    cri.remove_image(&reference).unwrap();
+    wait_until("snapshots removed", Duration::from_secs(60), || {
+        Ok(stack.snapshots().is_empty())
+    })
+    .unwrap();
+    stack.relay.reset();
+    cri.pull_image(&reference).unwrap();
+    assert!(
+        stack.relay.bytes_down() < image.layers[1].size / 10,
+        "{} bytes fetched again",
+        stack.relay.bytes_down()
+    );
+    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
+    assert!(
+        stdout(&out).starts_with(&model_sha256()),
+        "{}",
+        stdout(&out)
+    );
 }

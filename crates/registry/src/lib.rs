@@ -16,7 +16,7 @@ mod parallel;
 mod push;
 mod referrers;
 
-pub use parallel::ParallelFetch;
+pub use parallel::{ChunkSink, ParallelFetch};
 pub use push::PushedManifest;
 pub use referrers::fallback_tag;
 

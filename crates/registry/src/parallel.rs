@@ -2,11 +2,12 @@
 //! where one connection is throttled (object stores behind registries cap
 //! per-connection throughput), many ranges in parallel fill the pipe.
 
+use std::future::Future;
 use std::io::Write;
 use std::path::Path;
-
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use tokio::sync::Semaphore;
 
@@ -37,12 +38,33 @@ impl Default for ParallelFetch {
     }
 }
 
+/// Where the in-order bytes of a parallel download go: a file, an unpacker,
+/// or both.
+pub trait ChunkSink {
+    /// Takes the next bytes of the blob. An error stops the download.
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+/// Writes the blob into a file (buffered; synced by [`FileSink::finish`]).
+struct FileSink(std::io::BufWriter<std::fs::File>);
+
+impl ChunkSink for FileSink {
+    async fn write(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        // One chunk into the page cache: cheap next to the network wait.
+        self.0.write_all(&chunk)
+    }
+}
+
+impl FileSink {
+    fn finish(self) -> std::io::Result<()> {
+        self.0.into_inner().map_err(|e| e.into_error())?.sync_all()
+    }
+}
+
 impl RegistryClient {
     /// Downloads blob `digest` of `size` bytes into the file at `path` with
-    /// concurrent range requests, and verifies its digest. Ranges complete
-    /// in any order but are written and hashed in order, so memory stays
-    /// within `concurrency` chunks and the blob is read only once. On error
-    /// the file is removed.
+    /// concurrent range requests, and verifies its digest. On error the
+    /// file is removed.
     pub async fn blob_to_file_parallel(
         &self,
         repo: &Repository,
@@ -52,33 +74,40 @@ impl RegistryClient {
         plan: ParallelFetch,
     ) -> Result<()> {
         let target = Target::new(repo, format!("blob {digest}"));
-        check_algorithm(&target, digest)?;
-        let result = self
-            .fetch_parallel(repo, &target, digest, size, path, plan)
-            .await;
+        let write_error = |source| RegistryError::Write {
+            target: target.clone(),
+            source,
+        };
+        let result = async {
+            let file = std::fs::File::create(path).map_err(write_error)?;
+            let mut sink = FileSink(std::io::BufWriter::with_capacity(1 << 20, file));
+            self.blob_parallel_into(repo, digest, size, plan, &mut sink)
+                .await?;
+            sink.finish().map_err(write_error)
+        }
+        .await;
         if result.is_err() {
             let _ = std::fs::remove_file(path);
         }
         result
     }
 
-    async fn fetch_parallel(
+    /// Downloads blob `digest` of `size` bytes with concurrent range
+    /// requests and hands its bytes to `sink` in order, while hashing them.
+    /// Ranges complete in any order but are passed on in order, so memory
+    /// stays within `concurrency` chunks. The digest is checked after the
+    /// last byte: on a mismatch (an error) the sink has seen bytes that must
+    /// not be used.
+    pub async fn blob_parallel_into(
         &self,
         repo: &Repository,
-        target: &Target,
         digest: &str,
         size: u64,
-        path: &Path,
         plan: ParallelFetch,
+        sink: &mut impl ChunkSink,
     ) -> Result<()> {
-        let write_error = |source| RegistryError::Write {
-            target: target.clone(),
-            source,
-        };
-        let mut file = std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::fs::File::create(path).map_err(write_error)?,
-        );
+        let target = Target::new(repo, format!("blob {digest}"));
+        check_algorithm(&target, digest)?;
         let chunk = plan.chunk_size.max(1);
         let ranges = (0..size.div_ceil(chunk)).map(|i| i * chunk..((i + 1) * chunk).min(size));
         let mut chunks = stream::iter(ranges)
@@ -101,17 +130,16 @@ impl RegistryClient {
         let mut hasher = StreamDigest::default();
         while let Some(bytes) = chunks.try_next().await? {
             hasher.update(&bytes);
-            // Writes of one chunk into the page cache; cheap next to the
-            // network wait, so they stay on this task.
-            file.write_all(&bytes).map_err(write_error)?;
+            sink.write(bytes)
+                .await
+                .map_err(|source| RegistryError::Write {
+                    target: target.clone(),
+                    source,
+                })?;
         }
-        file.into_inner()
-            .map_err(|e| write_error(e.into_error()))?
-            .sync_all()
-            .map_err(write_error)?;
         let actual = hasher.finish();
         if actual != digest {
-            return Err(mismatch(target, digest, actual));
+            return Err(mismatch(&target, digest, actual));
         }
         Ok(())
     }

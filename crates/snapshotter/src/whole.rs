@@ -21,6 +21,7 @@ use pronto_registry::{ManifestKind, ParallelFetch, RegistryClient, Repository, p
 use tokio::sync::{Semaphore, watch};
 
 use crate::SnapshotError;
+use crate::feed;
 use crate::local::{LocalSnapshots, disk_usage};
 use crate::remote::{
     LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_PRONTO_LAYER, LABEL_TARGET,
@@ -337,60 +338,132 @@ impl WholeLayers {
             .strip_prefix("sha256:")
             .unwrap_or(&layer.digest);
         let blob = self.layers_dir.join(hex);
-        if !blob.exists() {
-            let _slot = image.layer_slots.acquire().await.expect("never closed");
-            let partial = self.layers_dir.join(format!("{hex}.pulling"));
-            let plan = ParallelFetch {
-                chunk_size: self.settings.concurrent_download_chunk_size.max(1 << 20),
-                concurrency: self.settings.max_concurrent_downloads_per_image.max(1),
-                limits: vec![self.downloads.clone(), image.downloads.clone()],
-            };
-            // Verified against the layer digest before anything is unpacked.
-            self.client
-                .blob_to_file_parallel(&image.repository, &layer.digest, layer.size, &partial, plan)
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            metrics().fetched(Purpose::WholeLayer, layer.size);
-            std::fs::rename(&partial, &blob).map_err(|e| failed(e.to_string()))?;
+        if blob.exists() {
+            // Kept from an earlier pull (`discard_unpacked_layers = false`).
+            let _node = self.unpacks.acquire().await.expect("never closed");
+            let _image = image.unpacks.acquire().await.expect("never closed");
+            let file = std::fs::File::open(&blob)
+                .map_err(|e| failed(format!("{}: {e}", blob.display())))?;
+            let reader = std::io::BufReader::with_capacity(1 << 20, file);
+            let (id, unpacked) = unpack_reserved(local, layer, compression, reader).await?;
+            return settle(local, layer, id, Ok(()), unpacked);
         }
+        let _slot = image.layer_slots.acquire().await.expect("never closed");
         let _node = self.unpacks.acquire().await.expect("never closed");
         let _image = image.unpacks.acquire().await.expect("never closed");
-        let (id, dir) = local.reserve().map_err(|e| failed(e.to_string()))?;
-        let (path, expected) = (blob.clone(), layer.diff_id.clone());
-        let unpacked = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&path).map_err(|e| UnpackError::Read(e.to_string()))?;
-            let unpacked = unpack(
-                std::io::BufReader::with_capacity(1 << 20, file),
-                compression,
-                &dir,
-            )?;
-            if unpacked.diff_id != expected {
-                return Err(UnpackError::Rejected {
-                    entry: "(whole layer)".into(),
-                    problem: format!(
-                        "unpacks to {}, but the image config says {expected}",
-                        unpacked.diff_id
-                    ),
-                });
-            }
-            disk_usage(&dir).map_err(|e| UnpackError::Read(e.to_string()))
-        })
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-        if self.settings.discard_unpacked_layers {
-            let _ = std::fs::remove_file(&blob);
+        let partial = self.layers_dir.join(format!("{hex}.pulling"));
+        let keep = if self.settings.discard_unpacked_layers {
+            None
+        } else {
+            Some(
+                std::fs::File::create(&partial)
+                    .map_err(|e| failed(format!("{}: {e}", partial.display())))?,
+            )
+        };
+        let plan = ParallelFetch {
+            chunk_size: self.settings.concurrent_download_chunk_size.max(1 << 20),
+            concurrency: self.settings.max_concurrent_downloads_per_image.max(1),
+            limits: vec![self.downloads.clone(), image.downloads.clone()],
+        };
+        // The layer is unpacked while it downloads, into a reserved
+        // directory nobody sees; it is committed only when the blob matched
+        // the layer digest and the tar the config's diff ID.
+        let (mut feed, reader) = feed::channel(keep);
+        let downloading = async {
+            let fetched = self
+                .client
+                .blob_parallel_into(
+                    &image.repository,
+                    &layer.digest,
+                    layer.size,
+                    plan,
+                    &mut feed,
+                )
+                .await
+                .map_err(|e| e.to_string());
+            let kept = feed
+                .finish()
+                .map_err(|e| format!("{}: {e}", partial.display()));
+            fetched.and(kept)
+        };
+        let (unpacking, downloaded) = tokio::join!(
+            unpack_reserved(local, layer, compression, reader),
+            downloading
+        );
+        let (id, unpacked) = unpacking?;
+        let kept = downloaded.is_ok() && unpacked.is_ok() && !self.settings.discard_unpacked_layers;
+        if kept {
+            std::fs::rename(&partial, &blob).map_err(|e| failed(e.to_string()))?;
+        } else {
+            let _ = std::fs::remove_file(&partial);
         }
-        match unpacked {
-            Ok(usage) => Ok(Done { id, usage }),
-            Err(e) => {
-                local.abandon(id);
-                Err(match e {
-                    UnpackError::Rejected { .. } => {
-                        WholeError::Rejected(format!("layer {}: {e}", layer.digest))
-                    }
-                    other => failed(other.to_string()),
-                })
-            }
+        if downloaded.is_ok() {
+            metrics().fetched(Purpose::WholeLayer, layer.size);
+        }
+        settle(local, layer, id, downloaded, unpacked)
+    }
+}
+
+/// Reserves a snapshot directory and unpacks `blob` into it on a blocking
+/// thread, checking the config's diff ID. The caller commits or abandons
+/// the returned snapshot ID.
+async fn unpack_reserved(
+    local: &Arc<LocalSnapshots>,
+    layer: &Layer,
+    compression: Compression,
+    blob: impl std::io::Read + Send + 'static,
+) -> Result<(u64, Result<(i64, i64), UnpackError>), WholeError> {
+    let (id, dir) = local
+        .reserve()
+        .map_err(|e| WholeError::Failed(e.to_string()))?;
+    let expected = layer.diff_id.clone();
+    let unpacked = tokio::task::spawn_blocking(move || {
+        let unpacked = unpack(blob, compression, &dir)?;
+        if unpacked.diff_id != expected {
+            return Err(UnpackError::Rejected {
+                entry: "(whole layer)".into(),
+                problem: format!(
+                    "unpacks to {}, but the image config says {expected}",
+                    unpacked.diff_id
+                ),
+            });
+        }
+        disk_usage(&dir).map_err(|e| UnpackError::Read(e.to_string()))
+    })
+    .await;
+    match unpacked {
+        Ok(result) => Ok((id, result)),
+        Err(e) => {
+            local.abandon(id);
+            Err(WholeError::Failed(format!("the unpack task failed: {e}")))
+        }
+    }
+}
+
+/// The outcome of a layer whose download and unpack have both ended: done
+/// only if both succeeded; otherwise its directory is abandoned and a
+/// rejected tar is reported before a failed download (which the rejection
+/// may have caused by no longer reading).
+fn settle(
+    local: &LocalSnapshots,
+    layer: &Layer,
+    id: u64,
+    downloaded: Result<(), String>,
+    unpacked: Result<(i64, i64), UnpackError>,
+) -> Result<Done, WholeError> {
+    match (downloaded, unpacked) {
+        (Ok(()), Ok(usage)) => Ok(Done { id, usage }),
+        (_, Err(e @ UnpackError::Rejected { .. })) => {
+            local.abandon(id);
+            Err(WholeError::Rejected(format!("layer {}: {e}", layer.digest)))
+        }
+        (Err(e), _) => {
+            local.abandon(id);
+            Err(WholeError::Failed(e))
+        }
+        (Ok(()), Err(e)) => {
+            local.abandon(id);
+            Err(WholeError::Failed(e.to_string()))
         }
     }
 }
