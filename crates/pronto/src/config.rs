@@ -145,6 +145,9 @@ pub struct PullConfig {
     pub max_concurrent_unpacks_per_image: usize,
     /// Delete a layer's compressed blob once it is unpacked.
     pub discard_unpacked_layers: bool,
+    /// Free space an unpack leaves on the filesystem of `root`, e.g.
+    /// `"1GiB"`; `"0"` turns the check off.
+    pub min_free_space: String,
 }
 
 impl Default for PullConfig {
@@ -161,6 +164,7 @@ impl Default for PullConfig {
             max_concurrent_unpacks: d.max_concurrent_unpacks,
             max_concurrent_unpacks_per_image: d.max_concurrent_unpacks_per_image,
             discard_unpacked_layers: d.discard_unpacked_layers,
+            min_free_space: format!("{}MiB", d.min_free_space >> 20),
         }
     }
 }
@@ -178,6 +182,7 @@ impl PullConfig {
             max_concurrent_unpacks: self.max_concurrent_unpacks,
             max_concurrent_unpacks_per_image: self.max_concurrent_unpacks_per_image,
             discard_unpacked_layers: self.discard_unpacked_layers,
+            min_free_space: crate::cli::parse_size(&self.min_free_space).unwrap_or(1 << 30),
         }
     }
 }
@@ -315,6 +320,9 @@ impl Config {
         }
         if let Err(problem) = crate::cli::parse_size(&self.fetch.background_rate) {
             return Err(invalid("fetch.background_rate", problem));
+        }
+        if let Err(problem) = crate::cli::parse_size(&self.pull.min_free_space) {
+            return Err(invalid("pull.min_free_space", problem));
         }
         if let Err(problem) = crate::cli::parse_size(&self.cache.budget) {
             return Err(invalid("cache.budget", problem));

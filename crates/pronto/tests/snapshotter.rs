@@ -766,3 +766,30 @@ fn kept_layers_are_verified_blobs_and_serve_the_next_pull() {
         stdout(&out)
     );
 }
+
+#[test]
+fn a_layer_that_would_fill_the_disk_fails_the_pull_instead() {
+    require!(NEEDS);
+    // More free space asked for than the disk has: every unpack must stop.
+    let stack = Stack::start_with("[pull]\nmin_free_space = \"1000000GiB\"\n");
+    let (reference, _) = stack.push_model_image("full/disk", false);
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    let err = format!("{:#}", cri.pull_image(&reference).unwrap_err());
+    assert!(err.contains("pull.min_free_space"), "{err}");
+    // Not handed to containerd, which would fill the disk in its place.
+    let log = stack.serve_log();
+    assert!(!log.contains(CONTAINERD_PULLS), "{}", tail(&log, 30));
+    // The partly unpacked directories are deleted (the job of the layer
+    // above may still be stopping when the pull has failed).
+    let dirs = || {
+        std::fs::read_dir(stack.root().join("snapshotter/snapshots"))
+            .map(|dirs| dirs.count())
+            .unwrap_or(0)
+    };
+    wait_until(
+        "unpack directories deleted",
+        Duration::from_secs(30),
+        || Ok(dirs() == 0),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {} left\n{}", dirs(), tail(&stack.serve_log(), 20)));
+}

@@ -13,7 +13,7 @@
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -31,6 +31,16 @@ pub enum UnpackError {
     Rejected { entry: String, problem: String },
     #[error("layer unreadable: {0}")]
     Read(String),
+    /// Unpacking would leave less than the configured free space: the
+    /// layer is larger than the node can hold, or a decompression bomb.
+    #[error(
+        "{path} has {free} bytes free, less than the {min_free} bytes Pronto keeps free (pull.min_free_space): the layer does not fit on this node"
+    )]
+    NoSpace {
+        path: PathBuf,
+        free: u64,
+        min_free: u64,
+    },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -71,10 +81,13 @@ impl Compression {
 }
 
 /// Unpacks the layer read from `blob` into `dir` (an empty directory).
+/// Unpacks `blob` into `dir`, stopping with [`UnpackError::NoSpace`] when
+/// the filesystem would have less than `min_free` bytes free (0: no check).
 pub fn unpack(
     blob: impl Read,
     compression: Compression,
     dir: &Path,
+    min_free: u64,
 ) -> Result<Unpacked, UnpackError> {
     let input: Box<dyn Read> = match compression {
         Compression::None => Box::new(blob),
@@ -88,7 +101,11 @@ pub fn unpack(
         root: dir.to_owned(),
         made: HashSet::new(),
         dirs: Vec::new(),
+        min_free,
+        unchecked: 0,
+        buffer: vec![0; COPY_BUFFER],
     };
+    state.check_space()?;
     let mut entries = 0;
     {
         let mut archive = tar::Archive::new(&mut hashing);
@@ -130,7 +147,17 @@ struct State {
     made: HashSet<Vec<u8>>,
     /// Directories and their times, applied last (entries change them).
     dirs: Vec<(PathBuf, i64)>,
+    /// Free space to leave on the filesystem of `root`.
+    min_free: u64,
+    /// File bytes written since free space was last checked.
+    unchecked: u64,
+    buffer: Vec<u8>,
 }
+
+/// File bytes written between two checks of the free space: small next to
+/// any sensible `min_free`, large enough that the check costs nothing.
+const CHECK_EVERY: u64 = 8 << 20;
+const COPY_BUFFER: usize = 256 << 10;
 
 /// `./a/b/` → `a/b` with every component checked.
 fn clean(raw: &[u8]) -> Result<Vec<u8>, String> {
@@ -209,6 +236,47 @@ impl State {
         Ok(())
     }
 
+    /// Copies a file's data, checking the free space every
+    /// [`CHECK_EVERY`] bytes written (counted across files).
+    fn copy_checked(
+        &mut self,
+        from: &mut impl Read,
+        to: &mut std::fs::File,
+        path: &Path,
+    ) -> Result<(), UnpackError> {
+        loop {
+            let n = match from.read(&mut self.buffer) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(UnpackError::Read(format!("{}: {e}", path.display()))),
+            };
+            to.write_all(&self.buffer[..n]).map_err(write_error(path))?;
+            self.unchecked += n as u64;
+            if self.unchecked >= CHECK_EVERY {
+                self.unchecked = 0;
+                self.check_space()?;
+            }
+        }
+    }
+
+    fn check_space(&self) -> Result<(), UnpackError> {
+        if self.min_free == 0 {
+            return Ok(());
+        }
+        let stat = nix::sys::statvfs::statvfs(&self.root)
+            .map_err(|e| write_error(&self.root)(e.into()))?;
+        let free = stat.blocks_available().saturating_mul(stat.fragment_size());
+        if free < self.min_free {
+            return Err(UnpackError::NoSpace {
+                path: self.root.clone(),
+                free,
+                min_free: self.min_free,
+            });
+        }
+        Ok(())
+    }
+
     fn apply<R: Read>(&mut self, item: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let raw = item.path_bytes().into_owned();
         let rel = clean(&raw).map_err(|p| Self::reject(&raw, p))?;
@@ -265,8 +333,7 @@ impl State {
                     .mode(0o600)
                     .open(&path)
                     .map_err(write_error(&path))?;
-                io::copy(item, &mut file)
-                    .map_err(|e| UnpackError::Read(format!("{}: {e}", path.display())))?;
+                self.copy_checked(item, &mut file, &path)?;
                 drop(file);
                 self.made.insert(rel.clone());
                 self.metadata(&raw, &path, &header, item, false)?;
@@ -523,8 +590,8 @@ mod tests {
         for (what, entries, named) in cases {
             let f = fixture();
             std::fs::write(f.outside.join("secret"), "secret").unwrap();
-            let err =
-                unpack(raw_tar(&entries).as_slice(), Compression::None, &f.layer).expect_err(what);
+            let err = unpack(raw_tar(&entries).as_slice(), Compression::None, &f.layer, 0)
+                .expect_err(what);
             let message = err.to_string();
             assert!(
                 matches!(err, UnpackError::Rejected { .. }) && message.contains(named),
@@ -537,6 +604,23 @@ mod tests {
             );
             assert_eq!(std::fs::read(f.outside.join("secret")).unwrap(), b"secret");
         }
+    }
+
+    #[test]
+    fn unpacking_stops_before_the_disk_is_full() {
+        pronto_testbed::require!(&[pronto_testbed::Prereq::Root]);
+        use tar::EntryType as T;
+        let data = vec![0u8; 9 << 20];
+        let tar = raw_tar(&[("big", T::Regular, "", data.as_slice())]);
+        // More free space asked for than any disk has: refused, saying why.
+        let f = fixture();
+        let err = unpack(tar.as_slice(), Compression::None, &f.layer, u64::MAX).unwrap_err();
+        assert!(matches!(err, UnpackError::NoSpace { .. }), "{err}");
+        assert!(err.to_string().contains("pull.min_free_space"), "{err}");
+        // A reserve the disk has: the check (after 8 MiB) passes.
+        let f = fixture();
+        unpack(tar.as_slice(), Compression::None, &f.layer, 1).unwrap();
+        assert_eq!(std::fs::read(f.layer.join("big")).unwrap(), data);
     }
 
     #[test]
@@ -553,7 +637,7 @@ mod tests {
             ("hard", T::Link, "file", b""),
             ("sym", T::Symlink, "file", b""),
         ]);
-        let unpacked = unpack(tar.as_slice(), Compression::None, &f.layer).unwrap();
+        let unpacked = unpack(tar.as_slice(), Compression::None, &f.layer, 0).unwrap();
         assert_eq!(unpacked.entries, 7);
         assert_eq!(
             unpacked.diff_id,

@@ -54,6 +54,9 @@ pub struct PullSettings {
     /// Delete a layer's compressed blob once it is unpacked (otherwise it
     /// stays under `<root>/layers`).
     pub discard_unpacked_layers: bool,
+    /// Bytes an unpack leaves free on the filesystem of the snapshots; a
+    /// layer that would eat into them fails (0: no check).
+    pub min_free_space: u64,
 }
 
 impl Default for PullSettings {
@@ -65,6 +68,7 @@ impl Default for PullSettings {
             max_concurrent_unpacks: 4,
             max_concurrent_unpacks_per_image: 2,
             discard_unpacked_layers: true,
+            min_free_space: 1 << 30,
         }
     }
 }
@@ -72,7 +76,8 @@ impl Default for PullSettings {
 /// Why a whole-layer pull did not produce a snapshot.
 #[derive(Debug, Clone)]
 pub enum WholeError {
-    /// The layer is hostile or malformed: the pull must fail.
+    /// The layer is hostile or malformed, or does not fit on the node: the
+    /// pull must fail.
     Rejected(String),
     /// Anything else (network, registry, disk): containerd may try itself.
     Failed(String),
@@ -345,7 +350,14 @@ impl WholeLayers {
             let file = std::fs::File::open(&blob)
                 .map_err(|e| failed(format!("{}: {e}", blob.display())))?;
             let reader = std::io::BufReader::with_capacity(1 << 20, file);
-            let (id, unpacked) = unpack_reserved(local, layer, compression, reader).await?;
+            let (id, unpacked) = unpack_reserved(
+                local,
+                layer,
+                compression,
+                self.settings.min_free_space,
+                reader,
+            )
+            .await?;
             return settle(local, layer, id, Ok(()), unpacked);
         }
         let _slot = image.layer_slots.acquire().await.expect("never closed");
@@ -387,7 +399,13 @@ impl WholeLayers {
             fetched.and(kept)
         };
         let (unpacking, downloaded) = tokio::join!(
-            unpack_reserved(local, layer, compression, reader),
+            unpack_reserved(
+                local,
+                layer,
+                compression,
+                self.settings.min_free_space,
+                reader
+            ),
             downloading
         );
         let (id, unpacked) = unpacking?;
@@ -411,6 +429,7 @@ async fn unpack_reserved(
     local: &Arc<LocalSnapshots>,
     layer: &Layer,
     compression: Compression,
+    min_free: u64,
     blob: impl std::io::Read + Send + 'static,
 ) -> Result<(u64, Result<(i64, i64), UnpackError>), WholeError> {
     let (id, dir) = local
@@ -418,7 +437,7 @@ async fn unpack_reserved(
         .map_err(|e| WholeError::Failed(e.to_string()))?;
     let expected = layer.diff_id.clone();
     let unpacked = tokio::task::spawn_blocking(move || {
-        let unpacked = unpack(blob, compression, &dir)?;
+        let unpacked = unpack(blob, compression, &dir, min_free)?;
         if unpacked.diff_id != expected {
             return Err(UnpackError::Rejected {
                 entry: "(whole layer)".into(),
@@ -453,7 +472,9 @@ fn settle(
 ) -> Result<Done, WholeError> {
     match (downloaded, unpacked) {
         (Ok(()), Ok(usage)) => Ok(Done { id, usage }),
-        (_, Err(e @ UnpackError::Rejected { .. })) => {
+        // Handing the layer to containerd would not help: it is hostile,
+        // or it would fill the disk there too.
+        (_, Err(e @ (UnpackError::Rejected { .. } | UnpackError::NoSpace { .. }))) => {
             local.abandon(id);
             Err(WholeError::Rejected(format!("layer {}: {e}", layer.digest)))
         }
