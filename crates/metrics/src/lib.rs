@@ -232,15 +232,6 @@ impl Metrics {
             .inc_by(bytes);
     }
 
-    /// Bytes fetched for `purpose` so far.
-    pub fn fetched_total(&self, purpose: Purpose) -> u64 {
-        self.fetched_bytes
-            .get_or_create(&PurposeLabel {
-                purpose: purpose.as_str(),
-            })
-            .get()
-    }
-
     pub fn cache_lookups(&self, hits: u64, misses: u64) {
         self.cache_hits.inc_by(hits);
         self.cache_misses.inc_by(misses);
@@ -256,8 +247,16 @@ impl Metrics {
         self.cache_evicted_bytes.inc_by(bytes);
     }
 
-    pub fn fallback(&self, reason: &'static str) {
-        self.fallbacks.get_or_create(&ReasonLabel { reason }).inc();
+    /// Counts a fallback; returns how many there have been for `reason`.
+    pub fn fallback(&self, reason: &'static str) -> u64 {
+        self.fallbacks.get_or_create(&ReasonLabel { reason }).inc() + 1
+    }
+
+    /// Fallbacks for `reason` so far.
+    pub fn fallback_count(&self, reason: &'static str) -> u64 {
+        self.fallbacks
+            .get(&ReasonLabel { reason })
+            .map_or(0, |counter| counter.get())
     }
 
     pub fn lazy_mount_added(&self) {
@@ -345,6 +344,17 @@ mod tests {
         }
         assert!(text.contains("# HELP pronto_fallbacks Layers not mounted lazily"));
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn fallbacks_are_counted_by_reason() {
+        let metrics = Metrics::new();
+        assert_eq!(metrics.fallback_count("no-index"), 0);
+        assert_eq!(metrics.fallback("no-index"), 1);
+        assert_eq!(metrics.fallback("no-index"), 2);
+        assert_eq!(metrics.fallback_count("no-index"), 2);
+        // Asking does not create a series.
+        assert!(!metrics.encode().contains("mount-failed"));
     }
 
     #[test]

@@ -10,6 +10,16 @@ fn pronto(args: &[&str]) -> Output {
         .expect("run pronto")
 }
 
+/// Runs `pronto --config FILE ARGS` with `config` as the file's text.
+fn pronto_with_config(config: &str, args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut all = vec!["--config", path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    pronto(&all)
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -97,10 +107,11 @@ fn config_can_come_from_the_environment() {
 #[test]
 fn status_without_a_daemon_says_what_to_check() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.toml");
     let socket = dir.path().join("pronto.sock");
-    std::fs::write(&path, format!("address = \"{}\"\n", socket.display())).unwrap();
-    let out = pronto(&["--config", path.to_str().unwrap(), "status"]);
+    let out = pronto_with_config(
+        &format!("address = \"{}\"\n", socket.display()),
+        &["status"],
+    );
     assert!(!out.status.success());
     let text = stderr(&out);
     assert!(
@@ -111,10 +122,10 @@ fn status_without_a_daemon_says_what_to_check() {
 
 #[test]
 fn a_metrics_address_that_is_not_an_address_is_refused_by_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.toml");
-    std::fs::write(&path, "metrics_address = \"localhost:9746\"\n").unwrap();
-    let out = pronto(&["--config", path.to_str().unwrap(), "config", "check"]);
+    let out = pronto_with_config(
+        "metrics_address = \"localhost:9746\"\n",
+        &["config", "check"],
+    );
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("key `metrics_address`"),

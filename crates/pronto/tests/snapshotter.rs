@@ -182,16 +182,22 @@ impl Stack {
             .cmd(&["cat", "/model/config.json"])
             .build(&self.layout)
             .unwrap();
-        let tag = repo.replace('/', "-");
-        self.layout.tag(&tag, &image).unwrap();
-        self.registry
-            .push(&self.layout, &tag, &format!("{repo}:v1"))
-            .unwrap();
-        let reference = format!("{}/{repo}:v1", self.relay.host());
+        let reference = self.push(&image, repo);
         if indexed {
             self.pronto_ok(&["index", "create", &reference, "--push"]);
         }
         (reference, image)
+    }
+
+    /// Pushes `image` as `repo:v1` and returns its reference through the
+    /// relay.
+    fn push(&self, image: &BuiltImage, repo: &str) -> String {
+        let tag = repo.replace('/', "-");
+        self.layout.tag(&tag, image).unwrap();
+        self.registry
+            .push(&self.layout, &tag, &format!("{repo}:v1"))
+            .unwrap();
+        format!("{}/{repo}:v1", self.relay.host())
     }
 
     /// `ctr run --rm` in the Kubernetes namespace on the `pronto` snapshotter.
@@ -599,12 +605,7 @@ fn a_parallel_pull_unpacks_exactly_what_containerd_unpacks() {
     require!(NEEDS);
     let stack = Stack::start();
     let image = pronto_testbed::image::edge_image(&stack.layout);
-    stack.layout.tag("edge", &image).unwrap();
-    stack
-        .registry
-        .push(&stack.layout, "edge", "edge/layers:v1")
-        .unwrap();
-    let reference = format!("{}/edge/layers:v1", stack.relay.host());
+    let reference = stack.push(&image, "edge/layers");
     let containerd = stack.containerd();
 
     // containerd's own pull and unpack, in its overlayfs snapshotter.
@@ -707,12 +708,7 @@ fn a_hostile_layer_is_refused_through_containerd_and_nothing_escapes() {
         )
         .build(&stack.layout)
         .unwrap();
-    stack.layout.tag("hostile", &image).unwrap();
-    stack
-        .registry
-        .push(&stack.layout, "hostile", "hostile/image:v1")
-        .unwrap();
-    let reference = format!("{}/hostile/image:v1", stack.relay.host());
+    let reference = stack.push(&image, "hostile/image");
     let cri = Cri::connect(&stack.containerd().socket()).unwrap();
     let err = format!("{:#}", cri.pull_image(&reference).unwrap_err());
     assert!(

@@ -107,7 +107,6 @@ pub struct Remote {
     options: RemoteOptions,
     mounted: Mutex<HashMap<u64, Mounted>>,
     sets: tokio::sync::Mutex<HashMap<String, (Instant, Option<IndexSet>)>>,
-    fallbacks: Mutex<BTreeMap<Fallback, u64>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -141,16 +140,17 @@ impl Remote {
             options,
             mounted: Mutex::new(HashMap::new()),
             sets: tokio::sync::Mutex::new(HashMap::new()),
-            fallbacks: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Fallbacks so far, by reason.
+    /// Fallbacks so far in this process, by reason (those that happened),
+    /// as `pronto_fallbacks_total` counts them.
     pub fn fallback_counts(&self) -> BTreeMap<Fallback, u64> {
-        self.fallbacks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        Fallback::ALL
+            .into_iter()
+            .map(|reason| (reason, metrics().fallback_count(reason.as_str())))
+            .filter(|(_, count)| *count > 0)
+            .collect()
     }
 
     /// Number of live lazy mounts.
@@ -171,13 +171,7 @@ impl Remote {
         detail: &str,
         action: &str,
     ) {
-        let count = {
-            let mut counts = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
-            let count = counts.entry(reason).or_insert(0);
-            *count += 1;
-            *count
-        };
-        metrics().fallback(reason.as_str());
+        let count = metrics().fallback(reason.as_str());
         let image = labels
             .get(LABEL_IMAGE_REF)
             .map(String::as_str)

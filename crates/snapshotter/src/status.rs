@@ -8,7 +8,7 @@ use std::sync::Arc;
 use pronto_store::ContentCache;
 use tonic::{Request, Response, Status};
 
-use crate::remote::{Fallback, Remote};
+use crate::remote::Remote;
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StatusRequest {}
@@ -78,18 +78,17 @@ pub struct StatusService {
 impl StatusService {
     pub fn snapshot(&self) -> StatusResponse {
         let cache = self.cache.stats();
-        let counts = self.remote.fallback_counts();
         StatusResponse {
             images: self.remote.status(),
             cache_bytes: cache.bytes,
             cache_budget: cache.budget,
-            fallbacks: Fallback::ALL
-                .iter()
-                .filter_map(|reason| {
-                    counts.get(reason).map(|count| FallbackCount {
-                        reason: reason.as_str().to_owned(),
-                        count: *count,
-                    })
+            fallbacks: self
+                .remote
+                .fallback_counts()
+                .into_iter()
+                .map(|(reason, count)| FallbackCount {
+                    reason: reason.as_str().to_owned(),
+                    count,
                 })
                 .collect(),
         }
