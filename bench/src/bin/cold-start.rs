@@ -95,7 +95,7 @@ fn main() -> Result<()> {
             workload.description,
             workload.image.layers_size() as f64 / (1 << 20) as f64
         );
-        stack.pronto(&["index", "create", &indexed, "--push"])?;
+        stack.pronto(&["index", "create", &indexed, "--bind"])?;
         stack.start_serve("")?;
         for system in SYSTEMS {
             let reference = match system {

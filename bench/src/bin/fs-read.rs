@@ -69,7 +69,7 @@ fn main() -> Result<()> {
         }
         Ok(())
     };
-    pronto(&["index", "create", &reference, "--push"])?;
+    pronto(&["index", "create", &reference, "--bind"])?;
 
     // Mount and first byte, cold.
     let mnt = w.join("mnt");

@@ -35,19 +35,47 @@ pub struct LayerIndexRef {
     pub prefix_digest: String,
 }
 
-/// Where an index set was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where an index set was found, which is also how it is bound to the
+/// image: what a node's `index.trust` policy accepts or refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Location {
+    /// Listed in the image index the image's tag (or digest) names, next
+    /// to the image manifest: whoever published the image published it.
+    Bound,
+    /// Found among the referrers of the image manifest: anyone who can
+    /// push to the repository can add one.
     Registry,
+    /// Built on this node from the layers themselves.
     Local,
+}
+
+impl Location {
+    pub const ALL: [Location; 3] = [Location::Bound, Location::Registry, Location::Local];
+
+    /// The name `index.trust` and `pronto index list` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Location::Bound => "bound",
+            Location::Registry => "referrers",
+            Location::Local => "local",
+        }
+    }
 }
 
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Location::Registry => "registry",
-            Location::Local => "local",
-        })
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Location {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        Location::ALL
+            .into_iter()
+            .find(|l| l.as_str() == text)
+            .ok_or_else(|| format!("{text:?} is not one of \"bound\", \"referrers\", \"local\""))
     }
 }
 

@@ -11,6 +11,7 @@ mod create;
 mod error;
 mod local;
 mod remote;
+mod trust;
 
 pub use artifact::{IndexSet, LayerIndexRef, Location, Subject, artifact_manifest, parse_artifact};
 pub use create::{
@@ -19,7 +20,11 @@ pub use create::{
 pub use error::CatalogError;
 pub use local::LocalIndexStore;
 pub use remote::{
-    fetch_prefix, find_indexes, push_indexes, remove_remote, save_local, verify_prefix,
+    fetch_prefix, find_indexes, push_bound, push_indexes, remove_remote, save_local, verify_prefix,
+};
+pub use trust::{
+    ANNOTATION_SUBJECT, BindTarget, Binding, IndexTrust, OCI_INDEX, TrustedIndex, binding_index,
+    bound_sets, find_trusted, unbind_index,
 };
 
 /// The digest of the empty JSON object `{}`, the config of artifacts.

@@ -5,6 +5,9 @@
 //! indexes/blobs/sha256/<hex>          index blobs
 //! indexes/manifests/sha256/<hex>      artifact manifests
 //! indexes/subjects/<image-hex>/<hex>  which manifests belong to an image
+//! indexes/poisoned/<hex>              index sets found not to match their
+//!                                     layers (wherever they came from),
+//!                                     with the reason
 //! ```
 //!
 //! Every file is written to a temporary name, synced and renamed, so a
@@ -29,7 +32,7 @@ impl LocalIndexStore {
     /// Opens (creating if needed) the store below Pronto's `root`.
     pub fn open(root: &Path) -> Result<Self, CatalogError> {
         let dir = root.join("indexes");
-        for sub in ["blobs/sha256", "manifests/sha256", "subjects"] {
+        for sub in ["blobs/sha256", "manifests/sha256", "subjects", "poisoned"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(CatalogError::io("cannot create", &path))?;
         }
@@ -93,6 +96,24 @@ impl LocalIndexStore {
         std::fs::write(&marker, b"").map_err(CatalogError::io("cannot write", &marker))?;
         sync_dir(&marker_dir)?;
         Ok(digest)
+    }
+
+    /// Marks index set `digest` (an artifact manifest, local or remote) as
+    /// not matching its layers: no pull on this node uses it again.
+    pub fn poison(&self, digest: &str, reason: &str) -> Result<(), CatalogError> {
+        let Some(hex) = hex_of(digest) else {
+            return Ok(());
+        };
+        let path = self.dir.join("poisoned").join(hex);
+        let temp = self.temp_path(&path);
+        std::fs::write(&temp, reason).map_err(CatalogError::io("cannot write", &temp))?;
+        sync_and_rename(&temp, &path)
+    }
+
+    /// Why index set `digest` was poisoned, if it was.
+    pub fn poisoned(&self, digest: &str) -> Option<String> {
+        let path = self.dir.join("poisoned").join(hex_of(digest)?);
+        std::fs::read_to_string(path).ok()
     }
 
     /// The index sets stored for image manifest `subject`.

@@ -4,15 +4,14 @@
 
 use bytes::Bytes;
 use pronto_index::{ARTIFACT_TYPE, LayerIndex};
-use pronto_registry::{RegistryClient, Repository};
+use pronto_registry::{Manifest, RegistryClient, Repository};
 use sha2::{Digest, Sha256};
 
-use crate::artifact::{
-    IndexSet, LayerIndexRef, Location, OCI_MANIFEST, artifact_manifest, parse_artifact,
-};
+use crate::artifact::{IndexSet, LayerIndexRef, Location, OCI_MANIFEST, artifact_manifest};
 use crate::create::CreatedIndexes;
 use crate::error::CatalogError;
 use crate::local::LocalIndexStore;
+use crate::trust::{Binding, bound_sets, referrer_sets};
 use pronto_metrics::{Purpose, metrics};
 
 /// Pushes the index blobs and their artifact manifest (as a referrer of
@@ -22,16 +21,7 @@ pub async fn push_indexes(
     repo: &Repository,
     created: &CreatedIndexes,
 ) -> Result<String, CatalogError> {
-    client.push_blob(repo, Bytes::from_static(b"{}")).await?;
-    for (layer, path) in &created.layers {
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(CatalogError::io("cannot read", path))?;
-        let pushed = client.push_blob(repo, Bytes::from(bytes)).await?;
-        debug_assert_eq!(pushed, layer.blob);
-    }
-    let refs: Vec<LayerIndexRef> = created.layers.iter().map(|(l, _)| l.clone()).collect();
-    let manifest = artifact_manifest(&created.subject, created.span_size, &refs);
+    let manifest = push_index_blobs(client, repo, created).await?;
     let pushed = client
         .push_referrer(
             repo,
@@ -42,6 +32,49 @@ pub async fn push_indexes(
         )
         .await?;
     Ok(pushed.digest)
+}
+
+/// Pushes the index blobs and their artifact manifest by digest only (to
+/// be bound into the image index, not listed among the referrers).
+pub async fn push_bound(
+    client: &RegistryClient,
+    repo: &Repository,
+    created: &CreatedIndexes,
+) -> Result<Binding, CatalogError> {
+    let manifest = push_index_blobs(client, repo, created).await?;
+    let size = manifest.len() as u64;
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
+    client
+        .push_manifest(repo, &digest, OCI_MANIFEST, manifest.into())
+        .await?;
+    Ok(Binding {
+        subject: created.subject.digest.clone(),
+        artifact: digest,
+        artifact_size: size,
+    })
+}
+
+/// Pushes the empty config and the index blobs; returns the artifact
+/// manifest that lists them.
+async fn push_index_blobs(
+    client: &RegistryClient,
+    repo: &Repository,
+    created: &CreatedIndexes,
+) -> Result<Vec<u8>, CatalogError> {
+    client.push_blob(repo, Bytes::from_static(b"{}")).await?;
+    for (layer, path) in &created.layers {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(CatalogError::io("cannot read", path))?;
+        let pushed = client.push_blob(repo, Bytes::from(bytes)).await?;
+        debug_assert_eq!(pushed, layer.blob);
+    }
+    let refs: Vec<LayerIndexRef> = created.layers.iter().map(|(l, _)| l.clone()).collect();
+    Ok(artifact_manifest(
+        &created.subject,
+        created.span_size,
+        &refs,
+    ))
 }
 
 /// Saves the index blobs and manifest in the node's local store. Returns
@@ -58,27 +91,24 @@ pub fn save_local(
     store.put_manifest(&manifest, &created.subject.digest)
 }
 
-/// Index sets for image manifest `subject`: those in the local store first,
-/// then those in the registry. A referrer that is not a valid index set is
-/// skipped with a warning.
+/// Every index set for image manifest `subject`, whatever `index.trust`
+/// says (for listing and removing): bound into `image_index` first, then
+/// those in the local store, then the referrers.
 pub async fn find_indexes(
     client: &RegistryClient,
     store: Option<&LocalIndexStore>,
     repo: &Repository,
     subject: &str,
+    image_index: Option<&Manifest>,
 ) -> Result<Vec<IndexSet>, CatalogError> {
-    let mut sets = match store {
-        Some(store) => store.sets_for(subject)?,
+    let mut sets = match image_index {
+        Some(top) => bound_sets(client, repo, top, subject).await?,
         None => Vec::new(),
     };
-    for referrer in client.referrers(repo, subject, Some(ARTIFACT_TYPE)).await? {
-        let digest = referrer.digest().to_string();
-        let manifest = client.manifest(repo, &digest).await?;
-        match parse_artifact(&digest, &manifest.bytes, subject, Location::Registry) {
-            Ok(set) => sets.push(set),
-            Err(err) => tracing::warn!(%repo, subject, "ignoring a referrer: {err}"),
-        }
+    if let Some(store) = store {
+        sets.extend(store.sets_for(subject)?);
     }
+    sets.extend(referrer_sets(client, repo, subject).await?);
     Ok(sets)
 }
 
@@ -99,7 +129,7 @@ pub async fn fetch_prefix(
             })?;
             store.read_range(&layer.blob, 0..layer.prefix_size)?
         }
-        Location::Registry => client
+        Location::Registry | Location::Bound => client
             .blob_range(repo, &layer.blob, 0..layer.prefix_size, layer.size)
             .await
             .inspect(|bytes| metrics().fetched(Purpose::Index, bytes.len() as u64))?

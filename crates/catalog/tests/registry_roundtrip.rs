@@ -106,6 +106,7 @@ async fn push_find_fetch_and_read_through_the_registry() {
         None,
         &resolved.repository,
         &resolved.manifest.digest,
+        resolved.index.as_ref(),
     )
     .await
     .unwrap();
@@ -150,6 +151,7 @@ async fn push_find_fetch_and_read_through_the_registry() {
         None,
         &resolved.repository,
         &resolved.manifest.digest,
+        resolved.index.as_ref(),
     )
     .await
     .unwrap();
@@ -186,6 +188,7 @@ async fn local_store_and_tampered_indexes() {
         Some(&store),
         &resolved.repository,
         &resolved.manifest.digest,
+        resolved.index.as_ref(),
     )
     .await
     .unwrap();

@@ -1,5 +1,6 @@
-//! Opening an image for mounting: resolve it, find its index set (local
-//! store first, then the registry's referrers), fetch each indexed layer's
+//! Opening an image for mounting: resolve it, find the index set the
+//! node's `index.trust` accepts (bound into the image index, built
+//! locally, or among the referrers), fetch each indexed layer's
 //! prefix, and make every other layer local (fetched whole, verified, and
 //! indexed on the node) so that all layers are read the same way.
 
@@ -7,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use pronto_catalog::{
-    IndexSet, LayerIndexRef, LocalIndexStore, Location, fetch_prefix, find_indexes,
+    IndexSet, IndexTrust, LayerIndexRef, LocalIndexStore, Location, fetch_prefix, find_trusted,
     layer_compression,
 };
 use pronto_index::{LayerIndex, LayerToIndex, build_index};
@@ -16,7 +17,7 @@ use pronto_registry::{
 };
 use pronto_store::ContentCache;
 
-use crate::indexed::{BlobReader, IndexedLayer, LocalBlob, RegistryBlob};
+use crate::indexed::{BlobReader, IndexOrigin, IndexedLayer, LocalBlob, RegistryBlob};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -65,6 +66,8 @@ pub enum LayerMode {
 pub struct OpenedImage {
     pub image: ResolvedImage,
     pub index_set: Option<IndexSet>,
+    /// Index sets that exist for the image but were not used, and why.
+    pub refused: Vec<String>,
     pub layers: Vec<Arc<IndexedLayer>>,
     pub modes: Vec<LayerMode>,
 }
@@ -83,6 +86,8 @@ impl std::fmt::Debug for OpenedImage {
 pub struct NodeContext<'a> {
     pub client: &'a RegistryClient,
     pub store: &'a LocalIndexStore,
+    /// Which indexes this node accepts (`index.trust`).
+    pub trust: &'a IndexTrust,
     pub cache: Arc<ContentCache>,
     /// Where whole layers and their node-made indexes are kept.
     pub layers_dir: PathBuf,
@@ -99,14 +104,16 @@ pub async fn open_image(
 ) -> Result<OpenedImage, OpenError> {
     let reference = parse_reference(reference)?;
     let image = node.client.resolve(&reference, platform).await?;
-    let sets = find_indexes(
+    let found = find_trusted(
         node.client,
-        Some(node.store),
+        node.store,
         &image.repository,
         &image.manifest.digest,
+        image.index.as_ref(),
+        node.trust,
     )
     .await?;
-    let index_set = sets.into_iter().next();
+    let index_set = found.set;
     let mut layers = Vec::new();
     let mut modes = Vec::new();
     for descriptor in image.image.layers() {
@@ -138,6 +145,7 @@ pub async fn open_image(
     Ok(OpenedImage {
         image,
         index_set,
+        refused: found.refused,
         layers,
         modes,
     })
@@ -160,7 +168,7 @@ pub async fn open_lazy_layer(
         size: layer.size,
     });
     let index_blob: Box<dyn BlobReader> = match set.location {
-        Location::Registry => Box::new(RegistryBlob {
+        Location::Registry | Location::Bound => Box::new(RegistryBlob {
             client: node.client.clone(),
             repository: repository.clone(),
             digest: layer_ref.blob.clone(),
@@ -173,6 +181,10 @@ pub async fn open_lazy_layer(
                 .expect("catalog digests are valid"),
         }),
     };
+    let origin = IndexOrigin {
+        store: node.store.clone(),
+        set: set.manifest_digest.clone(),
+    };
     Ok(IndexedLayer::new(
         index,
         layer_blob,
@@ -180,7 +192,8 @@ pub async fn open_lazy_layer(
         node.cache.clone(),
         node.runtime.clone(),
         node.shutdown.clone(),
-    ))
+    )
+    .with_origin(origin))
 }
 
 /// Opens a layer that has no index: fetched whole (parallel range

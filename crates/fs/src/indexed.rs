@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pronto_index::{Entry, LayerIndex};
+use pronto_catalog::LocalIndexStore;
+use pronto_index::{Entry, IndexError, LayerIndex, LayerTruth};
 use pronto_metrics::{ErrorKind, Purpose, metrics};
-use pronto_registry::{RegistryClient, Repository};
+use pronto_registry::{ChunkSink, RegistryClient, Repository};
 use pronto_store::{CacheKey, ContentCache};
 use sha2::{Digest, Sha256};
 
@@ -91,11 +92,35 @@ pub struct LayerFetchStats {
     /// The background fetch stopped with an error (logged); on-demand reads
     /// go on.
     pub background_failed: AtomicBool,
+    /// The whole layer was compared with its index and they matched.
+    pub index_verified: AtomicBool,
+}
+
+/// Where a layer's index came from, so that an index found not to match
+/// its layer can be poisoned where the next pull looks for it.
+#[derive(Debug, Clone)]
+pub struct IndexOrigin {
+    pub store: LocalIndexStore,
+    /// The artifact manifest (index set) the index belongs to.
+    pub set: String,
+}
+
+/// The compressed bytes the background fetch holds for spans not decoded
+/// yet.
+#[derive(Debug, Default)]
+struct SpanBuffer {
+    bytes: Vec<u8>,
+    /// Layer offset of `bytes[0]`.
+    start: u64,
+    /// The next span to decode.
+    next: usize,
+    /// The first span that did not decode as the index says.
+    failure: Option<IndexError>,
 }
 
 /// A layer served through its seekable index.
 pub struct IndexedLayer {
-    index: LayerIndex,
+    index: Arc<LayerIndex>,
     layer: Box<dyn BlobReader>,
     index_blob: Box<dyn BlobReader>,
     cache: Arc<ContentCache>,
@@ -108,6 +133,9 @@ pub struct IndexedLayer {
     /// Becomes true when the mount goes away: reads still waiting on the
     /// network give up, so the daemon can exit.
     shutdown: tokio::sync::watch::Receiver<bool>,
+    origin: Option<IndexOrigin>,
+    /// Why the index was found not to match the layer: every read fails.
+    poisoned: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for IndexedLayer {
@@ -132,7 +160,7 @@ impl IndexedLayer {
             .map(|_| tokio::sync::Mutex::new(()))
             .collect();
         Self {
-            index,
+            index: Arc::new(index),
             layer,
             index_blob,
             cache,
@@ -141,6 +169,43 @@ impl IndexedLayer {
             stats: LayerFetchStats::default(),
             on_demand: AtomicUsize::new(0),
             shutdown,
+            origin: None,
+            poisoned: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Records where the index came from (see [`IndexOrigin`]).
+    pub fn with_origin(mut self, origin: IndexOrigin) -> Self {
+        self.origin = Some(origin);
+        self
+    }
+
+    /// Why this layer's index was poisoned, if it was.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.get().map(String::as_str)
+    }
+
+    /// The index does not describe the layer: drop everything decoded
+    /// through it, fail every later read, and make later pulls on this
+    /// node fall back.
+    fn poison(&self, problem: String) {
+        if self.poisoned.set(problem.clone()).is_err() {
+            return;
+        }
+        let layer = &self.index.meta().layer.digest;
+        metrics().error(ErrorKind::IndexMismatch);
+        let freed = self.cache.remove(&self.all_cache_keys()).unwrap_or(0);
+        let set = self.origin.as_ref().map_or("-", |o| o.set.as_str());
+        tracing::error!(
+            layer = %layer,
+            index = set,
+            freed,
+            "the index does not match the layer; it is poisoned, its cached data dropped, and reads of the layer fail: {problem}"
+        );
+        if let Some(origin) = &self.origin
+            && let Err(err) = origin.store.poison(&origin.set, &problem)
+        {
+            tracing::error!(index = set, "cannot record the poisoned index: {err}");
         }
     }
 
@@ -329,6 +394,9 @@ impl IndexedLayer {
     }
 
     async fn read_stream(&self, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
+        if let Some(problem) = self.poisoned() {
+            return Err(self.error(format!("its index is poisoned: {problem}")));
+        }
         self.on_demand.fetch_add(1, Ordering::SeqCst);
         let mut shutdown = self.shutdown.clone();
         let result = tokio::select! {
@@ -341,21 +409,27 @@ impl IndexedLayer {
 
     /// Reads the whole layer blob in order at low priority (pausing while
     /// on-demand reads run, and at most `rate` bytes per second when set),
-    /// caches every span not cached yet, and checks the blob against the
-    /// layer digest from the image manifest.
+    /// caches every span not cached yet, checks the blob against the layer
+    /// digest from the image manifest, and checks the index against the
+    /// layer (poisoning it when they differ).
     pub async fn fetch_in_background(
         &self,
         chunk: u64,
         rate: Option<u64>,
     ) -> Result<(), ReadError> {
         let layer = &self.index.meta().layer;
+        let (feed, reader) = pronto_registry::feed::channel(None);
+        let index = self.index.clone();
+        let scan = tokio::task::spawn_blocking(move || LayerTruth::scan(&index, reader));
+        let mut feed = Some(feed);
         let mut hasher = Sha256::new();
-        let mut buffer: Vec<u8> = Vec::new();
-        let mut buffer_start = 0u64;
-        let mut next_span = 0;
+        let mut spans = SpanBuffer::default();
         let started = Instant::now();
         let mut offset = 0;
         while offset < layer.size {
+            if let Some(problem) = self.poisoned() {
+                return Err(self.error(format!("its index is poisoned: {problem}")));
+            }
             while self.on_demand.load(Ordering::SeqCst) > 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -366,45 +440,19 @@ impl IndexedLayer {
                 .await
                 .map_err(|e| self.error(format!("background fetch at byte {offset}: {e}")))?;
             hasher.update(&bytes);
-            buffer.extend_from_slice(&bytes);
             self.stats
                 .background_bytes
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             metrics().fetched(Purpose::Background, bytes.len() as u64);
-            offset = end;
-            // Decode every span the buffer now holds completely.
-            while next_span < self.span_locks.len()
-                && self.index.span_input(next_span).end <= offset
+            if let Some(to_scan) = &mut feed
+                && to_scan.write(bytes.clone()).await.is_err()
             {
-                let input = self.index.span_input(next_span);
-                let key = self.span_key(next_span);
-                if !self.cache.contains(&key) {
-                    let _guard = self.span_locks[next_span].lock().await;
-                    if !self.cache.contains(&key) {
-                        let from = (input.start - buffer_start) as usize;
-                        let to = (input.end - buffer_start) as usize;
-                        let window = self.window(next_span).await?;
-                        let data = self
-                            .index
-                            .decode_span(next_span, &buffer[from..to], &window)
-                            .map_err(|e| self.verification_error(e.to_string()))?;
-                        self.cache.put(&key, &data).map_err(|e| {
-                            self.cache_error(format!("cannot cache span {next_span}: {e}"))
-                        })?;
-                    }
-                }
-                next_span += 1;
-                // Keep only what later spans still need (they may share a byte).
-                let keep_from = self
-                    .index
-                    .meta()
-                    .spans
-                    .get(next_span)
-                    .map_or(offset, |s| s.compressed_start);
-                let drop = (keep_from.saturating_sub(buffer_start) as usize).min(buffer.len());
-                buffer.drain(..drop);
-                buffer_start += drop as u64;
+                // The scan stopped early; its result says why.
+                feed = None;
             }
+            spans.bytes.extend_from_slice(&bytes);
+            offset = end;
+            self.cache_complete_spans(&mut spans, offset).await?;
             if let Some(rate) = rate.filter(|r| *r > 0) {
                 let due = Duration::from_secs_f64(offset as f64 / rate as f64);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -412,6 +460,7 @@ impl IndexedLayer {
                 }
             }
         }
+        drop(feed);
         let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
         if digest != layer.digest {
             return Err(self.error(format!(
@@ -419,8 +468,119 @@ impl IndexedLayer {
             )));
         }
         self.stats.complete.store(true, Ordering::SeqCst);
-        tracing::info!(layer = %layer.digest, bytes = layer.size, "layer fetched completely and verified against its digest");
+        self.check_index(scan).await?;
+        if let Some(err) = spans.failure {
+            return Err(self.verification_error(err.to_string()));
+        }
+        tracing::info!(
+            layer = %layer.digest,
+            bytes = layer.size,
+            "layer fetched completely; its digest and its index were verified"
+        );
         Ok(())
+    }
+
+    /// Decodes and caches every span `spans` now holds completely (the
+    /// layer having been read up to `offset`), keeping only what later
+    /// spans still need.
+    async fn cache_complete_spans(
+        &self,
+        spans: &mut SpanBuffer,
+        offset: u64,
+    ) -> Result<(), ReadError> {
+        while spans.next < self.span_locks.len() && self.index.span_input(spans.next).end <= offset
+        {
+            let i = spans.next;
+            let input = self.index.span_input(i);
+            let key = self.span_key(i);
+            if !self.cache.contains(&key) {
+                let _guard = self.span_locks[i].lock().await;
+                if !self.cache.contains(&key) {
+                    let from = (input.start - spans.start) as usize;
+                    let to = (input.end - spans.start) as usize;
+                    let window = self.window(i).await?;
+                    match self.index.decode_span(i, &spans.bytes[from..to], &window) {
+                        Ok(data) => self
+                            .cache
+                            .put(&key, &data)
+                            .map_err(|e| self.cache_error(format!("cannot cache span {i}: {e}")))?,
+                        // Whether the bytes or the index are wrong is
+                        // known once the whole layer is checked.
+                        Err(err) => {
+                            spans.failure.get_or_insert(err);
+                        }
+                    }
+                }
+            }
+            spans.next += 1;
+            // Neighbouring spans may share a byte.
+            let keep_from = self
+                .index
+                .meta()
+                .spans
+                .get(spans.next)
+                .map_or(offset, |s| s.compressed_start);
+            let drop = (keep_from.saturating_sub(spans.start) as usize).min(spans.bytes.len());
+            spans.bytes.drain(..drop);
+            spans.start += drop as u64;
+        }
+        Ok(())
+    }
+
+    /// Starts [`Self::fetch_in_background`] on the layer's runtime in
+    /// 4 MiB requests; a failure is logged, counted and shown in the
+    /// layer's stats, and on-demand reads go on.
+    pub fn start_background_fetch(self: &Arc<Self>, rate: Option<u64>) {
+        let layer = self.clone();
+        self.runtime.spawn(async move {
+            if let Err(err) = layer.fetch_in_background(4 << 20, rate).await {
+                metrics().error(ErrorKind::BackgroundFetch);
+                layer
+                    .stats()
+                    .background_failed
+                    .store(true, Ordering::SeqCst);
+                tracing::warn!(layer = layer.digest(), "background fetch stopped: {err}");
+            }
+        });
+    }
+
+    /// Finishes the comparison of the index with the whole layer: poisons
+    /// the index if they differ.
+    async fn check_index(
+        &self,
+        scan: tokio::task::JoinHandle<Result<LayerTruth, IndexError>>,
+    ) -> Result<(), ReadError> {
+        let truth = match scan.await {
+            Ok(Ok(truth)) => truth,
+            Ok(Err(err @ IndexError::Mismatch { .. })) => {
+                self.poison(err.to_string());
+                return Err(self.error(err.to_string()));
+            }
+            Ok(Err(err)) => return Err(self.error(format!("cannot check the index: {err}"))),
+            Err(err) => return Err(self.error(format!("the index check stopped: {err}"))),
+        };
+        let range = self.index.windows_range();
+        let windows = if range.is_empty() {
+            Bytes::new()
+        } else {
+            self.index_blob
+                .read(range)
+                .await
+                .map_err(|e| self.error(format!("cannot fetch the index's windows: {e}")))?
+        };
+        let index = self.index.clone();
+        let compared = tokio::task::spawn_blocking(move || truth.compare(&index, &windows)).await;
+        match compared.map_err(|e| self.error(format!("the index check stopped: {e}")))? {
+            Ok(()) => {
+                self.stats.index_verified.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(err @ IndexError::Mismatch { .. }) => {
+                self.poison(err.to_string());
+                Err(self.error(err.to_string()))
+            }
+            Err(err) => Err(self.error(format!("cannot check the index: {err}"))),
+        }
     }
 
     async fn read_stream_inner(&self, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
@@ -476,6 +636,9 @@ impl LayerSource for IndexedLayer {
     }
 
     fn local_file(&self, entry: usize) -> Option<CacheKey> {
+        if self.poisoned().is_some() {
+            return None;
+        }
         let entry = &self.index.meta().entries[entry];
         let spans = self
             .index

@@ -19,6 +19,8 @@ pub use fuse::{MountOptions, mount};
 pub use image::{
     LayerMode, NodeContext, OpenError, OpenedImage, open_image, open_lazy_layer, open_whole_layer,
 };
-pub use indexed::{BlobReader, IndexedLayer, LayerFetchStats, LocalBlob, RegistryBlob};
+pub use indexed::{
+    BlobReader, IndexOrigin, IndexedLayer, LayerFetchStats, LocalBlob, RegistryBlob,
+};
 pub use source::{LayerSource, ReadError};
 pub use tree::{Node, NodeKind, Tree, TreeMode};

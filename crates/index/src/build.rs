@@ -52,18 +52,88 @@ pub fn build_index(
             "span size {span_size} is below the 64 KiB minimum"
         )));
     }
+    let mut scanned = scan(blob, layer, Boundaries::Every(span_size))?;
+    let meta = IndexMeta {
+        layer: scanned.layer,
+        span_size,
+        entries: scanned.entries,
+        spans: scanned.spans,
+        windows_length: scanned.windows_length,
+    };
+    crate::validate::validate(&meta, &crate::format::Limits::default())?;
+    let prefix = encode_prefix(&meta)?;
+    let mut out = HashingWriter::new(out);
+    out.write_all(&prefix)?;
+    scanned.windows.rewind()?;
+    io::copy(&mut scanned.windows, &mut out)?;
+    let (digest, total) = out.finish()?;
+    Ok(BuiltIndex {
+        prefix_len: prefix.len() as u64,
+        prefix_digest: format!("sha256:{}", hex::encode(Sha256::digest(&prefix))),
+        size: total,
+        digest,
+        meta,
+    })
+}
+
+/// Where spans end: every `span_size` bytes of output (building), or at
+/// the output offsets an existing index claims (checking it).
+#[derive(Debug, Clone)]
+pub(crate) enum Boundaries {
+    Every(u64),
+    /// Each span's `uncompressed_start`, ascending, the first 0.
+    At(Vec<u64>),
+}
+
+impl Boundaries {
+    /// True when span number `next` (0-based) should start at output
+    /// offset `out`, the previous one having started at `last`.
+    fn starts_here(&self, next: usize, last: u64, out: u64) -> bool {
+        match self {
+            Boundaries::Every(size) => next == 0 || out - last >= *size,
+            Boundaries::At(starts) => starts.get(next) == Some(&out),
+        }
+    }
+
+    /// Where the span starting at `start` (span number `number`) must end
+    /// at the latest in an uncompressed layer.
+    fn fixed_end(&self, number: usize, start: u64) -> u64 {
+        match self {
+            Boundaries::Every(size) => start + size,
+            Boundaries::At(starts) => starts.get(number + 1).copied().unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// What one pass over a layer blob found.
+pub(crate) struct Scanned {
+    pub layer: LayerInfo,
+    pub entries: Vec<Entry>,
+    pub spans: Vec<Span>,
+    /// Every checkpoint's window, raw-deflate compressed, back to back.
+    pub windows: std::fs::File,
+    pub windows_length: u64,
+}
+
+/// Reads `blob` once: hashes it (it must be `layer`), inflates it with
+/// checkpoints at `boundaries`, and parses its tar stream.
+pub(crate) fn scan(
+    blob: impl Read,
+    layer: &LayerToIndex,
+    boundaries: Boundaries,
+) -> Result<Scanned, IndexError> {
     let mut blob = HashingReader::new(blob);
     let mut windows = tempfile::tempfile()?;
     let (entries, spans, uncompressed_size, windows_length) = match layer.compression {
         LayerCompression::Gzip => {
-            let mut stream = Checkpointer::new(&mut blob, span_size, &mut windows, &layer.digest)?;
+            let mut stream = Checkpointer::new(&mut blob, boundaries, &mut windows, &layer.digest)?;
             let entries = read_entries(&mut stream, &layer.digest)?;
             io::copy(&mut stream, &mut io::sink())?;
             let (spans, total_out, windows_length) = stream.finish()?;
             (entries, spans, total_out, windows_length)
         }
         LayerCompression::None => {
-            let mut stream = FixedSpans::new(&mut blob, span_size);
+            let mut stream = FixedSpans::new(&mut blob, boundaries);
             let entries = read_entries(&mut stream, &layer.digest)?;
             io::copy(&mut stream, &mut io::sink())?;
             let (spans, total) = stream.finish();
@@ -77,31 +147,17 @@ pub fn build_index(
             actual: format!("{digest} ({size} bytes)"),
         });
     }
-    let meta = IndexMeta {
+    Ok(Scanned {
         layer: LayerInfo {
             digest,
             size,
             compression: layer.compression,
             uncompressed_size,
         },
-        span_size,
         entries,
         spans,
+        windows,
         windows_length,
-    };
-    crate::validate::validate(&meta, &crate::format::Limits::default())?;
-    let prefix = encode_prefix(&meta)?;
-    let mut out = HashingWriter::new(out);
-    out.write_all(&prefix)?;
-    windows.rewind()?;
-    io::copy(&mut windows, &mut out)?;
-    let (digest, total) = out.finish()?;
-    Ok(BuiltIndex {
-        prefix_len: prefix.len() as u64,
-        prefix_digest: format!("sha256:{}", hex::encode(Sha256::digest(&prefix))),
-        size: total,
-        digest,
-        meta,
     })
 }
 
@@ -299,17 +355,17 @@ impl<W: Write> Write for HashingWriter<W> {
 /// Spans of an uncompressed tar: fixed-size pieces of the blob itself.
 struct FixedSpans<R> {
     inner: R,
-    span_size: u64,
+    boundaries: Boundaries,
     position: u64,
     hasher: Sha256,
     spans: Vec<Span>,
 }
 
 impl<R: Read> FixedSpans<R> {
-    fn new(inner: R, span_size: u64) -> Self {
+    fn new(inner: R, boundaries: Boundaries) -> Self {
         Self {
             inner,
-            span_size,
+            boundaries,
             position: 0,
             hasher: Sha256::new(),
             spans: Vec::new(),
@@ -340,12 +396,13 @@ impl<R: Read> FixedSpans<R> {
 impl<R: Read> Read for FixedSpans<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let span_start = self.spans.last().map_or(0, |s| s.compressed_end);
-        let room = (span_start + self.span_size - self.position) as usize;
+        let span_end = self.boundaries.fixed_end(self.spans.len(), span_start);
+        let room = usize::try_from(span_end - self.position).unwrap_or(usize::MAX);
         let want = buf.len().min(room);
         let n = self.inner.read(&mut buf[..want])?;
         self.hasher.update(&buf[..n]);
         self.position += n as u64;
-        if self.position - span_start == self.span_size {
+        if self.position == span_end {
             self.close_span();
         }
         Ok(n)
@@ -353,8 +410,7 @@ impl<R: Read> Read for FixedSpans<R> {
 }
 
 /// Inflates a gzip blob for a reader of its tar stream, recording a
-/// checkpoint at the first deflate block boundary after every `span_size`
-/// bytes of output, and the digest of every span's compressed bytes.
+/// checkpoint at the deflate block boundaries `boundaries` asks for, and the digest of every span's compressed bytes.
 struct Checkpointer<'a, R> {
     blob: R,
     layer: &'a str,
@@ -368,7 +424,7 @@ struct Checkpointer<'a, R> {
     window: Vec<u8>,
     window_pos: usize,
     window_filled: usize,
-    span_size: u64,
+    boundaries: Boundaries,
     last_checkpoint_out: u64,
     hasher: Sha256,
     last_byte: u8,
@@ -380,7 +436,7 @@ struct Checkpointer<'a, R> {
 impl<'a, R: Read> Checkpointer<'a, R> {
     fn new(
         blob: R,
-        span_size: u64,
+        boundaries: Boundaries,
         windows: &'a mut std::fs::File,
         layer: &'a str,
     ) -> Result<Self, IndexError> {
@@ -396,7 +452,7 @@ impl<'a, R: Read> Checkpointer<'a, R> {
             window: vec![0; WINDOW_SIZE],
             window_pos: 0,
             window_filled: 0,
-            span_size,
+            boundaries,
             last_checkpoint_out: 0,
             hasher: Sha256::new(),
             last_byte: 0,
@@ -538,7 +594,9 @@ impl<R: Read> Read for Checkpointer<'_, R> {
             if step.end {
                 self.ended = true;
             } else if at_boundary
-                && (self.spans.is_empty() || out - self.last_checkpoint_out >= self.span_size)
+                && self
+                    .boundaries
+                    .starts_here(self.spans.len(), self.last_checkpoint_out, out)
             {
                 self.checkpoint()?;
             }

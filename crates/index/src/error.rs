@@ -31,6 +31,9 @@ pub enum IndexError {
         problem: String,
     },
 
+    #[error("the index of layer {layer} does not match the layer: {problem}")]
+    Mismatch { layer: String, problem: String },
+
     #[error("cannot read or write index data")]
     Io(#[source] std::io::Error),
 }

@@ -12,6 +12,7 @@ mod format;
 mod gzip;
 mod read;
 mod validate;
+mod verify;
 
 use std::io::{Read, Write};
 
@@ -19,9 +20,10 @@ pub use build::{BuiltIndex, DEFAULT_SPAN_SIZE, LayerToIndex, build_index};
 pub use error::IndexError;
 pub use format::{
     Checkpoint, Entry, EntryKind, HEADER_SIZE, IndexMeta, LayerCompression, LayerInfo, Limits,
-    MAGIC, Span, VERSION, prefix_len,
+    MAGIC, Span, VERSION, encode_prefix, prefix_len,
 };
 pub use read::LayerIndex;
+pub use verify::{LayerTruth, verify_against_layer};
 
 /// Media type of the artifact manifest that carries a layer's indexes.
 pub const ARTIFACT_TYPE: &str = "application/vnd.pronto.index.v1";

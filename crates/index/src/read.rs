@@ -68,6 +68,11 @@ impl LayerIndex {
         first..last
     }
 
+    /// Where the windows section lies in the index blob.
+    pub fn windows_range(&self) -> Range<u64> {
+        self.prefix_len..self.prefix_len + self.meta.windows_length
+    }
+
     /// Where span `i`'s window lies in the index blob, if it needs one.
     pub fn window_range(&self, i: usize) -> Option<Range<u64>> {
         let cp = self.meta.spans[i].checkpoint.as_ref()?;
@@ -151,24 +156,28 @@ impl LayerIndex {
                 inflate
                     .set_dictionary(window)
                     .map_err(|e| span_error(e.0))?;
-                let mut out = vec![0u8; len];
+                // One byte of room past the promised length: a span that
+                // decodes to more than its index says is caught, not cut.
+                let mut out = vec![0u8; len + 1];
                 let mut pos_in = start;
                 let mut pos_out = 0;
-                while pos_out < len {
+                loop {
                     let step = inflate
-                        .step(&compressed[pos_in..], &mut out[pos_out..], false)
+                        .step(&compressed[pos_in..], &mut out[pos_out..], true)
                         .map_err(|e| span_error(e.0))?;
                     pos_in += step.consumed;
                     pos_out += step.produced;
-                    if step.end || (step.consumed == 0 && step.produced == 0) {
+                    if step.end || pos_out > len || (step.consumed == 0 && step.produced == 0) {
                         break;
                     }
                 }
                 if pos_out != len {
+                    let more = if pos_out > len { "more than " } else { "" };
                     return Err(span_error(format!(
-                        "decompressed to {pos_out} bytes, expected {len}"
+                        "decompressed to {more}{pos_out} bytes, expected {len}"
                     )));
                 }
+                out.truncate(len);
                 Ok(out)
             }
             (LayerCompression::Gzip, None) => Err(span_error("it has no checkpoint".into())),

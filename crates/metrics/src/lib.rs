@@ -59,6 +59,9 @@ pub enum ErrorKind {
     /// A call of containerd's snapshots API failed for a reason other than
     /// "not found" or "already exists".
     SnapshotApi,
+    /// An index was found not to match its layer once the layer was
+    /// complete (the index is poisoned).
+    IndexMismatch,
 }
 
 impl ErrorKind {
@@ -71,6 +74,7 @@ impl ErrorKind {
             ErrorKind::BackgroundFetch => "background_fetch",
             ErrorKind::ParallelPull => "parallel_pull",
             ErrorKind::SnapshotApi => "snapshot_api",
+            ErrorKind::IndexMismatch => "index_mismatch",
         }
     }
 }

@@ -161,15 +161,23 @@ pub enum IndexCommand {
         reference: String,
         #[command(flatten)]
         platforms: PlatformArgs,
-        /// Uncompressed bytes per span: the unit fetched on demand.
-        #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+        /// Uncompressed bytes per span: the unit fetched on demand (at
+        /// least 64KiB).
+        #[arg(long, default_value = "4MiB", value_parser = parse_span_size)]
         span_size: u64,
         /// Layers smaller than this get no index and are fetched whole.
         #[arg(long, default_value = "10MiB", value_parser = parse_size)]
         min_layer_size: u64,
-        /// Push the indexes to the image's repository.
-        #[arg(long)]
+        /// Push the indexes to the image's repository as referrers of the
+        /// image (used only by nodes whose `index.trust` accepts
+        /// "referrers").
+        #[arg(long, conflicts_with = "bind")]
         push: bool,
+        /// Push the indexes and bind them to the image: the tag moves to an
+        /// image index listing the unchanged image manifests and their
+        /// indexes. Nodes use bound indexes by default.
+        #[arg(long)]
+        bind: bool,
     },
     /// List the index sets of an image, in the local store and the registry.
     List {
@@ -200,6 +208,16 @@ pub enum IndexCommand {
 }
 
 /// Parses sizes such as `4194304`, `4MiB`, `512k`, `1G`.
+/// A span size: a size of at least 64 KiB, checked before anything is
+/// downloaded.
+fn parse_span_size(text: &str) -> Result<u64, String> {
+    let size = parse_size(text)?;
+    if size < 64 * 1024 {
+        return Err(format!("{text} is below the 64KiB minimum span size"));
+    }
+    Ok(size)
+}
+
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text

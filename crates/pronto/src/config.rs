@@ -54,6 +54,8 @@ pub struct Config {
     pub fetch: FetchConfig,
     /// Layers that cannot be lazy, fetched and unpacked by Pronto.
     pub pull: PullConfig,
+    /// Which indexes this node uses.
+    pub index: IndexConfig,
 }
 
 impl Default for Config {
@@ -66,7 +68,37 @@ impl Default for Config {
             cache: CacheConfig::default(),
             fetch: FetchConfig::default(),
             pull: PullConfig::default(),
+            index: IndexConfig::default(),
         }
+    }
+}
+
+/// The `[index]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IndexConfig {
+    /// The indexes this node accepts: `bound` (listed in the image index
+    /// next to the image, `pronto index create --bind`), `local` (built on
+    /// this node) and `referrers` (found among the referrers of the image
+    /// manifest: anyone who can push to the repository can add one, so
+    /// this is an explicit opt-in).
+    pub trust: Vec<String>,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            trust: vec!["bound".into(), "local".into()],
+        }
+    }
+}
+
+impl IndexConfig {
+    /// The policy these settings describe (validated when loaded).
+    pub fn trust(&self) -> pronto_catalog::IndexTrust {
+        let kinds: Vec<pronto_catalog::Location> =
+            self.trust.iter().filter_map(|t| t.parse().ok()).collect();
+        pronto_catalog::IndexTrust::new(&kinds)
     }
 }
 
@@ -357,6 +389,11 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1".to_owned()));
+            }
+        }
+        for kind in &self.index.trust {
+            if let Err(problem) = kind.parse::<pronto_catalog::Location>() {
+                return Err(invalid("index.trust", problem));
             }
         }
         if self.registry.max_concurrent_per_registry == 0 {

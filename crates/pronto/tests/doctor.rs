@@ -137,7 +137,7 @@ fn doctor_passes_a_good_node_and_names_each_broken_setting() {
             "index",
             "create",
             &indexed,
-            "--push",
+            "--bind",
             "--min-layer-size",
             "0",
         ],
@@ -238,7 +238,7 @@ fn doctor_passes_a_good_node_and_names_each_broken_setting() {
     let failed = failures(&checks);
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0].0, "index");
-    assert_eq!(failed[0].1, format!("pronto index create {plain} --push"));
+    assert_eq!(failed[0].1, format!("pronto index create {plain} --bind"));
 
     serve.stop();
 }

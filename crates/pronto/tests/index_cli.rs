@@ -108,13 +108,25 @@ fn create_list_inspect_and_remove_locally_and_in_the_registry() {
         ],
     ));
     assert!(out.contains("pushed to"), "{out}");
+    // Bound into the image index the tag names.
+    let out = ok(pronto(
+        &config,
+        &[
+            "index",
+            "create",
+            &reference,
+            "--min-layer-size",
+            "1MiB",
+            "--bind",
+        ],
+    ));
+    assert!(out.contains("now names image index"), "{out}");
     let listed = ok(pronto(&config, &["index", "list", &reference]));
-    assert!(
-        listed.contains("registry") && listed.contains("local"),
-        "{listed}"
-    );
+    for place in ["bound", "referrers", "local"] {
+        assert!(listed.contains(place), "{place}: {listed}");
+    }
     let text = ok(pronto(&config, &["index", "inspect", &reference]));
-    assert_eq!(text.matches(big.as_str()).count(), 2, "{text}");
+    assert_eq!(text.matches(big.as_str()).count(), 3, "{text}");
 
     // Tampering with the stored index is caught with a clear message.
     let hex = {
@@ -135,7 +147,7 @@ fn create_list_inspect_and_remove_locally_and_in_the_registry() {
     assert!(err.contains("prefix digest"), "{err}");
 
     let removed = ok(pronto(&config, &["index", "rm", &reference]));
-    assert_eq!(removed.matches("removed").count(), 2, "{removed}");
+    assert_eq!(removed.matches("removed").count(), 3, "{removed}");
     let listed = ok(pronto(&config, &["index", "list", &reference]));
     assert_eq!(
         listed.lines().count(),

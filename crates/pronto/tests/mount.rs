@@ -152,7 +152,7 @@ fn merged_mount_matches_containerds_unpack() {
         "2MiB",
         "--span-size",
         "256KiB",
-        "--push",
+        "--bind",
     ]);
 
     let containerd = Containerd::start_with(ContainerdOptions {
@@ -285,7 +285,7 @@ fn concurrent_readers_get_the_right_bytes() {
         "1MiB",
         "--span-size",
         "128KiB",
-        "--push",
+        "--bind",
     ]);
     let mounted = node.mount(&pushed.reference, &[]);
     let big = Content::random(1, 3 << 20).to_vec().unwrap();
@@ -327,7 +327,7 @@ fn faults_give_correct_bytes_or_eio() {
         "1MiB",
         "--span-size",
         "128KiB",
-        "--push",
+        "--bind",
     ]);
     let mounted = node.mount(&reference, &[]);
     let model_layer = &pushed.image.layers[1].digest;
@@ -375,7 +375,7 @@ fn one_small_file_of_a_large_layer_fetches_a_few_spans() {
     let relay = Relay::start(registry.addr()).unwrap();
     let reference = format!("{}/big/model:v1", relay.host());
     let node = Node::new();
-    node.ok(&["index", "create", &reference, "--push"]);
+    node.ok(&["index", "create", &reference, "--bind"]);
     relay.reset();
     let mounted = node.mount(&reference, &[]);
     let at_mount = relay.bytes_down();
@@ -413,7 +413,7 @@ fn eviction_keeps_the_budget_and_spares_open_files() {
         "1MiB",
         "--span-size",
         "128KiB",
-        "--push",
+        "--bind",
     ]);
     let mounted = node.mount(&reference, &[]);
     let stats = || -> serde_json::Value {
@@ -484,7 +484,7 @@ fn debian_root_filesystem_runs_python_from_the_mount() {
         .push(&layout, "bookworm", "debian/python:bookworm")
         .unwrap();
     let node = Node::new();
-    node.ok(&["index", "create", &reference, "--push"]);
+    node.ok(&["index", "create", &reference, "--bind"]);
 
     let layer = &image.layers[0];
     let extracted = tempfile::tempdir().unwrap();
@@ -554,14 +554,14 @@ fn background_fetch_makes_the_image_local_and_verifies_it() {
         "1MiB",
         "--span-size",
         "256KiB",
-        "--push",
+        "--bind",
     ]);
     let mounted = node.mount_with_log(&pushed.reference, &[], "info,pronto_fs=debug");
     wait_until("background fetch", Duration::from_secs(60), || {
         Ok(mounted
             .daemon
             .log_tail(50)
-            .matches("fetched completely and verified")
+            .matches("its digest and its index were verified")
             .count()
             == 2)
     })
@@ -603,7 +603,7 @@ fn files_over_4_gib() {
     let registry = Registry::start().unwrap();
     let reference = registry.push(&layout, "v1", "big/huge:v1").unwrap();
     let node = Node::new();
-    node.ok(&["index", "create", &reference, "--push"]);
+    node.ok(&["index", "create", &reference, "--bind"]);
     let mounted = node.mount(&reference, &[]);
     assert_eq!(
         std::fs::metadata(mounted.dir.join("huge")).unwrap().len(),
@@ -638,7 +638,7 @@ fn unmount_works_with_readers_blocked() {
         &reference,
         "--min-layer-size",
         "1MiB",
-        "--push",
+        "--bind",
     ]);
     let mut mounted = node.mount(&reference, &[]);
     proxy.inject("/blobs/", 1000, Fault::Stall(Duration::from_secs(600)));

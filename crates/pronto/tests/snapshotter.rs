@@ -184,7 +184,7 @@ impl Stack {
             .unwrap();
         let reference = self.push(&image, repo);
         if indexed {
-            self.pronto_ok(&["index", "create", &reference, "--push"]);
+            self.pronto_ok(&["index", "create", &reference, "--bind"]);
         }
         (reference, image)
     }

@@ -10,6 +10,7 @@ mod auth;
 mod client;
 mod digest;
 mod error;
+pub mod feed;
 mod hosts;
 mod manifest;
 mod parallel;
@@ -27,7 +28,7 @@ pub use error::{RegistryError, Target};
 pub use hosts::{Endpoint, HostSettings, Hosts, HostsError};
 pub use manifest::{Manifest, ManifestKind, Platform, ResolvedImage};
 pub use oci_spec::distribution::Reference;
-pub use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
+pub use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 
 /// Result of registry operations.
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;

@@ -6,7 +6,6 @@
 //! FUSE and reported to containerd as already there, so it neither
 //! downloads nor unpacks them (the remote-snapshotter handshake).
 
-mod feed;
 pub mod filter;
 pub mod local;
 pub mod pull;

@@ -9,16 +9,16 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pronto_catalog::{IndexSet, LocalIndexStore, find_indexes};
+use pronto_catalog::{IndexSet, IndexTrust, LocalIndexStore, TrustedIndex, find_trusted};
 use pronto_fs::{
     IndexedLayer, LayerSource, MountOptions, NodeContext, Tree, TreeMode, mounts, open_lazy_layer,
 };
-use pronto_registry::{RegistryClient, Repository, parse_reference};
+use pronto_registry::{Reference, RegistryClient, Repository, parse_reference};
 use pronto_store::ContentCache;
 
 use crate::local::{LocalSnapshots, RemoteLayer};
 use crate::status::{ImageStatus, LayerStatus};
-use pronto_metrics::{ErrorKind, metrics};
+use pronto_metrics::metrics;
 
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
 pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
@@ -32,6 +32,11 @@ pub const LABEL_PRONTO_LAYER: &str = "pronto/layer";
 /// How long "this image has no index" is remembered, so that the layers of
 /// one pull ask the registry once.
 const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+/// How long a found index set is remembered (a tag moved to a new binding
+/// is seen after this).
+const POSITIVE_TTL: Duration = Duration::from_secs(600);
+/// At most this many images' index lookups are remembered.
+const MAX_REMEMBERED_SETS: usize = 512;
 
 /// Why a layer was not served lazily. Every fallback is logged with its
 /// reason and counted.
@@ -46,6 +51,10 @@ pub enum Fallback {
     LayerNotIndexed,
     /// The index could not be fetched or verified.
     IndexUnavailable,
+    /// An index exists but this node does not use it: `index.trust` does
+    /// not accept how it is bound to the image, or it was found not to
+    /// match its layers (poisoned).
+    IndexRefused,
     /// The lazy mount could not be set up.
     MountFailed,
     /// Pronto's own whole-layer pull failed (containerd takes over).
@@ -53,11 +62,12 @@ pub enum Fallback {
 }
 
 impl Fallback {
-    pub const ALL: [Fallback; 6] = [
+    pub const ALL: [Fallback; 7] = [
         Fallback::NoImageLabels,
         Fallback::NoIndex,
         Fallback::LayerNotIndexed,
         Fallback::IndexUnavailable,
+        Fallback::IndexRefused,
         Fallback::MountFailed,
         Fallback::ParallelPullFailed,
     ];
@@ -68,6 +78,7 @@ impl Fallback {
             Fallback::NoIndex => "no-index",
             Fallback::LayerNotIndexed => "layer-not-indexed",
             Fallback::IndexUnavailable => "index-unavailable",
+            Fallback::IndexRefused => "index-refused",
             Fallback::MountFailed => "mount-failed",
             Fallback::ParallelPullFailed => "parallel-pull-failed",
         }
@@ -96,6 +107,8 @@ pub struct RemoteOptions {
     pub background_rate: Option<u64>,
     /// Threads answering FUSE requests per layer.
     pub threads_per_layer: usize,
+    /// Which indexes this node accepts (`index.trust`).
+    pub trust: IndexTrust,
 }
 
 pub struct Remote {
@@ -106,7 +119,7 @@ pub struct Remote {
     runtime: tokio::runtime::Handle,
     options: RemoteOptions,
     mounted: Mutex<HashMap<u64, Mounted>>,
-    sets: tokio::sync::Mutex<HashMap<String, (Instant, Option<IndexSet>)>>,
+    sets: tokio::sync::Mutex<HashMap<String, (Instant, TrustedIndex)>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -268,23 +281,30 @@ impl Remote {
         let reference = parse_reference(&remote.image_ref)
             .map_err(|e| (Fallback::NoImageLabels, e.to_string()))?;
         let repository = Repository::of(&reference);
-        let set = self
-            .index_set(&repository, &remote.manifest_digest)
+        let found = self
+            .index_set(&reference, &remote.manifest_digest)
             .await
-            .map_err(|e| (Fallback::IndexUnavailable, e))?
-            .ok_or_else(|| {
-                (
+            .map_err(|e| (Fallback::IndexUnavailable, e))?;
+        let set = match found.set {
+            Some(set) => set,
+            None if !found.refused.is_empty() => {
+                return Err((Fallback::IndexRefused, found.refused.join("; ")));
+            }
+            None => {
+                return Err((
                     Fallback::NoIndex,
                     format!(
-                        "no Pronto index for {}@{} (create one with `pronto index create`)",
+                        "no Pronto index for {}@{} (create one with `pronto index create --bind`)",
                         remote.image_ref, remote.manifest_digest
                     ),
-                )
-            })?;
+                ));
+            }
+        };
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let node = NodeContext {
             client: &self.client,
             store: &self.store,
+            trust: &self.options.trust,
             cache: self.cache.clone(),
             layers_dir: self.layers_dir.clone(),
             runtime: self.runtime.clone(),
@@ -315,30 +335,59 @@ impl Remote {
     ) -> Option<IndexSet> {
         let reference = parse_reference(labels.get(LABEL_IMAGE_REF)?).ok()?;
         let manifest = labels.get(LABEL_MANIFEST)?;
-        self.index_set(&Repository::of(&reference), manifest)
-            .await
-            .ok()
-            .flatten()
+        self.index_set(&reference, manifest).await.ok()?.set
     }
 
-    /// The index set of an image manifest: remembered once found, and its
-    /// absence for a short while.
+    /// The index set this node uses for image manifest `manifest` of
+    /// `reference`: remembered for a while once found, its absence for a
+    /// short while, and never once it is poisoned.
     pub(crate) async fn index_set(
         &self,
-        repository: &Repository,
+        reference: &Reference,
         manifest: &str,
-    ) -> Result<Option<IndexSet>, String> {
+    ) -> Result<TrustedIndex, String> {
         let mut sets = self.sets.lock().await;
-        if let Some((when, set)) = sets.get(manifest)
-            && (set.is_some() || when.elapsed() < NEGATIVE_TTL)
-        {
-            return Ok(set.clone());
+        if let Some((when, found)) = sets.get(manifest) {
+            let ttl = if found.set.is_some() {
+                POSITIVE_TTL
+            } else {
+                NEGATIVE_TTL
+            };
+            let poisoned = found
+                .set
+                .as_ref()
+                .is_some_and(|set| self.store.poisoned(&set.manifest_digest).is_some());
+            if when.elapsed() < ttl && !poisoned {
+                return Ok(found.clone());
+            }
         }
-        let found = find_indexes(&self.client, Some(&self.store), repository, manifest)
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .next();
+        let repository = Repository::of(reference);
+        // Bound indexes are listed in the image index the reference names.
+        let image_index = match reference.digest().or(reference.tag()) {
+            Some(name) if self.options.trust.accepts(pronto_catalog::Location::Bound) => Some(
+                self.client
+                    .manifest(&repository, name)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            _ => None,
+        };
+        let found = find_trusted(
+            &self.client,
+            &self.store,
+            &repository,
+            manifest,
+            image_index.as_ref(),
+            &self.options.trust,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        if sets.len() >= MAX_REMEMBERED_SETS {
+            sets.retain(|_, (when, _)| when.elapsed() < NEGATIVE_TTL);
+            if sets.len() >= MAX_REMEMBERED_SETS {
+                sets.clear();
+            }
+        }
         sets.insert(manifest.to_owned(), (Instant::now(), found.clone()));
         Ok(found)
     }
@@ -362,17 +411,7 @@ impl Remote {
             .and_then(|s| s.spawn())
             .map_err(|e| format!("cannot mount FUSE at {}: {e}", dir.display()))?;
         if self.options.background {
-            let (layer, rate) = (layer.clone(), self.options.background_rate);
-            self.runtime.spawn(async move {
-                if let Err(err) = layer.fetch_in_background(4 << 20, rate).await {
-                    metrics().error(ErrorKind::BackgroundFetch);
-                    layer
-                        .stats()
-                        .background_failed
-                        .store(true, Ordering::SeqCst);
-                    tracing::warn!(layer = layer.digest(), "background fetch stopped: {err}");
-                }
-            });
+            layer.start_background_fetch(self.options.background_rate);
         }
         metrics().lazy_mount_added();
         self.lock_mounted().insert(

@@ -21,13 +21,13 @@ use pronto_registry::{ManifestKind, ParallelFetch, RegistryClient, Repository, p
 use tokio::sync::{Semaphore, watch};
 
 use crate::SnapshotError;
-use crate::feed;
 use crate::local::{LocalSnapshots, disk_usage};
 use crate::remote::{
     LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_PRONTO_LAYER, LABEL_TARGET,
 };
 use crate::unpack::{Compression, UnpackError, unpack};
 use pronto_metrics::{ErrorKind, Purpose, metrics};
+use pronto_registry::feed;
 
 /// The image config is small; anything larger is not a config.
 const MAX_CONFIG_SIZE: u64 = 4 << 20;

@@ -15,6 +15,7 @@ pub mod containerd;
 pub mod cri;
 pub mod debian;
 pub mod faults;
+pub mod forge;
 mod http;
 pub mod image;
 pub mod net;

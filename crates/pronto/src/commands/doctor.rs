@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use pronto_catalog::{LocalIndexStore, find_indexes};
+use pronto_catalog::{LocalIndexStore, find_trusted};
 use pronto_registry::{Platform, Repository, parse_reference};
 use serde_json::json;
 
@@ -294,20 +294,33 @@ async fn image(config: &Config, reference: &str, platform: &str) -> Vec<Check> {
         "registry",
         format!("{reference} resolves to {}", resolved.manifest.digest),
     )];
-    let store = LocalIndexStore::open(&config.root).ok();
     let repository = Repository::of(&parsed);
+    let store = match LocalIndexStore::open(&config.root) {
+        Ok(store) => store,
+        Err(e) => {
+            checks.push(Check::fail(
+                "index",
+                format!("cannot open the local index store: {e}"),
+                "check that `root` is writable by Pronto",
+            ));
+            return checks;
+        }
+    };
+    let trust = config.index.trust();
+    let bind_hint = format!("pronto index create {reference} --bind");
     checks.push(
-        match find_indexes(
+        match find_trusted(
             &client,
-            store.as_ref(),
+            &store,
             &repository,
             &resolved.manifest.digest,
+            resolved.index.as_ref(),
+            &trust,
         )
         .await
         {
-            Ok(sets) if !sets.is_empty() => {
-                let set = &sets[0];
-                Check::pass(
+            Ok(found) => match (found.set, found.refused) {
+                (Some(set), _) => Check::pass(
                     "index",
                     format!(
                         "index {} ({}) covers {} of {} layers",
@@ -316,13 +329,18 @@ async fn image(config: &Config, reference: &str, platform: &str) -> Vec<Check> {
                         set.layers.len(),
                         resolved.image.layers().len()
                     ),
-                )
-            }
-            Ok(_) => Check::fail(
-                "index",
-                format!("no Pronto index for {reference}: it will be pulled whole"),
-                format!("pronto index create {reference} --push"),
-            ),
+                ),
+                (None, refused) if !refused.is_empty() => Check::fail(
+                    "index",
+                    format!("an index exists but is not used: {}", refused.join("; ")),
+                    bind_hint,
+                ),
+                (None, _) => Check::fail(
+                    "index",
+                    format!("no Pronto index for {reference}: it will be pulled whole"),
+                    bind_hint,
+                ),
+            },
             Err(e) => Check::fail(
                 "index",
                 format!("cannot look up indexes: {e}"),

@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use pronto_catalog::{
-    CreateOptions, Event, IndexSet, LocalIndexStore, Location, create_indexes, fetch_prefix,
-    find_indexes, parse_artifact, push_indexes, remove_remote, save_local, verify_prefix,
+    BindTarget, Binding, CreateOptions, Event, IndexSet, LocalIndexStore, Location, OCI_INDEX,
+    binding_index, create_indexes, fetch_prefix, find_indexes, parse_artifact, push_bound,
+    push_indexes, remove_remote, save_local, unbind_index, verify_prefix,
 };
 use pronto_index::LayerIndex;
 use pronto_registry::{ManifestKind, Platform, RegistryClient, ResolvedImage, parse_reference};
@@ -31,14 +32,20 @@ pub fn run(cmd: IndexCommand, config: &Config) -> Result<()> {
                 span_size,
                 min_layer_size,
                 push,
+                bind,
             } => {
                 let options = CreateOptions {
                     span_size,
                     min_layer_size,
                     ..Default::default()
                 };
+                let place = match (push, bind) {
+                    (_, true) => Placement::Bind,
+                    (true, false) => Placement::Referrers,
+                    (false, false) => Placement::Local,
+                };
                 create(
-                    &client, &store, config, &reference, &platforms, options, push,
+                    &client, &store, config, &reference, &platforms, options, place,
                 )
                 .await
             }
@@ -98,6 +105,14 @@ async fn resolve_all(
     Ok(images)
 }
 
+/// Where `index create` puts what it made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    Local,
+    Referrers,
+    Bind,
+}
+
 async fn create(
     client: &RegistryClient,
     store: &LocalIndexStore,
@@ -105,9 +120,18 @@ async fn create(
     reference: &str,
     platforms: &PlatformArgs,
     options: CreateOptions,
-    push: bool,
+    place: Placement,
 ) -> Result<()> {
+    let parsed = parse_reference(reference)?;
+    let tag = match (place, parsed.digest()) {
+        (Placement::Bind, Some(_)) => bail!(
+            "--bind moves a tag to the image index that binds the indexes; {reference} names a digest"
+        ),
+        _ => parsed.tag().unwrap_or("latest").to_owned(),
+    };
     let scratch = config.root.join("tmp");
+    let mut bindings = Vec::new();
+    let mut bound_to = None;
     for (platform, image) in resolve_all(client, reference, platforms).await? {
         let mut progress = Progress::new();
         let created = create_indexes(client, &image, options.clone(), &scratch, |e| {
@@ -117,14 +141,25 @@ async fn create(
         progress.finish();
         let indexed = created.layers.len();
         let total = image.image.layers().len();
-        let (digest, place) = if push {
-            let digest = push_indexes(client, &image.repository, &created).await?;
-            (digest, format!("pushed to {}", image.repository))
-        } else {
-            (
+        let (digest, place) = match place {
+            Placement::Bind => {
+                let binding = push_bound(client, &image.repository, &created).await?;
+                let digest = binding.artifact.clone();
+                bindings.push(binding);
+                bound_to = Some(image.clone());
+                (digest, format!("pushed to {}", image.repository))
+            }
+            Placement::Referrers => {
+                let digest = push_indexes(client, &image.repository, &created).await?;
+                (
+                    digest,
+                    format!("pushed to {} as a referrer", image.repository),
+                )
+            }
+            Placement::Local => (
                 save_local(store, &created)?,
                 format!("saved in {}", store.dir().display()),
-            )
+            ),
         };
         println!(
             "{platform}: indexed {indexed} of {total} layers of {}; index {digest} {place}",
@@ -146,7 +181,52 @@ async fn create(
             println!("  {}  not indexed: {}", skipped.layer, skipped.reason);
         }
     }
+    if let Some(image) = bound_to {
+        let digest = bind(client, &image, &tag, &bindings).await?;
+        println!(
+            "{}:{tag} now names image index {digest}, which binds {} index set(s) to the unchanged image",
+            image.repository,
+            bindings.len()
+        );
+    }
     Ok(())
+}
+
+/// Moves `tag` to an image index that lists what it names today plus
+/// `bindings`. Returns the new image index's digest.
+async fn bind(
+    client: &RegistryClient,
+    image: &ResolvedImage,
+    tag: &str,
+    bindings: &[Binding],
+) -> Result<String> {
+    let top = client.manifest(&image.repository, tag).await?;
+    let target = match &top.kind {
+        ManifestKind::Index(_) => BindTarget::Index(&top.bytes),
+        ManifestKind::Image(_) => BindTarget::Image {
+            digest: &top.digest,
+            media_type: &top.media_type,
+            size: top.bytes.len() as u64,
+            platform: platform_json(&image.config),
+        },
+    };
+    let bytes = binding_index(&target, bindings);
+    let pushed = client
+        .push_manifest(&image.repository, tag, OCI_INDEX, bytes.into())
+        .await?;
+    Ok(pushed.digest)
+}
+
+/// The platform of an image, as an image index lists it.
+fn platform_json(config: &pronto_registry::ImageConfiguration) -> Value {
+    let mut platform = json!({
+        "os": config.os().to_string(),
+        "architecture": config.architecture().to_string(),
+    });
+    if let Some(variant) = config.variant() {
+        platform["variant"] = json!(variant);
+    }
+    platform
 }
 
 async fn list(
@@ -165,6 +245,7 @@ async fn list(
             Some(store),
             &image.repository,
             &image.manifest.digest,
+            image.index.as_ref(),
         )
         .await?;
         for set in sets {
@@ -210,6 +291,7 @@ async fn inspect(
                 Some(store),
                 &image.repository,
                 &image.manifest.digest,
+                image.index.as_ref(),
             )
             .await?;
             if sets.is_empty() {
@@ -300,7 +382,14 @@ async fn remove(
     let mut removed = 0;
     for (_, image) in resolve_all(client, reference, platforms).await? {
         let subject = &image.manifest.digest;
-        let sets = find_indexes(client, Some(store), &image.repository, subject).await?;
+        let sets = find_indexes(
+            client,
+            Some(store),
+            &image.repository,
+            subject,
+            image.index.as_ref(),
+        )
+        .await?;
         for set in sets
             .iter()
             .filter(|s| only.is_none_or(|d| d == s.manifest_digest))
@@ -310,6 +399,7 @@ async fn remove(
                 Location::Registry => {
                     remove_remote(client, &image.repository, subject, &set.manifest_digest).await?
                 }
+                Location::Bound => unbind(client, reference, &image, &set.manifest_digest).await?,
             }
             println!("removed {} ({})", set.manifest_digest, set.location);
             removed += 1;
@@ -318,6 +408,29 @@ async fn remove(
     if removed == 0 {
         bail!("no index matched");
     }
+    Ok(())
+}
+
+/// Removes bound index set `artifact` from the image index `reference`
+/// (a tag) names, moving the tag to the image index without it.
+async fn unbind(
+    client: &RegistryClient,
+    reference: &str,
+    image: &ResolvedImage,
+    artifact: &str,
+) -> Result<()> {
+    let parsed = parse_reference(reference)?;
+    let (None, Some(tag)) = (parsed.digest(), parsed.tag()) else {
+        bail!("a bound index is removed by moving a tag; {reference} names no tag");
+    };
+    let top = image
+        .index
+        .as_ref()
+        .ok_or_else(|| anyhow!("{reference} names no image index"))?;
+    let bytes = unbind_index(&top.bytes, artifact)?;
+    client
+        .push_manifest(&image.repository, tag, OCI_INDEX, bytes.into())
+        .await?;
     Ok(())
 }
 

@@ -30,9 +30,11 @@ pub fn run(
     // Resolved before mounting: afterwards it would ask the mount itself.
     let canonical_dir =
         std::fs::canonicalize(dir).with_context(|| format!("no directory {}", dir.display()))?;
+    let trust = config.index.trust();
     let node = NodeContext {
         client: &client,
         store: &store,
+        trust: &trust,
         cache: cache.clone(),
         layers_dir: config.root.join("layers"),
         runtime: runtime.handle().clone(),
@@ -71,6 +73,9 @@ pub fn run(
         },
     )
     .with_context(|| format!("mount FUSE at {}", dir.display()))?;
+    for refused in &opened.refused {
+        eprintln!("not used: {refused}");
+    }
     let lazy = opened
         .modes
         .iter()
@@ -87,17 +92,10 @@ pub fn run(
         }
     );
     if config.fetch.background {
-        let rate = config.fetch.rate();
         for (layer, mode) in opened.layers.iter().zip(&opened.modes) {
-            if *mode != LayerMode::Lazy {
-                continue;
+            if *mode == LayerMode::Lazy {
+                layer.start_background_fetch(config.fetch.rate());
             }
-            let layer = layer.clone();
-            runtime.spawn(async move {
-                if let Err(err) = layer.fetch_in_background(4 << 20, rate).await {
-                    tracing::error!("background fetch stopped: {err}");
-                }
-            });
         }
     }
     // When the mount disappears (pronto umount, umount -l, an abort), tell

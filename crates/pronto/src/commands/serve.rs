@@ -35,6 +35,7 @@ pub fn run(config: &Config) -> Result<()> {
             background: config.fetch.background,
             background_rate: config.fetch.rate(),
             threads_per_layer: 4,
+            trust: config.index.trust(),
         },
     ));
     let whole = config.pull.parallel.then(|| {

@@ -157,8 +157,8 @@ fn lazy_start(
         );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    println!("\nindexing the image once (pronto index create --push)...");
-    run(&["index", "create", reference, "--push"])?;
+    println!("\nindexing the image once (pronto index create --bind)...");
+    run(&["index", "create", reference, "--bind"])?;
     let log = work.join("serve.log");
     let mut serve =
         pronto_testbed::process::Daemon::spawn("pronto serve", pronto_cmd(&["serve"]), &log)?;

@@ -1,19 +1,20 @@
-//! The bytes of a layer download handed to the unpacker as they arrive:
-//! the async download pushes chunks into a bounded channel, and the
-//! blocking unpacker reads them through [`std::io::Read`]. The bound keeps
-//! memory to a few chunks; a slow unpacker slows the download, not the
+//! The bytes of a download handed to blocking code as they arrive (the
+//! unpacker of a parallel pull, the check of an index against its whole
+//! layer): the async download pushes chunks into a bounded channel, and
+//! the blocking reader reads them through [`std::io::Read`]. The bound
+//! keeps memory to a few chunks; a slow reader slows the download, not the
 //! other way round.
 
 use std::io::{Read, Write};
 
+use crate::ChunkSink;
 use bytes::{Buf, Bytes};
-use pronto_registry::ChunkSink;
 use tokio::sync::mpsc;
 
-/// Chunks in flight between the download and the unpacker.
+/// Chunks in flight between the download and the reader.
 const CHUNKS_IN_FLIGHT: usize = 4;
 
-/// A bounded pipe from a download to an unpacker.
+/// A bounded pipe from a download to a blocking reader.
 pub fn channel(keep: Option<std::fs::File>) -> (Feed, FeedReader) {
     let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
     (
@@ -44,7 +45,7 @@ impl ChunkSink for Feed {
         self.tx
             .send(chunk)
             .await
-            .map_err(|_| std::io::Error::other("the unpacker stopped reading"))
+            .map_err(|_| std::io::Error::other("the reader of the download stopped reading"))
     }
 }
 
@@ -59,7 +60,7 @@ impl Feed {
     }
 }
 
-/// The unpacker's end. Reads block the calling thread: use it from
+/// The reader's end. Reads block the calling thread: use it from
 /// `spawn_blocking`. The end of the feed reads as the end of the blob.
 #[derive(Debug)]
 pub struct FeedReader {
@@ -112,6 +113,6 @@ mod tests {
         let (mut feed, reader) = channel(None);
         drop(reader);
         let err = feed.write(Bytes::from_static(b"x")).await.unwrap_err();
-        assert!(err.to_string().contains("unpacker stopped"), "{err}");
+        assert!(err.to_string().contains("stopped reading"), "{err}");
     }
 }
