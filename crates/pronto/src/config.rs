@@ -304,9 +304,21 @@ impl Config {
 
     /// Parses and validates TOML text; `path` is used only in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+        let parse_error = |message: String| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: err.message().to_owned(),
+            message,
+        };
+        let document =
+            toml::Deserializer::parse(text).map_err(|err| parse_error(err.message().to_owned()))?;
+        // The path to the value that did not fit names the key.
+        let config: Config = serde_path_to_error::deserialize(document).map_err(|err| {
+            let key = err.path().to_string();
+            let message = err.inner().message().to_owned();
+            if key == "." {
+                parse_error(message)
+            } else {
+                parse_error(format!("key `{key}`: {message}"))
+            }
         })?;
         config.validate(path)?;
         Ok(config)
@@ -485,6 +497,19 @@ mod tests {
         let err = parse("root = 5\n").unwrap_err().to_string();
         assert!(err.contains("test.toml"), "{err}");
         assert!(err.contains("invalid type"), "{err}");
+        let err = parse("[cache]\nbudget = 12\n").unwrap_err().to_string();
+        assert!(err.contains("key `cache.budget`"), "{err}");
+        let err = parse("[index]\ntrust = \"bound\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `index.trust`"), "{err}");
+        let err = parse("[index]\ntrust = [\"everyone\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`index.trust`") && err.contains("everyone"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -133,3 +133,28 @@ fn a_metrics_address_that_is_not_an_address_is_refused_by_key() {
         stderr(&out)
     );
 }
+
+#[test]
+fn bad_input_gets_a_clear_error_and_no_panic() {
+    let out = pronto(&["pull", "--namespace", "bad name", "127.0.0.1:9/none:v1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("\"bad name\" is not a containerd namespace"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+
+    // Checked before anything is downloaded.
+    let out = pronto(&["index", "create", "127.0.0.1:9/none:v1", "--span-size", "1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("64KiB minimum"), "{}", stderr(&out));
+
+    let out = pronto_with_config("[cache]\nbudget = 12\n", &["config", "check"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("key `cache.budget`"),
+        "{}",
+        stderr(&out)
+    );
+}

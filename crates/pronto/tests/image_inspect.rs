@@ -74,6 +74,23 @@ fn inspect_shows_platforms_layers_config_and_referrers() {
     assert!(text.contains(&amd.manifest_digest), "{text}");
     assert!(text.contains("layers     2 layers"), "{text}");
 
+    // A single-platform image is not another platform's image.
+    layout.tag("single", &amd).unwrap();
+    let single = registry
+        .push(&layout, "single", "inspect/single:v1")
+        .unwrap();
+    let wrong = Command::new(env!("CARGO_BIN_EXE_pronto"))
+        .args(["image", "inspect", &single, "--platform", "linux/arm64"])
+        .env("DOCKER_CONFIG", work.path())
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        err.contains("no manifest for platform linux/arm64") && err.contains("linux/amd64"),
+        "{err}"
+    );
+
     let missing = Command::new(env!("CARGO_BIN_EXE_pronto"))
         .args([
             "image",

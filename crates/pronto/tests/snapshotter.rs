@@ -492,6 +492,54 @@ fn an_image_without_an_index_is_pulled_in_parallel_and_runs() {
 }
 
 #[test]
+fn an_image_with_a_large_config_is_pulled_in_parallel() {
+    // Configs up to the registry client's limit (16 MiB) resolve, so the
+    // parallel pull must take them too.
+    require!(NEEDS);
+    let stack = Stack::start();
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh", "cat"]))
+        .label("dev.pronto.test.padding", &"p".repeat(5 << 20))
+        .cmd(&["cat", "/bin/sh"])
+        .build(&stack.layout)
+        .unwrap();
+    // skopeo refuses configs over 4 MiB: push the blobs and the manifest
+    // with Pronto's registry client.
+    let repo = pronto_registry::Repository::new(&stack.registry.host(), "plain/large-config");
+    let client = pronto_registry::RegistryClient::new(Default::default()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let blobs =
+            std::iter::once(&image.config_digest).chain(image.layers.iter().map(|l| &l.digest));
+        for digest in blobs {
+            let bytes = std::fs::read(stack.layout.blob_path(digest)).unwrap();
+            client.push_blob(&repo, bytes.into()).await.unwrap();
+        }
+        client
+            .push_manifest(
+                &repo,
+                "v1",
+                "application/vnd.oci.image.manifest.v1+json",
+                image.manifest.clone().into(),
+            )
+            .await
+            .unwrap();
+    });
+    let reference = format!("{}/plain/large-config:v1", stack.relay.host());
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    cri.pull_image(&reference).unwrap();
+    let log = stack.serve_log();
+    assert!(!log.contains("parallel-pull-failed"), "{}", tail(&log, 30));
+    assert_eq!(
+        log.matches("layer fetched in parallel and unpacked")
+            .count(),
+        1,
+        "{}",
+        tail(&log, 30)
+    );
+}
+
+#[test]
 fn a_restarted_daemon_serves_existing_snapshots_again() {
     require!(NEEDS);
     let mut stack = Stack::start();
@@ -558,7 +606,12 @@ fn removing_the_image_unmounts_and_releases_everything() {
     let cri = Cri::connect(&stack.containerd().socket()).unwrap();
     cri.pull_image(&reference).unwrap();
     let out = stack.run(&reference, &["head", "-c", "1000000", "/model/weights.bin"]);
-    assert_eq!(out.stdout.len(), 1_000_000);
+    assert_eq!(
+        out.stdout.len(),
+        1_000_000,
+        "{}",
+        tail(&stack.serve_log(), 30)
+    );
     assert_eq!(stack.lazy_mounts().len(), 1);
     assert_eq!(stack.snapshots().len(), 2, "{:?}", stack.snapshots());
     let cache = stack.root().join("cache");

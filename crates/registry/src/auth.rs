@@ -85,25 +85,65 @@ impl DockerConfigCredentials {
     }
 }
 
-impl CredentialSource for DockerConfigCredentials {
-    fn credentials(&self, host: &str) -> Option<Credentials> {
+impl DockerConfigCredentials {
+    /// The credentials for `host`: `Ok(None)` when the file has none for
+    /// it, an error (naming no secret) when the file or its helper cannot
+    /// be used.
+    fn find(&self, host: &str) -> Result<Option<Credentials>, String> {
         // Docker Hub credentials are stored under its legacy index URL.
         let key = if host == "docker.io" {
             "https://index.docker.io/v1/"
         } else {
             host
         };
+        let file = || {
+            self.path.as_ref().map_or_else(
+                || "docker's config.json".to_owned(),
+                |p| p.display().to_string(),
+            )
+        };
         match self.lookup(key) {
             Ok(DockerCredential::UsernamePassword(username, password)) => {
-                Some(Credentials { username, password })
+                Ok(Some(Credentials { username, password }))
             }
-            Ok(DockerCredential::IdentityToken(token)) => Some(Credentials {
+            Ok(DockerCredential::IdentityToken(token)) => Ok(Some(Credentials {
                 username: "<token>".to_owned(),
                 password: token,
-            }),
-            Err(err) => {
-                // The error names no secret: "no credentials", "helper failed".
-                tracing::debug!(registry = host, "no docker credentials: {err}");
+            })),
+            Err(
+                CredentialRetrievalError::NoCredentialConfigured
+                | CredentialRetrievalError::ConfigNotFound,
+            ) => Ok(None),
+            Err(CredentialRetrievalError::HelperFailure { helper, .. }) => Err(format!(
+                "the credential helper docker-credential-{helper} named in {} failed",
+                file()
+            )),
+            Err(
+                CredentialRetrievalError::HelperCommunicationError
+                | CredentialRetrievalError::MalformedHelperResponse,
+            ) => Err(format!(
+                "the credential helper named in {} cannot be used",
+                file()
+            )),
+            Err(CredentialRetrievalError::CredentialDecodingError) => Err(format!(
+                "{} is unreadable: its `auth` entry for {host} is not valid base64 of user:password",
+                file()
+            )),
+            // ConfigReadError, and whatever later versions add.
+            Err(_) => Err(format!(
+                "{} is unreadable (missing, not JSON, or not a docker config)",
+                file()
+            )),
+        }
+    }
+}
+
+impl CredentialSource for DockerConfigCredentials {
+    fn credentials(&self, host: &str) -> Option<Credentials> {
+        match self.find(host) {
+            Ok(found) => found,
+            Err(problem) => {
+                tracing::warn!(registry = host, "{problem}; going on without credentials");
                 None
             }
         }
@@ -246,6 +286,31 @@ mod tests {
         assert_eq!(t.into_token(now).unwrap().value, "b");
         let t: TokenResponse = serde_json::from_str(r#"{"token":""}"#).unwrap();
         assert!(t.into_token(now).is_none());
+    }
+
+    #[test]
+    fn an_unreadable_docker_config_is_said_to_be_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let source = DockerConfigCredentials::at(Some(path.clone()));
+        std::fs::write(&path, "this is not JSON").unwrap();
+        let err = source.find("registry.example").unwrap_err();
+        assert!(err.contains("is unreadable"), "{err}");
+        std::fs::write(
+            &path,
+            r#"{"auths": {"registry.example": {"auth": "%%%not base64"}}}"#,
+        )
+        .unwrap();
+        let err = source.find("registry.example").unwrap_err();
+        assert!(err.contains("not valid base64"), "{err}");
+        assert_eq!(source.find("other.example"), Ok(None));
+        std::fs::write(
+            &path,
+            r#"{"auths": {"registry.example": {"auth": "dXNlcjpzM2NyZXQ="}}}"#,
+        )
+        .unwrap();
+        let found = source.find("registry.example").unwrap().unwrap();
+        assert_eq!(found.username, "user");
     }
 
     #[test]

@@ -192,6 +192,22 @@ impl RegistryClient {
                 target: Target::new(&repo, format!("config {config_digest}")),
                 problem: format!("the image config is not valid JSON: {e}"),
             })?;
+        if index.is_none() {
+            // A single-platform image: its config says which platform.
+            let (os, arch) = (config.os().to_string(), config.architecture().to_string());
+            let variant = config.variant().clone();
+            if !platform.matches(&os, &arch, variant.as_deref()) {
+                let mut available = format!("{os}/{arch}");
+                if let Some(v) = variant {
+                    available = format!("{available}/{v}");
+                }
+                return Err(RegistryError::Platform {
+                    target: Target::new(&repo, format!("manifest {wanted}")),
+                    wanted: platform.to_string(),
+                    available,
+                });
+            }
+        }
         Ok(ResolvedImage {
             repository: repo,
             index,
@@ -471,11 +487,19 @@ fn parse_manifest(
     };
     let probe: Probe = serde_json::from_slice(&bytes)
         .map_err(|e| invalid(format!("the manifest is not valid JSON: {e}")))?;
-    if probe.schema_version != Some(2) {
-        return Err(invalid(format!(
-            "manifest schema version {:?} is not supported (Docker schema 1 images must be converted)",
-            probe.schema_version
-        )));
+    match probe.schema_version {
+        Some(2) => {}
+        Some(1) => {
+            return Err(invalid(
+                "it is a Docker schema 1 manifest, which Pronto does not read (push the image again with a current client to convert it)".into(),
+            ));
+        }
+        Some(version) => {
+            return Err(invalid(format!(
+                "its schema version is {version}; Pronto reads version 2"
+            )));
+        }
+        None => return Err(invalid("it has no schemaVersion".into())),
     }
     let media_type = probe.media_type.or(header_type).unwrap_or_else(|| {
         if probe.manifests.is_some() {
@@ -580,6 +604,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("schema 1"), "{err}");
+        assert!(!err.contains("Some("), "{err}");
         let junk = Bytes::from_static(b"\x00\x01");
         assert!(parse_manifest(&target(), "d".into(), None, junk).is_err());
     }

@@ -43,6 +43,10 @@ const IMAGE_LAYERS_MAX: usize = 4 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
+    #[error(
+        "{0:?} is not a containerd namespace (letters and digits, joined by single '.', '_' or '-', at most 76 characters)"
+    )]
+    Namespace(String),
     #[error("cannot connect to containerd at {address}: {message}")]
     Connect { address: PathBuf, message: String },
     #[error("containerd: {what}: {status}")]
@@ -119,7 +123,9 @@ impl Session {
         let md = request.metadata_mut();
         md.insert(
             "containerd-namespace",
-            self.namespace.parse().expect("namespace is ASCII"),
+            self.namespace
+                .parse()
+                .expect("validated namespaces are metadata values"),
         );
         if let Some(lease) = &self.lease {
             md.insert(
@@ -147,12 +153,27 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     chain
 }
 
+/// containerd's rule for namespace names (`namespaces.Validate`): what it
+/// accepts is also a valid gRPC metadata value.
+pub fn validate_namespace(name: &str) -> Result<(), PullError> {
+    let valid = name.len() <= 76
+        && name
+            .split(['.', '_', '-'])
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()));
+    if valid {
+        Ok(())
+    } else {
+        Err(PullError::Namespace(name.to_owned()))
+    }
+}
+
 pub async fn pull(
     client: &RegistryClient,
     reference: &str,
     options: &PullOptions,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<PullReport, PullError> {
+    validate_namespace(&options.namespace)?;
     let channel = containerd_client::connect(&options.address)
         .await
         .map_err(|e| PullError::Connect {
@@ -694,5 +715,25 @@ mod tests {
             )
         );
         assert!(chain_ids(&[]).is_empty());
+    }
+
+    #[test]
+    fn namespaces_follow_containerds_rule() {
+        for good in ["k8s.io", "default", "a-b_c.d", "moby"] {
+            validate_namespace(good).unwrap();
+        }
+        for bad in [
+            "",
+            "bad name",
+            "a..b",
+            "-a",
+            "a-",
+            "ns\n",
+            "émoji",
+            &"a".repeat(77),
+        ] {
+            let err = validate_namespace(bad).unwrap_err().to_string();
+            assert!(err.contains("is not a containerd namespace"), "{err}");
+        }
     }
 }

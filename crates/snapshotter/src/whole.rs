@@ -29,8 +29,6 @@ use crate::unpack::{Compression, UnpackError, unpack};
 use pronto_metrics::{ErrorKind, Purpose, metrics};
 use pronto_registry::feed;
 
-/// The image config is small; anything larger is not a config.
-const MAX_CONFIG_SIZE: u64 = 4 << 20;
 /// Layers of one image downloading at once. The lowest layers go first and
 /// get all the image's ranges, so they finish (and unpack) early instead of
 /// every layer finishing at the end on a bandwidth-limited link.
@@ -231,7 +229,11 @@ impl WholeLayers {
         let config_digest = image.config().digest().to_string();
         let config_bytes = self
             .client
-            .blob(&repository, &config_digest, MAX_CONFIG_SIZE)
+            .blob(
+                &repository,
+                &config_digest,
+                pronto_registry::MAX_CONFIG_SIZE,
+            )
             .await
             .map_err(|e| e.to_string())?;
         let config: ImageConfiguration = serde_json::from_slice(&config_bytes)

@@ -23,6 +23,10 @@ const ENTRIES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("entries")
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    #[error(
+        "the disk holding the node cache is full (writing {path}): free space on it, or lower cache.budget"
+    )]
+    DiskFull { path: PathBuf },
     #[error("cache I/O failed on {path}")]
     Io {
         path: PathBuf,
@@ -465,9 +469,19 @@ fn parse_key(name: &str) -> Option<CacheKey> {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io {
-        path: path.to_path_buf(),
-        source,
+    move |source| {
+        let full = source.kind() == std::io::ErrorKind::StorageFull
+            || source.kind() == std::io::ErrorKind::QuotaExceeded;
+        if full {
+            CacheError::DiskFull {
+                path: path.to_path_buf(),
+            }
+        } else {
+            CacheError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
     }
 }
 
@@ -481,6 +495,22 @@ fn db_error<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> CacheError + '_ 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_called_a_full_disk() {
+        const ENOSPC: i32 = 28;
+        let err = io(Path::new("/var/lib/pronto/cache/data/x"))(std::io::Error::from_raw_os_error(
+            ENOSPC,
+        ));
+        let text = err.to_string();
+        assert!(
+            text.contains("disk holding the node cache is full"),
+            "{text}"
+        );
+        assert!(text.contains("cache.budget"), "{text}");
+        let other = io(Path::new("x"))(std::io::Error::other("boom")).to_string();
+        assert!(other.starts_with("cache I/O failed"), "{other}");
+    }
 
     fn key(n: u8) -> CacheKey {
         [n; 32]

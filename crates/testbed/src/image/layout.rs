@@ -55,6 +55,7 @@ pub struct ImageBuilder {
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
     pub env: Vec<String>,
+    pub labels: Vec<(String, String)>,
     pub working_dir: Option<String>,
     pub platform: Platform,
 }
@@ -112,6 +113,12 @@ impl ImageBuilder {
         self
     }
 
+    /// A label in the image config (`config.Labels`).
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     pub fn platform(mut self, platform: Platform) -> Self {
         self.platform = platform;
         self
@@ -150,6 +157,14 @@ impl ImageBuilder {
         run["Env"] = json!(env);
         if let Some(dir) = &self.working_dir {
             run["WorkingDir"] = json!(dir);
+        }
+        if !self.labels.is_empty() {
+            run["Labels"] = self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
         }
         let config = serde_json::to_vec(&config)?;
         let config_digest = layout.write_blob(&config)?;
