@@ -69,22 +69,6 @@ pub struct CreatedIndexes {
     _workdir: tempfile::TempDir,
 }
 
-/// The index format of a layer media type, if Pronto can index it.
-pub fn layer_compression(media_type: &str) -> Option<LayerCompression> {
-    match media_type {
-        "application/vnd.oci.image.layer.v1.tar+gzip"
-        | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-        | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
-            Some(LayerCompression::Gzip)
-        }
-        "application/vnd.oci.image.layer.v1.tar"
-        | "application/vnd.docker.image.rootfs.diff.tar"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(LayerCompression::None),
-        _ => None,
-    }
-}
-
 /// Builds the indexes of `image`'s layers in a temporary directory below
 /// `scratch`. Each layer is downloaded to disk, indexed, and deleted.
 pub async fn create_indexes(
@@ -111,7 +95,7 @@ pub async fn create_indexes(
             layer: layer.clone(),
             reason,
         };
-        let Some(compression) = layer_compression(&media_type) else {
+        let Some(compression) = LayerCompression::from_media_type(&media_type) else {
             let s = skip(format!("media type {media_type} cannot be indexed"));
             on_event(Event::Skipped(s.clone()));
             skipped.push(s);

@@ -14,9 +14,7 @@ mod remote;
 mod trust;
 
 pub use artifact::{IndexSet, LayerIndexRef, Location, Subject, artifact_manifest, parse_artifact};
-pub use create::{
-    CreateOptions, CreatedIndexes, Event, Skipped, create_indexes, layer_compression,
-};
+pub use create::{CreateOptions, CreatedIndexes, Event, Skipped, create_indexes};
 pub use error::CatalogError;
 pub use local::LocalIndexStore;
 pub use remote::{

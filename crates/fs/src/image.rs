@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use pronto_catalog::{
     IndexSet, IndexTrust, LayerIndexRef, LocalIndexStore, Location, fetch_prefix, find_trusted,
-    layer_compression,
 };
 use pronto_index::{LayerIndex, LayerToIndex, build_index};
 use pronto_registry::{
@@ -237,7 +236,7 @@ async fn fetch_whole(
         layer: digest.to_owned(),
         problem,
     };
-    let compression = layer_compression(media_type)
+    let compression = pronto_index::LayerCompression::from_media_type(media_type)
         .ok_or_else(|| layer_error(format!("media type {media_type} is not supported")))?;
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest).to_owned();
     std::fs::create_dir_all(&node.layers_dir).map_err(|source| OpenError::Io {

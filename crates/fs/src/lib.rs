@@ -23,4 +23,4 @@ pub use indexed::{
     BlobReader, IndexOrigin, IndexedLayer, LayerFetchStats, LocalBlob, RegistryBlob,
 };
 pub use source::{LayerSource, ReadError};
-pub use tree::{Node, NodeKind, Tree, TreeMode};
+pub use tree::{Node, NodeKind, ROOT, Tree, TreeMode};

@@ -14,8 +14,7 @@ use std::ffi::{OsStr, OsString};
 use pronto_index::{Entry, EntryKind};
 
 pub const ROOT: u64 = 1;
-const WHITEOUT: &str = ".wh.";
-const OPAQUE: &str = ".wh..wh..opq";
+use pronto_layer::{Marker, OPAQUE_XATTR};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TreeMode {
@@ -138,25 +137,29 @@ impl Tree {
                 let Some(dir) = self.resolve(parent) else {
                     continue;
                 };
-                if name == OPAQUE {
-                    self.clear_children(dir);
-                } else if let Some(hidden) = name.strip_prefix(WHITEOUT) {
-                    self.unlink(dir, OsStr::new(hidden));
+                match Marker::of(name) {
+                    Marker::Opaque => self.clear_children(dir),
+                    Marker::Whiteout(hidden) => self.unlink(dir, OsStr::new(hidden)),
+                    Marker::Entry | Marker::Ignored => {}
                 }
             }
         }
         for (index, entry) in entries.iter().enumerate() {
             let (parent, name) = split(&entry.path);
-            if name == OPAQUE {
+            let marker = Marker::of(name);
+            if marker == Marker::Ignored {
+                continue;
+            }
+            if marker == Marker::Opaque {
                 if mode == TreeMode::OverlayLower {
                     let dir = self.ensure_dirs(parent);
                     self.node_mut(dir)
                         .xattrs
-                        .push(("trusted.overlay.opaque".into(), b"y".to_vec()));
+                        .push((OPAQUE_XATTR.into(), b"y".to_vec()));
                 }
                 continue;
             }
-            if let Some(hidden) = name.strip_prefix(WHITEOUT) {
+            if let Marker::Whiteout(hidden) = marker {
                 if mode == TreeMode::OverlayLower {
                     let dir = self.ensure_dirs(parent);
                     let mut node = self.node_from(entry, dir, layer, index);

@@ -53,13 +53,9 @@ impl Default for Limits {
     }
 }
 
-/// How the layer blob is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum LayerCompression {
-    /// A plain tar: compressed and uncompressed offsets are the same.
-    None,
-    Gzip,
-}
+/// How the layer blob is compressed (for a plain tar, compressed and
+/// uncompressed offsets are the same).
+pub use pronto_layer::Compression as LayerCompression;
 
 /// The layer an index describes. The index is only valid for this blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-const WHITEOUT_PREFIX: &str = ".wh.";
-const OPAQUE_MARKER: &str = ".wh..wh..opq";
+pub use pronto_layer::Compression;
+use pronto_layer::{Marker, OPAQUE_XATTR};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -55,29 +55,6 @@ pub struct Unpacked {
     /// `sha256:` digest of the uncompressed tar (the layer's diff ID).
     pub diff_id: String,
     pub entries: u64,
-}
-
-/// How the layer blob is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Gzip,
-}
-
-impl Compression {
-    /// From an OCI or Docker layer media type; `None` when unsupported.
-    pub fn from_media_type(media_type: &str) -> Option<Self> {
-        if media_type.ends_with("tar+gzip")
-            || media_type.ends_with(".tar.gzip")
-            || media_type == "application/vnd.docker.image.rootfs.diff.tar.gzip"
-        {
-            Some(Compression::Gzip)
-        } else if media_type.ends_with(".tar") || media_type.ends_with("layer.v1.tar") {
-            Some(Compression::None)
-        } else {
-            None
-        }
-    }
 }
 
 /// Unpacks the layer read from `blob` into `dir` (an empty directory).
@@ -292,26 +269,26 @@ impl State {
         let name = rel.rsplit(|b| *b == b'/').next().unwrap_or(&rel).to_vec();
         let path = self.parent_checked(&raw, &rel)?;
         let name_str = String::from_utf8_lossy(&name);
-        if name_str == OPAQUE_MARKER {
-            let dir = path.parent().expect("has a parent").to_owned();
-            xattr::set(&dir, "trusted.overlay.opaque", b"y").map_err(write_error(&dir))?;
-            return Ok(());
-        }
-        if let Some(hidden) = name_str.strip_prefix(WHITEOUT_PREFIX) {
-            if hidden.starts_with(WHITEOUT_PREFIX) {
-                // Other `.wh..wh.` markers (e.g. `.wh..wh.plnk`) mean nothing here.
+        match Marker::of(&name_str) {
+            Marker::Entry => {}
+            Marker::Ignored => return Ok(()),
+            Marker::Opaque => {
+                let dir = path.parent().expect("has a parent").to_owned();
+                xattr::set(&dir, OPAQUE_XATTR, b"y").map_err(write_error(&dir))?;
                 return Ok(());
             }
-            let target = path.with_file_name(OsStr::from_bytes(hidden.as_bytes()));
-            Self::clear(&target, false)?;
-            nix::sys::stat::mknod(
-                &target,
-                nix::sys::stat::SFlag::S_IFCHR,
-                nix::sys::stat::Mode::empty(),
-                0,
-            )
-            .map_err(|e| write_error(&target)(e.into()))?;
-            return Ok(());
+            Marker::Whiteout(hidden) => {
+                let target = path.with_file_name(OsStr::from_bytes(hidden.as_bytes()));
+                Self::clear(&target, false)?;
+                nix::sys::stat::mknod(
+                    &target,
+                    nix::sys::stat::SFlag::S_IFCHR,
+                    nix::sys::stat::Mode::empty(),
+                    0,
+                )
+                .map_err(|e| write_error(&target)(e.into()))?;
+                return Ok(());
+            }
         }
         match kind {
             tar::EntryType::Directory => {

@@ -1,0 +1,226 @@
+//! One layer, two forms: the lazy tree a FUSE mount serves for an overlay
+//! lower directory (from the layer's index) and the directory the parallel
+//! pull unpacks must be the same tree — same entries, types, modes,
+//! owners, sizes, link targets, devices, link counts and overlay markers —
+//! for every kind of layer, whiteouts and odd markers included.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use pronto_fs::{NodeKind, ROOT, Tree, TreeMode};
+use pronto_index::{LayerCompression, LayerIndex, LayerToIndex, build_index};
+use pronto_snapshotter::unpack::unpack;
+use pronto_testbed::{Compression, Content, Entry, Layer, Prereq, require};
+
+/// What both forms must agree on, per path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Attrs {
+    kind: &'static str,
+    mode: u32,
+    owner: (u32, u32),
+    size: u64,
+    link: Vec<u8>,
+    rdev: u64,
+    nlink: u64,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+fn layers() -> Vec<(&'static str, Layer)> {
+    vec![
+        (
+            "files, links and devices",
+            Layer::new()
+                .dir("etc")
+                .entry(Entry::file("etc/passwd", "root:x:0:0\n").mode(0o600))
+                .entry(Entry::file("bin/tool", Content::random(3, 70_000)).mode(0o4755))
+                .entry(Entry::file("data/owned", "x").owner(1000, 1001))
+                .symlink("bin/link", "tool")
+                .hardlink("bin/hard", "bin/tool")
+                .entry(Entry::char_device("dev/null", 1, 3))
+                .entry(Entry::block_device("dev/loop0", 7, 0))
+                .entry(Entry::fifo("run/pipe"))
+                .entry(Entry::file("data/attr", "a").xattr("user.note", b"kept".to_vec())),
+        ),
+        (
+            "whiteouts and opaque directories",
+            Layer::new()
+                .dir("keep")
+                .opaque("keep")
+                .file("keep/new", "new\n")
+                .whiteout("gone")
+                .whiteout("etc/.hidden")
+                .file("etc/visible", "v"),
+        ),
+        (
+            "markers that mean nothing to an overlay",
+            Layer::new()
+                .file(".wh..wh.plnk", "")
+                .file("dir/.wh..wh.aufs", "")
+                .file("dir/regular", "r"),
+        ),
+    ]
+}
+
+fn kind_name(kind: NodeKind) -> &'static str {
+    match kind {
+        NodeKind::Dir => "dir",
+        NodeKind::File => "file",
+        NodeKind::Symlink => "symlink",
+        NodeKind::CharDevice => "char",
+        NodeKind::BlockDevice => "block",
+        NodeKind::Fifo => "fifo",
+    }
+}
+
+fn child_path(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+fn lazy_tree(tree: &Tree) -> BTreeMap<String, Attrs> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(String::new(), ROOT)];
+    while let Some((path, ino)) = stack.pop() {
+        let node = tree.get(ino).unwrap();
+        let kind = kind_name(node.kind);
+        let mut xattrs = node.xattrs.clone();
+        xattrs.sort();
+        out.insert(
+            path.clone(),
+            Attrs {
+                kind,
+                mode: node.mode & 0o7777,
+                owner: (node.uid, node.gid),
+                size: if kind == "file" { node.size } else { 0 },
+                link: node.link.clone(),
+                rdev: u64::from(node.rdev),
+                nlink: if kind == "dir" {
+                    0
+                } else {
+                    u64::from(node.nlink)
+                },
+                xattrs,
+            },
+        );
+        for (name, child) in tree.children(ino) {
+            stack.push((child_path(&path, &name.to_string_lossy()), child));
+        }
+    }
+    out
+}
+
+fn file_kind(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "dir"
+    } else if ft.is_file() {
+        "file"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_char_device() {
+        "char"
+    } else if ft.is_block_device() {
+        "block"
+    } else {
+        "fifo"
+    }
+}
+
+fn unpacked_tree(root: &Path) -> BTreeMap<String, Attrs> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![String::new()];
+    while let Some(path) = stack.pop() {
+        let full = root.join(&path);
+        let meta = std::fs::symlink_metadata(&full).unwrap();
+        let kind = file_kind(meta.file_type());
+        let link = if kind == "symlink" {
+            std::fs::read_link(&full)
+                .unwrap()
+                .into_os_string()
+                .into_encoded_bytes()
+        } else {
+            Vec::new()
+        };
+        let mut xattrs: Vec<(String, Vec<u8>)> = xattr::list(&full)
+            .unwrap()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("user.") || n.starts_with("trusted."))
+            .map(|n| {
+                let value = xattr::get(&full, &n).unwrap().unwrap_or_default();
+                (n, value)
+            })
+            .collect();
+        xattrs.sort();
+        out.insert(
+            path.clone(),
+            Attrs {
+                kind,
+                mode: meta.mode() & 0o7777,
+                owner: (meta.uid(), meta.gid()),
+                size: if kind == "file" { meta.len() } else { 0 },
+                link,
+                rdev: meta.rdev(),
+                nlink: if kind == "dir" { 0 } else { meta.nlink() },
+                xattrs,
+            },
+        );
+        if kind == "dir" {
+            for child in std::fs::read_dir(&full).unwrap() {
+                let name = child.unwrap().file_name();
+                stack.push(child_path(&path, &name.to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_lazy_tree_and_the_unpacked_directory_are_the_same() {
+    require!(&[Prereq::Root]);
+    for (what, layer) in layers() {
+        for compression in [Compression::Gzip(6), Compression::None] {
+            let layer = layer.clone().compression(compression);
+            let mut blob = Vec::new();
+            let digests = layer.write(&mut blob).unwrap();
+            let format = match compression {
+                Compression::None => LayerCompression::None,
+                Compression::Gzip(_) => LayerCompression::Gzip,
+            };
+            let target = LayerToIndex {
+                digest: digests.digest,
+                size: digests.size,
+                compression: format,
+            };
+            let mut index_blob = Vec::new();
+            build_index(blob.as_slice(), &target, 64 * 1024, &mut index_blob).unwrap();
+            let index = LayerIndex::parse(&index_blob).unwrap();
+            let tree = Tree::build(&[&index.meta().entries], TreeMode::OverlayLower);
+
+            let dir = tempfile::tempdir().unwrap();
+            let unpacked = dir.path().join("layer");
+            std::fs::create_dir(&unpacked).unwrap();
+            unpack(blob.as_slice(), format, &unpacked, 0).unwrap();
+
+            let (lazy, unpacked) = (lazy_tree(&tree), unpacked_tree(&unpacked));
+            if what.starts_with("whiteouts") {
+                // The overlay forms really are there.
+                assert_eq!(lazy["gone"].kind, "char");
+                assert_eq!(lazy["etc/.hidden"].kind, "char");
+                let opaque = ("trusted.overlay.opaque".to_owned(), b"y".to_vec());
+                assert_eq!(lazy["keep"].xattrs, [opaque]);
+            }
+            let paths = |t: &BTreeMap<String, Attrs>| t.keys().cloned().collect::<Vec<_>>();
+            assert_eq!(paths(&lazy), paths(&unpacked), "{what}: the same paths");
+            for (path, attrs) in &lazy {
+                assert_eq!(
+                    Some(attrs),
+                    unpacked.get(path),
+                    "{what} ({compression:?}): {path:?}"
+                );
+            }
+        }
+    }
+}
