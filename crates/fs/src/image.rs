@@ -239,24 +239,25 @@ async fn fetch_whole(
     let compression = pronto_index::LayerCompression::from_media_type(media_type)
         .ok_or_else(|| layer_error(format!("media type {media_type} is not supported")))?;
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest).to_owned();
-    std::fs::create_dir_all(&node.layers_dir).map_err(|source| OpenError::Io {
-        path: node.layers_dir.clone(),
-        source,
-    })?;
-    let blob_path = node.layers_dir.join(&hex);
+    let blob_path = node
+        .client
+        .blob_in_dir(
+            repository,
+            digest,
+            size,
+            &node.layers_dir,
+            ParallelFetch::default(),
+        )
+        .await?;
     let index_path = node.layers_dir.join(format!("{hex}.index"));
     if !index_path.exists() {
-        let partial = node.layers_dir.join(format!("{hex}.partial"));
-        node.client
-            .blob_to_file_parallel(repository, digest, size, &partial, ParallelFetch::default())
-            .await?;
         let target = LayerToIndex {
             digest: digest.to_owned(),
             size,
             compression,
         };
         let index_partial = node.layers_dir.join(format!("{hex}.index.partial"));
-        let (input, output) = (partial.clone(), index_partial.clone());
+        let (input, output) = (blob_path.clone(), index_partial.clone());
         tokio::task::spawn_blocking(move || {
             let reader = std::io::BufReader::new(std::fs::File::open(&input)?);
             let writer = std::io::BufWriter::new(std::fs::File::create(&output)?);
@@ -264,12 +265,10 @@ async fn fetch_whole(
         })
         .await
         .map_err(|e| layer_error(e.to_string()))??;
-        for (from, to) in [(&partial, &blob_path), (&index_partial, &index_path)] {
-            std::fs::rename(from, to).map_err(|source| OpenError::Io {
-                path: to.clone(),
-                source,
-            })?;
-        }
+        std::fs::rename(&index_partial, &index_path).map_err(|source| OpenError::Io {
+            path: index_path.clone(),
+            source,
+        })?;
     }
     let bytes = std::fs::read(&index_path).map_err(|source| OpenError::Io {
         path: index_path.clone(),

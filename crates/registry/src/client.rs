@@ -230,64 +230,21 @@ impl RegistryClient {
         request: &Request,
         max_len: u64,
     ) -> Result<Fetched> {
-        let endpoints = self.endpoints(repo, request);
-        let last = endpoints.len() - 1;
-        for (i, endpoint) in endpoints.iter().enumerate() {
-            match self
-                .fetch_from(endpoint, repo, target, request, max_len)
-                .await
-            {
-                Ok(fetched) if fetched.status == StatusCode::NOT_FOUND && i < last => {
-                    tracing::debug!(%target, mirror = endpoint.base_url, "not on the mirror; trying the next host");
-                }
-                Err(err) if i < last && is_endpoint_failure(&err) => {
-                    tracing::warn!(%target, mirror = endpoint.base_url, "mirror failed; trying the next host: {err}");
-                }
-                other => return other,
-            }
-        }
-        unreachable!("the upstream endpoint is always last and always returns")
-    }
-
-    async fn fetch_from(
-        &self,
-        endpoint: &Endpoint,
-        repo: &Repository,
-        target: &Target,
-        request: &Request,
-        max_len: u64,
-    ) -> Result<Fetched> {
-        let policy = &self.inner.config.retry;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = async {
-                let opened = self
-                    .open_once(endpoint, repo, target, request, attempt)
-                    .await?;
-                let status = opened.response.status();
-                let headers = opened.response.headers().clone();
-                let body = self.read_body(target, opened, max_len, attempt).await?;
-                Ok::<_, RegistryError>(Fetched {
-                    status,
-                    headers,
-                    body,
-                })
-            }
-            .await;
-            match result {
-                Ok(fetched) => return Ok(fetched),
-                Err(err) if attempt < policy.attempts && is_retryable(&err) => {
-                    let delay = retry_delay(&err, policy, attempt);
-                    tracing::warn!(%target, attempt, ?delay, "retrying: {err}");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(err) => {
-                    metrics().error(ErrorKind::Registry);
-                    return Err(err);
-                }
-            }
-        }
+        let once = |endpoint: Endpoint, attempt: u32| async move {
+            let opened = self
+                .open_once(&endpoint, repo, target, request, attempt)
+                .await?;
+            let status = opened.response.status();
+            let headers = opened.response.headers().clone();
+            let body = self.read_body(target, opened, max_len, attempt).await?;
+            Ok(Fetched {
+                status,
+                headers,
+                body,
+            })
+        };
+        self.each_endpoint(repo, target, request, |f: &Fetched| f.status, once)
+            .await
     }
 
     /// Sends `request` and returns the response with its body unread, for
@@ -298,13 +255,43 @@ impl RegistryClient {
         target: &Target,
         request: &Request,
     ) -> Result<Opened> {
+        let once = |endpoint: Endpoint, attempt: u32| async move {
+            self.open_once(&endpoint, repo, target, request, attempt)
+                .await
+        };
+        let status = |opened: &Opened| opened.response.status();
+        self.each_endpoint(repo, target, request, status, once)
+            .await
+    }
+
+    /// Runs `once` against each endpoint of `request` in turn (mirrors
+    /// first), with retries on each: the next endpoint is tried when a
+    /// mirror does not have the content or fails.
+    async fn each_endpoint<T, F, Fut>(
+        &self,
+        repo: &Repository,
+        target: &Target,
+        request: &Request,
+        status: impl Fn(&T) -> StatusCode,
+        once: F,
+    ) -> Result<T>
+    where
+        F: Fn(Endpoint, u32) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let endpoints = self.endpoints(repo, request);
         let last = endpoints.len() - 1;
-        for (i, endpoint) in endpoints.iter().enumerate() {
-            match self.open_from(endpoint, repo, target, request).await {
-                Ok(opened) if opened.response.status() == StatusCode::NOT_FOUND && i < last => {}
+        for (i, endpoint) in endpoints.into_iter().enumerate() {
+            let base_url = endpoint.base_url.clone();
+            match self
+                .with_retries(target, |attempt| once(endpoint.clone(), attempt))
+                .await
+            {
+                Ok(found) if status(&found) == StatusCode::NOT_FOUND && i < last => {
+                    tracing::debug!(%target, mirror = base_url, "not on the mirror; trying the next host");
+                }
                 Err(err) if i < last && is_endpoint_failure(&err) => {
-                    tracing::warn!(%target, mirror = endpoint.base_url, "mirror failed; trying the next host: {err}");
+                    tracing::warn!(%target, mirror = base_url, "mirror failed; trying the next host: {err}");
                 }
                 other => return other,
             }
@@ -312,22 +299,23 @@ impl RegistryClient {
         unreachable!("the upstream endpoint is always last and always returns")
     }
 
-    async fn open_from(
+    /// Runs `once` until it succeeds, fails for good, or the retry policy
+    /// runs out; waits between attempts as the policy (and `Retry-After`)
+    /// says.
+    async fn with_retries<T, Fut>(
         &self,
-        endpoint: &Endpoint,
-        repo: &Repository,
         target: &Target,
-        request: &Request,
-    ) -> Result<Opened> {
+        mut once: impl FnMut(u32) -> Fut,
+    ) -> Result<T>
+    where
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let policy = &self.inner.config.retry;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self
-                .open_once(endpoint, repo, target, request, attempt)
-                .await
-            {
-                Ok(opened) => return Ok(opened),
+            match once(attempt).await {
+                Ok(done) => return Ok(done),
                 Err(err) if attempt < policy.attempts && is_retryable(&err) => {
                     let delay = retry_delay(&err, policy, attempt);
                     tracing::warn!(%target, attempt, ?delay, "retrying: {err}");

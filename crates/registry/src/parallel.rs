@@ -92,6 +92,38 @@ impl RegistryClient {
         result
     }
 
+    /// Makes blob `digest` a file in `dir` named by its hex digest, the
+    /// one place Pronto keeps whole layers: downloaded with concurrent
+    /// range requests into a temporary name, verified, then renamed; a
+    /// file already there (an earlier verified download) is used as it is.
+    pub async fn blob_in_dir(
+        &self,
+        repo: &Repository,
+        digest: &str,
+        size: u64,
+        dir: &Path,
+        plan: ParallelFetch,
+    ) -> Result<std::path::PathBuf> {
+        let target = Target::new(repo, format!("blob {digest}"));
+        let write_error = |source| RegistryError::Write {
+            target: target.clone(),
+            source,
+        };
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let path = dir.join(hex);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == size) {
+            return Ok(path);
+        }
+        std::fs::create_dir_all(dir).map_err(write_error)?;
+        static DOWNLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = DOWNLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let partial = dir.join(format!("{hex}.{}.{n}.partial", std::process::id()));
+        self.blob_to_file_parallel(repo, digest, size, &partial, plan)
+            .await?;
+        std::fs::rename(&partial, &path).map_err(write_error)?;
+        Ok(path)
+    }
+
     /// Downloads blob `digest` of `size` bytes with concurrent range
     /// requests and hands its bytes to `sink` in order, while hashing them.
     /// Ranges complete in any order but are passed on in order, so memory

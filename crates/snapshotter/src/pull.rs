@@ -393,19 +393,12 @@ async fn unpack(
     let size = layer.size();
     let mut fetched = 0;
     if !has_content(session, &digest).await? {
-        std::fs::create_dir_all(&options.work_dir).map_err(|source| PullError::Io {
-            path: options.work_dir.clone(),
-            source,
-        })?;
-        let path = options
-            .work_dir
-            .join(format!("{}.partial", digest.replace(':', "-")));
-        client
-            .blob_to_file_parallel(
+        let path = client
+            .blob_in_dir(
                 &image.repository,
                 &digest,
                 size,
-                &path,
+                &options.work_dir,
                 ParallelFetch::default(),
             )
             .await?;
