@@ -119,8 +119,37 @@ pub struct WholeLayers {
     settings: PullSettings,
     downloads: Arc<Semaphore>,
     unpacks: Arc<Semaphore>,
-    images: tokio::sync::Mutex<HashMap<String, Arc<ImageInfo>>>,
+    /// Images being pulled, by manifest digest, with when they were last
+    /// asked for; pruned by [`prune_images`].
+    images: tokio::sync::Mutex<HashMap<String, (Instant, Arc<ImageInfo>)>>,
     jobs: Mutex<HashMap<String, Job>>,
+}
+
+/// An image's layer list is kept this long after its last use, so the
+/// layers of one pull share its limits.
+const IMAGE_KEPT: Duration = Duration::from_secs(600);
+/// At most this many images are remembered; unused ones go first.
+const MAX_IMAGES: usize = 256;
+
+/// Forgets images nobody uses that were last asked for longer ago than
+/// [`IMAGE_KEPT`], and unused ones beyond [`MAX_IMAGES`], oldest first.
+fn prune_images<T>(images: &mut HashMap<String, (Instant, Arc<T>)>, now: Instant) {
+    images.retain(|_, (used, info)| {
+        Arc::strong_count(info) > 1 || now.duration_since(*used) < IMAGE_KEPT
+    });
+    if images.len() <= MAX_IMAGES {
+        return;
+    }
+    let mut unused: Vec<(Instant, String)> = images
+        .iter()
+        .filter(|(_, (_, info))| Arc::strong_count(info) == 1)
+        .map(|(k, (used, _))| (*used, k.clone()))
+        .collect();
+    unused.sort();
+    let excess = images.len() - MAX_IMAGES;
+    for (_, key) in unused.into_iter().take(excess) {
+        images.remove(&key);
+    }
 }
 
 impl std::fmt::Debug for WholeLayers {
@@ -213,9 +242,12 @@ impl WholeLayers {
     /// The image's layers with their diff IDs, and its limits.
     async fn image(&self, image_ref: &str, manifest: &str) -> Result<Arc<ImageInfo>, String> {
         let mut images = self.images.lock().await;
-        if let Some(info) = images.get(manifest) {
+        let now = Instant::now();
+        if let Some((used, info)) = images.get_mut(manifest) {
+            *used = now;
             return Ok(info.clone());
         }
+        prune_images(&mut images, now);
         let reference = parse_reference(image_ref).map_err(|e| e.to_string())?;
         let repository = Repository::of(&reference);
         let fetched = self
@@ -267,7 +299,7 @@ impl WholeLayers {
             )),
             layer_slots: Arc::new(Semaphore::new(LAYERS_DOWNLOADING_PER_IMAGE)),
         });
-        images.insert(manifest.to_owned(), info.clone());
+        images.insert(manifest.to_owned(), (now, info.clone()));
         Ok(info)
     }
 
@@ -488,5 +520,35 @@ fn settle(
             local.abandon(id);
             Err(WholeError::Failed(e.to_string()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_images_are_bounded_and_the_ones_in_use_stay() {
+        let start = Instant::now();
+        let mut images = HashMap::new();
+        let in_use = Arc::new(());
+        images.insert("busy".to_owned(), (start, in_use.clone()));
+        for i in 0..MAX_IMAGES + 10 {
+            let when = start + Duration::from_millis(i as u64);
+            images.insert(format!("image{i}"), (when, Arc::new(())));
+        }
+        let soon = start + Duration::from_secs(1);
+        prune_images(&mut images, soon);
+        assert_eq!(images.len(), MAX_IMAGES);
+        assert!(images.contains_key("busy"), "in use: kept");
+        assert!(!images.contains_key("image0"), "the oldest unused go first");
+        assert!(images.contains_key(&format!("image{}", MAX_IMAGES + 9)));
+
+        let later = soon + IMAGE_KEPT;
+        prune_images(&mut images, later);
+        assert_eq!(images.len(), 1, "only the image in use is left");
+        drop(in_use);
+        prune_images(&mut images, later);
+        assert!(images.is_empty());
     }
 }
