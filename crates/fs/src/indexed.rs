@@ -350,17 +350,36 @@ impl IndexedLayer {
     ) -> Result<(), ReadError> {
         for i in run.clone() {
             let input = self.index.span_input(i);
-            let compressed = &bytes[(input.start - first) as usize..(input.end - first) as usize];
+            let compressed =
+                bytes.slice((input.start - first) as usize..(input.end - first) as usize);
             let window = self.window(i).await?;
-            let data = self
-                .index
-                .decode_span(i, compressed, &window)
+            self.decode_and_cache(i, compressed, window)
+                .await?
                 .map_err(|e| self.verification_error(e.to_string()))?;
-            self.cache
-                .put(&self.span_key(i), &data)
-                .map_err(|e| self.cache_error(format!("cannot cache span {i}: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Decodes span `i` from its compressed bytes and caches what it
+    /// holds, on a blocking thread (inflating and writing to disk block).
+    /// The outer error is the cache's, the inner one the span's.
+    async fn decode_and_cache(
+        &self,
+        i: usize,
+        compressed: Bytes,
+        window: Vec<u8>,
+    ) -> Result<Result<(), IndexError>, ReadError> {
+        let (index, cache, key) = (self.index.clone(), self.cache.clone(), self.span_key(i));
+        let done = tokio::task::spawn_blocking(move || {
+            let data = match index.decode_span(i, &compressed, &window) {
+                Ok(data) => data,
+                Err(err) => return Ok(Err(err)),
+            };
+            cache.put(&key, &data).map(Ok)
+        })
+        .await
+        .map_err(|e| self.error(format!("span {i}: {e}")))?;
+        done.map_err(|e| self.cache_error(format!("cannot cache span {i}: {e}")))
     }
 
     async fn window(&self, i: usize) -> Result<Vec<u8>, ReadError> {
@@ -498,17 +517,12 @@ impl IndexedLayer {
                 if !self.cache.contains(&key) {
                     let from = (input.start - spans.start) as usize;
                     let to = (input.end - spans.start) as usize;
+                    let compressed = Bytes::copy_from_slice(&spans.bytes[from..to]);
                     let window = self.window(i).await?;
-                    match self.index.decode_span(i, &spans.bytes[from..to], &window) {
-                        Ok(data) => self
-                            .cache
-                            .put(&key, &data)
-                            .map_err(|e| self.cache_error(format!("cannot cache span {i}: {e}")))?,
-                        // Whether the bytes or the index are wrong is
-                        // known once the whole layer is checked.
-                        Err(err) => {
-                            spans.failure.get_or_insert(err);
-                        }
+                    // Whether the bytes or the index are wrong is known
+                    // once the whole layer is checked.
+                    if let Err(err) = self.decode_and_cache(i, compressed, window).await? {
+                        spans.failure.get_or_insert(err);
                     }
                 }
             }

@@ -98,7 +98,10 @@ struct Inner {
     /// Bearer tokens by (registry, scope).
     tokens: Mutex<HashMap<(String, String), Token>>,
     /// Registries that asked for basic auth.
-    basic: Mutex<HashMap<String, bool>>,
+    /// Credentials of registries that asked for basic auth, read when
+    /// they asked (a credential helper runs once per challenge, not per
+    /// request; a rejected login reads them again).
+    basic: Mutex<HashMap<String, Credentials>>,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
@@ -513,11 +516,19 @@ impl RegistryClient {
         }
         drop(tokens);
         let basic = self.inner.basic.lock().unwrap_or_else(|e| e.into_inner());
-        if basic.get(registry).copied().unwrap_or(false) {
-            let creds = self.inner.config.credentials.credentials(registry)?;
-            return Some(Authorization::Basic(creds));
-        }
-        None
+        basic.get(registry).cloned().map(Authorization::Basic)
+    }
+
+    /// The configured credentials for `registry`, looked up on a blocking
+    /// thread: a credential helper is a process, and docker's config a
+    /// file.
+    async fn credentials(&self, registry: &str) -> Option<Credentials> {
+        let source = self.inner.config.credentials.clone();
+        let registry = registry.to_owned();
+        tokio::task::spawn_blocking(move || source.credentials(&registry))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Answers a challenge: remembers that a registry wants basic auth, or
@@ -530,7 +541,7 @@ impl RegistryClient {
         scope: &str,
     ) -> Result<()> {
         let registry = &endpoint.credentials_host;
-        let creds = self.inner.config.credentials.credentials(registry);
+        let creds = self.credentials(registry).await;
         let auth_error = |problem: String| RegistryError::Auth {
             target: target.clone(),
             problem,
@@ -540,16 +551,16 @@ impl RegistryClient {
                 "HTTP 401 without a usable WWW-Authenticate challenge".into(),
             )),
             Some(Challenge::Basic) => {
-                if creds.is_none() {
+                let Some(creds) = creds else {
                     return Err(auth_error(format!(
                         "the registry requires a login and no credentials are configured for {registry}"
                     )));
-                }
+                };
                 self.inner
                     .basic
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(registry.clone(), true);
+                    .insert(registry.clone(), creds);
                 Ok(())
             }
             Some(Challenge::Bearer { realm, service, .. }) => {

@@ -39,8 +39,13 @@ pub struct Feed {
 
 impl ChunkSink for Feed {
     async fn write(&mut self, chunk: Bytes) -> std::io::Result<()> {
-        if let Some(file) = &mut self.keep {
-            file.write_all(&chunk)?;
+        if let Some(mut file) = self.keep.take() {
+            // Disk writes block: off the async threads.
+            let kept = chunk.clone();
+            let file = tokio::task::spawn_blocking(move || file.write_all(&kept).map(|()| file))
+                .await
+                .map_err(std::io::Error::other)??;
+            self.keep = Some(file);
         }
         self.tx
             .send(chunk)
@@ -50,13 +55,18 @@ impl ChunkSink for Feed {
 }
 
 impl Feed {
-    /// Ends the blob; flushes and syncs the kept copy, if any.
-    pub fn finish(self) -> std::io::Result<()> {
+    /// Ends the blob; flushes and syncs the kept copy, if any (on a
+    /// blocking thread).
+    pub async fn finish(self) -> std::io::Result<()> {
         drop(self.tx);
-        match self.keep {
-            Some(file) => file.into_inner().map_err(|e| e.into_error())?.sync_all(),
-            None => Ok(()),
-        }
+        let Some(file) = self.keep else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            file.into_inner().map_err(|e| e.into_error())?.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 }
 
@@ -103,7 +113,7 @@ mod tests {
             expected.extend_from_slice(&chunk);
             feed.write(Bytes::from(chunk)).await.unwrap();
         }
-        feed.finish().unwrap();
+        feed.finish().await.unwrap();
         assert_eq!(reading.await.unwrap(), expected);
         assert_eq!(std::fs::read(&kept).unwrap(), expected);
     }

@@ -233,6 +233,43 @@ async fn basic_auth_with_and_without_credentials() {
     let message = wrong.to_string();
     assert!(matches!(wrong, RegistryError::Auth { .. }), "{message}");
     assert!(!message.contains("battery staple"), "{message}");
+
+    // The credentials (a helper process, a file) are read when the registry
+    // asks for them, not for every request.
+    let counting = Arc::new(CountingCredentials {
+        inner: StaticCredentials::none().with(&registry.host(), "alice", "correct horse"),
+        lookups: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let client = RegistryClient::new(ClientConfig {
+        credentials: counting.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    for _ in 0..5 {
+        client
+            .resolve(&reference, &Platform::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        counting.lookups.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one lookup for the one challenge"
+    );
+}
+
+#[derive(Debug)]
+struct CountingCredentials {
+    inner: StaticCredentials,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+impl pronto_registry::CredentialSource for CountingCredentials {
+    fn credentials(&self, host: &str) -> Option<pronto_registry::Credentials> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.credentials(host)
+    }
 }
 
 #[tokio::test]

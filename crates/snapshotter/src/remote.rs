@@ -241,6 +241,24 @@ impl Remote {
             layer_digest: image.layer.to_owned(),
         };
         let indexed = self.open_layer(&remote).await?;
+        // Database commits and mount(2) block: this worker thread is
+        // handed over to them.
+        tokio::task::block_in_place(|| {
+            self.commit_lazy(local, target, parent, labels, remote, indexed)
+        })
+    }
+
+    /// Mounts an opened layer and records it as the committed snapshot
+    /// `target`.
+    fn commit_lazy(
+        &self,
+        local: &LocalSnapshots,
+        target: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+        remote: RemoteLayer,
+        indexed: OpenLayer,
+    ) -> Result<(), (Fallback, String)> {
         let (id, dir) = local
             .reserve()
             .map_err(|e| (Fallback::MountFailed, e.to_string()))?;
@@ -252,15 +270,10 @@ impl Remote {
         let mut stored = labels.clone();
         stored.insert(LABEL_TARGET.into(), target.into());
         stored.insert(LABEL_PRONTO_LAYER.into(), "lazy".into());
+        let (image, layer) = (remote.image_ref.clone(), remote.layer_digest.clone());
         match local.insert_committed(target, id, parent, stored, Some(remote), (0, inodes)) {
             Ok(()) => {
-                tracing::info!(
-                    image = image.image_ref,
-                    layer = image.layer,
-                    chain = target,
-                    id,
-                    "layer mounted lazily"
-                );
+                tracing::info!(image, layer, chain = target, id, "layer mounted lazily");
                 Ok(())
             }
             Err(e) => {
@@ -462,18 +475,20 @@ impl Remote {
             return Ok(());
         }
         let dir = local.fs_path(id);
-        if mounts::is_mounted(&dir) {
-            // Left by a previous process: its connection is dead.
-            mounts::detach_and_abort(&dir)
-                .map_err(|e| format!("cannot detach stale mount {}: {e}", dir.display()))?;
-        }
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        tokio::task::block_in_place(|| {
+            if mounts::is_mounted(&dir) {
+                // Left by a previous process: its connection is dead.
+                mounts::detach_and_abort(&dir)
+                    .map_err(|e| format!("cannot detach stale mount {}: {e}", dir.display()))?;
+            }
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+        })?;
         let layer = self.open_layer(remote).await.map_err(|(_, e)| e)?;
         if self.lock_mounted().contains_key(&id) {
             return Ok(());
         }
-        self.mount_at(id, &dir, remote, layer)?;
+        tokio::task::block_in_place(|| self.mount_at(id, &dir, remote, layer))?;
         tracing::info!(id, layer = remote.layer_digest, "layer mounted again");
         Ok(())
     }

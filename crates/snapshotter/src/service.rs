@@ -282,7 +282,8 @@ impl Snapshots for Snapshotter {
         &self,
         request: Request<api::StatSnapshotRequest>,
     ) -> Result<Response<api::StatSnapshotResponse>, Status> {
-        let info = self.local.stat(&request.into_inner().key)?;
+        let (local, key) = (self.local.clone(), request.into_inner().key);
+        let info = blocking(move || local.stat(&key)).await?;
         Ok(Response::new(api::StatSnapshotResponse {
             info: Some(api_info(info)),
         }))
@@ -297,7 +298,8 @@ impl Snapshots for Snapshotter {
             .info
             .ok_or_else(|| Status::invalid_argument("update without snapshot info"))?;
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-        let info = self.local.update(&info.name, labels(info.labels), &paths)?;
+        let local = self.local.clone();
+        let info = blocking(move || local.update(&info.name, labels(info.labels), &paths)).await?;
         Ok(Response::new(api::UpdateSnapshotResponse {
             info: Some(api_info(info)),
         }))
@@ -312,7 +314,8 @@ impl Snapshots for Snapshotter {
     ) -> Result<Response<Self::ListStream>, Status> {
         let filters =
             Filters::parse(&request.into_inner().filters).map_err(Status::invalid_argument)?;
-        let infos = self.local.walk(&filters)?;
+        let local = self.local.clone();
+        let infos = blocking(move || local.walk(&filters)).await?;
         let batches: Vec<Result<api::ListSnapshotsResponse, Status>> = infos
             .chunks(100)
             .map(|chunk| {

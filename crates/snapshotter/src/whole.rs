@@ -429,6 +429,7 @@ impl WholeLayers {
                 .map_err(|e| e.to_string());
             let kept = feed
                 .finish()
+                .await
                 .map_err(|e| format!("{}: {e}", partial.display()));
             fetched.and(kept)
         };
