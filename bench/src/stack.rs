@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use pronto_testbed::process::Daemon;
-use pronto_testbed::{Containerd, ContainerdOptions, OciLayout, Registry, Relay, RelayOptions};
+use pronto_testbed::{
+    Containerd, ContainerdOptions, NodeConfig, OciLayout, ProntoNode, Registry, Relay, RelayOptions,
+};
 
 /// How the link to the registry is shaped.
 #[derive(Debug, Clone, Copy, Default)]
@@ -108,7 +110,6 @@ impl Stack {
             pull_settings: String::new(),
             shaped: false,
         };
-        stack.write_config("")?;
         if let Some(mbit) = link.bandwidth_mbit {
             stack.shape(mbit)?;
         }
@@ -144,44 +145,25 @@ impl Stack {
         ])
     }
 
-    /// Pronto's configuration for this stack, with `pull` as its `[pull]`
-    /// table.
-    fn write_config(&mut self, pull: &str) -> Result<()> {
-        self.pull_settings = pull.to_owned();
-        std::fs::write(
-            self.config(),
-            format!(
-                "root = \"{}\"\naddress = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = false\n[pull]\n{pull}\n",
-                self.work.path().join("pronto-root").display(),
-                self.work.path().join("pronto.sock").display(),
-                self.containerd.hosts_dir().display(),
-            ),
-        )?;
-        Ok(())
+    /// Pronto's node for this stack, with `pull` as its `[pull]` table.
+    fn node(&self, pull: &str) -> Result<ProntoNode> {
+        let config = NodeConfig {
+            root: Some(self.work.path().join("pronto-root")),
+            address: Some(self.work.path().join("pronto.sock")),
+            hosts_dir: Some(self.containerd.hosts_dir()),
+            extra: format!("[pull]\n{pull}\n"),
+            ..Default::default()
+        };
+        ProntoNode::new(&self.work.path().join("pronto"), &self.pronto, &config)
     }
 
     pub fn work(&self) -> &Path {
         self.work.path()
     }
 
-    fn config(&self) -> PathBuf {
-        self.work.path().join("pronto.toml")
-    }
-
     /// Runs `pronto ARGS` with this stack's configuration.
     pub fn pronto(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.pronto)
-            .arg("--config")
-            .arg(self.config())
-            .args(args)
-            .output()
-            .context("run pronto")?;
-        ensure!(
-            out.status.success(),
-            "pronto {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.node(&self.pull_settings)?.run(args)
     }
 
     /// Pushes `tag` of the layout as `repo` and returns its reference
@@ -195,21 +177,9 @@ impl Stack {
     /// waits until containerd talks to it.
     pub fn start_serve(&mut self, pull: &str) -> Result<()> {
         self.stop_serve();
-        self.write_config(pull)?;
-        let mut cmd = Command::new(&self.pronto);
-        cmd.arg("--config").arg(self.config()).arg("serve");
+        self.pull_settings = pull.to_owned();
         let log = self.work.path().join("serve.log");
-        let mut serve = Daemon::spawn("pronto serve", cmd, &log)?;
-        pronto_testbed::net::wait_until("pronto serve", Duration::from_secs(60), || {
-            ensure!(
-                serve.is_running(),
-                "pronto serve exited: {}",
-                serve.log_tail(20)
-            );
-            Ok(serve
-                .log_tail(20)
-                .contains("serving containerd's snapshots API"))
-        })?;
+        let serve = self.node(pull)?.serve(&log, "info")?;
         self.serve = Some(serve);
         // containerd reconnects to a restarted plugin after its backoff.
         pronto_testbed::net::wait_until("containerd reconnects", Duration::from_secs(30), || {

@@ -4,14 +4,12 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use pronto_testbed::cri::Cri;
-use pronto_testbed::net::wait_until;
-use pronto_testbed::process::{Daemon, unmount_below};
+use pronto_testbed::process::unmount_below;
 use pronto_testbed::{
-    Containerd, ContainerdOptions, CriOptions, ImageBuilder, Layer, OciLayout, Prereq, Registry,
-    require,
+    Containerd, ContainerdOptions, CriOptions, ImageBuilder, Layer, NodeConfig, OciLayout, Prereq,
+    ProntoNode, Registry, require,
 };
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
@@ -84,29 +82,19 @@ fn containerd_starts_with_the_snippet_and_pulls_through_pronto() {
         ..Default::default()
     })
     .unwrap();
-    std::fs::write(
-        work.path().join("config.toml"),
-        format!(
-            "root = \"{}\"\naddress = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n",
-            work.path().join("root").display(),
-            socket.display(),
-            containerd.hosts_dir().display()
-        ),
+    let config = NodeConfig {
+        hosts_dir: Some(containerd.hosts_dir()),
+        background: true,
+        ..Default::default()
+    };
+    let node = ProntoNode::new(
+        work.path(),
+        Path::new(env!("CARGO_BIN_EXE_pronto")),
+        &config,
     )
     .unwrap();
-    let mut serve_cmd = Command::new(env!("CARGO_BIN_EXE_pronto"));
-    serve_cmd
-        .arg("--config")
-        .arg(work.path().join("config.toml"))
-        .arg("serve");
     let log = work.path().join("serve.log");
-    let mut serve = Daemon::spawn("pronto serve", serve_cmd, &log).unwrap();
-    wait_until("pronto serve", Duration::from_secs(60), || {
-        Ok(serve
-            .log_tail(20)
-            .contains("serving containerd's snapshots API"))
-    })
-    .unwrap();
+    let mut serve = node.serve(&log, "info").unwrap();
 
     let plugins = containerd.ctr_ok(&["plugins", "ls"]).unwrap();
     let pronto = plugins

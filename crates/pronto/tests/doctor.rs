@@ -1,15 +1,12 @@
 //! `pronto doctor`: passes on a correctly set-up node and, for each broken
 //! setting, fails the right check with a fix.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::path::Path;
 
 use base64::Engine;
-use pronto_testbed::net::wait_until;
-use pronto_testbed::process::Daemon;
 use pronto_testbed::{
-    Credentials, ImageBuilder, Layer, OciLayout, Prereq, Registry, RegistryOptions, require,
+    Credentials, ImageBuilder, Layer, NodeConfig, OciLayout, Prereq, ProntoNode, Registry,
+    RegistryOptions, require,
 };
 use serde_json::Value;
 
@@ -29,19 +26,16 @@ impl Node {
         snippet: bool,
         password: &str,
         host: &str,
-    ) -> PathBuf {
+    ) -> ProntoNode {
         let dir = self.dir.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("config.toml"),
-            format!(
-                "root = \"{}\"\naddress = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n",
-                self.dir.path().join("root").display(),
-                address.display(),
-                self.dir.path().join("hosts").display()
-            ),
-        )
-        .unwrap();
+        let config = NodeConfig {
+            root: Some(self.dir.path().join("root")),
+            address: Some(address.to_owned()),
+            hosts_dir: Some(self.dir.path().join("hosts")),
+            background: true,
+            ..Default::default()
+        };
+        let node = ProntoNode::new(&dir, Path::new(env!("CARGO_BIN_EXE_pronto")), &config).unwrap();
         let containerd = if snippet {
             std::fs::read_to_string(Path::new(DEPLOY).join("containerd/config-1.6.toml"))
                 .unwrap()
@@ -56,23 +50,13 @@ impl Node {
             serde_json::json!({"auths": {host: {"auth": auth}}}).to_string(),
         )
         .unwrap();
-        dir
+        node
     }
 }
 
-fn pronto(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pronto"))
-        .arg("--config")
-        .arg(dir.join("config.toml"))
-        .args(args)
-        .env("DOCKER_CONFIG", dir)
-        .output()
-        .unwrap()
-}
-
 /// Runs `pronto doctor --json` and returns (exit ok, checks by name).
-fn doctor(dir: &Path, extra: &[&str]) -> (bool, Vec<(String, bool, String)>) {
-    let containerd = dir.join("containerd.toml");
+fn doctor(node: &ProntoNode, extra: &[&str]) -> (bool, Vec<(String, bool, String)>) {
+    let containerd = node.dir().join("containerd.toml");
     let mut args = vec![
         "doctor",
         "--json",
@@ -80,7 +64,7 @@ fn doctor(dir: &Path, extra: &[&str]) -> (bool, Vec<(String, bool, String)>) {
         containerd.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let out = pronto(dir, &args);
+    let out = node.output(&args);
     let report: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     let checks = report["checks"]
@@ -131,37 +115,22 @@ fn doctor_passes_a_good_node_and_names_each_broken_setting() {
     let socket = node.dir.path().join("pronto.sock");
 
     let good = node.write("good", &socket, true, "s3cret", &host);
-    let out = pronto(
-        &good,
-        &[
-            "index",
-            "create",
-            &indexed,
-            "--bind",
-            "--min-layer-size",
-            "0",
-        ],
-    );
+    let out = good.output(&[
+        "index",
+        "create",
+        &indexed,
+        "--bind",
+        "--min-layer-size",
+        "0",
+    ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut serve_cmd = Command::new(env!("CARGO_BIN_EXE_pronto"));
-    serve_cmd
-        .arg("--config")
-        .arg(good.join("config.toml"))
-        .arg("serve");
-    let mut serve = Daemon::spawn(
-        "pronto serve",
-        serve_cmd,
-        &node.dir.path().join("serve.log"),
-    )
-    .unwrap();
-    wait_until("pronto serve", Duration::from_secs(60), || {
-        Ok(socket.exists())
-    })
-    .unwrap();
+    let mut serve = good
+        .serve(&node.dir.path().join("serve.log"), "info")
+        .unwrap();
 
     let (ok, checks) = doctor(&good, &[&indexed]);
     assert!(ok, "{checks:?}");
@@ -215,15 +184,12 @@ fn doctor_passes_a_good_node_and_names_each_broken_setting() {
 
     // Bad credentials: the password never shows.
     let bad = node.write("bad-credentials", &socket, true, "wrong-password", &host);
-    let out = pronto(
-        &bad,
-        &[
-            "doctor",
-            "--containerd-config",
-            bad.join("containerd.toml").to_str().unwrap(),
-            &indexed,
-        ],
-    );
+    let out = bad.output(&[
+        "doctor",
+        "--containerd-config",
+        bad.dir().join("containerd.toml").to_str().unwrap(),
+        &indexed,
+    ]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("wrong-password"));
     let (ok, checks) = doctor(&bad, &[&indexed]);
     assert!(!ok);

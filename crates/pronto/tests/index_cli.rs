@@ -1,20 +1,15 @@
 //! `pronto index …` as a user runs it, against the real registry.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use pronto_testbed::{
-    Compression, Content, ImageBuilder, Layer, OciLayout, Prereq, Registry, require,
+    Compression, Content, ImageBuilder, Layer, NodeConfig, OciLayout, Prereq, ProntoNode, Registry,
+    require,
 };
 
-fn pronto(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pronto"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("DOCKER_CONFIG", config.parent().unwrap())
-        .output()
-        .unwrap()
+fn pronto(node: &ProntoNode, args: &[&str]) -> Output {
+    node.output(args)
 }
 
 fn ok(out: Output) -> String {
@@ -31,16 +26,8 @@ fn ok(out: Output) -> String {
 fn create_list_inspect_and_remove_locally_and_in_the_registry() {
     require!(&[Prereq::Registry, Prereq::Skopeo]);
     let work = tempfile::tempdir().unwrap();
-    let config = work.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "root = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n",
-            work.path().join("root").display(),
-            work.path().join("hosts").display()
-        ),
-    )
-    .unwrap();
+    let binary = Path::new(env!("CARGO_BIN_EXE_pronto"));
+    let config = ProntoNode::new(work.path(), binary, &NodeConfig::default()).unwrap();
     let layout = OciLayout::create(&work.path().join("layout")).unwrap();
     let image = ImageBuilder::new()
         .layer(Layer::new().file("small", "x"))

@@ -7,8 +7,7 @@
 //! mounts fall back. An index bound into the image index is used without
 //! asking the referrers API.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,9 +18,9 @@ use pronto_index::ARTIFACT_TYPE;
 use pronto_registry::{ClientConfig, Platform, RegistryClient, Repository, parse_reference};
 use pronto_testbed::forge::{Forgery, forge};
 use pronto_testbed::net::wait_until;
-use pronto_testbed::process::{Daemon, mounts_below};
 use pronto_testbed::{
-    Compression, Content, ImageBuilder, Layer, OciLayout, Prereq, Registry, require,
+    Compression, Content, ImageBuilder, Layer, MountedImage, NodeConfig, OciLayout, Prereq,
+    ProntoNode, Registry, require,
 };
 
 const NEEDS: &[Prereq] = &[Prereq::Root, Prereq::Fuse, Prereq::Registry, Prereq::Skopeo];
@@ -46,101 +45,41 @@ fn layer() -> Layer {
         .file("data/weights", Content::random(8, 2 << 20))
 }
 
-/// A node: a state directory and a config with `trust` as `index.trust`.
+/// A node whose `index.trust` is `trust`, with the background fetch on
+/// (the default), as a user runs it.
 struct Node {
     dir: tempfile::TempDir,
+    node: ProntoNode,
 }
 
 impl Node {
-    fn new(trust: &str) -> Self {
+    fn new(trust: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("config.toml"),
-            format!(
-                "root = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n[index]\ntrust = {trust}\n",
-                dir.path().join("root").display(),
-                dir.path().join("hosts").display()
-            ),
-        )
-        .unwrap();
-        Node { dir }
-    }
-
-    fn pronto(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_pronto"))
-            .arg("--config")
-            .arg(self.dir.path().join("config.toml"))
-            .args(args)
-            .env("DOCKER_CONFIG", self.dir.path())
-            .output()
-            .unwrap()
-    }
-
-    fn mount(&self, reference: &str, name: &str) -> Mounted {
-        let dir = self.dir.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pronto"));
-        cmd.arg("--config")
-            .arg(self.dir.path().join("config.toml"))
-            .args(["mount", reference, dir.to_str().unwrap()])
-            .env("DOCKER_CONFIG", self.dir.path())
-            .env("PRONTO_LOG", "info");
-        let log = self.dir.path().join(format!("{name}.log"));
-        let mut daemon = Daemon::spawn("pronto mount", cmd, &log).unwrap();
-        let target = dir.clone();
-        wait_until("pronto mount", Duration::from_secs(60), || {
-            if !daemon.is_running() {
-                anyhow::bail!("pronto mount exited:\n{}", daemon.log_tail(30));
-            }
-            Ok(!mounts_below(&target).is_empty())
-        })
-        .unwrap();
-        let mounted = Mounted {
-            dir,
-            daemon,
-            config: self.dir.path().join("config.toml"),
+        let config = NodeConfig {
+            background: true,
+            trust: Some(trust.iter().map(|t| t.to_string()).collect()),
+            ..Default::default()
         };
-        mounted.wait_for_log("layers lazy");
-        mounted
+        let binary = Path::new(env!("CARGO_BIN_EXE_pronto"));
+        let node = ProntoNode::new(dir.path(), binary, &config).unwrap();
+        Node { dir, node }
+    }
+
+    fn mount(&self, reference: &str, name: &str) -> MountedImage {
+        let dir = self.dir.path().join(name);
+        self.node.mount(reference, &dir, &[], "info").unwrap()
     }
 }
 
-struct Mounted {
-    dir: PathBuf,
-    daemon: Daemon,
-    config: PathBuf,
+fn read(mounted: &MountedImage, path: &str) -> std::io::Result<Vec<u8>> {
+    std::fs::read(mounted.dir.join(path))
 }
 
-impl Mounted {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.daemon.log_path()).unwrap_or_default()
-    }
-
-    fn read(&self, path: &str) -> std::io::Result<Vec<u8>> {
-        std::fs::read(self.dir.join(path))
-    }
-
-    fn wait_for_log(&self, text: &str) {
-        wait_until(text, Duration::from_secs(60), || {
-            Ok(self.log().contains(text))
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new(env!("CARGO_BIN_EXE_pronto"))
-            .arg("--config")
-            .arg(&self.config)
-            .arg("umount")
-            .arg(&self.dir)
-            .output();
-        self.daemon.stop();
-        for point in mounts_below(&self.dir) {
-            let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
+fn wait_for_log(mounted: &MountedImage, text: &str) {
+    wait_until(text, Duration::from_secs(60), || {
+        Ok(mounted.log().contains(text))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mounted.log()));
 }
 
 fn mode_of(path: &Path) -> u32 {
@@ -149,9 +88,9 @@ fn mode_of(path: &Path) -> u32 {
 }
 
 /// Checks a mount shows the genuine layer, whatever the forgery.
-fn assert_genuine(mounted: &Mounted) {
-    assert_eq!(mounted.read("etc/motd").unwrap(), MOTD);
-    assert_eq!(mounted.read("data/fox.txt").unwrap(), fox());
+fn assert_genuine(mounted: &MountedImage) {
+    assert_eq!(read(mounted, "etc/motd").unwrap(), MOTD);
+    assert_eq!(read(mounted, "data/fox.txt").unwrap(), fox());
     assert_eq!(mode_of(&mounted.dir.join("bin/tool")), 0o644);
     assert!(!mounted.dir.join("bin/sh").exists());
 }
@@ -260,7 +199,7 @@ async fn forged_indexes_are_refused_or_poisoned_and_bound_ones_are_used() {
 
         // The default policy does not use referrers: the layer is fetched
         // whole and the container sees the image.
-        let careful = Node::new("[\"bound\", \"local\"]");
+        let careful = Node::new(&["bound", "local"]);
         let mounted = careful.mount(&reference, "careful");
         assert!(
             mounted.log().contains("index.trust does not accept"),
@@ -278,22 +217,22 @@ async fn forged_indexes_are_refused_or_poisoned_and_bound_ones_are_used() {
         // A node that opts into referrers mounts lazily; once the layer is
         // complete the forgery is found, the index poisoned, its data
         // dropped and every read fails.
-        let trusting = Node::new("[\"referrers\"]");
+        let trusting = Node::new(&["referrers"]);
         let mounted = trusting.mount(&reference, "trusting");
         assert!(
             mounted.log().contains("1 of 1 layers lazy"),
             "{}",
             mounted.log()
         );
-        mounted.wait_for_log("is poisoned");
+        wait_for_log(&mounted, "is poisoned");
         assert!(
             !mounted.log().contains("verified"),
             "{forgery:?}: nothing was verified: {}",
             mounted.log()
         );
-        let err = mounted.read("data/weights").unwrap_err();
+        let err = read(&mounted, "data/weights").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(nix::libc::EIO), "{forgery:?}");
-        let stats = trusting.pronto(&["cache", "stats", "--json"]);
+        let stats = trusting.node.output(&["cache", "stats", "--json"]);
         let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
         assert_eq!(stats["entries"], 0, "{forgery:?}: the cache keeps nothing");
         drop(mounted);
@@ -311,8 +250,8 @@ async fn forged_indexes_are_refused_or_poisoned_and_bound_ones_are_used() {
     // A bound index is used by the default policy, and the referrers API
     // (or its tag fallback) is never asked.
     let reference = registry.push(&layout, "v1", "trust/bound:v1").unwrap();
-    let owner = Node::new("[\"bound\", \"local\"]");
-    let out = owner.pronto(&[
+    let owner = Node::new(&["bound", "local"]);
+    let out = owner.node.output(&[
         "index",
         "create",
         &reference,
@@ -328,7 +267,7 @@ async fn forged_indexes_are_refused_or_poisoned_and_bound_ones_are_used() {
         String::from_utf8_lossy(&out.stderr)
     );
     let before = registry.access_log().unwrap().len();
-    let node = Node::new("[\"bound\", \"local\"]");
+    let node = Node::new(&["bound", "local"]);
     let mounted = node.mount(&reference, "bound");
     assert!(mounted.log().contains("(bound)"), "{}", mounted.log());
     assert!(
@@ -337,7 +276,7 @@ async fn forged_indexes_are_refused_or_poisoned_and_bound_ones_are_used() {
         mounted.log()
     );
     assert_genuine(&mounted);
-    mounted.wait_for_log("its digest and its index were verified");
+    wait_for_log(&mounted, "its digest and its index were verified");
     let asked: Vec<_> = registry.access_log().unwrap()[before..]
         .iter()
         .filter(|e| e.path.contains("/referrers/") || e.path.contains("sha256-"))

@@ -3,17 +3,17 @@
 //! `tar -x`; concurrent readers; faults; bytes fetched for a small read.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use pronto_testbed::image::BuiltImage;
 use pronto_testbed::net::wait_until;
-use pronto_testbed::process::{Daemon, mounts_below};
+use pronto_testbed::process::mounts_below;
 use pronto_testbed::tree::{PathInfo, SnapshotOptions, diff, snapshot, without_dir_link_counts};
 use pronto_testbed::{
     Compression, Containerd, ContainerdOptions, Content, Fault, FaultProxy, ImageBuilder, Layer,
-    OciLayout, Prereq, Registry, Relay, require,
+    MountedImage, NodeConfig, OciLayout, Prereq, ProntoNode, Registry, Relay, require,
 };
 
 const NEEDS: &[Prereq] = &[Prereq::Root, Prereq::Fuse, Prereq::Registry, Prereq::Skopeo];
@@ -21,68 +21,33 @@ const NEEDS: &[Prereq] = &[Prereq::Root, Prereq::Fuse, Prereq::Registry, Prereq:
 /// A pronto state directory with its config file.
 struct Node {
     dir: tempfile::TempDir,
+    node: ProntoNode,
 }
 
 impl Node {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("config.toml"),
-            format!(
-                "root = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = false\n",
-                dir.path().join("root").display(),
-                dir.path().join("hosts").display()
-            ),
-        )
-        .unwrap();
-        Node { dir }
+        let binary = Path::new(env!("CARGO_BIN_EXE_pronto"));
+        let node = ProntoNode::new(dir.path(), binary, &NodeConfig::default()).unwrap();
+        Node { dir, node }
     }
 
     fn pronto(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pronto"));
-        cmd.arg("--config")
-            .arg(self.dir.path().join("config.toml"))
-            .args(args);
-        cmd.env("DOCKER_CONFIG", self.dir.path());
-        cmd
+        self.node.command(args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.pronto(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "pronto {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.node.ok(args)
     }
 
     /// `pronto mount` in the background, until dropped.
-    fn mount(&self, reference: &str, extra: &[&str]) -> Mounted {
+    fn mount(&self, reference: &str, extra: &[&str]) -> MountedImage {
         self.mount_with_log(reference, extra, "info")
     }
 
-    fn mount_with_log(&self, reference: &str, extra: &[&str], log_filter: &str) -> Mounted {
+    fn mount_with_log(&self, reference: &str, extra: &[&str], log_filter: &str) -> MountedImage {
         let dir = self.dir.path().join(format!("mnt-{}", rand_suffix()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut cmd = self.pronto(&["mount", reference, dir.to_str().unwrap()]);
-        cmd.args(extra);
-        cmd.env("PRONTO_LOG", log_filter);
-        let log = self.dir.path().join(format!("mount-{}.log", rand_suffix()));
-        let mut daemon = Daemon::spawn("pronto mount", cmd, &log).unwrap();
-        let target = dir.clone();
-        wait_until("pronto mount", Duration::from_secs(60), || {
-            if !daemon.is_running() {
-                anyhow::bail!("pronto mount exited:\n{}", daemon.log_tail(30));
-            }
-            Ok(!mounts_below(&target).is_empty())
-        })
-        .unwrap();
-        Mounted {
-            dir,
-            daemon,
-            config: self.dir.path().join("config.toml"),
-        }
+        self.node.mount(reference, &dir, extra, log_filter).unwrap()
     }
 }
 
@@ -90,27 +55,6 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
-}
-
-struct Mounted {
-    dir: PathBuf,
-    daemon: Daemon,
-    config: PathBuf,
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new(env!("CARGO_BIN_EXE_pronto"))
-            .arg("--config")
-            .arg(&self.config)
-            .arg("umount")
-            .arg(&self.dir)
-            .output();
-        self.daemon.stop();
-        for point in mounts_below(&self.dir) {
-            let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
 }
 
 struct Pushed {

@@ -14,7 +14,7 @@ use pronto_testbed::process::{Daemon, mounts_below, unmount_below};
 use pronto_testbed::tree::{SnapshotOptions, diff, snapshot, without_dir_link_counts};
 use pronto_testbed::{
     Compression, Containerd, ContainerdOptions, Content, CriOptions, ImageBuilder, Layer,
-    OciLayout, Prereq, Registry, Relay, require,
+    NodeConfig, OciLayout, Prereq, ProntoNode, Registry, Relay, require,
 };
 use sha2::{Digest, Sha256};
 
@@ -42,6 +42,7 @@ struct Stack {
     registry: Registry,
     relay: Relay,
     containerd: Option<Containerd>,
+    node: ProntoNode,
     serve: Option<Daemon>,
     serve_starts: usize,
     /// Where `pronto serve` answers Prometheus scrapes.
@@ -72,22 +73,21 @@ impl Stack {
         })
         .unwrap();
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_loopback_port().unwrap()));
-        std::fs::write(
-            work.path().join("config.toml"),
-            format!(
-                "root = \"{}\"\naddress = \"{}\"\nmetrics_address = \"{metrics}\"\n[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = false\n{extra}",
-                work.path().join("root").display(),
-                work.path().join("pronto.sock").display(),
-                containerd.hosts_dir().display(),
-            ),
-        )
-        .unwrap();
+        let config = NodeConfig {
+            hosts_dir: Some(containerd.hosts_dir()),
+            metrics_address: Some(metrics),
+            extra: extra.to_owned(),
+            ..Default::default()
+        };
+        let binary = Path::new(env!("CARGO_BIN_EXE_pronto"));
+        let node = ProntoNode::new(work.path(), binary, &config).unwrap();
         let mut stack = Stack {
             work,
             layout,
             registry,
             relay,
             containerd: Some(containerd),
+            node,
             serve: None,
             serve_starts: 0,
             metrics,
@@ -104,43 +104,15 @@ impl Stack {
         self.work.path().join("root")
     }
 
-    fn pronto(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pronto"));
-        cmd.arg("--config")
-            .arg(self.work.path().join("config.toml"))
-            .args(args)
-            .env("DOCKER_CONFIG", self.work.path());
-        cmd
-    }
-
     fn pronto_ok(&self, args: &[&str]) -> String {
-        let out = self.pronto(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "pronto {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.node.ok(args)
     }
 
     fn start_serve(&mut self) {
         self.serve_starts += 1;
         let log = self.work.path().join("serve.log");
         std::fs::write(&log, "").unwrap();
-        let mut cmd = self.pronto(&["serve"]);
-        cmd.env("PRONTO_LOG", "info,pronto_fs=debug");
-        let mut daemon = Daemon::spawn("pronto serve", cmd, &log).unwrap();
-        let socket = self.work.path().join("pronto.sock");
-        wait_until("pronto serve", Duration::from_secs(60), || {
-            if !daemon.is_running() {
-                anyhow::bail!("pronto serve exited:\n{}", daemon.log_tail(30));
-            }
-            Ok(daemon
-                .log_tail(50)
-                .contains("serving containerd's snapshots API")
-                && socket.exists())
-        })
-        .unwrap();
+        let daemon = self.node.serve(&log, "info,pronto_fs=debug").unwrap();
         self.serve = Some(daemon);
         if let Some(containerd) = &self.containerd {
             // containerd reconnects to a restarted plugin after its backoff

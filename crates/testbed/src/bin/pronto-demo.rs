@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use clap::Parser;
-use pronto_testbed::{Containerd, ContainerdOptions, OciLayout, Prereq, Registry, Relay};
+use pronto_testbed::{
+    Containerd, ContainerdOptions, NodeConfig, OciLayout, Prereq, ProntoNode, Registry, Relay,
+};
 
 /// Cold-start demo: registry + containerd on loopback, generated image,
 /// time and bytes from pull to ready.
@@ -131,47 +133,22 @@ fn lazy_start(
     relay: &Relay,
     size: u64,
 ) -> Result<String> {
-    use std::process::Command;
-    let config = work.join("pronto.toml");
-    let socket = work.join("pronto.sock");
-    std::fs::write(
-        &config,
-        format!(
-            "root = \"{}\"\naddress = \"{}\"\n[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = false\n",
-            work.join("pronto-root").display(),
-            socket.display(),
-            containerd.hosts_dir().display(),
-        ),
+    let node = ProntoNode::new(
+        &work.join("pronto"),
+        pronto,
+        &NodeConfig {
+            root: Some(work.join("pronto-root")),
+            address: Some(work.join("pronto.sock")),
+            hosts_dir: Some(containerd.hosts_dir()),
+            ..Default::default()
+        },
     )?;
-    let pronto_cmd = |args: &[&str]| {
-        let mut cmd = Command::new(pronto);
-        cmd.arg("--config").arg(&config).args(args);
-        cmd
-    };
-    let run = |args: &[&str]| -> Result<String> {
-        let out = pronto_cmd(args).output()?;
-        ensure!(
-            out.status.success(),
-            "pronto {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let socket = node.socket();
+    let run = |args: &[&str]| node.run(args);
     println!("\nindexing the image once (pronto index create --bind)...");
     run(&["index", "create", reference, "--bind"])?;
     let log = work.join("serve.log");
-    let mut serve =
-        pronto_testbed::process::Daemon::spawn("pronto serve", pronto_cmd(&["serve"]), &log)?;
-    pronto_testbed::net::wait_until("pronto serve", Duration::from_secs(60), || {
-        ensure!(
-            serve.is_running(),
-            "pronto serve exited:\n{}",
-            serve.log_tail(20)
-        );
-        Ok(serve
-            .log_tail(20)
-            .contains("serving containerd's snapshots API"))
-    })?;
+    let mut serve = node.serve(&log, "info")?;
     println!(
         "pronto serve on {} (containerd proxy snapshotter \"pronto\")",
         socket.display()
