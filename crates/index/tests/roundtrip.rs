@@ -1,6 +1,8 @@
 //! Any byte range of any file, read through the index and only the spans
 //! it names, equals the same bytes of a full decompression.
 
+mod common;
+
 use std::ops::Range;
 
 use pronto_index::{
@@ -19,20 +21,12 @@ struct Indexed {
 }
 
 fn index_layer(layer: &Layer, span_size: u64) -> Indexed {
-    let mut blob = Vec::new();
-    let digests = layer.write(&mut blob).unwrap();
-    let compression = match layer.compression {
-        Compression::None => LayerCompression::None,
-        Compression::Gzip(_) => LayerCompression::Gzip,
-    };
-    let target = LayerToIndex {
-        digest: digests.digest,
-        size: digests.size,
+    let common::Built {
+        blob,
+        index_blob,
+        built,
         compression,
-    };
-    let mut index_blob = Vec::new();
-    let built = build_index(blob.as_slice(), &target, span_size, &mut index_blob).unwrap();
-    assert_eq!(built.size, index_blob.len() as u64);
+    } = common::build(layer, span_size);
     // A node mounts from the prefix alone.
     let index = LayerIndex::parse(&index_blob[..built.prefix_len as usize]).unwrap();
     let tar = decompress_layer(&blob, compression).unwrap();

@@ -3,9 +3,10 @@
 //! with push access could publish — every digest in the index recomputed —
 //! is found and named.
 
-use pronto_index::{
-    IndexError, LayerCompression, LayerIndex, LayerToIndex, build_index, verify_against_layer,
-};
+mod common;
+
+use common::Built;
+use pronto_index::{IndexError, LayerIndex, verify_against_layer};
 use pronto_testbed::forge::{Forgery, forge};
 use pronto_testbed::{Compression, Content, Layer};
 
@@ -28,26 +29,8 @@ fn layer(compression: Compression) -> Layer {
         .file("data/weights", Content::random(8, 400_000))
 }
 
-struct Built {
-    blob: Vec<u8>,
-    index_blob: Vec<u8>,
-}
-
 fn build(layer: &Layer, span_size: u64) -> Built {
-    let mut blob = Vec::new();
-    let digests = layer.write(&mut blob).unwrap();
-    let compression = match layer.compression {
-        Compression::None => LayerCompression::None,
-        Compression::Gzip(_) => LayerCompression::Gzip,
-    };
-    let target = LayerToIndex {
-        digest: digests.digest,
-        size: digests.size,
-        compression,
-    };
-    let mut index_blob = Vec::new();
-    build_index(blob.as_slice(), &target, span_size, &mut index_blob).unwrap();
-    Built { blob, index_blob }
+    common::build(layer, span_size)
 }
 
 fn verify(built: &Built, index_blob: &[u8]) -> Result<(), IndexError> {

@@ -5,12 +5,12 @@
 //! for every kind of layer, whiteouts and odd markers included.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use pronto_fs::{NodeKind, ROOT, Tree, TreeMode};
 use pronto_index::{LayerCompression, LayerIndex, LayerToIndex, build_index};
 use pronto_snapshotter::unpack::unpack;
+use pronto_testbed::tree::{SnapshotOptions, snapshot};
 use pronto_testbed::{Compression, Content, Entry, Layer, Prereq, require};
 
 /// What both forms must agree on, per path.
@@ -89,8 +89,15 @@ fn lazy_tree(tree: &Tree) -> BTreeMap<String, Attrs> {
         let kind = kind_name(node.kind);
         let mut xattrs = node.xattrs.clone();
         xattrs.sort();
+        for (name, child) in tree.children(ino) {
+            stack.push((child_path(&path, &name.to_string_lossy()), child));
+        }
+        if path.is_empty() {
+            // The root itself, which the directory description leaves out.
+            continue;
+        }
         out.insert(
-            path.clone(),
+            path,
             Attrs {
                 kind,
                 mode: node.mode & 0o7777,
@@ -106,75 +113,33 @@ fn lazy_tree(tree: &Tree) -> BTreeMap<String, Attrs> {
                 xattrs,
             },
         );
-        for (name, child) in tree.children(ino) {
-            stack.push((child_path(&path, &name.to_string_lossy()), child));
-        }
     }
     out
 }
 
-fn file_kind(ft: std::fs::FileType) -> &'static str {
-    if ft.is_dir() {
-        "dir"
-    } else if ft.is_file() {
-        "file"
-    } else if ft.is_symlink() {
-        "symlink"
-    } else if ft.is_char_device() {
-        "char"
-    } else if ft.is_block_device() {
-        "block"
-    } else {
-        "fifo"
-    }
-}
-
+/// The unpacked directory, through the harness's tree description.
 fn unpacked_tree(root: &Path) -> BTreeMap<String, Attrs> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![String::new()];
-    while let Some(path) = stack.pop() {
-        let full = root.join(&path);
-        let meta = std::fs::symlink_metadata(&full).unwrap();
-        let kind = file_kind(meta.file_type());
-        let link = if kind == "symlink" {
-            std::fs::read_link(&full)
-                .unwrap()
-                .into_os_string()
-                .into_encoded_bytes()
-        } else {
-            Vec::new()
-        };
-        let mut xattrs: Vec<(String, Vec<u8>)> = xattr::list(&full)
-            .unwrap()
-            .map(|n| n.to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("user.") || n.starts_with("trusted."))
-            .map(|n| {
-                let value = xattr::get(&full, &n).unwrap().unwrap_or_default();
-                (n, value)
-            })
-            .collect();
-        xattrs.sort();
-        out.insert(
-            path.clone(),
-            Attrs {
-                kind,
-                mode: meta.mode() & 0o7777,
-                owner: (meta.uid(), meta.gid()),
-                size: if kind == "file" { meta.len() } else { 0 },
-                link,
-                rdev: meta.rdev(),
-                nlink: if kind == "dir" { 0 } else { meta.nlink() },
-                xattrs,
-            },
-        );
-        if kind == "dir" {
-            for child in std::fs::read_dir(&full).unwrap() {
-                let name = child.unwrap().file_name();
-                stack.push(child_path(&path, &name.to_string_lossy()));
-            }
-        }
-    }
-    out
+    snapshot(root, SnapshotOptions::default())
+        .unwrap()
+        .into_iter()
+        .map(|(path, info)| {
+            let attrs = Attrs {
+                kind: info.kind,
+                mode: info.mode,
+                owner: (info.uid, info.gid),
+                size: if info.kind == "file" { info.size } else { 0 },
+                link: info.link.unwrap_or_default().into_bytes(),
+                rdev: info.rdev,
+                nlink: if info.kind == "dir" { 0 } else { info.nlink },
+                xattrs: info
+                    .xattrs
+                    .into_iter()
+                    .filter(|(n, _)| n.starts_with("user.") || n.starts_with("trusted."))
+                    .collect(),
+            };
+            (path, attrs)
+        })
+        .collect()
 }
 
 #[test]
