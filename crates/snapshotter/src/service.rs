@@ -8,15 +8,14 @@ use containerd_client::types::Mount as ApiMount;
 use tonic::{Request, Response, Status};
 
 use crate::SnapshotError;
+use crate::choice::{Outcome, make_layer};
 use crate::filter::Filters;
 use crate::generated::Empty;
 use crate::generated::snapshots_server::Snapshots;
 use crate::local::{Info, Kind, LocalSnapshots, Mount};
-use crate::remote::{Fallback, LABEL_TARGET, Remote};
-use crate::whole::{WholeError, WholeLayers};
+use crate::remote::{LABEL_TARGET, Remote};
+use crate::whole::WholeLayers;
 use pronto_metrics::{ErrorKind, metrics};
-
-const CONTAINERD_PULLS: &str = "containerd fetches and unpacks this layer";
 
 /// The snapshotter containerd talks to.
 #[derive(Debug, Clone)]
@@ -158,45 +157,11 @@ impl Snapshotter {
         }
         // Mounting may fetch index prefixes: parents must be there first.
         self.ensure_lowers(parent).await?;
-        let (reason, detail) = match remote
-            .mount_layer(&self.local, target, parent, labels)
-            .await
-        {
-            Ok(()) => return Ok(true),
-            Err(fallback) => fallback,
-        };
-        let Some(whole) = self
-            .whole
-            .as_ref()
-            .filter(|_| reason != Fallback::NoImageLabels)
-        else {
-            remote.fall_back(reason, target, labels, &detail, CONTAINERD_PULLS);
-            return Ok(false);
-        };
-        remote.fall_back(
-            reason,
-            target,
-            labels,
-            &detail,
-            "Pronto fetches it whole, in parallel",
-        );
-        let lazy = remote.index_set_for(labels).await;
-        match whole
-            .prepare(&self.local, target, parent, labels, lazy.as_ref())
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(WholeError::Rejected(message)) => Err(Status::invalid_argument(message)),
-            Err(WholeError::Failed(message)) => {
-                remote.fall_back(
-                    Fallback::ParallelPullFailed,
-                    target,
-                    labels,
-                    &message,
-                    CONTAINERD_PULLS,
-                );
-                Ok(false)
-            }
+        let whole = self.whole.as_ref();
+        match make_layer(remote.as_ref(), whole, &self.local, target, parent, labels).await {
+            Outcome::Made => Ok(true),
+            Outcome::Containerd => Ok(false),
+            Outcome::Refused(message) => Err(Status::invalid_argument(message)),
         }
     }
 }
