@@ -512,6 +512,41 @@ fn an_image_with_a_large_config_is_pulled_in_parallel() {
 }
 
 #[test]
+fn pronto_pull_has_containerd_unpack_what_pronto_does_not_fetch() {
+    // With the parallel pull off and no index, every layer goes through
+    // containerd's content store and diff service.
+    require!(NEEDS);
+    let stack = Stack::start_with("[pull]\nparallel = false\n");
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh", "cat"]))
+        .layer(Layer::new().file("etc/greeting", "hello from containerd\n"))
+        .cmd(&["cat", "/etc/greeting"])
+        .build(&stack.layout)
+        .unwrap();
+    let reference = stack.push(&image, "plain/unpacked");
+    let pulled = stack.pronto_ok(&[
+        "pull",
+        "--address",
+        stack.containerd().socket().to_str().unwrap(),
+        &reference,
+    ]);
+    assert!(
+        pulled.contains("0 layers lazy, 0 fetched whole by Pronto, 2 unpacked by containerd"),
+        "{pulled}"
+    );
+    let out = stack.run(&reference, &[]);
+    assert_eq!(stdout(&out), "hello from containerd\n");
+    // Pulled again: everything is present.
+    let again = stack.pronto_ok(&[
+        "pull",
+        "--address",
+        stack.containerd().socket().to_str().unwrap(),
+        &reference,
+    ]);
+    assert!(again.contains("2 already present"), "{again}");
+}
+
+#[test]
 fn a_restarted_daemon_serves_existing_snapshots_again() {
     require!(NEEDS);
     let mut stack = Stack::start();

@@ -9,7 +9,6 @@
 mod choice;
 pub mod filter;
 pub mod local;
-pub mod pull;
 pub mod remote;
 mod service;
 pub mod status;

@@ -20,14 +20,9 @@ use crate::local::{LocalSnapshots, RemoteLayer};
 use crate::status::{ImageStatus, LayerStatus};
 use pronto_metrics::metrics;
 
-pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
-pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-pub const LABEL_MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-pub const LABEL_LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
-/// How Pronto made a layer snapshot: `lazy` (mounted on demand) or
-/// `parallel` (fetched whole and unpacked by Pronto). Shown by `ctr
-/// snapshots info`; absent on snapshots containerd unpacked.
-pub const LABEL_PRONTO_LAYER: &str = "pronto/layer";
+use pronto_containerd::labels::{
+    LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_PRONTO_LAYER, LABEL_TARGET,
+};
 
 /// How long "this image has no index" is remembered, so that the layers of
 /// one pull ask the registry once.

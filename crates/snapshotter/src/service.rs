@@ -13,8 +13,9 @@ use crate::filter::Filters;
 use crate::generated::Empty;
 use crate::generated::snapshots_server::Snapshots;
 use crate::local::{Info, Kind, LocalSnapshots, Mount};
-use crate::remote::{LABEL_TARGET, Remote};
+use crate::remote::Remote;
 use crate::whole::WholeLayers;
+use pronto_containerd::labels::LABEL_TARGET;
 use pronto_metrics::{ErrorKind, metrics};
 
 /// The snapshotter containerd talks to.

@@ -22,10 +22,10 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::SnapshotError;
 use crate::local::{LocalSnapshots, disk_usage};
-use crate::remote::{
+use crate::unpack::{Compression, UnpackError, unpack};
+use pronto_containerd::labels::{
     LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_PRONTO_LAYER, LABEL_TARGET,
 };
-use crate::unpack::{Compression, UnpackError, unpack};
 use pronto_metrics::{ErrorKind, Purpose, metrics};
 use pronto_registry::feed;
 

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Result, anyhow};
+use pronto_containerd::{LayerOutcome, PullOptions, pull};
 use pronto_registry::Platform;
-use pronto_snapshotter::pull::{LayerOutcome, PullOptions, pull};
 
 use crate::commands::image::registry_client;
 use crate::config::Config;
