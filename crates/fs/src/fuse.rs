@@ -13,7 +13,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, Session,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request, Session,
 };
 use pronto_store::{CacheKey, ContentCache};
 
@@ -45,18 +46,129 @@ impl Default for MountOptions {
 }
 
 struct OpenFile {
+    ino: u64,
     layer: usize,
     entry: usize,
     keys: Vec<CacheKey>,
-    /// The kernel reads this file itself (passthrough) while it is held.
-    _backing: Option<fuser::BackingId>,
+    mode: IoMode,
+}
+
+/// How the kernel reads an open file. It refuses to mix page-cached and
+/// passthrough opens of one inode, and passthrough opens of one inode with
+/// different backing files (the open fails with EIO), so every open of an
+/// inode stays compatible with those already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoMode {
+    /// Through the daemon and the page cache.
+    Cached,
+    /// The kernel reads the inode's local copy itself.
+    Passthrough,
+    /// Through the daemon, bypassing the page cache: what a file open in
+    /// passthrough mode is given when this open cannot be (a program).
+    Direct,
+}
+
+/// The backing file passthrough opens of an inode share: its cache key
+/// and the kernel's id for it.
+type Backing = (CacheKey, fuser::BackingId);
+
+/// Open handles of one inode, by mode, and the backing file its
+/// passthrough opens share.
+struct InodeOpens<B> {
+    cached: usize,
+    passthrough: usize,
+    backing: Option<B>,
+}
+
+impl<B> Default for InodeOpens<B> {
+    fn default() -> Self {
+        Self {
+            cached: 0,
+            passthrough: 0,
+            backing: None,
+        }
+    }
+}
+
+/// What is open: handles, and per inode how.
+struct OpenFiles<B = Backing> {
+    handles: HashMap<u64, OpenFile>,
+    inodes: HashMap<u64, InodeOpens<B>>,
+}
+
+impl<B> Default for OpenFiles<B> {
+    fn default() -> Self {
+        Self {
+            handles: HashMap::new(),
+            inodes: HashMap::new(),
+        }
+    }
+}
+
+impl<B> OpenFiles<B> {
+    /// True when a new open of `ino` could start passthrough: nothing has
+    /// it open, or only passthrough opens (whose backing file it reuses).
+    fn may_start_passthrough(&self, ino: u64) -> bool {
+        self.inodes
+            .get(&ino)
+            .is_none_or(|o| o.cached == 0 && o.passthrough == 0)
+    }
+
+    /// The mode for a new open of `ino` that `wants` passthrough, with a
+    /// `backing` file made for it if one could be; records it.
+    fn admit(&mut self, ino: u64, wants: bool, backing: Option<B>) -> IoMode {
+        let opens = self.inodes.entry(ino).or_default();
+        let mode = if opens.passthrough > 0 {
+            if wants {
+                IoMode::Passthrough
+            } else {
+                IoMode::Direct
+            }
+        } else if opens.cached == 0 && backing.is_some() {
+            opens.backing = backing;
+            IoMode::Passthrough
+        } else {
+            IoMode::Cached
+        };
+        match mode {
+            IoMode::Passthrough => opens.passthrough += 1,
+            IoMode::Cached => opens.cached += 1,
+            IoMode::Direct => {}
+        }
+        mode
+    }
+
+    /// The backing file passthrough opens of `ino` share.
+    fn backing(&self, ino: u64) -> Option<&B> {
+        self.inodes.get(&ino)?.backing.as_ref()
+    }
+
+    /// Forgets handle `fh`; returns it. The inode's backing file goes
+    /// with its last passthrough open.
+    fn close(&mut self, fh: u64) -> Option<OpenFile> {
+        let file = self.handles.remove(&fh)?;
+        if let Some(opens) = self.inodes.get_mut(&file.ino) {
+            match file.mode {
+                IoMode::Passthrough => opens.passthrough -= 1,
+                IoMode::Cached => opens.cached -= 1,
+                IoMode::Direct => {}
+            }
+            if opens.passthrough == 0 {
+                opens.backing = None;
+            }
+            if opens.cached == 0 && opens.passthrough == 0 {
+                self.inodes.remove(&file.ino);
+            }
+        }
+        Some(file)
+    }
 }
 
 struct ProntoFs {
     tree: Tree,
     layers: Vec<Arc<dyn LayerSource>>,
     cache: Arc<ContentCache>,
-    open: Mutex<HashMap<u64, OpenFile>>,
+    open: Mutex<OpenFiles>,
     next_fh: AtomicU64,
     /// The kernel accepted FUSE passthrough (Linux 6.9 and later).
     passthrough: bool,
@@ -76,7 +188,7 @@ pub fn mount(
         tree,
         layers,
         cache,
-        open: Mutex::new(HashMap::new()),
+        open: Mutex::new(OpenFiles::default()),
         next_fh: AtomicU64::new(1),
         passthrough: false,
     };
@@ -114,6 +226,10 @@ impl ProntoFs {
                 None
             }
         }
+    }
+
+    fn lock_open(&self) -> std::sync::MutexGuard<'_, OpenFiles> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
@@ -165,7 +281,16 @@ impl Filesystem for ProntoFs {
             .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
             .is_ok()
             && config.set_max_stack_depth(1).is_ok();
-        tracing::info!(passthrough = self.passthrough, "FUSE session initialised");
+        // The tree is immutable and in memory: listing a directory answers
+        // every lookup of its entries at once.
+        let readdirplus = config
+            .add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS)
+            .is_ok();
+        tracing::info!(
+            passthrough = self.passthrough,
+            readdirplus,
+            "FUSE session initialised"
+        );
         Ok(())
     }
 
@@ -215,32 +340,43 @@ impl Filesystem for ProntoFs {
         // files with an execute bit never use passthrough.
         const FMODE_EXEC: i32 = 0x20;
         let program = flags.0 & FMODE_EXEC != 0 || node.mode & 0o111 != 0;
-        let backing = if self.passthrough && node.size > 0 && !program {
-            self.backing_file(layer, entry, &reply).map(|(key, id)| {
-                keys.push(key);
-                id
-            })
+        let wants = self.passthrough && node.size > 0 && !program;
+        let backing = if wants && self.lock_open().may_start_passthrough(ino.0) {
+            self.backing_file(layer, entry, &reply)
         } else {
             None
         };
+        let mut open = self.lock_open();
+        let mode = open.admit(ino.0, wants, backing);
+        let shared = open.backing(ino.0).filter(|_| mode == IoMode::Passthrough);
+        if let Some((key, _)) = shared {
+            keys.push(*key);
+        }
         for key in &keys {
             self.cache.pin(key);
         }
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        match &backing {
-            Some(id) => {
+        match (shared, mode) {
+            (Some((_, id)), _) => {
                 tracing::debug!(ino = ino.0, "opened with passthrough");
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
             }
-            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            (None, IoMode::Direct) => {
+                tracing::debug!(
+                    ino = ino.0,
+                    "opened for direct I/O beside passthrough opens"
+                );
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            }
+            (None, _) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
-        open.insert(
+        open.handles.insert(
             fh,
             OpenFile {
+                ino: ino.0,
                 layer,
                 entry,
                 keys,
-                _backing: backing,
+                mode,
             },
         );
     }
@@ -257,8 +393,8 @@ impl Filesystem for ProntoFs {
         reply: ReplyData,
     ) {
         let target = {
-            let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            open.get(&fh.0).map(|f| (f.layer, f.entry))
+            let open = self.lock_open();
+            open.handles.get(&fh.0).map(|f| (f.layer, f.entry))
         };
         let Some((layer, entry)) = target.or_else(|| self.node(ino).ok().and_then(|n| n.data))
         else {
@@ -268,6 +404,7 @@ impl Filesystem for ProntoFs {
             Ok(bytes) => reply.data(&bytes),
             Err(err) => {
                 tracing::error!(
+                    file = self.tree.path_of(ino.0),
                     ino = ino.0,
                     offset,
                     size,
@@ -302,11 +439,7 @@ impl Filesystem for ProntoFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let closed = self
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&fh.0);
+        let closed = self.lock_open().close(fh.0);
         if let Some(file) = closed {
             for key in &file.keys {
                 self.cache.unpin(key);
@@ -336,6 +469,40 @@ impl Filesystem for ProntoFs {
                 .get(child)
                 .map_or(FileType::RegularFile, |n| file_type(n.kind));
             if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let node = match self.node(ino) {
+            Ok(node) if node.kind == NodeKind::Dir => node,
+            Ok(_) => return reply.error(Errno::ENOTDIR),
+            Err(e) => return reply.error(e),
+        };
+        let dots = [(OsStr::new("."), ino.0), (OsStr::new(".."), node.parent)];
+        let entries = dots.into_iter().chain(self.tree.children(ino.0));
+        for (i, (name, child)) in entries.enumerate().skip(offset as usize) {
+            let Some(node) = self.tree.get(child) else {
+                continue;
+            };
+            let attr = self.attr(child, node);
+            if reply.add(
+                INodeNo(child),
+                (i + 1) as u64,
+                name,
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
                 break;
             }
         }
@@ -384,5 +551,48 @@ impl Filesystem for ProntoFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         reply.statfs(0, 0, 0, self.tree.len() as u64, 0, 4096, 255, 4096);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admit(open: &mut OpenFiles<u64>, fh: u64, ino: u64, wants: bool, local: bool) -> IoMode {
+        let backing = (local && wants && open.may_start_passthrough(ino)).then_some(fh);
+        let mode = open.admit(ino, wants, backing);
+        open.handles.insert(
+            fh,
+            OpenFile {
+                ino,
+                layer: 0,
+                entry: 0,
+                keys: Vec::new(),
+                mode,
+            },
+        );
+        mode
+    }
+
+    #[test]
+    fn opens_of_one_inode_stay_compatible() {
+        let mut open = OpenFiles::<u64>::default();
+        // Open through the page cache while not local; local later.
+        assert_eq!(admit(&mut open, 1, 7, true, false), IoMode::Cached);
+        assert_eq!(admit(&mut open, 2, 7, true, true), IoMode::Cached);
+        // Another inode is on its own; its passthrough opens share one
+        // backing file, and a program beside them goes direct.
+        assert_eq!(admit(&mut open, 3, 8, true, true), IoMode::Passthrough);
+        assert_eq!(admit(&mut open, 4, 8, true, true), IoMode::Passthrough);
+        assert_eq!(open.backing(8), Some(&3), "the first open's backing file");
+        assert_eq!(admit(&mut open, 5, 8, false, true), IoMode::Direct);
+        open.close(1);
+        open.close(2);
+        assert!(open.may_start_passthrough(7));
+        assert_eq!(admit(&mut open, 6, 7, true, true), IoMode::Passthrough);
+        for fh in [3, 4, 5] {
+            open.close(fh);
+        }
+        assert!(!open.inodes.contains_key(&8), "nothing left of inode 8");
     }
 }

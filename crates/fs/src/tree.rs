@@ -314,6 +314,24 @@ impl Tree {
                 .map(|(name, ino)| (name.as_os_str(), *ino))
         })
     }
+
+    /// A path of `ino` from the root, for messages (a hard-linked file has
+    /// several; this is one of them).
+    pub fn path_of(&self, ino: u64) -> String {
+        let mut parts = Vec::new();
+        let mut current = ino;
+        while current != ROOT {
+            let Some(node) = self.get(current) else { break };
+            let name = self
+                .children(node.parent)
+                .find(|(_, child)| *child == current)
+                .map(|(name, _)| name.to_string_lossy().into_owned());
+            parts.push(name.unwrap_or_else(|| format!("<inode {current}>")));
+            current = node.parent;
+        }
+        parts.reverse();
+        format!("/{}", parts.join("/"))
+    }
 }
 
 fn set_attrs(node: &mut Node, entry: &Entry) {
@@ -423,5 +441,9 @@ mod tests {
         assert_eq!(tree.resolve("x/y/hard"), Some(a));
         assert_eq!(tree.get(a).unwrap().nlink, 2);
         assert_eq!(tree.get(tree.resolve("x").unwrap()).unwrap().nlink, 3);
+        let path = tree.path_of(a);
+        assert!(path == "/x/y/file" || path == "/x/y/hard", "{path}");
+        assert_eq!(tree.path_of(tree.resolve("x/y").unwrap()), "/x/y");
+        assert_eq!(tree.path_of(ROOT), "/");
     }
 }

@@ -255,6 +255,50 @@ fn concurrent_readers_get_the_right_bytes() {
 }
 
 #[test]
+fn a_file_held_open_while_it_becomes_local_can_be_opened_again() {
+    // The kernel refuses a passthrough open of a file that is open through
+    // the page cache: the second open must not ask for one.
+    require!(NEEDS);
+    let pushed = push_edge_image();
+    let node = Node::new();
+    node.ok(&[
+        "index",
+        "create",
+        &pushed.reference,
+        "--min-layer-size",
+        "1MiB",
+        "--bind",
+    ]);
+    let mounted = node.mount_with_log(&pushed.reference, &[], "info,pronto_fs=debug");
+    let path = mounted.dir.join("data/model");
+    let model = Content::random(2, 2 << 20).to_vec().unwrap();
+    let mut held = std::fs::File::open(&path).unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(&mut held, &mut first).unwrap();
+    assert_eq!(first[0], model[0]);
+    // Reading it whole through the held descriptor makes it local.
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut held, &mut rest).unwrap();
+    assert_eq!(rest, model[1..]);
+    for _ in 0..3 {
+        let again = std::fs::read(&path).unwrap();
+        assert!(again == model, "a second open read other bytes");
+    }
+    drop(held);
+    // Closed: the next open may read the local copy directly, and an open
+    // beside it too.
+    let a = std::fs::File::open(&path).unwrap();
+    let b = std::fs::read(&path).unwrap();
+    assert!(b == model);
+    drop(a);
+    let log = mounted.log();
+    assert!(!log.contains("answering EIO"), "{log}");
+    if log.contains("passthrough=true") {
+        assert!(log.contains("opened with passthrough"), "{log}");
+    }
+}
+
+#[test]
 fn faults_give_correct_bytes_or_eio() {
     require!(NEEDS);
     let pushed = push_edge_image();
