@@ -267,6 +267,74 @@ impl RegistryClient {
             .await
     }
 
+    /// Sends the range request `request` for `range` of a blob and reads
+    /// its answer: a `206` whole (at most `max_len` bytes), an error status
+    /// up to 1 MiB, and a `200` (a registry or CDN that ignores ranges) as
+    /// a stream from which only the bytes of `range` are kept: the rest of
+    /// the blob is read past, never held, and the connection is dropped
+    /// once the range is complete.
+    pub(crate) async fn fetch_range(
+        &self,
+        repo: &Repository,
+        target: &Target,
+        request: &Request,
+        range: std::ops::Range<u64>,
+        max_len: u64,
+    ) -> Result<Fetched> {
+        let once = |endpoint: Endpoint, attempt: u32| {
+            let range = range.clone();
+            async move {
+                let opened = self
+                    .open_once(&endpoint, repo, target, request, attempt)
+                    .await?;
+                let status = opened.response.status();
+                let headers = opened.response.headers().clone();
+                let body = match status {
+                    StatusCode::OK => self.read_slice(target, opened, range, attempt).await?,
+                    StatusCode::PARTIAL_CONTENT => {
+                        self.read_body(target, opened, max_len, attempt).await?
+                    }
+                    _ => self.read_body(target, opened, 1 << 20, attempt).await?,
+                };
+                Ok(Fetched {
+                    status,
+                    headers,
+                    body,
+                })
+            }
+        };
+        self.each_endpoint(repo, target, request, |f: &Fetched| f.status, once)
+            .await
+    }
+
+    /// Reads a whole-blob body as it streams by and keeps only `range`.
+    async fn read_slice(
+        &self,
+        target: &Target,
+        mut opened: Opened,
+        range: std::ops::Range<u64>,
+        attempt: u32,
+    ) -> Result<Bytes> {
+        let mut kept = BytesMut::with_capacity((range.end - range.start) as usize);
+        let mut position = 0u64;
+        while position < range.end {
+            let Some(chunk) = self
+                .next_chunk(target, &mut opened.response, attempt)
+                .await?
+            else {
+                break;
+            };
+            let end = position + chunk.len() as u64;
+            if end > range.start {
+                let from = range.start.saturating_sub(position) as usize;
+                let to = (range.end.min(end) - position) as usize;
+                kept.extend_from_slice(&chunk[from..to]);
+            }
+            position = end;
+        }
+        Ok(kept.freeze())
+    }
+
     /// Runs `once` against each endpoint of `request` in turn (mirrors
     /// first), with retries on each: the next endpoint is tried when a
     /// mirror does not have the content or fails.

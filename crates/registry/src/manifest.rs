@@ -325,8 +325,8 @@ impl RegistryClient {
     /// The bytes are not verified here: a range is checked by the caller
     /// against the digest of the span it belongs to. A `206` answer must
     /// carry the matching `Content-Range`; a registry that ignores ranges
-    /// and answers `200` is coped with by cutting the range out of the
-    /// whole blob.
+    /// and answers `200` is coped with by reading the whole blob as it
+    /// streams by up to the end of the range, keeping only the range.
     ///
     /// An answer that does not match the range asked for (a wrong
     /// `Content-Range` or length) is retried like a network fault: caches
@@ -375,7 +375,9 @@ impl RegistryClient {
         let request = Request::get(self.url(repo, &format!("blobs/{digest}")))
             .header("range", format!("bytes={}-{}", range.start, range.end - 1));
         let started = Instant::now();
-        let fetched = self.fetch(repo, &target, &request, blob_size).await?;
+        let fetched = self
+            .fetch_range(repo, &target, &request, range.clone(), blob_size)
+            .await?;
         metrics().range_request(started.elapsed());
         let len = range.end - range.start;
         match fetched.status {
@@ -390,17 +392,18 @@ impl RegistryClient {
                 Ok(fetched.body)
             }
             StatusCode::OK => {
-                if fetched.body.len() as u64 != blob_size {
-                    return Err(RegistryError::Invalid {
+                // Only the range was kept of the whole blob streaming by.
+                if fetched.body.len() as u64 != len {
+                    return Err(RegistryError::RangeMismatch {
                         target,
                         problem: format!(
-                            "the registry ignored the range and sent {} bytes of a {blob_size}-byte blob",
+                            "the registry ignored the range and its answer ended {} bytes into the range",
                             fetched.body.len()
                         ),
                     });
                 }
-                tracing::debug!(%target, "registry ignored the range request; cutting it from the whole blob");
-                Ok(fetched.body.slice(range.start as usize..range.end as usize))
+                tracing::debug!(%target, "registry ignored the range request; read the range from the whole blob");
+                Ok(fetched.body)
             }
             StatusCode::NOT_FOUND => Err(RegistryError::NotFound { target }),
             status => Err(status_error(&target, status, fetched.body)),

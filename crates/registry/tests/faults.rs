@@ -272,3 +272,32 @@ async fn cross_host_redirects_drop_the_authorization_header() {
         "credentials leaked to another host"
     );
 }
+
+#[tokio::test]
+async fn a_registry_that_ignores_ranges_is_read_up_to_the_range() {
+    require!(NEEDS);
+    let setup = Setup::new();
+    let (digest, size, bytes) = setup.layer();
+    setup.proxy.inject("/blobs/", 2, Fault::IgnoreRange);
+    let client = client();
+    for range in [1000..2000, size - 10..size] {
+        let got = client
+            .blob_range(&setup.repo(), &digest, range.clone(), size)
+            .await
+            .unwrap();
+        assert_eq!(
+            got.as_ref(),
+            &bytes[range.start as usize..range.end as usize]
+        );
+    }
+    let seen = setup.proxy.requests();
+    let ignored = seen
+        .iter()
+        .filter(|r| r.fault == Some(Fault::IgnoreRange))
+        .count();
+    assert_eq!(ignored, 2, "both ranges were answered with the whole blob");
+    assert!(
+        seen.iter()
+            .all(|r| r.range.is_some() || !r.path.contains("/blobs/"))
+    );
+}

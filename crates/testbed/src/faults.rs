@@ -38,6 +38,13 @@ pub enum Fault {
     Corrupt,
     /// Answer `307` with `Location: <base><original path>`.
     Redirect(String),
+    /// Drop the `Range` header: the registry answers `200` with the whole
+    /// blob, as some CDNs in front of registries do.
+    IgnoreRange,
+    /// Like `IgnoreRange`, but send only the first half of the blob, then
+    /// go silent for this long: only a reader that stops at its range
+    /// gets its bytes.
+    IgnoreRangeThenStall(Duration),
 }
 
 /// A request as the proxy saw it.
@@ -207,6 +214,12 @@ fn serve(client: TcpStream, upstream: SocketAddr, shared: &Shared) -> Result<()>
     }
 
     request.set("Connection", "close".into());
+    if matches!(
+        fault,
+        Some(Fault::IgnoreRange | Fault::IgnoreRangeThenStall(_))
+    ) {
+        request.remove("range");
+    }
     let mut server = TcpStream::connect(upstream).context("connect upstream")?;
     server.write_all(&request.to_bytes())?;
     server.write_all(&body)?;
@@ -223,7 +236,7 @@ fn serve(client: TcpStream, upstream: SocketAddr, shared: &Shared) -> Result<()>
             client.write_all(&response.to_bytes())?;
             client.write_all(&response_body[..response_body.len() / 2])?;
         }
-        Some(Fault::Stall(pause)) => {
+        Some(Fault::Stall(pause) | Fault::IgnoreRangeThenStall(pause)) => {
             client.write_all(&response.to_bytes())?;
             client.write_all(&response_body[..response_body.len() / 2])?;
             client.flush()?;

@@ -47,6 +47,10 @@ impl Head {
         self.headers.push((name.to_owned(), value));
     }
 
+    pub fn remove(&mut self, name: &str) {
+        self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = format!("{}\r\n", self.first);
         for (name, value) in &self.headers {
