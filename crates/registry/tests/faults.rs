@@ -300,4 +300,23 @@ async fn a_registry_that_ignores_ranges_is_read_up_to_the_range() {
         seen.iter()
             .all(|r| r.range.is_some() || !r.path.contains("/blobs/"))
     );
+
+    // The whole blob is not waited for: a range in the part that arrives
+    // is answered although the rest never comes.
+    let before = setup.blob_requests();
+    setup.proxy.inject(
+        "/blobs/",
+        1,
+        Fault::IgnoreRangeThenStall(Duration::from_secs(10)),
+    );
+    let got = client
+        .blob_range(&setup.repo(), &digest, 1000..2000, size)
+        .await
+        .unwrap();
+    assert_eq!(got.as_ref(), &bytes[1000..2000]);
+    assert_eq!(
+        setup.blob_requests(),
+        before + 1,
+        "answered without a retry"
+    );
 }
