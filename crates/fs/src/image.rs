@@ -93,6 +93,8 @@ pub struct NodeContext<'a> {
     pub runtime: tokio::runtime::Handle,
     /// Set to true when the mount goes away; pending reads give up.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// How long one read may wait for the registry (`fetch.read_timeout`).
+    pub read_timeout: std::time::Duration,
 }
 
 /// Opens `reference` for `platform`.
@@ -192,7 +194,8 @@ pub async fn open_lazy_layer(
         node.runtime.clone(),
         node.shutdown.clone(),
     )
-    .with_origin(origin))
+    .with_origin(origin)
+    .with_read_timeout(node.read_timeout))
 }
 
 /// Opens a layer that has no index: fetched whole (parallel range

@@ -118,6 +118,13 @@ struct SpanBuffer {
     failure: Option<IndexError>,
 }
 
+/// How long one read waits for the registry unless told otherwise.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn seconds(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
 /// A layer served through its seekable index.
 pub struct IndexedLayer {
     index: Arc<LayerIndex>,
@@ -134,6 +141,8 @@ pub struct IndexedLayer {
     /// network give up, so the daemon can exit.
     shutdown: tokio::sync::watch::Receiver<bool>,
     origin: Option<IndexOrigin>,
+    /// How long one read may wait for the registry, retries included.
+    read_timeout: Duration,
     /// Why the index was found not to match the layer: every read fails.
     poisoned: std::sync::OnceLock<String>,
 }
@@ -170,8 +179,15 @@ impl IndexedLayer {
             on_demand: AtomicUsize::new(0),
             shutdown,
             origin: None,
+            read_timeout: DEFAULT_READ_TIMEOUT,
             poisoned: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets how long one read may wait for the registry before it fails.
+    pub fn with_read_timeout(mut self, timeout: Duration) -> Self {
+        self.read_timeout = timeout;
+        self
     }
 
     /// Records where the index came from (see [`IndexOrigin`]).
@@ -418,8 +434,14 @@ impl IndexedLayer {
         }
         self.on_demand.fetch_add(1, Ordering::SeqCst);
         let mut shutdown = self.shutdown.clone();
+        let timeout = self.read_timeout;
         let result = tokio::select! {
-            result = self.read_stream_inner(range) => result,
+            result = tokio::time::timeout(timeout, self.read_stream_inner(range)) => {
+                result.unwrap_or_else(|_| Err(self.error(format!(
+                    "gave up after {} waiting for the registry (fetch.read_timeout)",
+                    seconds(timeout)
+                ))))
+            }
             _ = shutdown.wait_for(|down| *down) => Err(self.error("the mount is shutting down".into())),
         };
         self.on_demand.fetch_sub(1, Ordering::SeqCst);

@@ -136,6 +136,9 @@ pub struct FetchConfig {
     /// Bandwidth cap of the background fetch per layer, per second, e.g.
     /// `"50MiB"`; `"0"` means no cap.
     pub background_rate: String,
+    /// How long a read of a lazily mounted file may wait for the registry,
+    /// retries included, before it fails with EIO, e.g. `"20s"`.
+    pub read_timeout: String,
 }
 
 impl Default for FetchConfig {
@@ -143,11 +146,17 @@ impl Default for FetchConfig {
         Self {
             background: true,
             background_rate: "50MiB".to_owned(),
+            read_timeout: "20s".to_owned(),
         }
     }
 }
 
 impl FetchConfig {
+    /// [`Self::read_timeout`] (validated when the configuration is loaded).
+    pub fn read_timeout(&self) -> std::time::Duration {
+        humantime::parse_duration(&self.read_timeout).unwrap_or(std::time::Duration::from_secs(20))
+    }
+
     /// The cap in bytes per second; `None` for no cap.
     pub fn rate(&self) -> Option<u64> {
         crate::cli::parse_size(&self.background_rate)
@@ -364,6 +373,13 @@ impl Config {
         }
         if let Err(problem) = crate::cli::parse_size(&self.fetch.background_rate) {
             return Err(invalid("fetch.background_rate", problem));
+        }
+        match humantime::parse_duration(&self.fetch.read_timeout) {
+            Err(e) => return Err(invalid("fetch.read_timeout", format!("{e}, e.g. \"20s\""))),
+            Ok(d) if d.is_zero() => {
+                return Err(invalid("fetch.read_timeout", "must be more than 0".into()));
+            }
+            Ok(_) => {}
         }
         if let Err(problem) = crate::cli::parse_size(&self.pull.min_free_space) {
             return Err(invalid("pull.min_free_space", problem));

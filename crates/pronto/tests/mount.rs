@@ -343,6 +343,65 @@ fn faults_give_correct_bytes_or_eio() {
 }
 
 #[test]
+fn a_registry_that_never_answers_fails_the_read_in_bounded_time() {
+    require!(NEEDS);
+    let pushed = push_edge_image();
+    let proxy = FaultProxy::start(pushed.registry.addr()).unwrap();
+    let reference = pushed
+        .reference
+        .replace(&pushed.registry.host(), &proxy.host());
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        fetch: "read_timeout = \"2s\"\n".into(),
+        ..Default::default()
+    };
+    let node =
+        ProntoNode::new(dir.path(), Path::new(env!("CARGO_BIN_EXE_pronto")), &config).unwrap();
+    node.ok(&[
+        "index",
+        "create",
+        &reference,
+        "--min-layer-size",
+        "1MiB",
+        "--bind",
+    ]);
+    let mounted = node
+        .mount(&reference, &dir.path().join("mnt"), &[], "info")
+        .unwrap();
+    let model_layer = &pushed.image.layers[1].digest;
+    proxy.inject(
+        &format!("/blobs/{model_layer}"),
+        1000,
+        Fault::Silent(Duration::from_secs(20)),
+    );
+    // Without a bound the read would wait out every retry's timeout
+    // (minutes); with it, it fails with EIO long before the watchdog.
+    let path = mounted.dir.join("data/model");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read(path));
+    });
+    let read = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the read gave up");
+    let err = read.unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EIO), "{err}");
+    wait_until("the EIO is logged", Duration::from_secs(10), || {
+        Ok(mounted.log().contains("fetch.read_timeout"))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", mounted.log()));
+    assert!(
+        mounted.log().contains(r#"file="/data/model""#),
+        "{}",
+        mounted.log()
+    );
+    // The registry answers again: so does the file.
+    proxy.clear();
+    let want = Content::random(2, 2 << 20).to_vec().unwrap();
+    assert!(std::fs::read(mounted.dir.join("data/model")).unwrap() == want);
+}
+
+#[test]
 fn one_small_file_of_a_large_layer_fetches_a_few_spans() {
     require!(NEEDS);
     let work = tempfile::tempdir().unwrap();

@@ -104,6 +104,8 @@ pub struct RemoteOptions {
     pub threads_per_layer: usize,
     /// Which indexes this node accepts (`index.trust`).
     pub trust: IndexTrust,
+    /// How long one read may wait for the registry (`fetch.read_timeout`).
+    pub read_timeout: std::time::Duration,
 }
 
 pub struct Remote {
@@ -313,6 +315,7 @@ impl Remote {
             client: &self.client,
             store: &self.store,
             trust: &self.options.trust,
+            read_timeout: self.options.read_timeout,
             cache: self.cache.clone(),
             layers_dir: self.layers_dir.clone(),
             runtime: self.runtime.clone(),

@@ -41,6 +41,8 @@ pub enum Fault {
     /// Drop the `Range` header: the registry answers `200` with the whole
     /// blob, as some CDNs in front of registries do.
     IgnoreRange,
+    /// Read the request, answer nothing for this long, then close.
+    Silent(Duration),
     /// Like `IgnoreRange`, but send only the first half of the blob, then
     /// go silent for this long: only a reader that stops at its range
     /// gets its bytes.
@@ -209,6 +211,10 @@ fn serve(client: TcpStream, upstream: SocketAddr, shared: &Shared) -> Result<()>
         }
         Some(Fault::Redirect(base)) => {
             return answer(&mut client, 307, &[("Location", format!("{base}{path}"))]);
+        }
+        Some(Fault::Silent(pause)) => {
+            std::thread::sleep(*pause);
+            return Ok(());
         }
         _ => {}
     }

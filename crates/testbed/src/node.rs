@@ -27,6 +27,8 @@ pub struct NodeConfig {
     pub metrics_address: Option<SocketAddr>,
     /// `fetch.background`.
     pub background: bool,
+    /// More keys of the `[fetch]` table, one `key = value` a line.
+    pub fetch: String,
     /// `index.trust`; Pronto's default when unset.
     pub trust: Option<Vec<String>>,
     /// More TOML after the tables above (new tables only).
@@ -76,9 +78,10 @@ impl ProntoNode {
             text.push_str(&format!("metrics_address = \"{metrics}\"\n"));
         }
         text.push_str(&format!(
-            "[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = {}\n",
+            "[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = {}\n{}",
             hosts.display(),
-            config.background
+            config.background,
+            config.fetch
         ));
         if let Some(trust) = &config.trust {
             let kinds: Vec<String> = trust.iter().map(|t| format!("{t:?}")).collect();

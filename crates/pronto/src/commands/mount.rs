@@ -39,6 +39,7 @@ pub fn run(
         layers_dir: config.root.join("layers"),
         runtime: runtime.handle().clone(),
         shutdown,
+        read_timeout: config.fetch.read_timeout(),
     };
     let opened = runtime.block_on(open_image(&node, reference, &platform))?;
     let sources: Vec<Arc<dyn LayerSource>> = opened

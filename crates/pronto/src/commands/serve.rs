@@ -36,6 +36,7 @@ pub fn run(config: &Config) -> Result<()> {
             background_rate: config.fetch.rate(),
             threads_per_layer: 4,
             trust: config.index.trust(),
+            read_timeout: config.fetch.read_timeout(),
         },
     ));
     let whole = config.pull.parallel.then(|| {
