@@ -264,11 +264,33 @@ impl IndexedLayer {
         local.min(self.index.meta().layer.size)
     }
 
-    /// Every cache key this layer may have filled: its spans and windows.
+    /// Every cache key this layer may have filled: its spans, windows and
+    /// the local copies of its files (for passthrough).
     pub fn all_cache_keys(&self) -> Vec<CacheKey> {
-        (0..self.index.meta().spans.len())
-            .flat_map(|i| std::iter::once(self.span_key(i)).chain(self.window_key(i)))
-            .collect()
+        let spans = (0..self.index.meta().spans.len())
+            .flat_map(|i| std::iter::once(self.span_key(i)).chain(self.window_key(i)));
+        let files = (0..self.index.meta().entries.len()).filter_map(|e| self.file_key(e));
+        spans.chain(files).collect()
+    }
+
+    /// The cache key of the local copy of regular file `entry`, made from
+    /// where it lies and the keys of the spans that hold it.
+    fn file_key(&self, entry: usize) -> Option<CacheKey> {
+        let entry = &self.index.meta().entries[entry];
+        if entry.kind != pronto_index::EntryKind::File || entry.size == 0 {
+            return None;
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(b"pronto file v1");
+        hasher.update(entry.offset.to_le_bytes());
+        hasher.update(entry.size.to_le_bytes());
+        for i in self
+            .index
+            .spans_for(entry.offset..entry.offset + entry.size)
+        {
+            hasher.update(self.span_key(i));
+        }
+        Some(hasher.finalize().into())
     }
 
     /// The cache key of span `i`'s decoded bytes: its compressed digest and
@@ -671,11 +693,11 @@ impl LayerSource for IndexedLayer {
         self.runtime.block_on(self.read_stream(range))
     }
 
-    fn local_file(&self, entry: usize) -> Option<CacheKey> {
+    fn local_file(&self, index: usize) -> Option<CacheKey> {
         if self.poisoned().is_some() {
             return None;
         }
-        let entry = &self.index.meta().entries[entry];
+        let entry = &self.index.meta().entries[index];
         let spans = self
             .index
             .spans_for(entry.offset..entry.offset + entry.size);
@@ -683,14 +705,7 @@ impl LayerSource for IndexedLayer {
         if keys.is_empty() || !keys.iter().all(|k| self.cache.contains(k)) {
             return None;
         }
-        let mut hasher = Sha256::new();
-        hasher.update(b"pronto file v1");
-        hasher.update(entry.offset.to_le_bytes());
-        hasher.update(entry.size.to_le_bytes());
-        for key in &keys {
-            hasher.update(key);
-        }
-        let file_key: CacheKey = hasher.finalize().into();
+        let file_key = self.file_key(index)?;
         let copied = self.cache.put_with(&file_key, |file| {
             use std::io::Write;
             for i in spans {

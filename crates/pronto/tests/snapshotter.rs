@@ -619,6 +619,10 @@ fn removing_the_image_unmounts_and_releases_everything() {
         "{}",
         tail(&stack.serve_log(), 30)
     );
+    // The config's span is local now: opening it again makes a local copy
+    // that the kernel reads directly (where passthrough is available).
+    let out = stack.run(&reference, &["cat", "/model/config.json"]);
+    assert_eq!(stdout(&out), "{\"ready\": true}\n");
     assert_eq!(stack.lazy_mounts().len(), 1);
     assert_eq!(stack.snapshots().len(), 2, "{:?}", stack.snapshots());
     let cache = stack.root().join("cache");
