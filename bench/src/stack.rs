@@ -80,10 +80,12 @@ pub struct Stack {
     serve: Option<Daemon>,
     pull_settings: String,
     shaped: bool,
+    background: bool,
 }
 
 impl Stack {
-    pub fn start(pronto: &Path, link: Link) -> Result<Self> {
+    /// Starts the stack; `background` is Pronto's `fetch.background`.
+    pub fn start(pronto: &Path, link: Link, background: bool) -> Result<Self> {
         let work = tempfile::Builder::new().prefix("pronto-bench-").tempdir()?;
         let layout = OciLayout::create(&work.path().join("layout"))?;
         let registry = Registry::start()?;
@@ -109,6 +111,7 @@ impl Stack {
             serve: None,
             pull_settings: String::new(),
             shaped: false,
+            background,
         };
         if let Some(mbit) = link.bandwidth_mbit {
             stack.shape(mbit)?;
@@ -151,6 +154,7 @@ impl Stack {
             root: Some(self.work.path().join("pronto-root")),
             address: Some(self.work.path().join("pronto.sock")),
             hosts_dir: Some(self.containerd.hosts_dir()),
+            background: self.background,
             extra: format!("[pull]\n{pull}\n"),
             ..Default::default()
         };

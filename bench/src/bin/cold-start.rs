@@ -42,6 +42,9 @@ struct Args {
     /// The markdown file whose cold-start section is replaced.
     #[arg(long, default_value = "docs/benchmarks.md")]
     markdown: PathBuf,
+    /// Turn Pronto's background fetch off (on by default, as on a node).
+    #[arg(long)]
+    no_background: bool,
     /// Only draw the chart again from the JSON results.
     #[arg(long)]
     replot: bool,
@@ -79,7 +82,11 @@ fn main() -> Result<()> {
         latency: nonzero(args.latency_ms).map(Duration::from_millis),
         per_connection_mib: nonzero(args.per_connection_mib),
     };
-    let mut stack = Stack::start(&args.pronto, link)?;
+    let mut stack = Stack::start(&args.pronto, link, !args.no_background)?;
+    println!(
+        "background fetch: {}",
+        if args.no_background { "off" } else { "on" }
+    );
     println!("machine: {}", machine());
     println!("link: {link}");
     let workloads = build_workloads(&stack, args.quick)?;

@@ -46,6 +46,8 @@ fn main() -> Result<()> {
             per_connection_mib: Some(args.cap_mib),
             ..Default::default()
         },
+        // Whole layers only: nothing lazy to fetch in the background.
+        false,
     )?;
     let image = pronto_testbed::image::model_image(&stack.layout, args.size_mib, args.files, 4)?;
     stack.layout.tag("v1", &image)?;
