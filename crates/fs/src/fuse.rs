@@ -232,6 +232,28 @@ impl ProntoFs {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The entries of directory `ino` from `offset` on, `.` and `..`
+    /// first: the offset of the entry after each, its name, inode and node.
+    fn listing(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+    ) -> Result<impl Iterator<Item = (u64, &OsStr, u64, &Node)>, Errno> {
+        let node = self.node(ino)?;
+        if node.kind != NodeKind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let dots = [(OsStr::new("."), ino.0), (OsStr::new(".."), node.parent)];
+        let entries = dots.into_iter().chain(self.tree.children(ino.0));
+        Ok(entries
+            .enumerate()
+            .skip(offset as usize)
+            .filter_map(|(i, (name, child))| {
+                let node = self.tree.get(child)?;
+                Some(((i + 1) as u64, name, child, node))
+            }))
+    }
+
     fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
         self.tree.get(ino.0).ok_or(Errno::ENOENT)
     }
@@ -456,19 +478,12 @@ impl Filesystem for ProntoFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let node = match self.node(ino) {
-            Ok(node) if node.kind == NodeKind::Dir => node,
-            Ok(_) => return reply.error(Errno::ENOTDIR),
+        let entries = match self.listing(ino, offset) {
+            Ok(entries) => entries,
             Err(e) => return reply.error(e),
         };
-        let dots = [(OsStr::new("."), ino.0), (OsStr::new(".."), node.parent)];
-        let entries = dots.into_iter().chain(self.tree.children(ino.0));
-        for (i, (name, child)) in entries.enumerate().skip(offset as usize) {
-            let kind = self
-                .tree
-                .get(child)
-                .map_or(FileType::RegularFile, |n| file_type(n.kind));
-            if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
+        for (next, name, child, node) in entries {
+            if reply.add(INodeNo(child), next, file_type(node.kind), name) {
                 break;
             }
         }
@@ -483,26 +498,13 @@ impl Filesystem for ProntoFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let node = match self.node(ino) {
-            Ok(node) if node.kind == NodeKind::Dir => node,
-            Ok(_) => return reply.error(Errno::ENOTDIR),
+        let entries = match self.listing(ino, offset) {
+            Ok(entries) => entries,
             Err(e) => return reply.error(e),
         };
-        let dots = [(OsStr::new("."), ino.0), (OsStr::new(".."), node.parent)];
-        let entries = dots.into_iter().chain(self.tree.children(ino.0));
-        for (i, (name, child)) in entries.enumerate().skip(offset as usize) {
-            let Some(node) = self.tree.get(child) else {
-                continue;
-            };
+        for (next, name, child, node) in entries {
             let attr = self.attr(child, node);
-            if reply.add(
-                INodeNo(child),
-                (i + 1) as u64,
-                name,
-                &TTL,
-                &attr,
-                Generation(0),
-            ) {
+            if reply.add(INodeNo(child), next, name, &TTL, &attr, Generation(0)) {
                 break;
             }
         }

@@ -108,6 +108,12 @@ impl Stack {
         self.node.ok(args)
     }
 
+    /// `pronto pull REFERENCE` through this stack's containerd.
+    fn pronto_pull(&self, reference: &str) -> String {
+        let address = self.containerd().socket();
+        self.pronto_ok(&["pull", "--address", address.to_str().unwrap(), reference])
+    }
+
     fn start_serve(&mut self) {
         self.serve_starts += 1;
         let log = self.work.path().join("serve.log");
@@ -524,12 +530,7 @@ fn pronto_pull_has_containerd_unpack_what_pronto_does_not_fetch() {
         .build(&stack.layout)
         .unwrap();
     let reference = stack.push(&image, "plain/unpacked");
-    let pulled = stack.pronto_ok(&[
-        "pull",
-        "--address",
-        stack.containerd().socket().to_str().unwrap(),
-        &reference,
-    ]);
+    let pulled = stack.pronto_pull(&reference);
     assert!(
         pulled.contains("0 layers lazy, 0 fetched whole by Pronto, 2 unpacked by containerd"),
         "{pulled}"
@@ -537,12 +538,7 @@ fn pronto_pull_has_containerd_unpack_what_pronto_does_not_fetch() {
     let out = stack.run(&reference, &[]);
     assert_eq!(stdout(&out), "hello from containerd\n");
     // Pulled again: everything is present.
-    let again = stack.pronto_ok(&[
-        "pull",
-        "--address",
-        stack.containerd().socket().to_str().unwrap(),
-        &reference,
-    ]);
+    let again = stack.pronto_pull(&reference);
     assert!(again.contains("2 already present"), "{again}");
 }
 
@@ -551,12 +547,7 @@ fn a_restarted_daemon_serves_existing_snapshots_again() {
     require!(NEEDS);
     let mut stack = Stack::start();
     let (reference, _) = stack.push_model_image("restart/model", true);
-    let pulled = stack.pronto_ok(&[
-        "pull",
-        "--address",
-        stack.containerd().socket().to_str().unwrap(),
-        &reference,
-    ]);
+    let pulled = stack.pronto_pull(&reference);
     assert!(
         pulled.contains("1 layers lazy, 1 fetched whole by Pronto, 0 unpacked by containerd"),
         "the snapshotter made both layers: {pulled}"

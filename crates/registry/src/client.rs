@@ -233,18 +233,38 @@ impl RegistryClient {
         request: &Request,
         max_len: u64,
     ) -> Result<Fetched> {
-        let once = |endpoint: Endpoint, attempt: u32| async move {
-            let opened = self
-                .open_once(&endpoint, repo, target, request, attempt)
-                .await?;
-            let status = opened.response.status();
-            let headers = opened.response.headers().clone();
-            let body = self.read_body(target, opened, max_len, attempt).await?;
-            Ok(Fetched {
-                status,
-                headers,
-                body,
-            })
+        let read = |opened: Opened, attempt: u32| self.read_body(target, opened, max_len, attempt);
+        self.fetch_with(repo, target, request, read).await
+    }
+
+    /// Sends `request` (with retries and mirrors, as [`Self::fetch`]) and
+    /// reads its body with `read`.
+    async fn fetch_with<F, Fut>(
+        &self,
+        repo: &Repository,
+        target: &Target,
+        request: &Request,
+        read: F,
+    ) -> Result<Fetched>
+    where
+        F: Fn(Opened, u32) -> Fut,
+        Fut: std::future::Future<Output = Result<Bytes>>,
+    {
+        let once = |endpoint: Endpoint, attempt: u32| {
+            let read = &read;
+            async move {
+                let opened = self
+                    .open_once(&endpoint, repo, target, request, attempt)
+                    .await?;
+                let status = opened.response.status();
+                let headers = opened.response.headers().clone();
+                let body = read(opened, attempt).await?;
+                Ok(Fetched {
+                    status,
+                    headers,
+                    body,
+                })
+            }
         };
         self.each_endpoint(repo, target, request, |f: &Fetched| f.status, once)
             .await
@@ -281,30 +301,19 @@ impl RegistryClient {
         range: std::ops::Range<u64>,
         max_len: u64,
     ) -> Result<Fetched> {
-        let once = |endpoint: Endpoint, attempt: u32| {
+        let read = |opened: Opened, attempt: u32| {
             let range = range.clone();
             async move {
-                let opened = self
-                    .open_once(&endpoint, repo, target, request, attempt)
-                    .await?;
-                let status = opened.response.status();
-                let headers = opened.response.headers().clone();
-                let body = match status {
-                    StatusCode::OK => self.read_slice(target, opened, range, attempt).await?,
+                match opened.response.status() {
+                    StatusCode::OK => self.read_slice(target, opened, range, attempt).await,
                     StatusCode::PARTIAL_CONTENT => {
-                        self.read_body(target, opened, max_len, attempt).await?
+                        self.read_body(target, opened, max_len, attempt).await
                     }
-                    _ => self.read_body(target, opened, 1 << 20, attempt).await?,
-                };
-                Ok(Fetched {
-                    status,
-                    headers,
-                    body,
-                })
+                    _ => self.read_body(target, opened, 1 << 20, attempt).await,
+                }
             }
         };
-        self.each_endpoint(repo, target, request, |f: &Fetched| f.status, once)
-            .await
+        self.fetch_with(repo, target, request, read).await
     }
 
     /// Reads a whole-blob body as it streams by and keeps only `range`.
