@@ -185,6 +185,7 @@ pub async fn open_lazy_layer(
     let origin = IndexOrigin {
         store: node.store.clone(),
         set: set.manifest_digest.clone(),
+        check_whole: set.location == Location::Registry,
     };
     Ok(IndexedLayer::new(
         index,

@@ -103,6 +103,11 @@ pub struct IndexOrigin {
     pub store: LocalIndexStore,
     /// The artifact manifest (index set) the index belongs to.
     pub set: String,
+    /// The index is not vouched for by the image (a referrer): the
+    /// background fetch reads the whole layer to check it. A bound or
+    /// node-made index is as trustworthy as the image, and the background
+    /// fetch only fills what is missing, each span verified.
+    pub check_whole: bool,
 }
 
 /// The compressed bytes the background fetch holds for spans not decoded
@@ -318,7 +323,7 @@ impl IndexedLayer {
     /// Makes spans `run` local: waits for whoever is fetching them, then
     /// fetches the still-missing ones with one range request per run of
     /// neighbours.
-    async fn ensure_spans(&self, run: Range<usize>) -> Result<(), ReadError> {
+    async fn ensure_spans(&self, run: Range<usize>, purpose: Purpose) -> Result<(), ReadError> {
         let mut guards = Vec::with_capacity(run.len());
         // Ascending order: two readers never wait on each other in a cycle.
         for i in run.clone() {
@@ -332,14 +337,17 @@ impl IndexedLayer {
             .map(|(i, _)| *i)
             .filter(|i| !self.cache.contains(&self.span_key(*i)))
             .collect();
-        metrics().cache_lookups((run.len() - missing.len()) as u64, missing.len() as u64);
+        if purpose == Purpose::OnDemand {
+            metrics().cache_lookups((run.len() - missing.len()) as u64, missing.len() as u64);
+        }
         let mut start = 0;
         while start < missing.len() {
             let mut end = start + 1;
             while end < missing.len() && missing[end] == missing[end - 1] + 1 {
                 end += 1;
             }
-            self.fetch_run(missing[start]..missing[end - 1] + 1).await?;
+            self.fetch_run(missing[start]..missing[end - 1] + 1, purpose)
+                .await?;
             start = end;
         }
         drop(guards);
@@ -348,14 +356,15 @@ impl IndexedLayer {
 
     /// Fetches neighbouring spans `run` with one range request (retrying
     /// once if the bytes fail verification), decodes and caches them.
-    async fn fetch_run(&self, run: Range<usize>) -> Result<(), ReadError> {
+    async fn fetch_run(&self, run: Range<usize>, purpose: Purpose) -> Result<(), ReadError> {
         let first = self.index.span_input(run.start).start;
         let last = self.index.span_input(run.end - 1).end;
         tracing::debug!(
             layer = %self.index.meta().layer.digest,
             spans = ?run,
             bytes = last - first,
-            "fetching on demand"
+            ?purpose,
+            "fetching spans"
         );
         let mut last_error = None;
         for attempt in 1..=2 {
@@ -364,11 +373,13 @@ impl IndexedLayer {
                 .read(first..last)
                 .await
                 .map_err(|e| self.error(format!("spans {}..{}: {e}", run.start, run.end)))?;
-            self.stats
-                .layer_bytes
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            let counter = match purpose {
+                Purpose::Background => &self.stats.background_bytes,
+                _ => &self.stats.layer_bytes,
+            };
+            counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            metrics().fetched(Purpose::OnDemand, bytes.len() as u64);
+            metrics().fetched(purpose, bytes.len() as u64);
             match self.decode_and_store(&run, first, &bytes).await {
                 Ok(()) => return Ok(()),
                 Err(err) => {
@@ -480,6 +491,9 @@ impl IndexedLayer {
         chunk: u64,
         rate: Option<u64>,
     ) -> Result<(), ReadError> {
+        if !self.origin.as_ref().is_some_and(|o| o.check_whole) {
+            return self.fill_in_background(chunk, rate).await;
+        }
         let layer = &self.index.meta().layer;
         let (feed, reader) = pronto_registry::feed::channel(None);
         let index = self.index.clone();
@@ -539,6 +553,55 @@ impl IndexedLayer {
             layer = %layer.digest,
             bytes = layer.size,
             "layer fetched completely; its digest and its index were verified"
+        );
+        Ok(())
+    }
+
+    /// Fetches the spans not yet local, in order, in requests of up to
+    /// `chunk` bytes, at low priority (pausing while on-demand reads run,
+    /// at most `rate` bytes per second when set). Every span is verified
+    /// against its digest; nothing local is fetched again.
+    async fn fill_in_background(&self, chunk: u64, rate: Option<u64>) -> Result<(), ReadError> {
+        let layer = &self.index.meta().layer;
+        let spans = self.span_locks.len();
+        let started = Instant::now();
+        let mut fetched = 0u64;
+        let mut next = 0;
+        while next < spans {
+            if let Some(problem) = self.poisoned() {
+                return Err(self.error(format!("its index is poisoned: {problem}")));
+            }
+            if self.cache.contains(&self.span_key(next)) {
+                next += 1;
+                continue;
+            }
+            let first = self.index.span_input(next).start;
+            let mut end = next + 1;
+            while end < spans
+                && self.index.span_input(end).end - first <= chunk
+                && !self.cache.contains(&self.span_key(end))
+            {
+                end += 1;
+            }
+            while self.on_demand.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            self.ensure_spans(next..end, Purpose::Background).await?;
+            fetched += self.index.span_input(end - 1).end - first;
+            next = end;
+            if let Some(rate) = rate.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64(fetched as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        self.stats.complete.store(true, Ordering::SeqCst);
+        tracing::info!(
+            layer = %layer.digest,
+            bytes = layer.size,
+            fetched,
+            "layer local completely; every span verified against its index"
         );
         Ok(())
     }
@@ -643,7 +706,7 @@ impl IndexedLayer {
 
     async fn read_stream_inner(&self, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
         let spans = self.index.spans_for(range.clone());
-        self.ensure_spans(spans.clone()).await?;
+        self.ensure_spans(spans.clone(), Purpose::OnDemand).await?;
         let mut out = Vec::with_capacity((range.end - range.start) as usize);
         for i in spans {
             let output = self.index.span_output(i);
@@ -655,7 +718,7 @@ impl IndexedLayer {
                 // Evicted between fetch and read (budget smaller than one
                 // read): fetch again.
                 Ok(None) => {
-                    self.ensure_spans(i..i + 1).await?;
+                    self.ensure_spans(i..i + 1, Purpose::OnDemand).await?;
                     self.cache
                         .read_at(&key, from, (to - from) as usize)
                         .map_err(|e| self.error(e.to_string()))?

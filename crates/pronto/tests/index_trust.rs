@@ -276,7 +276,7 @@ async fn forged_indexes_are_refused_or_poisoned_and_bound_ones_are_used() {
         mounted.log()
     );
     assert_genuine(&mounted);
-    wait_for_log(&mounted, "its digest and its index were verified");
+    wait_for_log(&mounted, "layer local completely; every span verified");
     let asked: Vec<_> = registry.access_log().unwrap()[before..]
         .iter()
         .filter(|e| e.path.contains("/referrers/") || e.path.contains("sha256-"))

@@ -343,6 +343,63 @@ fn faults_give_correct_bytes_or_eio() {
 }
 
 #[test]
+fn the_background_fetch_fills_only_what_is_missing() {
+    // Bytes read on demand are not fetched again by the background fetch:
+    // the registry sends each byte of a layer with a bound index once.
+    require!(NEEDS);
+    let pushed = push_edge_image();
+    let relay = Relay::start(pushed.registry.addr()).unwrap();
+    let reference = pushed
+        .reference
+        .replace(&pushed.registry.host(), &relay.host());
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        background: true,
+        // Slow enough that the reader below comes first.
+        fetch: "background_rate = \"2MiB\"\n".into(),
+        ..Default::default()
+    };
+    let node =
+        ProntoNode::new(dir.path(), Path::new(env!("CARGO_BIN_EXE_pronto")), &config).unwrap();
+    node.ok(&[
+        "index",
+        "create",
+        &reference,
+        "--min-layer-size",
+        "1MiB",
+        "--span-size",
+        "256KiB",
+        "--bind",
+    ]);
+    relay.reset();
+    let mounted = node
+        .mount(&reference, &dir.path().join("mnt"), &[], "info")
+        .unwrap();
+    let model = std::fs::read(mounted.dir.join("data/model")).unwrap();
+    assert!(model == Content::random(2, 2 << 20).to_vec().unwrap());
+    wait_until("the background fetch", Duration::from_secs(60), || {
+        Ok(mounted.log().matches("layer local completely").count() == 2)
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}", mounted.log()));
+    let fetched = relay.bytes_down();
+    let layers = pushed.image.layers_size();
+    // Besides the layers: the indexes (at most all of them), manifests and
+    // the config.
+    let inspected: serde_json::Value =
+        serde_json::from_str(&node.ok(&["index", "inspect", &reference, "--json"])).unwrap();
+    let indexes: u64 = inspected[0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["index_size"].as_u64().unwrap())
+        .sum();
+    assert!(
+        fetched <= layers + indexes + (64 << 10),
+        "fetched {fetched} bytes for {layers} bytes of layers and {indexes} of indexes"
+    );
+}
+
+#[test]
 fn a_registry_that_never_answers_fails_the_read_in_bounded_time() {
     require!(NEEDS);
     let pushed = push_edge_image();
@@ -608,7 +665,7 @@ fn background_fetch_makes_the_image_local_and_verifies_it() {
         Ok(mounted
             .daemon
             .log_tail(50)
-            .matches("its digest and its index were verified")
+            .matches("layer local completely")
             .count()
             == 2)
     })
