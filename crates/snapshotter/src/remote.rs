@@ -80,6 +80,38 @@ impl Fallback {
     }
 }
 
+/// One image's index-set lookup: in flight, or done and remembered.
+struct IndexLookup {
+    started: Instant,
+    found: tokio::sync::OnceCell<Result<TrustedIndex, String>>,
+}
+
+impl IndexLookup {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            found: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// In flight, or done recently enough: a found set for
+    /// [`POSITIVE_TTL`] unless poisoned since, no set for
+    /// [`NEGATIVE_TTL`]; an error never.
+    fn usable(&self, store: &LocalIndexStore) -> bool {
+        let Some(found) = self.found.get() else {
+            return true;
+        };
+        let age = self.started.elapsed();
+        match found {
+            Err(_) => false,
+            Ok(TrustedIndex { set: Some(set), .. }) => {
+                age < POSITIVE_TTL && store.poisoned(&set.manifest_digest).is_none()
+            }
+            Ok(_) => age < NEGATIVE_TTL,
+        }
+    }
+}
+
 struct OpenLayer {
     layer: Arc<IndexedLayer>,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -116,7 +148,7 @@ pub struct Remote {
     runtime: tokio::runtime::Handle,
     options: RemoteOptions,
     mounted: Mutex<HashMap<u64, Mounted>>,
-    sets: tokio::sync::Mutex<HashMap<String, (Instant, TrustedIndex)>>,
+    sets: Mutex<HashMap<String, Arc<IndexLookup>>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -149,7 +181,7 @@ impl Remote {
             runtime,
             options,
             mounted: Mutex::new(HashMap::new()),
-            sets: tokio::sync::Mutex::new(HashMap::new()),
+            sets: Mutex::new(HashMap::new()),
         }
     }
 
@@ -357,21 +389,40 @@ impl Remote {
         reference: &Reference,
         manifest: &str,
     ) -> Result<TrustedIndex, String> {
-        let mut sets = self.sets.lock().await;
-        if let Some((when, found)) = sets.get(manifest) {
-            let ttl = if found.set.is_some() {
-                POSITIVE_TTL
-            } else {
-                NEGATIVE_TTL
-            };
-            let poisoned = found
-                .set
-                .as_ref()
-                .is_some_and(|set| self.store.poisoned(&set.manifest_digest).is_some());
-            if when.elapsed() < ttl && !poisoned {
-                return Ok(found.clone());
+        // The lock is held only to find or start a lookup, never across
+        // the network: Prepares of other images go on, and those of the
+        // same image join the lookup in flight.
+        let lookup = {
+            let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+            match sets.get(manifest) {
+                Some(lookup) if lookup.usable(&self.store) => lookup.clone(),
+                _ => {
+                    if sets.len() >= MAX_REMEMBERED_SETS {
+                        sets.retain(|_, l| l.started.elapsed() < NEGATIVE_TTL);
+                        if sets.len() >= MAX_REMEMBERED_SETS {
+                            sets.clear();
+                        }
+                    }
+                    let lookup = Arc::new(IndexLookup::new());
+                    sets.insert(manifest.to_owned(), lookup.clone());
+                    lookup
+                }
             }
-        }
+        };
+        lookup
+            .found
+            .get_or_init(|| self.look_up_index_set(reference, manifest))
+            .await
+            .clone()
+    }
+
+    /// Asks the registry (and the local store) for the index set this node
+    /// uses for `manifest`.
+    async fn look_up_index_set(
+        &self,
+        reference: &Reference,
+        manifest: &str,
+    ) -> Result<TrustedIndex, String> {
         let repository = Repository::of(reference);
         // Bound indexes are listed in the image index the reference names.
         let image_index = match reference.digest().or(reference.tag()) {
@@ -383,7 +434,7 @@ impl Remote {
             ),
             _ => None,
         };
-        let found = find_trusted(
+        find_trusted(
             &self.client,
             &self.store,
             &repository,
@@ -392,15 +443,7 @@ impl Remote {
             &self.options.trust,
         )
         .await
-        .map_err(|e| e.to_string())?;
-        if sets.len() >= MAX_REMEMBERED_SETS {
-            sets.retain(|_, (when, _)| when.elapsed() < NEGATIVE_TTL);
-            if sets.len() >= MAX_REMEMBERED_SETS {
-                sets.clear();
-            }
-        }
-        sets.insert(manifest.to_owned(), (Instant::now(), found.clone()));
-        Ok(found)
+        .map_err(|e| e.to_string())
     }
 
     fn mount_at(
@@ -565,5 +608,48 @@ impl Remote {
                 ImageStatus { reference, layers }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(digest: &str) -> IndexSet {
+        IndexSet {
+            manifest_digest: digest.to_owned(),
+            subject: format!("sha256:{}", "1".repeat(64)),
+            span_size: 4 << 20,
+            layers: Vec::new(),
+            location: pronto_catalog::Location::Bound,
+        }
+    }
+
+    #[tokio::test]
+    async fn lookups_are_joined_while_in_flight_and_dropped_when_poisoned_or_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalIndexStore::open(dir.path()).unwrap();
+        let digest = format!("sha256:{}", "a".repeat(64));
+
+        let in_flight = IndexLookup::new();
+        assert!(in_flight.usable(&store), "joined while in flight");
+
+        let failed = IndexLookup::new();
+        failed.found.set(Err("registry down".into())).unwrap();
+        assert!(!failed.usable(&store), "an error is asked again");
+
+        let found = IndexLookup::new();
+        let trusted = TrustedIndex {
+            set: Some(set(&digest)),
+            refused: Vec::new(),
+        };
+        found.found.set(Ok(trusted)).unwrap();
+        assert!(found.usable(&store));
+        store.poison(&digest, "forged").unwrap();
+        assert!(!found.usable(&store), "a poisoned set is not used again");
+
+        let none = IndexLookup::new();
+        none.found.set(Ok(TrustedIndex::default())).unwrap();
+        assert!(none.usable(&store), "no index is remembered briefly");
     }
 }
