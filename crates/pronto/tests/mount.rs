@@ -40,6 +40,10 @@ impl Node {
         self.node.ok(args)
     }
 
+    fn bind(&self, reference: &str, span_size: Option<&str>) {
+        bind_index(&self.node, reference, span_size);
+    }
+
     /// `pronto mount` in the background, until dropped.
     fn mount(&self, reference: &str, extra: &[&str]) -> MountedImage {
         self.mount_with_log(reference, extra, "info")
@@ -49,6 +53,23 @@ impl Node {
         let dir = self.dir.path().join(format!("mnt-{}", rand_suffix()));
         self.node.mount(reference, &dir, extra, log_filter).unwrap()
     }
+}
+
+/// Indexes the image (layers of 1 MiB and more, `span_size` or the
+/// default) and binds the index to it, as its owner would.
+fn bind_index(node: &ProntoNode, reference: &str, span_size: Option<&str>) {
+    let mut args = vec![
+        "index",
+        "create",
+        reference,
+        "--min-layer-size",
+        "1MiB",
+        "--bind",
+    ];
+    if let Some(size) = span_size {
+        args.extend(["--span-size", size]);
+    }
+    node.ok(&args);
 }
 
 fn rand_suffix() -> u64 {
@@ -221,16 +242,7 @@ fn concurrent_readers_get_the_right_bytes() {
     require!(NEEDS);
     let pushed = push_edge_image();
     let node = Node::new();
-    node.ok(&[
-        "index",
-        "create",
-        &pushed.reference,
-        "--min-layer-size",
-        "1MiB",
-        "--span-size",
-        "128KiB",
-        "--bind",
-    ]);
+    node.bind(&pushed.reference, Some("128KiB"));
     let mounted = node.mount(&pushed.reference, &[]);
     let big = Content::random(1, 3 << 20).to_vec().unwrap();
     let model = Content::random(2, 2 << 20).to_vec().unwrap();
@@ -261,14 +273,7 @@ fn a_file_held_open_while_it_becomes_local_can_be_opened_again() {
     require!(NEEDS);
     let pushed = push_edge_image();
     let node = Node::new();
-    node.ok(&[
-        "index",
-        "create",
-        &pushed.reference,
-        "--min-layer-size",
-        "1MiB",
-        "--bind",
-    ]);
+    node.bind(&pushed.reference, None);
     let mounted = node.mount_with_log(&pushed.reference, &[], "info,pronto_fs=debug");
     let path = mounted.dir.join("data/model");
     let model = Content::random(2, 2 << 20).to_vec().unwrap();
@@ -307,16 +312,7 @@ fn faults_give_correct_bytes_or_eio() {
         .reference
         .replace(&pushed.registry.host(), &proxy.host());
     let node = Node::new();
-    node.ok(&[
-        "index",
-        "create",
-        &reference,
-        "--min-layer-size",
-        "1MiB",
-        "--span-size",
-        "128KiB",
-        "--bind",
-    ]);
+    node.bind(&reference, Some("128KiB"));
     let mounted = node.mount(&reference, &[]);
     let model_layer = &pushed.image.layers[1].digest;
     let want = Content::random(2, 2 << 20).to_vec().unwrap();
@@ -361,16 +357,7 @@ fn the_background_fetch_fills_only_what_is_missing() {
     };
     let node =
         ProntoNode::new(dir.path(), Path::new(env!("CARGO_BIN_EXE_pronto")), &config).unwrap();
-    node.ok(&[
-        "index",
-        "create",
-        &reference,
-        "--min-layer-size",
-        "1MiB",
-        "--span-size",
-        "256KiB",
-        "--bind",
-    ]);
+    bind_index(&node, &reference, Some("256KiB"));
     relay.reset();
     let mounted = node
         .mount(&reference, &dir.path().join("mnt"), &[], "info")
@@ -414,14 +401,7 @@ fn a_registry_that_never_answers_fails_the_read_in_bounded_time() {
     };
     let node =
         ProntoNode::new(dir.path(), Path::new(env!("CARGO_BIN_EXE_pronto")), &config).unwrap();
-    node.ok(&[
-        "index",
-        "create",
-        &reference,
-        "--min-layer-size",
-        "1MiB",
-        "--bind",
-    ]);
+    bind_index(&node, &reference, None);
     let mounted = node
         .mount(&reference, &dir.path().join("mnt"), &[], "info")
         .unwrap();
@@ -509,16 +489,7 @@ fn eviction_keeps_the_budget_and_spares_open_files() {
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str("[cache]\nbudget = \"1MiB\"\n");
     std::fs::write(&config, text).unwrap();
-    node.ok(&[
-        "index",
-        "create",
-        &reference,
-        "--min-layer-size",
-        "1MiB",
-        "--span-size",
-        "128KiB",
-        "--bind",
-    ]);
+    node.bind(&reference, Some("128KiB"));
     let mounted = node.mount(&reference, &[]);
     let stats = || -> serde_json::Value {
         serde_json::from_str(&node.ok(&["cache", "stats", "--json"])).unwrap()
@@ -650,16 +621,7 @@ fn background_fetch_makes_the_image_local_and_verifies_it() {
         "background = true\nbackground_rate = \"0\"",
     );
     std::fs::write(&config, text).unwrap();
-    node.ok(&[
-        "index",
-        "create",
-        &pushed.reference,
-        "--min-layer-size",
-        "1MiB",
-        "--span-size",
-        "256KiB",
-        "--bind",
-    ]);
+    node.bind(&pushed.reference, Some("256KiB"));
     let mounted = node.mount_with_log(&pushed.reference, &[], "info,pronto_fs=debug");
     wait_until("background fetch", Duration::from_secs(60), || {
         Ok(mounted
@@ -736,14 +698,7 @@ fn unmount_works_with_readers_blocked() {
         .reference
         .replace(&pushed.registry.host(), &proxy.host());
     let node = Node::new();
-    node.ok(&[
-        "index",
-        "create",
-        &reference,
-        "--min-layer-size",
-        "1MiB",
-        "--bind",
-    ]);
+    node.bind(&reference, None);
     let mut mounted = node.mount(&reference, &[]);
     proxy.inject("/blobs/", 1000, Fault::Stall(Duration::from_secs(600)));
     let path = mounted.dir.join("data/model");
