@@ -12,7 +12,7 @@ mod pull;
 mod records;
 mod session;
 
-pub use pull::{LayerOutcome, PullError, PullOptions, PullReport, chain_ids, pull};
+pub use pull::{LayerOutcome, Phase, PullError, PullOptions, PullReport, chain_ids, pull};
 pub use session::validate_namespace;
 
 /// A name no other call of this process (or another) uses.

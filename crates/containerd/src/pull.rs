@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::ApplyRequest;
 use containerd_client::services::v1::diff_client::DiffClient;
@@ -92,6 +92,57 @@ pub struct PullReport {
     pub target: String,
     pub layers: Vec<(String, LayerOutcome)>,
     pub bytes_fetched: u64,
+    /// Where the time went, in order: resolving the reference, the
+    /// layers by how they were made, writing the image records.
+    pub phases: Vec<(Phase, Duration)>,
+}
+
+/// A part of a pull, as [`PullReport::phases`] times it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Manifests and config from the registry.
+    Resolve,
+    /// Layers the snapshotter mounted lazily (the index prefixes fetched
+    /// and the mounts made inside `Prepare`).
+    LazyLayers,
+    /// Layers the snapshotter fetched whole and unpacked itself.
+    PulledByPronto,
+    /// Layers fetched here and unpacked by containerd.
+    Unpacked,
+    /// Layers already there.
+    Present,
+    /// Content and image records in containerd.
+    Records,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Resolve => "resolve",
+            Phase::LazyLayers => "lazy layers",
+            Phase::PulledByPronto => "layers fetched whole by Pronto",
+            Phase::Unpacked => "layers unpacked by containerd",
+            Phase::Present => "layers present",
+            Phase::Records => "image records",
+        }
+    }
+
+    fn of(outcome: LayerOutcome) -> Self {
+        match outcome {
+            LayerOutcome::Remote => Phase::LazyLayers,
+            LayerOutcome::PulledByPronto => Phase::PulledByPronto,
+            LayerOutcome::Unpacked => Phase::Unpacked,
+            LayerOutcome::Present => Phase::Present,
+        }
+    }
+}
+
+/// Adds `spent` to `phase` in `phases` (kept in first-seen order).
+fn add_time(phases: &mut Vec<(Phase, Duration)>, phase: Phase, spent: Duration) {
+    match phases.iter_mut().find(|(p, _)| *p == phase) {
+        Some((_, total)) => *total += spent,
+        None => phases.push((phase, spent)),
+    }
 }
 
 /// Chain IDs of a stack of layers, as containerd computes them.
@@ -120,7 +171,9 @@ pub async fn pull(
 ) -> Result<PullReport, PullError> {
     let mut session = Session::connect(&options.address, &options.namespace).await?;
     let parsed = parse_reference(reference)?;
+    let resolving = Instant::now();
     let image = client.resolve(&parsed, &options.platform).await?;
+    let resolved = resolving.elapsed();
     let chain = chain_ids(check_diff_ids(&image)?);
     // The lease keeps what is written from garbage collection until the
     // image record holds it.
@@ -137,7 +190,9 @@ pub async fn pull(
     .run(&parsed)
     .await;
     session.end_lease().await;
-    result
+    let mut report = result?;
+    report.phases.insert(0, (Phase::Resolve, resolved));
+    Ok(report)
 }
 
 /// The manifest's layers must match the config's diff IDs one to one.
@@ -189,14 +244,18 @@ impl Pull<'_> {
                 .clone(),
             layers: Vec::new(),
             bytes_fetched: 0,
+            phases: Vec::new(),
         };
         for (i, layer) in self.image.image.layers().iter().enumerate() {
+            let started = Instant::now();
             let (outcome, fetched) = self.layer(i, layer).await?;
+            add_time(&mut report.phases, Phase::of(outcome), started.elapsed());
             report.layers.push((layer.digest().to_string(), outcome));
             report.bytes_fetched += fetched;
         }
         let snapshotter = &self.options.snapshotter;
         let top = self.chain.last();
+        let started = Instant::now();
         write_records(
             self.session,
             self.image,
@@ -206,6 +265,7 @@ impl Pull<'_> {
             snapshotter,
         )
         .await?;
+        add_time(&mut report.phases, Phase::Records, started.elapsed());
         Ok(report)
     }
 

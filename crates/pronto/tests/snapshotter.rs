@@ -535,6 +535,12 @@ fn pronto_pull_has_containerd_unpack_what_pronto_does_not_fetch() {
         pulled.contains("0 layers lazy, 0 fetched whole by Pronto, 2 unpacked by containerd"),
         "{pulled}"
     );
+    assert!(
+        pulled.contains("phases: resolve ")
+            && pulled.contains("layers unpacked by containerd ")
+            && pulled.contains("image records "),
+        "{pulled}"
+    );
     let out = stack.run(&reference, &[]);
     assert_eq!(stdout(&out), "hello from containerd\n");
     // Pulled again: everything is present.
@@ -551,6 +557,10 @@ fn a_restarted_daemon_serves_existing_snapshots_again() {
     assert!(
         pulled.contains("1 layers lazy, 1 fetched whole by Pronto, 0 unpacked by containerd"),
         "the snapshotter made both layers: {pulled}"
+    );
+    assert!(
+        pulled.contains("lazy layers ") && pulled.contains("layers fetched whole by Pronto "),
+        "each way a layer was made is timed: {pulled}"
     );
     // A container that keeps running across the restart.
     let running = format!("long{}", rand_suffix());

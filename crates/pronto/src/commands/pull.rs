@@ -47,5 +47,11 @@ pub fn run(
         count(LayerOutcome::Present),
         human_size(report.bytes_fetched),
     );
+    let phases: Vec<String> = report
+        .phases
+        .iter()
+        .map(|(phase, spent)| format!("{} {:.2}s", phase.name(), spent.as_secs_f64()))
+        .collect();
+    println!("phases: {}", phases.join(", "));
     Ok(())
 }
