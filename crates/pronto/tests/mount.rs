@@ -86,6 +86,19 @@ struct Pushed {
     reference: String,
 }
 
+impl Pushed {
+    /// The image's reference through `host` (a relay or fault proxy in
+    /// front of the registry).
+    fn through(&self, host: &str) -> String {
+        self.reference.replace(&self.registry.host(), host)
+    }
+}
+
+/// A node in `dir` with `config`, for tests that set more than [`Node`].
+fn node_in(dir: &Path, config: &NodeConfig) -> ProntoNode {
+    ProntoNode::new(dir, Path::new(env!("CARGO_BIN_EXE_pronto")), config).unwrap()
+}
+
 fn push_edge_image() -> Pushed {
     let work = tempfile::tempdir().unwrap();
     let layout = OciLayout::create(&work.path().join("layout")).unwrap();
@@ -308,9 +321,7 @@ fn faults_give_correct_bytes_or_eio() {
     require!(NEEDS);
     let pushed = push_edge_image();
     let proxy = FaultProxy::start(pushed.registry.addr()).unwrap();
-    let reference = pushed
-        .reference
-        .replace(&pushed.registry.host(), &proxy.host());
+    let reference = pushed.through(&proxy.host());
     let node = Node::new();
     node.bind(&reference, Some("128KiB"));
     let mounted = node.mount(&reference, &[]);
@@ -345,9 +356,7 @@ fn the_background_fetch_fills_only_what_is_missing() {
     require!(NEEDS);
     let pushed = push_edge_image();
     let relay = Relay::start(pushed.registry.addr()).unwrap();
-    let reference = pushed
-        .reference
-        .replace(&pushed.registry.host(), &relay.host());
+    let reference = pushed.through(&relay.host());
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
         background: true,
@@ -355,8 +364,7 @@ fn the_background_fetch_fills_only_what_is_missing() {
         fetch: "background_rate = \"2MiB\"\n".into(),
         ..Default::default()
     };
-    let node =
-        ProntoNode::new(dir.path(), Path::new(env!("CARGO_BIN_EXE_pronto")), &config).unwrap();
+    let node = node_in(dir.path(), &config);
     bind_index(&node, &reference, Some("256KiB"));
     relay.reset();
     let mounted = node
@@ -391,16 +399,13 @@ fn a_registry_that_never_answers_fails_the_read_in_bounded_time() {
     require!(NEEDS);
     let pushed = push_edge_image();
     let proxy = FaultProxy::start(pushed.registry.addr()).unwrap();
-    let reference = pushed
-        .reference
-        .replace(&pushed.registry.host(), &proxy.host());
+    let reference = pushed.through(&proxy.host());
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
         fetch: "read_timeout = \"2s\"\n".into(),
         ..Default::default()
     };
-    let node =
-        ProntoNode::new(dir.path(), Path::new(env!("CARGO_BIN_EXE_pronto")), &config).unwrap();
+    let node = node_in(dir.path(), &config);
     bind_index(&node, &reference, None);
     let mounted = node
         .mount(&reference, &dir.path().join("mnt"), &[], "info")
@@ -481,9 +486,7 @@ fn eviction_keeps_the_budget_and_spares_open_files() {
     require!(NEEDS);
     let pushed = push_edge_image();
     let relay = Relay::start(pushed.registry.addr()).unwrap();
-    let reference = pushed
-        .reference
-        .replace(&pushed.registry.host(), &relay.host());
+    let reference = pushed.through(&relay.host());
     let node = Node::new();
     let config = node.dir.path().join("config.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();
@@ -694,9 +697,7 @@ fn unmount_works_with_readers_blocked() {
     require!(NEEDS);
     let pushed = push_edge_image();
     let proxy = FaultProxy::start(pushed.registry.addr()).unwrap();
-    let reference = pushed
-        .reference
-        .replace(&pushed.registry.host(), &proxy.host());
+    let reference = pushed.through(&proxy.host());
     let node = Node::new();
     node.bind(&reference, None);
     let mut mounted = node.mount(&reference, &[]);
