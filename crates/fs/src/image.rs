@@ -17,6 +17,7 @@ use pronto_registry::{
 use pronto_store::ContentCache;
 
 use crate::indexed::{BlobReader, IndexOrigin, IndexedLayer, LocalBlob, RegistryBlob};
+use crate::schedule::Scheduler;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -95,6 +96,10 @@ pub struct NodeContext<'a> {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// How long one read may wait for the registry (`fetch.read_timeout`).
     pub read_timeout: std::time::Duration,
+    /// How far ahead of an in-order reader to fetch (`fetch.read_ahead`).
+    pub read_ahead: u64,
+    /// The node's one scheduler: background fetches wait for reads.
+    pub scheduler: Arc<Scheduler>,
 }
 
 /// Opens `reference` for `platform`.
@@ -141,7 +146,7 @@ pub async fn open_image(
                 .0
             }
         };
-        layers.push(Arc::new(layer));
+        layers.push(layer.shared());
     }
     Ok(OpenedImage {
         image,
@@ -196,7 +201,9 @@ pub async fn open_lazy_layer(
         node.shutdown.clone(),
     )
     .with_origin(origin)
-    .with_read_timeout(node.read_timeout))
+    .with_read_timeout(node.read_timeout)
+    .with_read_ahead(node.read_ahead)
+    .with_scheduler(node.scheduler.clone()))
 }
 
 /// Opens a layer that has no index: fetched whole (parallel range
@@ -222,7 +229,8 @@ pub async fn open_whole_layer(
         node.cache.clone(),
         node.runtime.clone(),
         node.shutdown.clone(),
-    );
+    )
+    .with_scheduler(node.scheduler.clone());
     Ok((layer, [blob_path, index_path]))
 }
 

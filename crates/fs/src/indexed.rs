@@ -8,8 +8,8 @@ use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,6 +20,8 @@ use pronto_registry::{ChunkSink, RegistryClient, Repository};
 use pronto_store::{CacheKey, ContentCache};
 use sha2::{Digest, Sha256};
 
+use crate::readahead::SequentialReads;
+use crate::schedule::Scheduler;
 use crate::source::{LayerSource, ReadError};
 
 /// Boxed future returned by [`BlobReader::read`].
@@ -126,6 +128,17 @@ struct SpanBuffer {
 /// How long one read waits for the registry unless told otherwise.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How far ahead of a reader reading a file in order spans are fetched at
+/// most, unless told otherwise (`fetch.read_ahead`).
+pub const DEFAULT_READ_AHEAD: u64 = 64 << 20;
+
+/// The most a decompression window holds (deflate's 32 KiB).
+const WINDOW: usize = 32 * 1024;
+
+/// Read-ahead requests are at least this long (neighbouring small spans
+/// go together).
+const READ_AHEAD_REQUEST: u64 = 2 << 20;
+
 fn seconds(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
@@ -140,8 +153,12 @@ pub struct IndexedLayer {
     /// One lock per span: holding it means "I fetch this span".
     span_locks: Vec<tokio::sync::Mutex<()>>,
     stats: LayerFetchStats,
-    /// On-demand reads in progress; background work waits while any are.
-    on_demand: AtomicUsize,
+    /// Foreground (reads, read-ahead) and background work of the node.
+    scheduler: Arc<Scheduler>,
+    /// Files being read in order, to fetch ahead of.
+    sequential: SequentialReads,
+    /// This layer, for read-ahead tasks (set by [`Self::shared`]).
+    me: Weak<Self>,
     /// Becomes true when the mount goes away: reads still waiting on the
     /// network give up, so the daemon can exit.
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -181,12 +198,38 @@ impl IndexedLayer {
             runtime,
             span_locks,
             stats: LayerFetchStats::default(),
-            on_demand: AtomicUsize::new(0),
+            scheduler: Arc::default(),
+            sequential: SequentialReads::new(0, 0),
+            me: Weak::new(),
             shutdown,
             origin: None,
             read_timeout: DEFAULT_READ_TIMEOUT,
             poisoned: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Puts the layer under the node's scheduler (one for every mount), so
+    /// that its background fetch waits for every mount's reads.
+    pub fn with_scheduler(mut self, scheduler: Arc<Scheduler>) -> Self {
+        self.scheduler = scheduler;
+        self
+    }
+
+    /// Fetches up to `bytes` ahead of a reader reading a file in order (0:
+    /// no read-ahead). Takes effect once the layer is [`Self::shared`].
+    pub fn with_read_ahead(mut self, bytes: u64) -> Self {
+        let span = self.index.meta().span_size.max(1);
+        let max = bytes.div_ceil(span) as usize;
+        self.sequential = SequentialReads::new(2, max);
+        self
+    }
+
+    /// The layer, shared: read-ahead spawns tasks that hold it.
+    pub fn shared(self) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            ..self
+        })
     }
 
     /// Sets how long one read may wait for the registry before it fails.
@@ -368,11 +411,18 @@ impl IndexedLayer {
         );
         let mut last_error = None;
         for attempt in 1..=2 {
-            let bytes = self
-                .layer
-                .read(first..last)
-                .await
-                .map_err(|e| self.error(format!("spans {}..{}: {e}", run.start, run.end)))?;
+            // A reader waits: the first span's window is fetched alongside
+            // its bytes, not after them. Later spans take theirs from the
+            // span before.
+            let (bytes, window) = if purpose == Purpose::OnDemand {
+                let (bytes, window) =
+                    tokio::join!(self.layer.read(first..last), self.window(run.start));
+                (bytes, Some(window?))
+            } else {
+                (self.layer.read(first..last).await, None)
+            };
+            let bytes =
+                bytes.map_err(|e| self.error(format!("spans {}..{}: {e}", run.start, run.end)))?;
             let counter = match purpose {
                 Purpose::Background => &self.stats.background_bytes,
                 _ => &self.stats.layer_bytes,
@@ -380,7 +430,7 @@ impl IndexedLayer {
             counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             metrics().fetched(purpose, bytes.len() as u64);
-            match self.decode_and_store(&run, first, &bytes).await {
+            match self.decode_and_store(&run, first, &bytes, window).await {
                 Ok(()) => return Ok(()),
                 Err(err) => {
                     tracing::warn!(layer = %self.index.meta().layer.digest, attempt, "{err}");
@@ -391,46 +441,73 @@ impl IndexedLayer {
         Err(last_error.expect("two attempts ran"))
     }
 
+    /// Verifies, decodes and caches spans `run` from `bytes` (which start
+    /// at layer offset `first`); `window` is the first span's, if known.
     async fn decode_and_store(
         &self,
         run: &Range<usize>,
         first: u64,
         bytes: &Bytes,
+        mut window: Option<Vec<u8>>,
     ) -> Result<(), ReadError> {
         for i in run.clone() {
             let input = self.index.span_input(i);
             let compressed =
                 bytes.slice((input.start - first) as usize..(input.end - first) as usize);
-            let window = self.window(i).await?;
-            self.decode_and_cache(i, compressed, window)
+            let this = match window.take() {
+                Some(window) => window,
+                None => self.window(i).await?,
+            };
+            let tail = self
+                .decode_and_cache(i, compressed, this)
                 .await?
                 .map_err(|e| self.verification_error(e.to_string()))?;
+            window = self.window_from_tail(i + 1, &tail);
         }
         Ok(())
     }
 
+    /// Span `i`'s window taken from `tail`, the last bytes span `i - 1`
+    /// decoded to, when they hold all of it: the window is the stream's
+    /// last bytes before the span, so nothing needs fetching.
+    fn window_from_tail(&self, i: usize, tail: &[u8]) -> Option<Vec<u8>> {
+        let size = self
+            .index
+            .meta()
+            .spans
+            .get(i)?
+            .checkpoint
+            .as_ref()?
+            .window_size as usize;
+        (tail.len() >= size).then(|| tail[tail.len() - size..].to_vec())
+    }
+
     /// Decodes span `i` from its compressed bytes and caches what it
     /// holds, on a blocking thread (inflating and writing to disk block).
-    /// The outer error is the cache's, the inner one the span's.
+    /// Returns the last 32 KiB it decoded to (the next span's window). The
+    /// outer error is the cache's, the inner one the span's.
     async fn decode_and_cache(
         &self,
         i: usize,
         compressed: Bytes,
         window: Vec<u8>,
-    ) -> Result<Result<(), IndexError>, ReadError> {
+    ) -> Result<Result<Vec<u8>, IndexError>, ReadError> {
         let (index, cache, key) = (self.index.clone(), self.cache.clone(), self.span_key(i));
         let done = tokio::task::spawn_blocking(move || {
             let data = match index.decode_span(i, &compressed, &window) {
                 Ok(data) => data,
                 Err(err) => return Ok(Err(err)),
             };
-            cache.put(&key, &data).map(Ok)
+            let tail = data[data.len().saturating_sub(WINDOW)..].to_vec();
+            cache.put(&key, &data).map(|()| Ok(tail))
         })
         .await
         .map_err(|e| self.error(format!("span {i}: {e}")))?;
         done.map_err(|e| self.cache_error(format!("cannot cache span {i}: {e}")))
     }
 
+    /// Span `i`'s decompression window: from the cache, from the end of
+    /// span `i - 1` when that is local, or else fetched from the index.
     async fn window(&self, i: usize) -> Result<Vec<u8>, ReadError> {
         let (Some(range), Some(key)) = (self.index.window_range(i), self.window_key(i)) else {
             return Ok(Vec::new());
@@ -441,6 +518,20 @@ impl IndexedLayer {
             .map_err(|e| self.error(e.to_string()))?
         {
             return Ok(window);
+        }
+        if let Some(previous) = i.checked_sub(1)
+            && self.cache.contains(&self.span_key(previous))
+        {
+            let output = self.index.span_output(previous);
+            let len = output.end - output.start;
+            let tail = len.min(WINDOW as u64);
+            let cached = self
+                .cache
+                .read_at(&self.span_key(previous), len - tail, tail as usize)
+                .map_err(|e| self.error(e.to_string()))?;
+            if let Some(window) = cached.and_then(|tail| self.window_from_tail(i, &tail)) {
+                return Ok(window);
+            }
         }
         let bytes = self
             .index_blob
@@ -465,7 +556,7 @@ impl IndexedLayer {
         if let Some(problem) = self.poisoned() {
             return Err(self.error(format!("its index is poisoned: {problem}")));
         }
-        self.on_demand.fetch_add(1, Ordering::SeqCst);
+        let _foreground = self.scheduler.foreground();
         let mut shutdown = self.shutdown.clone();
         let timeout = self.read_timeout;
         let result = tokio::select! {
@@ -477,8 +568,47 @@ impl IndexedLayer {
             }
             _ = shutdown.wait_for(|down| *down) => Err(self.error("the mount is shutting down".into())),
         };
-        self.on_demand.fetch_sub(1, Ordering::SeqCst);
         result
+    }
+
+    /// Fetches spans `ahead` for a reader reading a file in order: in
+    /// requests of a few MiB, run in parallel as foreground work (the
+    /// background fetch waits), at most as many at once as the scheduler
+    /// allows. A span someone else is fetching or has fetched is not
+    /// fetched again; a failure only means the reader fetches it itself.
+    fn read_ahead(&self, ahead: Range<usize>) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let mut start = ahead.start;
+        while start < ahead.end {
+            let first = self.index.span_input(start).start;
+            let mut end = start + 1;
+            while end < ahead.end && self.index.span_input(end - 1).end - first < READ_AHEAD_REQUEST
+            {
+                end += 1;
+            }
+            let run = start..end;
+            start = end;
+            if run.clone().all(|i| self.cache.contains(&self.span_key(i))) {
+                continue;
+            }
+            let layer = me.clone();
+            self.runtime.spawn(async move {
+                let _foreground = layer.scheduler.foreground();
+                let mut shutdown = layer.shutdown.clone();
+                let fetched = tokio::select! {
+                    result = tokio::time::timeout(layer.read_timeout, async {
+                        let _slot = layer.scheduler.read_ahead_slot().await;
+                        layer.ensure_spans(run.clone(), Purpose::ReadAhead).await
+                    }) => result.unwrap_or_else(|_| Err(layer.error("read-ahead timed out".into()))),
+                    _ = shutdown.wait_for(|down| *down) => Ok(()),
+                };
+                if let Err(err) = fetched {
+                    tracing::debug!(layer = layer.digest(), spans = ?run, "read-ahead stopped: {err}");
+                }
+            });
+        }
     }
 
     /// Reads the whole layer blob in order at low priority (pausing while
@@ -507,9 +637,7 @@ impl IndexedLayer {
             if let Some(problem) = self.poisoned() {
                 return Err(self.error(format!("its index is poisoned: {problem}")));
             }
-            while self.on_demand.load(Ordering::SeqCst) > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            self.scheduler.background_turn().await;
             let end = (offset + chunk).min(layer.size);
             let bytes = self
                 .layer
@@ -583,9 +711,7 @@ impl IndexedLayer {
             {
                 end += 1;
             }
-            while self.on_demand.load(Ordering::SeqCst) > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            self.scheduler.background_turn().await;
             self.ensure_spans(next..end, Purpose::Background).await?;
             fetched += self.index.span_input(end - 1).end - first;
             next = end;
@@ -746,13 +872,25 @@ impl LayerSource for IndexedLayer {
         &self.index.meta().entries
     }
 
-    fn read(&self, entry: usize, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
-        let entry = &self.index.meta().entries[entry];
+    fn read(&self, index: usize, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
+        let entry = &self.index.meta().entries[index];
         if offset >= entry.size {
             return Ok(Vec::new());
         }
         let end = (offset + len as u64).min(entry.size);
         let range = entry.offset + offset..entry.offset + end;
+        let file = self
+            .index
+            .spans_for(entry.offset..entry.offset + entry.size);
+        let ahead = self.sequential.on_read(
+            index,
+            range.clone(),
+            self.index.spans_for(range.clone()),
+            file,
+        );
+        if !ahead.is_empty() {
+            self.read_ahead(ahead);
+        }
         self.runtime.block_on(self.read_stream(range))
     }
 
@@ -799,5 +937,170 @@ impl LayerSource for IndexedLayer {
             .spans_for(entry.offset..entry.offset + entry.size)
             .map(|i| self.span_key(i))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pronto_index::{LayerCompression, LayerToIndex, build_index};
+    use pronto_testbed::{Compression, Content, Layer};
+
+    use super::*;
+
+    /// A blob in memory that counts what is asked of it.
+    #[derive(Clone)]
+    struct Counted {
+        bytes: Arc<Vec<u8>>,
+        requests: Arc<AtomicU64>,
+        served: Arc<AtomicU64>,
+    }
+
+    impl Counted {
+        fn new(bytes: Vec<u8>) -> Self {
+            Self {
+                bytes: Arc::new(bytes),
+                requests: Arc::default(),
+                served: Arc::default(),
+            }
+        }
+
+        fn requests(&self) -> u64 {
+            self.requests.load(Ordering::SeqCst)
+        }
+    }
+
+    impl BlobReader for Counted {
+        fn read(&self, range: Range<u64>) -> ReadFuture<'_> {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            self.served
+                .fetch_add(range.end - range.start, Ordering::SeqCst);
+            let bytes =
+                Bytes::copy_from_slice(&self.bytes[range.start as usize..range.end as usize]);
+            Box::pin(async move {
+                // A little latency, so that concurrent readers overlap.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Ok(bytes)
+            })
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        runtime: tokio::runtime::Runtime,
+        layer: Arc<IndexedLayer>,
+        blob: Counted,
+        index_blob: Counted,
+        _shutdown: tokio::sync::watch::Sender<bool>,
+    }
+
+    /// One gzip layer holding `weights` (random bytes), indexed with
+    /// 64 KiB spans.
+    fn fixture(weights: u64, read_ahead: u64) -> Fixture {
+        let layer = Layer::new()
+            .compression(Compression::FAST)
+            .file("weights", Content::random(5, weights));
+        let mut blob = Vec::new();
+        let digests = layer.write(&mut blob).unwrap();
+        let target = LayerToIndex {
+            digest: digests.digest,
+            size: digests.size,
+            compression: LayerCompression::Gzip,
+        };
+        let mut index_bytes = Vec::new();
+        build_index(blob.as_slice(), &target, 64 << 10, &mut index_bytes).unwrap();
+        let index = LayerIndex::parse(&index_bytes).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ContentCache::open(dir.path(), 1 << 30).unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let blob = Counted::new(blob);
+        let index_blob = Counted::new(index_bytes);
+        let layer = IndexedLayer::new(
+            index,
+            Box::new(blob.clone()),
+            Box::new(index_blob.clone()),
+            cache,
+            runtime.handle().clone(),
+            shutdown,
+        )
+        .with_read_ahead(read_ahead)
+        .shared();
+        Fixture {
+            _dir: dir,
+            runtime,
+            layer,
+            blob,
+            index_blob,
+            _shutdown: shutdown_tx,
+        }
+    }
+
+    fn weights_entry(layer: &IndexedLayer) -> usize {
+        layer
+            .entries()
+            .iter()
+            .position(|e| e.path == "weights")
+            .unwrap()
+    }
+
+    #[test]
+    fn a_span_takes_its_window_from_the_span_before_when_that_is_local() {
+        let f = fixture(2 << 20, 0);
+        let entry = weights_entry(&f.layer);
+        let want = Content::random(5, 2 << 20).to_vec().unwrap();
+        let span = f.layer.index().meta().span_size;
+        // Several spans in one read, cold: one request for their bytes and
+        // at most one for the first span's window.
+        let read = f.layer.read(entry, span, 3 * span as usize).unwrap();
+        assert!(read[..] == want[span as usize..4 * span as usize]);
+        assert_eq!(f.blob.requests(), 1);
+        assert!(f.index_blob.requests() <= 1, "{}", f.index_blob.requests());
+        let windows = f.index_blob.requests();
+        // The next spans follow local ones: no window is fetched.
+        let read = f.layer.read(entry, 4 * span, 2 * span as usize).unwrap();
+        assert!(read[..] == want[4 * span as usize..6 * span as usize]);
+        assert_eq!(f.index_blob.requests(), windows);
+        drop(f.runtime);
+    }
+
+    #[test]
+    fn readers_and_read_ahead_fetch_every_span_once() {
+        let size = 8 << 20;
+        let f = fixture(size, 1 << 20);
+        let entry = weights_entry(&f.layer);
+        let want = Arc::new(Content::random(5, size).to_vec().unwrap());
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let (layer, want) = (f.layer.clone(), want.clone());
+                std::thread::spawn(move || {
+                    let mut offset = 0;
+                    while offset < size {
+                        let read = layer.read(entry, offset, 128 << 10).unwrap();
+                        assert!(read[..] == want[offset as usize..offset as usize + read.len()]);
+                        offset += read.len() as u64;
+                    }
+                })
+            })
+            .collect();
+        for reader in readers {
+            reader.join().unwrap();
+        }
+        let spans = f.layer.index().meta().spans.len() as u64;
+        let layer = f.layer.index().meta().layer.size;
+        // Neighbouring spans share at most one byte.
+        let served = f.blob.served.load(Ordering::SeqCst);
+        assert!(
+            served <= layer + spans,
+            "{served} bytes fetched for a {layer}-byte layer"
+        );
+        assert!(
+            f.layer.stats().layer_bytes.load(Ordering::SeqCst) >= layer - (64 << 10),
+            "nearly all of the layer was read"
+        );
+        drop(f.runtime);
     }
 }

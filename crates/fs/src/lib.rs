@@ -12,6 +12,8 @@ mod fuse;
 mod image;
 mod indexed;
 pub mod mounts;
+mod readahead;
+mod schedule;
 mod source;
 mod tree;
 
@@ -20,7 +22,9 @@ pub use image::{
     LayerMode, NodeContext, OpenError, OpenedImage, open_image, open_lazy_layer, open_whole_layer,
 };
 pub use indexed::{
-    BlobReader, IndexOrigin, IndexedLayer, LayerFetchStats, LocalBlob, RegistryBlob,
+    BlobReader, DEFAULT_READ_AHEAD, IndexOrigin, IndexedLayer, LayerFetchStats, LocalBlob,
+    RegistryBlob,
 };
+pub use schedule::{DEFAULT_READ_AHEAD_REQUESTS, Scheduler};
 pub use source::{LayerSource, ReadError};
 pub use tree::{Node, NodeKind, ROOT, Tree, TreeMode};

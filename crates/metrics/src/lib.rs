@@ -22,6 +22,8 @@ use prometheus_client::registry::Registry;
 pub enum Purpose {
     /// A read of a lazily mounted file was waiting for them.
     OnDemand,
+    /// Fetched ahead of a reader reading a file in order.
+    ReadAhead,
     /// The low-priority fetch of the rest of a lazily mounted layer.
     Background,
     /// Index data: the index prefix and the decompression windows.
@@ -34,6 +36,7 @@ impl Purpose {
     pub fn as_str(self) -> &'static str {
         match self {
             Purpose::OnDemand => "on_demand",
+            Purpose::ReadAhead => "read_ahead",
             Purpose::Background => "background",
             Purpose::Index => "index",
             Purpose::WholeLayer => "whole_layer",

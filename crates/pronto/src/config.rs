@@ -139,6 +139,10 @@ pub struct FetchConfig {
     /// How long a read of a lazily mounted file may wait for the registry,
     /// retries included, before it fails with EIO, e.g. `"20s"`.
     pub read_timeout: String,
+    /// How far ahead of a program reading a file in order (a model server
+    /// loading its weights) Pronto fetches at most, e.g. `"64MiB"`; `"0"`
+    /// turns read-ahead off.
+    pub read_ahead: String,
 }
 
 impl Default for FetchConfig {
@@ -147,6 +151,7 @@ impl Default for FetchConfig {
             background: true,
             background_rate: "50MiB".to_owned(),
             read_timeout: "20s".to_owned(),
+            read_ahead: "64MiB".to_owned(),
         }
     }
 }
@@ -155,6 +160,12 @@ impl FetchConfig {
     /// [`Self::read_timeout`] (validated when the configuration is loaded).
     pub fn read_timeout(&self) -> std::time::Duration {
         humantime::parse_duration(&self.read_timeout).unwrap_or(std::time::Duration::from_secs(20))
+    }
+
+    /// [`Self::read_ahead`] in bytes (validated when the configuration is
+    /// loaded).
+    pub fn read_ahead(&self) -> u64 {
+        crate::cli::parse_size(&self.read_ahead).unwrap_or(pronto_fs::DEFAULT_READ_AHEAD)
     }
 
     /// The cap in bytes per second; `None` for no cap.
@@ -373,6 +384,9 @@ impl Config {
         }
         if let Err(problem) = crate::cli::parse_size(&self.fetch.background_rate) {
             return Err(invalid("fetch.background_rate", problem));
+        }
+        if let Err(problem) = crate::cli::parse_size(&self.fetch.read_ahead) {
+            return Err(invalid("fetch.read_ahead", problem));
         }
         match humantime::parse_duration(&self.fetch.read_timeout) {
             Err(e) => return Err(invalid("fetch.read_timeout", format!("{e}, e.g. \"20s\""))),

@@ -394,6 +394,114 @@ fn the_background_fetch_fills_only_what_is_missing() {
     );
 }
 
+/// An image with one 96 MiB file of random bytes (gzip) and a small one,
+/// pushed and reached through a counting relay.
+fn push_weights_image() -> (Pushed, Relay, String) {
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let image = ImageBuilder::new()
+        .layer(
+            Layer::new()
+                .compression(Compression::FAST)
+                .file("config.json", "{}\n")
+                .file("weights", Content::random(9, 96 << 20)),
+        )
+        .build(&layout)
+        .unwrap();
+    layout.tag("v1", &image).unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = registry.push(&layout, "v1", "weights/model:v1").unwrap();
+    let relay = Relay::start(registry.addr()).unwrap();
+    let pushed = Pushed {
+        _work: work,
+        layout,
+        image,
+        registry,
+        reference,
+    };
+    let through = pushed.through(&relay.host());
+    (pushed, relay, through)
+}
+
+#[test]
+fn a_file_read_in_order_is_fetched_ahead_and_every_byte_once() {
+    // A model server reading its weights whole: Pronto fetches ahead of it
+    // with parallel requests, and the registry sends each byte once.
+    require!(NEEDS);
+    let (pushed, relay, reference) = push_weights_image();
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        background: true,
+        ..Default::default()
+    };
+    let node = node_in(dir.path(), &config);
+    bind_index(&node, &reference, Some("1MiB"));
+    relay.reset();
+    let mounted = node
+        .mount(
+            &reference,
+            &dir.path().join("mnt"),
+            &[],
+            "info,pronto_fs=debug",
+        )
+        .unwrap();
+    let read = std::fs::read(mounted.dir.join("weights")).unwrap();
+    assert!(read == Content::random(9, 96 << 20).to_vec().unwrap());
+    let fetched = relay.bytes_down();
+    let layer = pushed.image.layers[0].size;
+    let log = mounted.log();
+    let ahead = log.matches("purpose=ReadAhead").count();
+    assert!(ahead > 10, "spans were fetched ahead of the reader:\n{log}");
+    let inspected: serde_json::Value =
+        serde_json::from_str(&node.ok(&["index", "inspect", &reference, "--json"])).unwrap();
+    let index = inspected[0]["layers"][0]["index_size"].as_u64().unwrap();
+    assert!(
+        fetched <= layer + index + (64 << 10),
+        "fetched {fetched} bytes for a {layer}-byte layer and its {index}-byte index"
+    );
+}
+
+#[test]
+fn read_ahead_stops_when_the_reader_stops() {
+    require!(NEEDS);
+    let (pushed, relay, reference) = push_weights_image();
+    let dir = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        background: false,
+        fetch: "read_ahead = \"8MiB\"\n".into(),
+        ..Default::default()
+    };
+    let node = node_in(dir.path(), &config);
+    bind_index(&node, &reference, Some("1MiB"));
+    relay.reset();
+    let mounted = node
+        .mount(&reference, &dir.path().join("mnt"), &[], "info")
+        .unwrap();
+    let mut file = std::fs::File::open(mounted.dir.join("weights")).unwrap();
+    let mut head = vec![0u8; 16 << 20];
+    std::io::Read::read_exact(&mut file, &mut head).unwrap();
+    let want = Content::random(9, 96 << 20).to_vec().unwrap();
+    assert!(head[..] == want[..16 << 20]);
+    // The reader stops with the file open; what was asked for lands, and
+    // then nothing more comes.
+    let mut last = u64::MAX;
+    wait_until("the fetching to settle", Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = relay.bytes_down();
+        let settled = now == last;
+        last = now;
+        Ok(settled)
+    })
+    .unwrap();
+    let layer = pushed.image.layers[0].size;
+    // 16 MiB read, the kernel's own readahead, and at most two windows.
+    assert!(
+        last < (16 + 4 + 2 * 8 + 2) << 20,
+        "fetched {last} of {layer} bytes after reading 16 MiB"
+    );
+    drop(file);
+}
+
 #[test]
 fn a_registry_that_never_answers_fails_the_read_in_bounded_time() {
     require!(NEEDS);

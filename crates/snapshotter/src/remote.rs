@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use pronto_catalog::{IndexSet, IndexTrust, LocalIndexStore, TrustedIndex, find_trusted};
 use pronto_fs::{
-    IndexedLayer, LayerSource, MountOptions, NodeContext, Tree, TreeMode, mounts, open_lazy_layer,
+    IndexedLayer, LayerSource, MountOptions, NodeContext, Scheduler, Tree, TreeMode, mounts,
+    open_lazy_layer,
 };
 use pronto_registry::{Reference, RegistryClient, Repository, parse_reference};
 use pronto_store::ContentCache;
@@ -138,6 +139,8 @@ pub struct RemoteOptions {
     pub trust: IndexTrust,
     /// How long one read may wait for the registry (`fetch.read_timeout`).
     pub read_timeout: std::time::Duration,
+    /// How far ahead of an in-order reader to fetch (`fetch.read_ahead`).
+    pub read_ahead: u64,
 }
 
 pub struct Remote {
@@ -147,6 +150,8 @@ pub struct Remote {
     layers_dir: PathBuf,
     runtime: tokio::runtime::Handle,
     options: RemoteOptions,
+    /// One for every mount: background fetches wait for any mount's reads.
+    scheduler: Arc<Scheduler>,
     mounted: Mutex<HashMap<u64, Mounted>>,
     sets: Mutex<HashMap<String, Arc<IndexLookup>>>,
 }
@@ -180,6 +185,7 @@ impl Remote {
             layers_dir,
             runtime,
             options,
+            scheduler: Arc::default(),
             mounted: Mutex::new(HashMap::new()),
             sets: Mutex::new(HashMap::new()),
         }
@@ -348,6 +354,8 @@ impl Remote {
             store: &self.store,
             trust: &self.options.trust,
             read_timeout: self.options.read_timeout,
+            read_ahead: self.options.read_ahead,
+            scheduler: self.scheduler.clone(),
             cache: self.cache.clone(),
             layers_dir: self.layers_dir.clone(),
             runtime: self.runtime.clone(),
@@ -366,7 +374,7 @@ impl Remote {
             .await
             .map_err(|e| (Fallback::IndexUnavailable, e.to_string()))?;
         Ok(OpenLayer {
-            layer: Arc::new(layer),
+            layer: layer.shared(),
             shutdown: shutdown_tx,
         })
     }

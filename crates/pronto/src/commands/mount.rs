@@ -40,6 +40,8 @@ pub fn run(
         runtime: runtime.handle().clone(),
         shutdown,
         read_timeout: config.fetch.read_timeout(),
+        read_ahead: config.fetch.read_ahead(),
+        scheduler: Arc::default(),
     };
     let opened = runtime.block_on(open_image(&node, reference, &platform))?;
     let sources: Vec<Arc<dyn LayerSource>> = opened

@@ -37,6 +37,7 @@ pub fn run(config: &Config) -> Result<()> {
             threads_per_layer: 4,
             trust: config.index.trust(),
             read_timeout: config.fetch.read_timeout(),
+            read_ahead: config.fetch.read_ahead(),
         },
     ));
     let whole = config.pull.parallel.then(|| {
