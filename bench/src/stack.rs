@@ -61,10 +61,15 @@ impl System {
 }
 
 /// One cold start.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Sample {
+    /// From the start of the pull to the workload's `ready`.
     pub ready: Duration,
+    /// From the start of the pull to its end (the rest is the run).
+    pub pulled: Duration,
     pub fetched: u64,
+    /// `pronto pull`'s own account of its time ("resolve 0.02s, …").
+    pub phases: Option<String>,
 }
 
 /// Fields drop in order: containerd (and its mounts) first, the work
@@ -86,7 +91,12 @@ pub struct Stack {
 impl Stack {
     /// Starts the stack; `background` is Pronto's `fetch.background`.
     pub fn start(pronto: &Path, link: Link, background: bool) -> Result<Self> {
-        let work = tempfile::Builder::new().prefix("pronto-bench-").tempdir()?;
+        let mut work = tempfile::Builder::new().prefix("pronto-bench-").tempdir()?;
+        if std::env::var_os("PRONTO_BENCH_KEEP").is_some() {
+            // For a look at the logs afterwards (serve.log, containerd's).
+            work.disable_cleanup(true);
+            println!("work directory (kept): {}", work.path().display());
+        }
         let layout = OciLayout::create(&work.path().join("layout"))?;
         let registry = Registry::start()?;
         let relay = Relay::start_with(
@@ -183,17 +193,19 @@ impl Stack {
         self.stop_serve();
         self.pull_settings = pull.to_owned();
         let log = self.work.path().join("serve.log");
-        let serve = self.node(pull)?.serve(&log, "info")?;
+        let filter = std::env::var("PRONTO_BENCH_LOG").unwrap_or_else(|_| "info".into());
+        let serve = self.node(pull)?.serve(&log, &filter)?;
         self.serve = Some(serve);
-        // containerd reconnects to a restarted plugin after its backoff.
+        // containerd reconnects to a restarted plugin after its backoff
+        // (a second or more): a pull timed before that would wait for it.
+        // Listing snapshots or asking for a missing one is answered from
+        // containerd's own records; preparing one reaches Pronto.
         pronto_testbed::net::wait_until("containerd reconnects", Duration::from_secs(30), || {
-            Ok(self
-                .containerd
-                .ctr()
-                .args(["snapshots", "--snapshotter", "pronto", "ls"])
-                .output()?
-                .status
-                .success())
+            let ctr = |args: &[&str]| self.containerd.ctr().args(args).output();
+            let probe = "bench-connection-probe";
+            let prepared = ctr(&["snapshots", "--snapshotter", "pronto", "prepare", probe])?;
+            let _ = ctr(&["snapshots", "--snapshotter", "pronto", "rm", probe])?;
+            Ok(prepared.status.success())
         })
     }
 
@@ -248,23 +260,39 @@ impl Stack {
     pub fn cold_start(&mut self, system: System, reference: &str) -> Result<Sample> {
         self.cold()?;
         let started = Instant::now();
+        let mut phases = None;
         let snapshotter = match system {
             System::Containerd => {
                 self.containerd.pull(reference, "overlayfs")?;
                 "overlayfs"
             }
             System::ProntoLazy | System::ProntoParallel => {
-                self.pronto(&[
+                let node = self.node(&self.pull_settings)?;
+                let pulled = node.output(&[
                     "pull",
                     "--namespace",
                     self.containerd.namespace(),
                     "--address",
                     &self.containerd.socket().to_string_lossy(),
                     reference,
-                ])?;
+                ]);
+                let out = String::from_utf8_lossy(&pulled.stdout);
+                if std::env::var_os("PRONTO_BENCH_LOG").is_some() {
+                    print!("{out}{}", String::from_utf8_lossy(&pulled.stderr));
+                }
+                ensure!(
+                    pulled.status.success(),
+                    "pronto pull {reference}: {}",
+                    String::from_utf8_lossy(&pulled.stderr)
+                );
+                phases = out
+                    .lines()
+                    .find_map(|l| l.strip_prefix("phases: "))
+                    .map(str::to_owned);
                 "pronto"
             }
         };
+        let pulled = started.elapsed();
         let out = self.containerd.run(reference, snapshotter, &[])?;
         let ready = started.elapsed();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -273,7 +301,9 @@ impl Stack {
         }
         Ok(Sample {
             ready,
+            pulled,
             fetched: self.relay.bytes_down(),
+            phases,
         })
     }
 }

@@ -48,6 +48,14 @@ struct Args {
     /// Only draw the chart again from the JSON results.
     #[arg(long)]
     replot: bool,
+    /// Only these workloads (comma-separated: ml-model, ml-weights,
+    /// debian-numpy, small-files); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// The results section of the markdown file to replace: its markers
+    /// read `<!-- SECTION results: written by bench/run -->`.
+    #[arg(long, default_value = "cold-start")]
+    section: String,
 }
 
 /// One benchmark image: how to build it and what it is.
@@ -89,7 +97,11 @@ fn main() -> Result<()> {
     );
     println!("machine: {}", machine());
     println!("link: {link}");
-    let workloads = build_workloads(&stack, args.quick)?;
+    let workloads: Vec<Workload> = build_workloads(&stack, args.quick)?
+        .into_iter()
+        .filter(|w| args.only.is_empty() || args.only.iter().any(|o| o == w.name))
+        .collect();
+    anyhow::ensure!(!workloads.is_empty(), "--only names no workload");
 
     let mut cells = Vec::new();
     for workload in &workloads {
@@ -115,11 +127,17 @@ fn main() -> Result<()> {
                     .cold_start(system, reference)
                     .with_context(|| format!("{} with {}", workload.name, system.name()))?;
                 println!(
-                    "  {:<22} run {}: ready in {:.2} s, {:.1} MiB fetched",
+                    "  {:<22} run {}: ready in {:.2} s (pull {:.2} s), {:.1} MiB fetched{}",
                     system.name(),
                     run + 1,
                     sample.ready.as_secs_f64(),
-                    sample.fetched as f64 / (1 << 20) as f64
+                    sample.pulled.as_secs_f64(),
+                    sample.fetched as f64 / (1 << 20) as f64,
+                    sample
+                        .phases
+                        .as_ref()
+                        .map(|p| format!("; pull phases: {p}"))
+                        .unwrap_or_default()
                 );
                 samples.push(sample);
             }
@@ -135,7 +153,7 @@ fn main() -> Result<()> {
     let table = markdown(&cells, &workloads, &link, repeat);
     println!("\n{table}");
     write_json(&args.json, &cells, &link, repeat)?;
-    write_markdown(&args.markdown, &table)?;
+    write_markdown(&args.markdown, &args.section, &table)?;
     let times: Vec<(&str, &str, Vec<Duration>)> = cells
         .iter()
         .map(|c| (c.image, c.system.name(), ready_times(c)))
@@ -217,6 +235,16 @@ fn build_workloads(stack: &Stack, quick: bool) -> Result<Vec<Workload>> {
         image,
     });
 
+    let image = pronto_testbed::image::model_server_image(layout, model_mib, 4)?;
+    layout.tag("ml-weights", &image)?;
+    workloads.push(Workload {
+        name: "ml-weights",
+        description:
+            "the ml-model image's layers; reads every weight file whole, as a model server does"
+                .into(),
+        image,
+    });
+
     let rootfs = pronto_testbed::debian::bookworm_with_numpy()?;
     let image = ImageBuilder::new()
         .layer(Layer::from_dir(&rootfs)?)
@@ -262,8 +290,10 @@ fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) 
         "Machine: {}. Link: {link}. Each cell: {repeat} cold start(s); median (min–max).\n\n",
         machine()
     );
-    out.push_str("| image | system | pull to ready | fetched from registry | share of image |\n");
-    out.push_str("|---|---|---|---|---|\n");
+    out.push_str(
+        "| image | system | pull to ready | of which pull | fetched from registry | share of image |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|\n");
     for cell in cells {
         let workload = workloads
             .iter()
@@ -273,16 +303,30 @@ fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) 
         let mut fetched: Vec<u64> = cell.samples.iter().map(|s| s.fetched).collect();
         fetched.sort_unstable();
         let fetched = fetched[fetched.len() / 2];
+        let (pulled, _, _) = summary(&cell.samples.iter().map(|s| s.pulled).collect::<Vec<_>>());
         out.push_str(&format!(
-            "| {} | {} | {:.2} s ({:.2}–{:.2}) | {:.1} MiB | {:.1}% |\n",
+            "| {} | {} | {:.2} s ({:.2}–{:.2}) | {:.2} s | {:.1} MiB | {:.1}% |\n",
             cell.image,
             cell.system.name(),
             median.as_secs_f64(),
             min.as_secs_f64(),
             max.as_secs_f64(),
+            pulled.as_secs_f64(),
             fetched as f64 / (1 << 20) as f64,
             100.0 * fetched as f64 / workload.image.layers_size().max(1) as f64,
         ));
+    }
+    let phases: Vec<String> = cells
+        .iter()
+        .filter_map(|c| {
+            let phases = c.samples.iter().rev().find_map(|s| s.phases.as_ref())?;
+            Some(format!("- {}, {}: {phases}", c.image, c.system.name()))
+        })
+        .collect();
+    if !phases.is_empty() {
+        out.push_str("\nWhere `pronto pull` spent its time (last run of each cell):\n\n");
+        out.push_str(&phases.join("\n"));
+        out.push('\n');
     }
     out
 }
@@ -295,7 +339,9 @@ fn write_json(path: &std::path::Path, cells: &[Cell], link: &Link, repeat: usize
                 "image": cell.image,
                 "system": cell.system.name(),
                 "ready_seconds": cell.samples.iter().map(|s| s.ready.as_secs_f64()).collect::<Vec<_>>(),
+                "pull_seconds": cell.samples.iter().map(|s| s.pulled.as_secs_f64()).collect::<Vec<_>>(),
                 "fetched_bytes": cell.samples.iter().map(|s| s.fetched).collect::<Vec<_>>(),
+                "pull_phases": cell.samples.iter().map(|s| s.phases.clone()).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -316,14 +362,14 @@ fn write_json(path: &std::path::Path, cells: &[Cell], link: &Link, repeat: usize
         .with_context(|| format!("write {}", path.display()))
 }
 
-/// Replaces the text between the cold-start markers of `path`.
-fn write_markdown(path: &std::path::Path, table: &str) -> Result<()> {
-    const BEGIN: &str = "<!-- cold-start results: written by bench/run -->";
-    const END: &str = "<!-- end of cold-start results -->";
+/// Replaces the text between the markers of `section` in `path`.
+fn write_markdown(path: &std::path::Path, section: &str, table: &str) -> Result<()> {
+    let begin_marker = format!("<!-- {section} results: written by bench/run -->");
+    let end_marker = format!("<!-- end of {section} results -->");
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    let (Some(begin), Some(end)) = (text.find(BEGIN), text.find(END)) else {
-        anyhow::bail!("{} has no cold-start markers", path.display());
+    let (Some(begin), Some(end)) = (text.find(&begin_marker), text.find(&end_marker)) else {
+        anyhow::bail!("{} has no {section} markers", path.display());
     };
-    let updated = format!("{}{BEGIN}\n{table}{}", &text[..begin], &text[end..]);
+    let updated = format!("{}{begin_marker}\n{table}{}", &text[..begin], &text[end..]);
     std::fs::write(path, updated).with_context(|| format!("write {}", path.display()))
 }

@@ -337,6 +337,10 @@ impl Pull<'_> {
                 .await
             {
                 Err(s) if s.code() == Code::Unavailable && attempt < PREPARE_ATTEMPTS => {
+                    (self.progress)(&format!(
+                        "{digest}: the snapshotter is not available yet ({}); retrying",
+                        s.message()
+                    ));
                     tokio::time::sleep(PREPARE_RETRY).await;
                 }
                 other => break other,

@@ -1,10 +1,13 @@
 //! [`Scheduler`]: who may use the link. Reads a container waits for, and
 //! the read-ahead in front of them, are foreground work; the background
-//! fetch of the rest of every layer runs only while the whole node has no
-//! foreground work, and checks again before each of its requests, so it
-//! yields within one request when a container starts reading.
+//! fetch of the rest of every layer runs only once the whole node has had
+//! no foreground work for a quiet period (a starting container reads in
+//! bursts with short gaps between them), and checks again before each of
+//! its requests, so it yields within one request when reading starts.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
@@ -13,17 +16,24 @@ use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 /// enough that a read waiting for the container keeps a registry slot.
 pub const DEFAULT_READ_AHEAD_REQUESTS: usize = 8;
 
+/// How long the node must have been without foreground work before the
+/// background fetch takes its turn, unless told otherwise.
+pub const DEFAULT_QUIET: Duration = Duration::from_secs(1);
+
 /// Foreground and background work of one node (every mount shares one).
 #[derive(Debug)]
 pub struct Scheduler {
     foreground: AtomicUsize,
     idle: Notify,
     read_ahead: Semaphore,
+    /// When foreground work last ended (or a mount was made).
+    last_active: Mutex<Instant>,
+    quiet: Duration,
 }
 
 impl Default for Scheduler {
     fn default() -> Self {
-        Self::new(DEFAULT_READ_AHEAD_REQUESTS)
+        Self::new(DEFAULT_READ_AHEAD_REQUESTS, DEFAULT_QUIET)
     }
 }
 
@@ -35,6 +45,7 @@ pub struct Foreground<'a> {
 
 impl Drop for Foreground<'_> {
     fn drop(&mut self) {
+        self.scheduler.active();
         if self.scheduler.foreground.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.scheduler.idle.notify_waiters();
         }
@@ -43,13 +54,30 @@ impl Drop for Foreground<'_> {
 
 impl Scheduler {
     /// A scheduler letting `read_ahead_requests` read-ahead requests run
-    /// at once.
-    pub fn new(read_ahead_requests: usize) -> Self {
+    /// at once, and the background fetch after `quiet` without foreground
+    /// work.
+    pub fn new(read_ahead_requests: usize, quiet: Duration) -> Self {
         Self {
             foreground: AtomicUsize::new(0),
             idle: Notify::new(),
             read_ahead: Semaphore::new(read_ahead_requests.max(1)),
+            last_active: Mutex::new(Instant::now()),
+            quiet,
         }
+    }
+
+    /// Records activity now: the quiet period starts again (a mount was
+    /// made, a read ended).
+    pub fn active(&self) {
+        *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// How long the node has been quiet, if it is.
+    fn quiet_for(&self) -> Duration {
+        self.last_active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
     }
 
     /// Waits for a read-ahead request to be allowed; it runs while the
@@ -72,8 +100,9 @@ impl Scheduler {
         self.foreground.load(Ordering::SeqCst)
     }
 
-    /// Returns once no foreground work is in progress (at once when there
-    /// is none). Woken by the end of the last foreground work, not polled.
+    /// Returns once no foreground work is in progress and none has been
+    /// for the quiet period. Woken by the end of the last foreground work,
+    /// then sleeps out the rest of the quiet period; never polls.
     pub async fn background_turn(&self) {
         loop {
             let idle = self.idle.notified();
@@ -81,10 +110,15 @@ impl Scheduler {
             // Registered before the check: an end of work between the
             // check and the wait is not missed.
             idle.as_mut().enable();
-            if self.busy() == 0 {
+            if self.busy() > 0 {
+                idle.await;
+                continue;
+            }
+            let quiet = self.quiet_for();
+            if quiet >= self.quiet {
                 return;
             }
-            idle.await;
+            tokio::time::sleep(self.quiet - quiet).await;
         }
     }
 }
@@ -98,8 +132,11 @@ mod tests {
 
     #[tokio::test]
     async fn background_waits_for_the_last_foreground_work_to_end() {
-        let scheduler = Arc::new(Scheduler::default());
-        scheduler.background_turn().await;
+        let scheduler = Arc::new(Scheduler::new(1, Duration::from_millis(30)));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::timeout(Duration::from_secs(5), scheduler.background_turn())
+            .await
+            .expect("an idle node gives the background its turn");
 
         let first = scheduler.foreground();
         let second = scheduler.foreground();

@@ -472,6 +472,8 @@ impl Remote {
         let session = pronto_fs::mount(tree, vec![source], self.cache.clone(), dir, &options)
             .and_then(|s| s.spawn())
             .map_err(|e| format!("cannot mount FUSE at {}: {e}", dir.display()))?;
+        // A new mount: its container is about to start reading.
+        self.scheduler.active();
         if self.options.background {
             layer.start_background_fetch(self.options.background_rate);
         }

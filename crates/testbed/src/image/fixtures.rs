@@ -55,6 +55,31 @@ pub fn model_image(
     files: u64,
     read_mib: u64,
 ) -> anyhow::Result<BuiltImage> {
+    let script = format!(
+        "head -c {} /models/weights-0.bin | wc -c; echo ready",
+        read_mib * 1024 * 1024
+    );
+    model_image_running(layout, total_mib, files, &script)
+}
+
+/// The image of [`model_image`] (the same layers) with a model server's
+/// start: every weight file read whole, in order, before `ready`.
+pub fn model_server_image(
+    layout: &OciLayout,
+    total_mib: u64,
+    files: u64,
+) -> anyhow::Result<BuiltImage> {
+    let script = "cat /models/weights-*.bin > /dev/null && echo ready";
+    model_image_running(layout, total_mib, files, script)
+}
+
+/// A model image whose command is `script` (run by `/bin/sh -c`).
+fn model_image_running(
+    layout: &OciLayout,
+    total_mib: u64,
+    files: u64,
+    script: &str,
+) -> anyhow::Result<BuiltImage> {
     anyhow::ensure!(files > 0, "a model image needs at least one file");
     let file_size = total_mib * 1024 * 1024 / files;
     let mut builder = ImageBuilder::new().layer(
@@ -73,9 +98,5 @@ pub fn model_image(
             ),
         );
     }
-    let script = format!(
-        "head -c {} /models/weights-0.bin | wc -c; echo ready",
-        read_mib * 1024 * 1024
-    );
-    builder.cmd(&["/bin/sh", "-c", &script]).build(layout)
+    builder.cmd(&["/bin/sh", "-c", script]).build(layout)
 }

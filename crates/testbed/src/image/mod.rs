@@ -11,6 +11,6 @@ mod layout;
 
 pub use content::Content;
 pub use digest::Digested;
-pub use fixtures::{edge_image, model_image};
+pub use fixtures::{edge_image, model_image, model_server_image};
 pub use layer::{Compression, Entry, EntryKind, Layer, LongNames};
 pub use layout::{BuiltImage, BuiltLayer, ImageBuilder, OciLayout, Platform};
