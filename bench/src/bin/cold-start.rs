@@ -52,6 +52,9 @@ struct Args {
     /// debian-numpy, small-files); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// `--span-size` for `pronto index create` (its default when unset).
+    #[arg(long)]
+    span_size: Option<String>,
     /// The results section of the markdown file to replace: its markers
     /// read `<!-- SECTION results: written by bench/run -->`.
     #[arg(long, default_value = "cold-start")]
@@ -114,7 +117,11 @@ fn main() -> Result<()> {
             workload.description,
             workload.image.layers_size() as f64 / (1 << 20) as f64
         );
-        stack.pronto(&["index", "create", &indexed, "--bind"])?;
+        let mut create = vec!["index", "create", &indexed, "--bind"];
+        if let Some(size) = &args.span_size {
+            create.extend(["--span-size", size]);
+        }
+        stack.pronto(&create)?;
         stack.start_serve("")?;
         for system in SYSTEMS {
             let reference = match system {

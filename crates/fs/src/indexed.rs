@@ -220,7 +220,7 @@ impl IndexedLayer {
     pub fn with_read_ahead(mut self, bytes: u64) -> Self {
         let span = self.index.meta().span_size.max(1);
         let max = bytes.div_ceil(span) as usize;
-        self.sequential = SequentialReads::new(2, max);
+        self.sequential = SequentialReads::new(4, max);
         self
     }
 

@@ -14,7 +14,7 @@ use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 /// Read-ahead requests in flight on the node at once, unless told
 /// otherwise: enough to fill a link whose connections are capped, few
 /// enough that a read waiting for the container keeps a registry slot.
-pub const DEFAULT_READ_AHEAD_REQUESTS: usize = 8;
+pub const DEFAULT_READ_AHEAD_REQUESTS: usize = 16;
 
 /// How long the node must have been without foreground work before the
 /// background fetch takes its turn, unless told otherwise.

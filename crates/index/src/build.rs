@@ -47,12 +47,18 @@ pub fn build_index(
     span_size: u64,
     out: impl Write,
 ) -> Result<BuiltIndex, IndexError> {
-    if span_size < 64 * 1024 {
+    if span_size < MIN_SPAN_SIZE {
         return Err(IndexError::Encode(format!(
             "span size {span_size} is below the 64 KiB minimum"
         )));
     }
-    let mut scanned = scan(blob, layer, Boundaries::Every(span_size))?;
+    let files = FileCount::default();
+    let boundaries = Boundaries::Shaped {
+        size: span_size,
+        small: (span_size / 8).max(MIN_SPAN_SIZE),
+        files: files.clone(),
+    };
+    let mut scanned = scan_counting(blob, layer, boundaries, Some(files))?;
     let meta = IndexMeta {
         layer: scanned.layer,
         span_size,
@@ -76,22 +82,67 @@ pub fn build_index(
     })
 }
 
-/// Where spans end: every `span_size` bytes of output (building), or at
-/// the output offsets an existing index claims (checking it).
+/// The smallest span an index may have.
+const MIN_SPAN_SIZE: u64 = 64 * 1024;
+
+/// A span holding at least this many files (whose headers lie in it) ends
+/// at the small span size, an eighth of the span size: a part of the
+/// layer with many small files (a Python library, a distribution's `/usr`)
+/// gets small spans, so that a program importing a few hundred of them
+/// fetches little it does not read; big files keep full spans (fewer
+/// requests and windows). Chosen by measurement on Debian with python3 and
+/// numpy (docs/benchmarks.md).
+const FILES_FOR_A_SMALL_SPAN: u64 = 4;
+
+/// Files the tar reader has passed so far, shared with the span cutter.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FileCount(std::rc::Rc<std::cell::Cell<u64>>);
+
+impl FileCount {
+    fn get(&self) -> u64 {
+        self.0.get()
+    }
+
+    fn add_one(&self) {
+        self.0.set(self.0.get() + 1);
+    }
+}
+
+/// Where spans end: after `size` bytes of output, or after `small` bytes
+/// where many files lie (building), or at the output offsets an existing
+/// index claims (checking it).
 #[derive(Debug, Clone)]
 pub(crate) enum Boundaries {
-    Every(u64),
+    Shaped {
+        size: u64,
+        small: u64,
+        files: FileCount,
+    },
     /// Each span's `uncompressed_start`, ascending, the first 0.
     At(Vec<u64>),
 }
 
 impl Boundaries {
     /// True when span number `next` (0-based) should start at output
-    /// offset `out`, the previous one having started at `last`.
-    fn starts_here(&self, next: usize, last: u64, out: u64) -> bool {
+    /// offset `out`, the previous one having started at `last` when
+    /// `files_at_last` files had been passed.
+    fn starts_here(&self, next: usize, last: u64, out: u64, files_at_last: u64) -> bool {
         match self {
-            Boundaries::Every(size) => next == 0 || out - last >= *size,
+            Boundaries::Shaped { size, small, files } => {
+                next == 0
+                    || out - last >= *size
+                    || (out - last >= *small
+                        && files.get() - files_at_last >= FILES_FOR_A_SMALL_SPAN)
+            }
             Boundaries::At(starts) => starts.get(next) == Some(&out),
+        }
+    }
+
+    /// Files passed so far (0 when not counted).
+    fn files(&self) -> u64 {
+        match self {
+            Boundaries::Shaped { files, .. } => files.get(),
+            Boundaries::At(_) => 0,
         }
     }
 
@@ -99,7 +150,7 @@ impl Boundaries {
     /// at the latest in an uncompressed layer.
     fn fixed_end(&self, number: usize, start: u64) -> u64 {
         match self {
-            Boundaries::Every(size) => start + size,
+            Boundaries::Shaped { size, .. } => start + size,
             Boundaries::At(starts) => starts.get(number + 1).copied().unwrap_or(u64::MAX),
         }
     }
@@ -122,19 +173,29 @@ pub(crate) fn scan(
     layer: &LayerToIndex,
     boundaries: Boundaries,
 ) -> Result<Scanned, IndexError> {
+    scan_counting(blob, layer, boundaries, None)
+}
+
+/// [`scan`], counting the files the tar reader passes into `files`.
+fn scan_counting(
+    blob: impl Read,
+    layer: &LayerToIndex,
+    boundaries: Boundaries,
+    files: Option<FileCount>,
+) -> Result<Scanned, IndexError> {
     let mut blob = HashingReader::new(blob);
     let mut windows = tempfile::tempfile()?;
     let (entries, spans, uncompressed_size, windows_length) = match layer.compression {
         LayerCompression::Gzip => {
             let mut stream = Checkpointer::new(&mut blob, boundaries, &mut windows, &layer.digest)?;
-            let entries = read_entries(&mut stream, &layer.digest)?;
+            let entries = read_entries(&mut stream, &layer.digest, files.as_ref())?;
             io::copy(&mut stream, &mut io::sink())?;
             let (spans, total_out, windows_length) = stream.finish()?;
             (entries, spans, total_out, windows_length)
         }
         LayerCompression::None => {
             let mut stream = FixedSpans::new(&mut blob, boundaries);
-            let entries = read_entries(&mut stream, &layer.digest)?;
+            let entries = read_entries(&mut stream, &layer.digest, files.as_ref())?;
             io::copy(&mut stream, &mut io::sink())?;
             let (spans, total) = stream.finish();
             (entries, spans, total, 0)
@@ -163,7 +224,11 @@ pub(crate) fn scan(
 
 /// Reads the tar stream's headers into entries; the data is read past
 /// (through `stream`, which keeps track of offsets and spans).
-fn read_entries(stream: &mut impl Read, layer: &str) -> Result<Vec<Entry>, IndexError> {
+fn read_entries(
+    stream: &mut impl Read,
+    layer: &str,
+    files: Option<&FileCount>,
+) -> Result<Vec<Entry>, IndexError> {
     let unsupported = |problem: String| IndexError::Unsupported {
         digest: layer.to_owned(),
         problem,
@@ -256,6 +321,9 @@ fn read_entries(stream: &mut impl Read, layer: &str) -> Result<Vec<Entry>, Index
         }
         // Drain the data so the next header is read; the stream counts it.
         io::copy(&mut item, &mut io::sink()).map_err(|e| tar_error(e, "unreadable entry data"))?;
+        if let Some(files) = files {
+            files.add_one();
+        }
         entries.push(entry);
     }
     Ok(entries)
@@ -359,6 +427,8 @@ struct FixedSpans<R> {
     position: u64,
     hasher: Sha256,
     spans: Vec<Span>,
+    /// Files the tar reader had passed when the open span started.
+    files_at_last: u64,
 }
 
 impl<R: Read> FixedSpans<R> {
@@ -369,6 +439,7 @@ impl<R: Read> FixedSpans<R> {
             position: 0,
             hasher: Sha256::new(),
             spans: Vec::new(),
+            files_at_last: 0,
         }
     }
 
@@ -385,6 +456,7 @@ impl<R: Read> FixedSpans<R> {
             digest,
             checkpoint: None,
         });
+        self.files_at_last = self.boundaries.files();
     }
 
     fn finish(mut self) -> (Vec<Span>, u64) {
@@ -395,7 +467,19 @@ impl<R: Read> FixedSpans<R> {
 
 impl<R: Read> Read for FixedSpans<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let span_start = self.spans.last().map_or(0, |s| s.compressed_end);
+        let mut span_start = self.spans.last().map_or(0, |s| s.compressed_end);
+        if self.position > span_start
+            && self.boundaries.starts_here(
+                self.spans.len() + 1,
+                span_start,
+                self.position,
+                self.files_at_last,
+            )
+        {
+            // Many files in this span: it ends here, small.
+            self.close_span();
+            span_start = self.position;
+        }
         let span_end = self.boundaries.fixed_end(self.spans.len(), span_start);
         let room = usize::try_from(span_end - self.position).unwrap_or(usize::MAX);
         let want = buf.len().min(room);
@@ -426,6 +510,8 @@ struct Checkpointer<'a, R> {
     window_filled: usize,
     boundaries: Boundaries,
     last_checkpoint_out: u64,
+    /// Files the tar reader had passed at the last checkpoint.
+    files_at_last: u64,
     hasher: Sha256,
     last_byte: u8,
     spans: Vec<Span>,
@@ -454,6 +540,7 @@ impl<'a, R: Read> Checkpointer<'a, R> {
             window_filled: 0,
             boundaries,
             last_checkpoint_out: 0,
+            files_at_last: 0,
             hasher: Sha256::new(),
             last_byte: 0,
             spans: Vec::new(),
@@ -532,6 +619,7 @@ impl<'a, R: Read> Checkpointer<'a, R> {
             checkpoint: Some(checkpoint),
         });
         self.last_checkpoint_out = total_out;
+        self.files_at_last = self.boundaries.files();
         Ok(())
     }
 
@@ -594,9 +682,12 @@ impl<R: Read> Read for Checkpointer<'_, R> {
             if step.end {
                 self.ended = true;
             } else if at_boundary
-                && self
-                    .boundaries
-                    .starts_here(self.spans.len(), self.last_checkpoint_out, out)
+                && self.boundaries.starts_here(
+                    self.spans.len(),
+                    self.last_checkpoint_out,
+                    out,
+                    self.files_at_last,
+                )
             {
                 self.checkpoint()?;
             }

@@ -165,6 +165,57 @@ fn a_small_read_fetches_only_its_spans() {
 }
 
 #[test]
+fn parts_with_many_small_files_get_smaller_spans() {
+    // Thousands of small files, then one big file: spans end after a
+    // quarter of the span size where many files lie, and run the full
+    // size through the big file.
+    for compression in [Compression::FAST, Compression::None] {
+        let indexed = index_layer(
+            &Layer::new()
+                .compression(compression)
+                .many_text_files("lib", 3000)
+                .file("weights", Content::random(3, 12 << 20)),
+            1 << 20,
+        );
+        let meta = indexed.index.meta();
+        let weights = meta.entries.iter().find(|e| e.path == "weights").unwrap();
+        let spans: Vec<(u64, u64)> = (0..meta.spans.len())
+            .map(|i| {
+                let out = indexed.index.span_output(i);
+                (out.start, out.end - out.start)
+            })
+            .collect();
+        let small: Vec<u64> = spans
+            .iter()
+            .filter(|(start, _)| start + (1 << 20) < weights.offset)
+            .map(|(_, len)| *len)
+            .collect();
+        let big: Vec<u64> = spans
+            .iter()
+            .filter(|(start, len)| {
+                *start > weights.offset && start + len < weights.offset + weights.size
+            })
+            .map(|(_, len)| *len)
+            .collect();
+        assert!(small.len() >= 2, "{compression:?}: {spans:?}");
+        assert!(
+            small.iter().all(|len| *len < 400 << 10),
+            "{compression:?}: spans over small files stay near 128 KiB: {small:?}"
+        );
+        assert!(
+            big.iter().all(|len| *len >= 1 << 20),
+            "{compression:?}: spans through the big file are full size: {big:?}"
+        );
+        // And every byte still reads back.
+        let mut fetched = Vec::new();
+        let all = indexed
+            .read(0..indexed.tar.len() as u64, &mut fetched)
+            .unwrap();
+        assert!(all == indexed.tar);
+    }
+}
+
+#[test]
 fn tampered_spans_and_windows_are_rejected() {
     let indexed = index_layer(&edge_layer(Compression::Gzip(6)), 256 * 1024);
     let index = &indexed.index;
