@@ -3,23 +3,46 @@
 //!
 //! Crash safety: data is written to a temporary file, synced and renamed
 //! before its entry is committed; entries are removed before their files.
-//! At open, files without an entry and entries without a file are dropped,
-//! so the database and the directory always agree after a restart. Recency
-//! is not persisted: after a restart every entry counts as used at start-up.
+//! Entry commits are made durable in batches (every [`DURABLE_EVERY`]
+//! puts, and when the cache closes), not one by one: after a crash the
+//! entries of the last puts may be missing, and their files are then
+//! deleted as leftovers. At open, files without an entry and entries
+//! without a file are dropped, so the database and the directory always
+//! agree after a restart, and no entry ever names data that was not synced.
+//! Recency is not persisted: after a restart every entry counts as used at
+//! start-up.
+//!
+//! The hot path (every read of every mount) takes one of [`SHARDS`] locks,
+//! chosen by key, and reads through a file kept open; eviction walks the
+//! oldest entries of each shard (kept in order), never sorting them all.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use pronto_metrics::metrics;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 /// A content key: 32 bytes, typically a SHA-256.
 pub type CacheKey = [u8; 32];
 
 const ENTRIES: TableDefinition<&[u8; 32], u64> = TableDefinition::new("entries");
+
+/// Independent parts of the in-memory state, by the key's first byte.
+const SHARDS: usize = 16;
+
+/// Files kept open per shard for reads (up to 16 × this descriptors).
+const OPEN_FILES_PER_SHARD: usize = 32;
+
+/// Every this many puts, the entry commit is made durable (with those
+/// before it).
+const DURABLE_EVERY: u64 = 64;
+
+/// Candidates each shard offers per eviction round.
+const VICTIMS_PER_SHARD: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -49,13 +72,47 @@ pub struct CacheStats {
     pub pinned: u64,
 }
 
-#[derive(Debug)]
-struct State {
+#[derive(Debug, Default)]
+struct Shard {
     /// key → (size, last use tick)
     entries: HashMap<CacheKey, (u64, u64)>,
+    /// last use tick → key: the shard's entries oldest first.
+    recency: BTreeMap<u64, CacheKey>,
     /// key → number of pins (open files using it)
     pins: HashMap<CacheKey, u64>,
-    tick: u64,
+    /// Data files kept open for reads.
+    open: HashMap<CacheKey, Arc<File>>,
+}
+
+impl Shard {
+    /// Marks `key` used at `tick`; false when it is not cached.
+    fn touch(&mut self, key: &CacheKey, tick: u64) -> bool {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return false;
+        };
+        self.recency.remove(&entry.1);
+        entry.1 = tick;
+        self.recency.insert(tick, *key);
+        true
+    }
+
+    /// Records `key` as cached; false when it already was.
+    fn insert(&mut self, key: &CacheKey, size: u64, tick: u64) -> bool {
+        if self.touch(key, tick) {
+            return false;
+        }
+        self.entries.insert(*key, (size, tick));
+        self.recency.insert(tick, *key);
+        true
+    }
+
+    /// Forgets `key`; its size if it was cached.
+    fn remove(&mut self, key: &CacheKey) -> Option<u64> {
+        let (size, tick) = self.entries.remove(key)?;
+        self.recency.remove(&tick);
+        self.open.remove(key);
+        Some(size)
+    }
 }
 
 #[derive(Debug)]
@@ -65,7 +122,9 @@ pub struct ContentCache {
     db: Database,
     budget: u64,
     usage: AtomicU64,
-    state: Mutex<State>,
+    shards: Vec<Mutex<Shard>>,
+    tick: AtomicU64,
+    puts: AtomicU64,
     evicting: Mutex<()>,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -87,11 +146,9 @@ impl ContentCache {
             db,
             budget,
             usage: AtomicU64::new(0),
-            state: Mutex::new(State {
-                entries: HashMap::new(),
-                pins: HashMap::new(),
-                tick: 0,
-            }),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            tick: AtomicU64::new(0),
+            puts: AtomicU64::new(0),
             evicting: Mutex::new(()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -115,9 +172,9 @@ impl ContentCache {
             txn.commit().map_err(db_error(&self.db_path))?;
         }
         // Files without an entry are leftovers of a crash between rename and
-        // commit (put) or between commit and unlink (eviction), or temporary
-        // files: delete them. Entries without a file can only come from
-        // outside interference: drop them.
+        // a durable commit (put) or between commit and unlink (eviction), or
+        // temporary files: delete them. Entries without a file can only come
+        // from outside interference: drop them.
         let mut present = HashMap::new();
         for entry in std::fs::read_dir(&self.data)
             .map_err(io(&self.data))?
@@ -149,14 +206,13 @@ impl ContentCache {
             }
             txn.commit().map_err(db_error(&self.db_path))?;
         }
-        let mut state = self.lock();
-        let total: u64 = present.values().sum();
-        state.entries = present
-            .into_iter()
-            .map(|(k, size)| (k, (size, 0)))
-            .collect();
+        let mut total = 0;
+        for (key, size) in present {
+            let tick = self.next_tick();
+            self.shard(&key).insert(&key, size, tick);
+            total += size;
+        }
         self.usage.store(total, Ordering::Relaxed);
-        drop(state);
         self.report_size();
         Ok(())
     }
@@ -167,8 +223,14 @@ impl ContentCache {
         metrics().cache_size(self.usage.load(Ordering::Relaxed), self.budget);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn shard(&self, key: &CacheKey) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[key[0] as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn next_tick(&self) -> u64 {
+        self.tick.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     fn path(&self, key: &CacheKey) -> PathBuf {
@@ -177,19 +239,12 @@ impl ContentCache {
 
     /// Marks `key` as just used; false (and a miss) when it is not cached.
     fn touch(&self, key: &CacheKey) -> bool {
-        let mut state = self.lock();
-        state.tick += 1;
-        let tick = state.tick;
-        match state.entries.get_mut(key) {
-            Some(entry) => {
-                entry.1 = tick;
-                true
-            }
-            None => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                false
-            }
+        let tick = self.next_tick();
+        let found = self.shard(key).touch(key, tick);
+        if !found {
+            self.misses.fetch_add(1, Ordering::Relaxed);
         }
+        found
     }
 
     /// The cached bytes of `key`, if present.
@@ -212,6 +267,42 @@ impl ContentCache {
         }
     }
 
+    /// The open data file of `key`, opened now if it is not open yet;
+    /// `None` when the key is not cached.
+    fn open_file(&self, key: &CacheKey) -> Result<Option<Arc<File>>, CacheError> {
+        let tick = self.next_tick();
+        {
+            let mut shard = self.shard(key);
+            if !shard.touch(key, tick) {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            if let Some(file) = shard.open.get(key) {
+                return Ok(Some(file.clone()));
+            }
+        }
+        let path = self.path(key);
+        let file = match File::open(&path) {
+            Ok(file) => Arc::new(file),
+            // Evicted between the lookup and the open.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let mut shard = self.shard(key);
+        // Kept only while the entry is there (not evicted meanwhile).
+        if shard.entries.contains_key(key) {
+            if shard.open.len() >= OPEN_FILES_PER_SHARD {
+                let some = *shard.open.keys().next().expect("the map is full");
+                shard.open.remove(&some);
+            }
+            shard.open.insert(*key, file.clone());
+        }
+        Ok(Some(file))
+    }
+
     /// Reads `len` bytes at `offset` of the data of `key` (fewer at its
     /// end), without loading the rest; `None` when not cached.
     pub fn read_at(
@@ -221,24 +312,15 @@ impl ContentCache {
         len: usize,
     ) -> Result<Option<Vec<u8>>, CacheError> {
         use std::os::unix::fs::FileExt;
-        if !self.touch(key) {
+        let Some(file) = self.open_file(key)? else {
             return Ok(None);
-        }
-        let path = self.path(key);
-        let file = match std::fs::File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                return Ok(None);
-            }
-            Err(e) => return Err(io(&path)(e)),
         };
         let mut out = vec![0u8; len];
         let mut filled = 0;
         while filled < len {
             let n = file
                 .read_at(&mut out[filled..], offset + filled as u64)
-                .map_err(io(&path))?;
+                .map_err(io(&self.path(key)))?;
             if n == 0 {
                 break;
             }
@@ -251,7 +333,7 @@ impl ContentCache {
 
     /// True when `key` is cached.
     pub fn contains(&self, key: &CacheKey) -> bool {
-        self.lock().entries.contains_key(key)
+        self.shard(key).entries.contains_key(key)
     }
 
     /// Stores verified `bytes` under `key`, then evicts unpinned data
@@ -272,7 +354,7 @@ impl ContentCache {
     pub fn put_with(
         &self,
         key: &CacheKey,
-        fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+        fill: impl FnOnce(&mut File) -> std::io::Result<()>,
     ) -> Result<(), CacheError> {
         if self.contains(key) {
             return Ok(());
@@ -285,7 +367,7 @@ impl ContentCache {
             std::process::id()
         ));
         let size = {
-            let mut file = std::fs::File::create(&temp).map_err(io(&temp))?;
+            let mut file = File::create(&temp).map_err(io(&temp))?;
             let filled = fill(&mut file).and_then(|()| file.sync_all());
             if let Err(e) = filled {
                 let _ = std::fs::remove_file(&temp);
@@ -296,44 +378,62 @@ impl ContentCache {
         self.commit(key, &temp, size)
     }
 
+    /// A write transaction, durable every [`DURABLE_EVERY`] puts.
+    fn write_txn(&self, durable: bool) -> Result<redb::WriteTransaction, CacheError> {
+        let mut txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
+        let durability = if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        txn.set_durability(durability)
+            .map_err(db_error(&self.db_path))?;
+        Ok(txn)
+    }
+
     /// Renames a synced temporary file into place and records it.
     fn commit(&self, key: &CacheKey, temp: &Path, size: u64) -> Result<(), CacheError> {
         let path = self.path(key);
         std::fs::rename(temp, &path).map_err(io(&path))?;
-        let txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
+        let durable =
+            self.puts.fetch_add(1, Ordering::Relaxed) % DURABLE_EVERY == DURABLE_EVERY - 1;
+        let txn = self.write_txn(durable)?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(db_error(&self.db_path))?;
             table.insert(key, size).map_err(db_error(&self.db_path))?;
         }
         txn.commit().map_err(db_error(&self.db_path))?;
-        {
-            let mut state = self.lock();
-            state.tick += 1;
-            let tick = state.tick;
-            // Two readers may have put the same key at once; count it once.
-            if state.entries.insert(*key, (size, tick)).is_none() {
-                self.usage.fetch_add(size, Ordering::Relaxed);
-            }
+        let tick = self.next_tick();
+        // Two readers may have put the same key at once; count it once.
+        if self.shard(key).insert(key, size, tick) {
+            self.usage.fetch_add(size, Ordering::Relaxed);
         }
         self.report_size();
         self.evict_to(self.budget)
     }
 
+    /// Makes every entry committed so far durable.
+    pub fn flush(&self) -> Result<(), CacheError> {
+        self.write_txn(true)?
+            .commit()
+            .map_err(db_error(&self.db_path))
+    }
+
     /// Marks `key` as in use (by an open file); pinned data is never
     /// evicted. Keys may be pinned before their data arrives.
     pub fn pin(&self, key: &CacheKey) {
-        *self.lock().pins.entry(*key).or_insert(0) += 1;
+        *self.shard(key).pins.entry(*key).or_insert(0) += 1;
     }
 
     /// Releases a pin; data that was kept over budget only because it was
     /// pinned is evicted now.
     pub fn unpin(&self, key: &CacheKey) {
         {
-            let mut state = self.lock();
-            if let Some(count) = state.pins.get_mut(key) {
+            let mut shard = self.shard(key);
+            if let Some(count) = shard.pins.get_mut(key) {
                 *count -= 1;
                 if *count == 0 {
-                    state.pins.remove(key);
+                    shard.pins.remove(key);
                 }
             }
         }
@@ -343,50 +443,70 @@ impl ContentCache {
     }
 
     /// Evicts least recently used, unpinned entries until usage is at most
-    /// `target` bytes (or nothing unpinned is left).
+    /// `target` bytes (or nothing unpinned is left). Each round takes the
+    /// oldest unpinned entries of every shard and evicts the oldest of
+    /// those until enough is freed.
     pub fn evict_to(&self, target: u64) -> Result<(), CacheError> {
         if self.usage.load(Ordering::Relaxed) <= target {
             return Ok(());
         }
         // One eviction at a time, so two never pick the same victims.
         let _evicting = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
-        let victims: Vec<(CacheKey, u64)> = {
-            let state = self.lock();
-            let mut candidates: Vec<(CacheKey, u64, u64)> = state
-                .entries
-                .iter()
-                .filter(|(k, _)| !state.pins.contains_key(*k))
-                .map(|(k, (size, tick))| (*k, *size, *tick))
-                .collect();
-            candidates.sort_by_key(|c| c.2);
-            let mut excess = self.usage.load(Ordering::Relaxed).saturating_sub(target);
-            candidates
+        loop {
+            let excess = self.usage.load(Ordering::Relaxed).saturating_sub(target);
+            if excess == 0 {
+                return Ok(());
+            }
+            let mut candidates: Vec<(u64, CacheKey, u64)> = Vec::new();
+            for shard in &self.shards {
+                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                candidates.extend(
+                    shard
+                        .recency
+                        .iter()
+                        .filter(|(_, key)| !shard.pins.contains_key(*key))
+                        .take(VICTIMS_PER_SHARD)
+                        .map(|(tick, key)| (*tick, *key, shard.entries[key].0)),
+                );
+            }
+            if candidates.is_empty() {
+                return Ok(());
+            }
+            candidates.sort_unstable_by_key(|c| c.0);
+            let mut left = excess;
+            let victims: Vec<(CacheKey, u64)> = candidates
                 .into_iter()
-                .take_while(|(_, size, _)| {
-                    let take = excess > 0;
-                    excess = excess.saturating_sub(*size);
+                .take_while(|(_, _, size)| {
+                    let take = left > 0;
+                    left = left.saturating_sub(*size);
                     take
                 })
-                .map(|(k, size, _)| (k, size))
-                .collect()
-        };
-        let (entries, bytes) = self.delete(victims)?;
-        self.evictions.fetch_add(entries, Ordering::Relaxed);
-        metrics().cache_evicted(entries, bytes);
-        Ok(())
+                .map(|(_, key, size)| (key, size))
+                .collect();
+            let (entries, bytes) = self.delete(victims)?;
+            self.evictions.fetch_add(entries, Ordering::Relaxed);
+            metrics().cache_evicted(entries, bytes);
+            if entries == 0 {
+                // Everything offered was pinned or gone meanwhile.
+                return Ok(());
+            }
+        }
     }
 
     /// Drops `keys` from the cache (those not pinned by an open file), e.g.
     /// when the image they belong to is removed. Returns the bytes freed.
     pub fn remove(&self, keys: &[CacheKey]) -> Result<u64, CacheError> {
         let _evicting = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
-        let victims: Vec<(CacheKey, u64)> = {
-            let state = self.lock();
-            keys.iter()
-                .filter(|k| !state.pins.contains_key(*k))
-                .filter_map(|k| state.entries.get(k).map(|(size, _)| (*k, *size)))
-                .collect()
-        };
+        let victims: Vec<(CacheKey, u64)> = keys
+            .iter()
+            .filter_map(|key| {
+                let shard = self.shard(key);
+                if shard.pins.contains_key(key) {
+                    return None;
+                }
+                shard.entries.get(key).map(|(size, _)| (*key, *size))
+            })
+            .collect();
         let (_, freed) = self.delete(victims)?;
         Ok(freed)
     }
@@ -397,7 +517,9 @@ impl ContentCache {
         if victims.is_empty() {
             return Ok((0, 0));
         }
-        let txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
+        // Not durable: an entry that comes back after a crash finds its
+        // file gone and is dropped at open.
+        let txn = self.write_txn(false)?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(db_error(&self.db_path))?;
             for (key, _) in &victims {
@@ -406,18 +528,16 @@ impl ContentCache {
         }
         txn.commit().map_err(db_error(&self.db_path))?;
         let (mut entries, mut bytes) = (0, 0);
-        {
-            let mut state = self.lock();
-            for (key, size) in victims {
-                // Pinned meanwhile: the entry is gone from the database, so
-                // keep nothing half-way; the data will be fetched again if
-                // needed.
-                if state.entries.remove(&key).is_some() {
-                    let _ = std::fs::remove_file(self.path(&key));
-                    self.usage.fetch_sub(size, Ordering::Relaxed);
-                    entries += 1;
-                    bytes += size;
-                }
+        for (key, size) in victims {
+            // Pinned meanwhile: the entry is gone from the database, so
+            // keep nothing half-way; the data will be fetched again if
+            // needed.
+            let removed = self.shard(&key).remove(&key);
+            if removed.is_some() {
+                let _ = std::fs::remove_file(self.path(&key));
+                self.usage.fetch_sub(size, Ordering::Relaxed);
+                entries += 1;
+                bytes += size;
             }
         }
         self.report_size();
@@ -425,15 +545,28 @@ impl ContentCache {
     }
 
     pub fn stats(&self) -> CacheStats {
-        let state = self.lock();
+        let (mut entries, mut pinned) = (0, 0);
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            entries += shard.entries.len() as u64;
+            pinned += shard.pins.len() as u64;
+        }
         CacheStats {
-            entries: state.entries.len() as u64,
+            entries,
             bytes: self.usage.load(Ordering::Relaxed),
             budget: self.budget,
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
-            pinned: state.pins.len() as u64,
+            pinned,
+        }
+    }
+}
+
+impl Drop for ContentCache {
+    fn drop(&mut self) {
+        if let Err(err) = self.flush() {
+            tracing::warn!("cannot make the cache's last entries durable: {err}");
         }
     }
 }
@@ -564,6 +697,62 @@ mod tests {
         );
         cache.evict_to(0).unwrap();
         assert_eq!(cache.stats().entries, 0);
+    }
+
+    #[test]
+    fn eviction_takes_the_least_recently_used_across_shards() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = ContentCache::open(root.path(), 1000).unwrap();
+        // Keys in different shards (first byte), written in order.
+        for n in 1..=10 {
+            cache.put(&key(n), &[n; 100]).unwrap();
+        }
+        // Key 1 is read again: it is now the most recently used.
+        assert!(cache.read_at(&key(1), 0, 1).unwrap().is_some());
+        cache.put(&key(11), &[11; 100]).unwrap();
+        cache.put(&key(12), &[12; 100]).unwrap();
+        assert!(cache.contains(&key(1)), "recently read data stays");
+        assert!(!cache.contains(&key(2)) && !cache.contains(&key(3)));
+        assert!(cache.contains(&key(4)));
+        assert_eq!(cache.stats().bytes, 1000);
+        // Many rounds: everything unpinned goes.
+        for n in 13..=200 {
+            cache.put(&key(n), &[n; 10]).unwrap();
+        }
+        cache.pin(&key(200));
+        cache.evict_to(0).unwrap();
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.bytes), (1, 10), "{stats:?}");
+        assert!(cache.contains(&key(200)));
+    }
+
+    #[test]
+    fn reads_reuse_an_open_file() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = ContentCache::open(root.path(), 1 << 20).unwrap();
+        cache.put(&key(1), b"kept open").unwrap();
+        assert_eq!(cache.read_at(&key(1), 0, 4).unwrap().unwrap(), b"kept");
+        // The data file is opened once: later reads go through the same
+        // descriptor, even if the name is gone.
+        std::fs::remove_file(root.path().join("cache/data").join(hex::encode(key(1)))).unwrap();
+        assert_eq!(cache.read_at(&key(1), 5, 4).unwrap().unwrap(), b"open");
+        // Removing the entry closes it.
+        cache.remove(&[key(1)]).unwrap();
+        assert_eq!(cache.read_at(&key(1), 0, 4).unwrap(), None);
+    }
+
+    #[test]
+    fn entries_survive_a_clean_close_between_durable_commits() {
+        let root = tempfile::tempdir().unwrap();
+        {
+            let cache = ContentCache::open(root.path(), 1 << 20).unwrap();
+            // Fewer puts than one durable batch.
+            for n in 1..=3 {
+                cache.put(&key(n), &[n; 8]).unwrap();
+            }
+        }
+        let cache = ContentCache::open(root.path(), 1 << 20).unwrap();
+        assert_eq!(cache.stats().entries, 3);
     }
 
     #[test]
