@@ -33,6 +33,10 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Threads answering kernel requests.
     pub threads: usize,
+    /// Where reads that wait for the network run (one runtime for every
+    /// mount of the node), so that they hold no FUSE thread: a mount then
+    /// needs one. Without it, FUSE threads wait themselves.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for MountOptions {
@@ -41,6 +45,7 @@ impl Default for MountOptions {
             fs_name: "pronto".into(),
             allow_other: true,
             threads: 8,
+            runtime: None,
         }
     }
 }
@@ -165,13 +170,14 @@ impl<B> OpenFiles<B> {
 }
 
 struct ProntoFs {
-    tree: Tree,
+    tree: Arc<Tree>,
     layers: Vec<Arc<dyn LayerSource>>,
     cache: Arc<ContentCache>,
     open: Mutex<OpenFiles>,
     next_fh: AtomicU64,
     /// The kernel accepted FUSE passthrough (Linux 6.9 and later).
     passthrough: bool,
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// Mounts `tree` over `layers` at `dir`, read-only. Call `run()` on the
@@ -185,12 +191,13 @@ pub fn mount(
     options: &MountOptions,
 ) -> std::io::Result<Session<impl Filesystem>> {
     let fs = ProntoFs {
-        tree,
+        tree: Arc::new(tree),
         layers,
         cache,
         open: Mutex::new(OpenFiles::default()),
         next_fh: AtomicU64::new(1),
         passthrough: false,
+        runtime: options.runtime.clone(),
     };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -280,6 +287,32 @@ impl ProntoFs {
             rdev: node.rdev,
             blksize: 4096,
             flags: 0,
+        }
+    }
+}
+
+/// Answers a read with its bytes, or with `EIO` logged at ERROR with the
+/// file and why, and counted.
+fn answer_read(
+    tree: &Tree,
+    ino: INodeNo,
+    offset: u64,
+    size: u32,
+    result: Result<Vec<u8>, crate::source::ReadError>,
+    reply: ReplyData,
+) {
+    match result {
+        Ok(bytes) => reply.data(&bytes),
+        Err(err) => {
+            tracing::error!(
+                file = tree.path_of(ino.0),
+                ino = ino.0,
+                offset,
+                size,
+                "read failed, answering EIO: {err}"
+            );
+            pronto_metrics::metrics().error(pronto_metrics::ErrorKind::Read);
+            reply.error(Errno::EIO);
         }
     }
 }
@@ -422,20 +455,23 @@ impl Filesystem for ProntoFs {
         else {
             return reply.error(Errno::EBADF);
         };
-        match self.layers[layer].read(entry, offset, size as usize) {
-            Ok(bytes) => reply.data(&bytes),
-            Err(err) => {
-                tracing::error!(
-                    file = self.tree.path_of(ino.0),
-                    ino = ino.0,
-                    offset,
-                    size,
-                    "read failed, answering EIO: {err}"
-                );
-                pronto_metrics::metrics().error(pronto_metrics::ErrorKind::Read);
-                reply.error(Errno::EIO);
-            }
+        let source = &self.layers[layer];
+        if let Some(runtime) = &self.runtime
+            && !source.ready(entry, offset, size as usize)
+        {
+            let read = source.clone().read_async(entry, offset, size as usize);
+            let tree = self.tree.clone();
+            runtime.spawn(async move { answer_read(&tree, ino, offset, size, read.await, reply) });
+            return;
         }
+        answer_read(
+            &self.tree,
+            ino,
+            offset,
+            size,
+            source.read(entry, offset, size as usize),
+            reply,
+        );
     }
 
     /// Nothing to write back on a read-only filesystem. Answered rather

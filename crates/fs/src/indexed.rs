@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::readahead::SequentialReads;
 use crate::schedule::Scheduler;
-use crate::source::{LayerSource, ReadError};
+use crate::source::{LayerSource, ReadError, ReadResult};
 
 /// Boxed future returned by [`BlobReader::read`].
 pub type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + 'a>>;
@@ -81,8 +81,10 @@ impl BlobReader for LocalBlob {
 /// What a layer has fetched, for tests, status and metrics.
 #[derive(Debug, Default)]
 pub struct LayerFetchStats {
-    /// Bytes of the layer blob fetched.
+    /// Bytes of the layer blob fetched for reads waiting on them.
     pub layer_bytes: AtomicU64,
+    /// Bytes of the layer blob fetched ahead of readers reading in order.
+    pub read_ahead_bytes: AtomicU64,
     /// Bytes of the index blob fetched (windows).
     pub index_bytes: AtomicU64,
     /// Range requests to the layer blob.
@@ -132,6 +134,10 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// most, unless told otherwise (`fetch.read_ahead`).
 pub const DEFAULT_READ_AHEAD: u64 = 64 << 20;
 
+/// Files up to this size get their local copy (for passthrough) when
+/// opened; bigger ones in the background.
+const INLINE_COPY: u64 = 8 << 20;
+
 /// The most a decompression window holds (deflate's 32 KiB).
 const WINDOW: usize = 32 * 1024;
 
@@ -159,6 +165,8 @@ pub struct IndexedLayer {
     sequential: SequentialReads,
     /// This layer, for read-ahead tasks (set by [`Self::shared`]).
     me: Weak<Self>,
+    /// Files whose local copy is being made.
+    copying: std::sync::Mutex<std::collections::HashSet<usize>>,
     /// Becomes true when the mount goes away: reads still waiting on the
     /// network give up, so the daemon can exit.
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -199,8 +207,9 @@ impl IndexedLayer {
             span_locks,
             stats: LayerFetchStats::default(),
             scheduler: Arc::default(),
-            sequential: SequentialReads::new(0, 0),
+            sequential: SequentialReads::new(1, 0),
             me: Weak::new(),
+            copying: std::sync::Mutex::default(),
             shutdown,
             origin: None,
             read_timeout: DEFAULT_READ_TIMEOUT,
@@ -220,7 +229,7 @@ impl IndexedLayer {
     pub fn with_read_ahead(mut self, bytes: u64) -> Self {
         let span = self.index.meta().span_size.max(1);
         let max = bytes.div_ceil(span) as usize;
-        self.sequential = SequentialReads::new(4, max);
+        self.sequential = SequentialReads::new(span, max);
         self
     }
 
@@ -425,6 +434,7 @@ impl IndexedLayer {
                 bytes.map_err(|e| self.error(format!("spans {}..{}: {e}", run.start, run.end)))?;
             let counter = match purpose {
                 Purpose::Background => &self.stats.background_bytes,
+                Purpose::ReadAhead => &self.stats.read_ahead_bytes,
                 _ => &self.stats.layer_bytes,
             };
             counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -569,6 +579,31 @@ impl IndexedLayer {
             _ = shutdown.wait_for(|down| *down) => Err(self.error("the mount is shutting down".into())),
         };
         result
+    }
+
+    /// The tar-stream range a read of `len` bytes at `offset` of file
+    /// `index` covers (`None` past the end of the file); starts fetching
+    /// ahead when the file is being read in order.
+    fn begin_read(&self, index: usize, offset: u64, len: usize) -> Option<Range<u64>> {
+        let entry = &self.index.meta().entries[index];
+        if offset >= entry.size {
+            return None;
+        }
+        let end = (offset + len as u64).min(entry.size);
+        let range = entry.offset + offset..entry.offset + end;
+        let file = self
+            .index
+            .spans_for(entry.offset..entry.offset + entry.size);
+        let ahead = self.sequential.on_read(
+            index,
+            range.clone(),
+            self.index.spans_for(range.clone()),
+            file,
+        );
+        if !ahead.is_empty() {
+            self.read_ahead(ahead);
+        }
+        Some(range)
     }
 
     /// Fetches spans `ahead` for a reader reading a file in order: in
@@ -873,25 +908,30 @@ impl LayerSource for IndexedLayer {
     }
 
     fn read(&self, index: usize, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
+        match self.begin_read(index, offset, len) {
+            Some(range) => self.runtime.block_on(self.read_stream(range)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn read_async(self: Arc<Self>, index: usize, offset: u64, len: usize) -> ReadResult {
+        Box::pin(async move {
+            match self.begin_read(index, offset, len) {
+                Some(range) => self.read_stream(range).await,
+                None => Ok(Vec::new()),
+            }
+        })
+    }
+
+    fn ready(&self, index: usize, offset: u64, len: usize) -> bool {
+        if self.poisoned().is_some() {
+            return true;
+        }
         let entry = &self.index.meta().entries[index];
-        if offset >= entry.size {
-            return Ok(Vec::new());
-        }
         let end = (offset + len as u64).min(entry.size);
-        let range = entry.offset + offset..entry.offset + end;
-        let file = self
-            .index
-            .spans_for(entry.offset..entry.offset + entry.size);
-        let ahead = self.sequential.on_read(
-            index,
-            range.clone(),
-            self.index.spans_for(range.clone()),
-            file,
-        );
-        if !ahead.is_empty() {
-            self.read_ahead(ahead);
-        }
-        self.runtime.block_on(self.read_stream(range))
+        self.index
+            .spans_for(entry.offset + offset.min(end)..entry.offset + end)
+            .all(|i| self.cache.contains(&self.span_key(i)))
     }
 
     fn local_file(&self, index: usize) -> Option<CacheKey> {
@@ -907,6 +947,62 @@ impl LayerSource for IndexedLayer {
             return None;
         }
         let file_key = self.file_key(index)?;
+        if self.cache.contains(&file_key) {
+            return Some(file_key);
+        }
+        if entry.size > INLINE_COPY {
+            // An open does not wait for a big copy: this one is served
+            // through the daemon, later ones by the kernel.
+            self.copy_in_background(index);
+            return None;
+        }
+        self.copy_file(index, file_key)
+    }
+
+    fn cache_keys(&self, entry: usize) -> Vec<CacheKey> {
+        let entry = &self.index.meta().entries[entry];
+        self.index
+            .spans_for(entry.offset..entry.offset + entry.size)
+            .map(|i| self.span_key(i))
+            .collect()
+    }
+}
+
+impl IndexedLayer {
+    /// Makes the local copy of file `index` (for passthrough) on a
+    /// blocking thread, once however many opens ask for it.
+    fn copy_in_background(&self, index: usize) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        if !self
+            .copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(index)
+        {
+            return;
+        }
+        self.runtime.spawn_blocking(move || {
+            if me.poisoned().is_none()
+                && let Some(key) = me.file_key(index)
+            {
+                me.copy_file(index, key);
+            }
+            me.copying
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&index);
+        });
+    }
+
+    /// Copies file `index` out of its cached spans into the cache under
+    /// `file_key`.
+    fn copy_file(&self, index: usize, file_key: CacheKey) -> Option<CacheKey> {
+        let entry = &self.index.meta().entries[index];
+        let spans = self
+            .index
+            .spans_for(entry.offset..entry.offset + entry.size);
         let copied = self.cache.put_with(&file_key, |file| {
             use std::io::Write;
             for i in spans {
@@ -929,14 +1025,6 @@ impl LayerSource for IndexedLayer {
                 None
             }
         }
-    }
-
-    fn cache_keys(&self, entry: usize) -> Vec<CacheKey> {
-        let entry = &self.index.meta().entries[entry];
-        self.index
-            .spans_for(entry.offset..entry.offset + entry.size)
-            .map(|i| self.span_key(i))
-            .collect()
     }
 }
 
@@ -1097,8 +1185,14 @@ mod tests {
             served <= layer + spans,
             "{served} bytes fetched for a {layer}-byte layer"
         );
+        let stats = f.layer.stats();
+        let (asked, ahead) = (
+            stats.layer_bytes.load(Ordering::SeqCst),
+            stats.read_ahead_bytes.load(Ordering::SeqCst),
+        );
+        assert!(ahead > 0, "spans were fetched ahead of the readers");
         assert!(
-            f.layer.stats().layer_bytes.load(Ordering::SeqCst) >= layer - (64 << 10),
+            asked + ahead >= layer - (64 << 10),
             "nearly all of the layer was read"
         );
         drop(f.runtime);

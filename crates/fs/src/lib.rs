@@ -26,5 +26,5 @@ pub use indexed::{
     RegistryBlob,
 };
 pub use schedule::{DEFAULT_READ_AHEAD_REQUESTS, Scheduler};
-pub use source::{LayerSource, ReadError};
+pub use source::{LayerSource, ReadError, ReadResult};
 pub use tree::{Node, NodeKind, ROOT, Tree, TreeMode};

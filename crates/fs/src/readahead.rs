@@ -1,9 +1,12 @@
 //! [`SequentialReads`]: notices a file being read in order (`cat`, a
 //! model server loading its weights, `mmap` pages faulted in order) and
-//! says which spans to fetch ahead of the reader. The window starts small,
-//! doubles while the reader keeps up and never reaches past the file's
-//! end; a read elsewhere in the file ends the run. Random readers and
-//! small files get no read-ahead, so they fetch nothing they do not read.
+//! says which spans to fetch ahead of the reader. The window is as long as
+//! what the reader has read in order so far (so it doubles while the
+//! reader keeps going, up to a maximum) and never reaches past the file's
+//! end; a read elsewhere in the file starts counting again. Random
+//! readers, small files and short reads (a header, `head -c 1M`) get no
+//! read-ahead, so they fetch nothing they do not read; a reader that stops
+//! after reading N bytes in order leaves at most about N unread.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -12,9 +15,8 @@ use std::sync::Mutex;
 /// How many files' read positions are remembered per layer.
 const MAX_STREAMS: usize = 256;
 
-/// Reads in order so far before read-ahead starts: the first read of a
-/// file may be all a program wants of it (a header, a magic number).
-const SEQUENTIAL_READS_BEFORE_READ_AHEAD: u32 = 2;
+/// Bytes read in order before read-ahead starts.
+const MIN_IN_ORDER: u64 = 1 << 20;
 
 /// How far a read may start past the end of the previous one and still
 /// count as in order: the kernel's readahead sends neighbouring reads from
@@ -23,12 +25,12 @@ const SLACK: u64 = 1 << 20;
 
 #[derive(Debug, Clone)]
 struct Stream {
+    /// Where the run of reads in order started.
+    start: u64,
     /// Where the reads so far end (the furthest byte read).
     end: u64,
-    /// Reads in order so far.
-    reads: u32,
-    /// Spans fetched ahead of the reader, beyond the one it reads now.
-    window: usize,
+    /// The span the run started in.
+    first_span: usize,
     /// The first span not yet asked for.
     ahead: usize,
     /// The first span of the last batch asked for: reaching it asks for
@@ -38,23 +40,36 @@ struct Stream {
     used: u64,
 }
 
+impl Stream {
+    fn new(read: &Range<u64>, span: usize, used: u64) -> Self {
+        Self {
+            start: read.start,
+            end: read.end,
+            first_span: span,
+            ahead: 0,
+            marker: 0,
+            used,
+        }
+    }
+}
+
 /// Per-file read positions of one layer.
 #[derive(Debug)]
 pub struct SequentialReads {
     streams: Mutex<(HashMap<usize, Stream>, u64)>,
-    /// The first window, in spans.
-    initial: usize,
-    /// The largest window, in spans.
+    /// The (largest) span size of the layer, to turn bytes into spans.
+    span_size: u64,
+    /// The largest window, in spans (0: no read-ahead).
     max: usize,
 }
 
 impl SequentialReads {
-    /// Read-ahead windows from `initial` up to `max` spans (`max` 0 turns
-    /// read-ahead off).
-    pub fn new(initial: usize, max: usize) -> Self {
+    /// Read-ahead over spans of `span_size` bytes, at most `max` spans at a
+    /// time (0 turns it off).
+    pub fn new(span_size: u64, max: usize) -> Self {
         Self {
             streams: Mutex::new((HashMap::new(), 0)),
-            initial: initial.clamp(1, max.max(1)),
+            span_size: span_size.max(1),
             max,
         }
     }
@@ -85,48 +100,32 @@ impl SequentialReads {
                 .expect("the map is full");
             streams.remove(&oldest);
         }
-        let stream = streams.entry(entry).or_insert(Stream {
-            end: read.end,
-            reads: 0,
-            window: 0,
-            ahead: 0,
-            marker: 0,
-            used,
-        });
-        let in_order = stream.reads == 0 || read.start <= stream.end + SLACK;
-        let before = stream.end.saturating_sub(SLACK * 64);
-        if !in_order || read.start < before {
+        let stream = streams
+            .entry(entry)
+            .or_insert_with(|| Stream::new(&read, spans.start, used));
+        let in_order = read.start <= stream.end + SLACK
+            && read.start + SLACK * 64 >= stream.end
+            && read.start >= stream.start;
+        if !in_order {
             // A jump: start counting again from here.
-            *stream = Stream {
-                end: read.end,
-                reads: 1,
-                window: 0,
-                ahead: 0,
-                marker: 0,
-                used,
-            };
+            *stream = Stream::new(&read, spans.start, used);
             return 0..0;
         }
-        stream.reads += 1;
         stream.used = used;
         stream.end = stream.end.max(read.end);
-        if stream.reads < SEQUENTIAL_READS_BEFORE_READ_AHEAD {
-            return 0..0;
-        }
         let current = spans.end - 1;
-        // Like the kernel's own readahead: a batch is asked for when the
-        // reader reaches the first span of the previous one (it keeps up),
-        // each batch twice the size of the last, up to the maximum.
-        if stream.window > 0 && current < stream.marker {
+        let in_order_bytes = stream.end - stream.start;
+        if in_order_bytes < MIN_IN_ORDER || current == stream.first_span {
             return 0..0;
         }
-        stream.window = if stream.window == 0 {
-            self.initial
-        } else {
-            (stream.window * 2).min(self.max)
-        };
+        // Like the kernel's own readahead: a batch is asked for when the
+        // reader reaches the first span of the previous one.
+        if stream.ahead > current + 1 && current < stream.marker {
+            return 0..0;
+        }
+        let window = (in_order_bytes.div_ceil(self.span_size) as usize).clamp(1, self.max);
         let from = stream.ahead.max(current + 1);
-        let target = (from + stream.window).min(file.end);
+        let target = (from + window).min(file.end);
         if from >= target {
             // All of the file is asked for already.
             return 0..0;
@@ -143,98 +142,96 @@ mod tests {
 
     const SPAN: u64 = 4 << 20;
 
-    /// Reads a file of `spans` spans in `chunk`-byte reads starting at
-    /// span 0; returns every read-ahead asked for, in order.
-    fn read_in_order(reads: &SequentialReads, spans: usize, chunk: u64, upto: u64) -> Vec<usize> {
+    /// Reads the first `upto` bytes of a file of `spans` spans in
+    /// `chunk`-byte reads; returns every read-ahead asked for, in order,
+    /// and the furthest span asked for beyond the one read, at each read.
+    fn read_in_order(
+        reads: &SequentialReads,
+        spans: usize,
+        chunk: u64,
+        upto: u64,
+    ) -> (Vec<usize>, Vec<usize>) {
         let mut asked = Vec::new();
+        let mut lead = Vec::new();
         let mut offset = 0;
         while offset < upto {
             let read = offset..offset + chunk;
             let first = (read.start / SPAN) as usize;
             let last = ((read.end - 1) / SPAN) as usize;
             asked.extend(reads.on_read(7, read, first..last + 1, 0..spans));
+            if let Some(furthest) = asked.last() {
+                lead.push(furthest.saturating_sub(last));
+            }
             offset += chunk;
         }
-        asked
+        (asked, lead)
     }
 
     #[test]
     fn a_file_read_in_order_is_fetched_ahead_once_to_its_end() {
-        let reads = SequentialReads::new(2, 16);
-        let asked = read_in_order(&reads, 100, 128 << 10, 100 * SPAN);
-        let expected: Vec<usize> = (1..100).collect();
+        let reads = SequentialReads::new(SPAN, 16);
+        let (asked, _) = read_in_order(&reads, 100, 128 << 10, 100 * SPAN);
+        let expected: Vec<usize> = (2..100).collect();
         assert_eq!(asked, expected, "every later span once, in order");
     }
 
     #[test]
     fn the_window_grows_while_the_reader_keeps_up_and_stops_at_the_maximum() {
-        let reads = SequentialReads::new(2, 8);
-        let mut furthest = Vec::new();
-        for span in 0..40usize {
-            let start = span as u64 * SPAN;
-            for part in 0..4 {
-                let read = start + part * (1 << 20)..start + (part + 1) * (1 << 20);
-                let got = reads.on_read(1, read, span..span + 1, 0..1000);
-                if !got.is_empty() {
-                    furthest.push(got.end - span);
-                }
-            }
-        }
+        let reads = SequentialReads::new(SPAN, 8);
+        let (_, lead) = read_in_order(&reads, 1000, 1 << 20, 200 * SPAN);
+        assert!(lead.iter().any(|d| *d > 4), "the window grew: {lead:?}");
         assert!(
-            furthest.iter().any(|d| *d > 2),
-            "the window grew: {furthest:?}"
-        );
-        assert!(
-            furthest.iter().all(|d| *d <= 2 * 8 + 1),
-            "never more than two batches of 8 spans ahead: {furthest:?}"
+            lead.iter().all(|d| *d <= 2 * 8),
+            "never more than two windows of 8 spans ahead: {lead:?}"
         );
     }
 
     #[test]
-    fn a_reader_that_stops_gets_no_more_read_ahead() {
-        let reads = SequentialReads::new(2, 16);
-        let asked = read_in_order(&reads, 100, 1 << 20, 2 * SPAN);
-        let furthest = *asked.last().unwrap();
-        assert!(
-            furthest < 2 + 1 + 2 * 16,
-            "bounded by the window: {furthest}"
-        );
-        // Nothing happens without reads: the detector only answers reads.
+    fn a_reader_that_stops_leaves_little_unread() {
+        // `head -c 8M` of a big file: at most about as much again.
+        let reads = SequentialReads::new(SPAN, 16);
+        let (asked, _) = read_in_order(&reads, 100, 128 << 10, 2 * SPAN);
+        assert!(asked.len() <= 3, "fetched ahead: {asked:?}");
+        // `head -c 1000000`: nothing.
+        let reads = SequentialReads::new(SPAN, 16);
+        let (asked, _) = read_in_order(&reads, 100, 128 << 10, 1_000_000);
+        assert!(asked.is_empty(), "{asked:?}");
     }
 
     #[test]
     fn random_and_single_reads_fetch_nothing_ahead() {
-        let reads = SequentialReads::new(2, 16);
+        let reads = SequentialReads::new(SPAN, 16);
         // One read of a small file.
         assert!(reads.on_read(3, 0..4096, 0..1, 0..1).is_empty());
         // Reads jumping around a big file.
         for (i, span) in [50usize, 3, 77, 20, 90, 8].into_iter().enumerate() {
             let start = span as u64 * SPAN + (i as u64 * 4096);
-            let got = reads.on_read(4, start..start + 4096, span..span + 1, 0..100);
+            let got = reads.on_read(4, start..start + (1 << 20), span..span + 1, 0..100);
             assert!(got.is_empty(), "read {i} at span {span} got {got:?}");
         }
     }
 
     #[test]
     fn two_readers_of_different_files_are_followed_apart() {
-        let reads = SequentialReads::new(2, 16);
+        let reads = SequentialReads::new(SPAN, 16);
         let mut a = Vec::new();
         let mut b = Vec::new();
-        for i in 0..8u64 {
+        for i in 0..16u64 {
             let read = i * (1 << 20)..(i + 1) * (1 << 20);
             let span = (read.start / SPAN) as usize;
             a.extend(reads.on_read(1, read.clone(), span..span + 1, 0..10));
             let shifted = 100 * SPAN + read.start..100 * SPAN + read.end;
             b.extend(reads.on_read(2, shifted, 100 + span..101 + span, 100..110));
         }
-        assert_eq!(a.first(), Some(&1));
-        assert_eq!(b.first(), Some(&101));
+        assert_eq!(a.first(), Some(&2));
+        assert_eq!(b.first(), Some(&102));
         assert!(b.iter().all(|s| (100..110).contains(s)));
     }
 
     #[test]
     fn read_ahead_off_asks_for_nothing() {
-        let reads = SequentialReads::new(2, 0);
-        assert!(read_in_order(&reads, 10, 1 << 20, 10 * SPAN).is_empty());
+        let reads = SequentialReads::new(SPAN, 0);
+        let (asked, _) = read_in_order(&reads, 10, 1 << 20, 10 * SPAN);
+        assert!(asked.is_empty());
     }
 }

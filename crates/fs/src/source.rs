@@ -1,7 +1,14 @@
 //! The interface between the filesystem and a layer format.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
 use pronto_index::Entry;
 use pronto_store::CacheKey;
+
+/// What [`LayerSource::read_async`] returns.
+pub type ReadResult = Pin<Box<dyn Future<Output = Result<Vec<u8>, ReadError>> + Send>>;
 
 /// Why a read failed. The FUSE adapter answers every one with `EIO`; the
 /// message goes to the log.
@@ -24,6 +31,17 @@ pub trait LayerSource: Send + Sync {
     /// Returns fewer bytes only at the end of the file. Every byte returned
     /// has been verified.
     fn read(&self, entry: usize, offset: u64, len: usize) -> Result<Vec<u8>, ReadError>;
+
+    /// [`Self::read`] as a future, so that a read waiting for the network
+    /// holds no thread: the FUSE adapter answers it from a task on the
+    /// node's shared runtime.
+    fn read_async(self: Arc<Self>, entry: usize, offset: u64, len: usize) -> ReadResult;
+
+    /// True when [`Self::read`] of this range would not wait for the
+    /// network (its data is local): it is answered at once.
+    fn ready(&self, _entry: usize, _offset: u64, _len: usize) -> bool {
+        true
+    }
 
     /// The cache keys holding `entry`'s data, to pin while it is open.
     fn cache_keys(&self, entry: usize) -> Vec<CacheKey>;

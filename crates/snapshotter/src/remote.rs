@@ -467,6 +467,7 @@ impl Remote {
         let options = MountOptions {
             fs_name: format!("pronto:{}@{}", remote.image_ref, remote.layer_digest),
             threads: self.options.threads_per_layer,
+            runtime: Some(self.runtime.clone()),
             ..Default::default()
         };
         let session = pronto_fs::mount(tree, vec![source], self.cache.clone(), dir, &options)
@@ -606,6 +607,7 @@ impl Remote {
                     local_bytes: layer.local_bytes(),
                     fetched_on_demand: stats.layer_bytes.load(Ordering::Relaxed),
                     fetched_in_background: stats.background_bytes.load(Ordering::Relaxed),
+                    fetched_ahead: stats.read_ahead_bytes.load(Ordering::Relaxed),
                     background: background.to_owned(),
                     snapshot_id: *id,
                     mountpoint: mounted.dir.display().to_string(),

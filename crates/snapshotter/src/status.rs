@@ -58,6 +58,9 @@ pub struct LayerStatus {
     pub snapshot_id: u64,
     #[prost(string, tag = "8")]
     pub mountpoint: String,
+    /// Bytes fetched ahead of programs reading files in order.
+    #[prost(uint64, tag = "9")]
+    pub fetched_ahead: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

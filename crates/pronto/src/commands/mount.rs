@@ -72,6 +72,8 @@ pub fn run(
         dir,
         &MountOptions {
             fs_name: format!("pronto:{reference}"),
+            threads: 2,
+            runtime: Some(runtime.handle().clone()),
             ..Default::default()
         },
     )
