@@ -215,10 +215,34 @@ impl Stack {
         }
     }
 
+    /// The running `pronto serve`'s process ID.
+    pub fn serve_pid(&self) -> Option<u32> {
+        self.serve.as_ref().and_then(|s| s.pid())
+    }
+
     /// Everything cold: images removed from containerd with their content
     /// and snapshots, Pronto's node cache emptied, the page cache dropped,
     /// the relay's counters zeroed.
     pub fn cold(&mut self) -> Result<()> {
+        self.remove_images()?;
+        let pronto_root = self.work.path().join("pronto-root");
+        if self.serve.is_some() {
+            self.stop_serve();
+            for dir in ["cache", "layers"] {
+                let _ = std::fs::remove_dir_all(pronto_root.join(dir));
+            }
+            let pull = self.pull_settings.clone();
+            self.start_serve(&pull)?;
+        }
+        let _ = Command::new("sync").status();
+        std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")?;
+        self.relay.reset();
+        Ok(())
+    }
+
+    /// Removes every image from containerd and waits until the
+    /// snapshotters removed their snapshots (the daemon keeps running).
+    pub fn remove_images(&mut self) -> Result<()> {
         let images = self.containerd.ctr_ok(&["images", "ls", "-q"])?;
         for name in images.lines().filter(|l| !l.is_empty()) {
             self.containerd
@@ -241,17 +265,6 @@ impl Stack {
                     .unwrap_or(true)
             }))
         })?;
-        if self.serve.is_some() {
-            self.stop_serve();
-            for dir in ["cache", "layers"] {
-                let _ = std::fs::remove_dir_all(pronto_root.join(dir));
-            }
-            let pull = self.pull_settings.clone();
-            self.start_serve(&pull)?;
-        }
-        let _ = Command::new("sync").status();
-        std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")?;
-        self.relay.reset();
         Ok(())
     }
 
@@ -259,6 +272,13 @@ impl Stack {
     /// image's command until it exits; it must print `ready`.
     pub fn cold_start(&mut self, system: System, reference: &str) -> Result<Sample> {
         self.cold()?;
+        self.start_image(system, reference)
+    }
+
+    /// One start of `reference` by `system` as things are (warm or cold):
+    /// pull, then run the image's command until it exits; it must print
+    /// `ready`.
+    pub fn start_image(&mut self, system: System, reference: &str) -> Result<Sample> {
         let started = Instant::now();
         let mut phases = None;
         let snapshotter = match system {

@@ -16,6 +16,7 @@ use clap::Parser;
 use crate::cli::Cli;
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     init_logging(&cli.log_level);
     match commands::run(cli) {
@@ -23,6 +24,27 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("pronto: error: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Keeps the daemon's memory from growing with mounts and uptime. glibc
+/// raises its mmap threshold each time a large block is freed; after that
+/// every large buffer (each FUSE session's 16 MiB request buffer, span
+/// data) comes from a heap arena, is zeroed page by page, and is not
+/// returned when freed: resident memory grew by about 16 MiB per mount and
+/// kept growing as images came and went. A fixed threshold keeps large
+/// buffers mapped on demand (untouched pages cost nothing) and returned
+/// when freed; fewer arenas keep freed small blocks reusable.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use nix::libc::{M_ARENA_MAX, M_MMAP_THRESHOLD, mallopt};
+        // SAFETY: mallopt only sets allocator parameters; it is called
+        // before any other thread exists.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 1 << 20);
+            mallopt(M_ARENA_MAX, 4);
         }
     }
 }
