@@ -99,6 +99,37 @@ fn node_in(dir: &Path, config: &NodeConfig) -> ProntoNode {
     ProntoNode::new(dir, Path::new(env!("CARGO_BIN_EXE_pronto")), config).unwrap()
 }
 
+/// An image bound and mounted on a node of its own, its registry reached
+/// through a counting relay.
+struct Counted {
+    mounted: MountedImage,
+    node: ProntoNode,
+    _dir: tempfile::TempDir,
+}
+
+/// Binds `reference` (spans of `span_size`) on a node with `config` and
+/// mounts it; `relay` counts from the mount on.
+fn mount_counted(
+    reference: &str,
+    relay: &Relay,
+    config: &NodeConfig,
+    span_size: &str,
+    log_filter: &str,
+) -> Counted {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_in(dir.path(), config);
+    bind_index(&node, reference, Some(span_size));
+    relay.reset();
+    let mounted = node
+        .mount(reference, &dir.path().join("mnt"), &[], log_filter)
+        .unwrap();
+    Counted {
+        mounted,
+        node,
+        _dir: dir,
+    }
+}
+
 fn push_edge_image() -> Pushed {
     let work = tempfile::tempdir().unwrap();
     let layout = OciLayout::create(&work.path().join("layout")).unwrap();
@@ -357,19 +388,14 @@ fn the_background_fetch_fills_only_what_is_missing() {
     let pushed = push_edge_image();
     let relay = Relay::start(pushed.registry.addr()).unwrap();
     let reference = pushed.through(&relay.host());
-    let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
         background: true,
         // Slow enough that the reader below comes first.
         fetch: "background_rate = \"2MiB\"\n".into(),
         ..Default::default()
     };
-    let node = node_in(dir.path(), &config);
-    bind_index(&node, &reference, Some("256KiB"));
-    relay.reset();
-    let mounted = node
-        .mount(&reference, &dir.path().join("mnt"), &[], "info")
-        .unwrap();
+    let counted = mount_counted(&reference, &relay, &config, "256KiB", "info");
+    let (mounted, node) = (&counted.mounted, &counted.node);
     let model = std::fs::read(mounted.dir.join("data/model")).unwrap();
     assert!(model == Content::random(2, 2 << 20).to_vec().unwrap());
     wait_until("the background fetch", Duration::from_secs(60), || {
@@ -429,22 +455,12 @@ fn a_file_read_in_order_is_fetched_ahead_and_every_byte_once() {
     // with parallel requests, and the registry sends each byte once.
     require!(NEEDS);
     let (pushed, relay, reference) = push_weights_image();
-    let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
         background: true,
         ..Default::default()
     };
-    let node = node_in(dir.path(), &config);
-    bind_index(&node, &reference, Some("1MiB"));
-    relay.reset();
-    let mounted = node
-        .mount(
-            &reference,
-            &dir.path().join("mnt"),
-            &[],
-            "info,pronto_fs=debug",
-        )
-        .unwrap();
+    let counted = mount_counted(&reference, &relay, &config, "1MiB", "info,pronto_fs=debug");
+    let (mounted, node) = (&counted.mounted, &counted.node);
     let read = std::fs::read(mounted.dir.join("weights")).unwrap();
     assert!(read == Content::random(9, 96 << 20).to_vec().unwrap());
     let fetched = relay.bytes_down();
@@ -465,18 +481,13 @@ fn a_file_read_in_order_is_fetched_ahead_and_every_byte_once() {
 fn read_ahead_stops_when_the_reader_stops() {
     require!(NEEDS);
     let (pushed, relay, reference) = push_weights_image();
-    let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
         background: false,
         fetch: "read_ahead = \"8MiB\"\n".into(),
         ..Default::default()
     };
-    let node = node_in(dir.path(), &config);
-    bind_index(&node, &reference, Some("1MiB"));
-    relay.reset();
-    let mounted = node
-        .mount(&reference, &dir.path().join("mnt"), &[], "info")
-        .unwrap();
+    let counted = mount_counted(&reference, &relay, &config, "1MiB", "info");
+    let mounted = &counted.mounted;
     let mut file = std::fs::File::open(mounted.dir.join("weights")).unwrap();
     let mut head = vec![0u8; 16 << 20];
     std::io::Read::read_exact(&mut file, &mut head).unwrap();
