@@ -5,8 +5,7 @@
 //! bursts with short gaps between them), and checks again before each of
 //! its requests, so it yields within one request when reading starts.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
@@ -27,7 +26,10 @@ pub struct Scheduler {
     idle: Notify,
     read_ahead: Semaphore,
     /// When foreground work last ended (or a mount was made).
-    last_active: Mutex<Instant>,
+    /// Microseconds from `born` (an atomic: every read ends by setting
+    /// it, so no lock is taken by every read of every mount).
+    last_active: AtomicU64,
+    born: Instant,
     quiet: Duration,
 }
 
@@ -61,7 +63,8 @@ impl Scheduler {
             foreground: AtomicUsize::new(0),
             idle: Notify::new(),
             read_ahead: Semaphore::new(read_ahead_requests.max(1)),
-            last_active: Mutex::new(Instant::now()),
+            last_active: AtomicU64::new(0),
+            born: Instant::now(),
             quiet,
         }
     }
@@ -69,15 +72,14 @@ impl Scheduler {
     /// Records activity now: the quiet period starts again (a mount was
     /// made, a read ended).
     pub fn active(&self) {
-        *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let now = self.born.elapsed().as_micros() as u64;
+        self.last_active.fetch_max(now, Ordering::Relaxed);
     }
 
     /// How long the node has been quiet, if it is.
     fn quiet_for(&self) -> Duration {
-        self.last_active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
+        let last = Duration::from_micros(self.last_active.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
     }
 
     /// Waits for a read-ahead request to be allowed; it runs while the

@@ -99,6 +99,19 @@ fn node_in(dir: &Path, config: &NodeConfig) -> ProntoNode {
     ProntoNode::new(dir, Path::new(env!("CARGO_BIN_EXE_pronto")), config).unwrap()
 }
 
+/// Bytes of all of `reference`'s layer indexes, as `pronto index inspect`
+/// reports them.
+fn index_bytes(node: &ProntoNode, reference: &str) -> u64 {
+    let inspected: serde_json::Value =
+        serde_json::from_str(&node.ok(&["index", "inspect", reference, "--json"])).unwrap();
+    inspected[0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["index_size"].as_u64().unwrap())
+        .sum()
+}
+
 /// An image bound and mounted on a node of its own, its registry reached
 /// through a counting relay.
 struct Counted {
@@ -406,14 +419,7 @@ fn the_background_fetch_fills_only_what_is_missing() {
     let layers = pushed.image.layers_size();
     // Besides the layers: the indexes (at most all of them), manifests and
     // the config.
-    let inspected: serde_json::Value =
-        serde_json::from_str(&node.ok(&["index", "inspect", &reference, "--json"])).unwrap();
-    let indexes: u64 = inspected[0]["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["index_size"].as_u64().unwrap())
-        .sum();
+    let indexes = index_bytes(node, &reference);
     assert!(
         fetched <= layers + indexes + (64 << 10),
         "fetched {fetched} bytes for {layers} bytes of layers and {indexes} of indexes"
@@ -468,9 +474,7 @@ fn a_file_read_in_order_is_fetched_ahead_and_every_byte_once() {
     let log = mounted.log();
     let ahead = log.matches("purpose=ReadAhead").count();
     assert!(ahead > 10, "spans were fetched ahead of the reader:\n{log}");
-    let inspected: serde_json::Value =
-        serde_json::from_str(&node.ok(&["index", "inspect", &reference, "--json"])).unwrap();
-    let index = inspected[0]["layers"][0]["index_size"].as_u64().unwrap();
+    let index = index_bytes(node, &reference);
     assert!(
         fetched <= layer + index + (64 << 10),
         "fetched {fetched} bytes for a {layer}-byte layer and its {index}-byte index"
