@@ -1,29 +1,34 @@
 //! The FUSE adapter: kernel requests in, tree lookups and layer reads out.
-//! The only place that knows FUSE; every failure of a read becomes `EIO`
-//! here, with a log line naming the layer.
+//! The only place that knows FUSE requests; every failure of a read becomes
+//! `EIO` here, with a log line naming the layer.
+//!
+//! A mount is served by one task on the node's shared runtime, so mounts
+//! add no threads. Reads that wait for the network run as tasks of their
+//! own and answer when their bytes are verified.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{CStr, OsStr};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
-    Request, Session,
-};
+use nix::errno::Errno;
 use pronto_store::{CacheKey, ContentCache};
+use zerocopy::{FromBytes, IntoBytes};
 
+use crate::kernel::{
+    self, Attr, AttrOut, Channel, Dirent, EntryOut, GetxattrIn, GetxattrOut, InHeader, MountSpec,
+    OpenIn, OpenOut, ReadIn, ReleaseIn, StatfsOut, fopen, opcode,
+};
 use crate::source::LayerSource;
 use crate::tree::{Node, NodeKind, Tree};
 
 /// The tree never changes, so the kernel may keep entries and attributes
-/// for as long as it likes.
-const TTL: Duration = Duration::from_secs(24 * 3600);
+/// for as long as it likes (seconds).
+const TTL: u64 = 24 * 3600;
 
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -31,21 +36,50 @@ pub struct MountOptions {
     pub fs_name: String,
     /// Let every user read the mount (containers run as any uid).
     pub allow_other: bool,
-    /// Threads answering kernel requests.
-    pub threads: usize,
-    /// Where reads that wait for the network run (one runtime for every
-    /// mount of the node), so that they hold no FUSE thread: a mount then
-    /// needs one. Without it, FUSE threads wait themselves.
-    pub runtime: Option<tokio::runtime::Handle>,
+    /// Where the mount is served, and reads that wait for the network
+    /// run: one runtime for every mount of the node.
+    pub runtime: tokio::runtime::Handle,
+    /// A file recording, per inode, how the kernel has it open, so that a
+    /// daemon adopting the connection after a restart answers new opens
+    /// the way the kernel accepts (see [`OpenFiles`]). None: kept in
+    /// memory only.
+    pub opens_file: Option<PathBuf>,
 }
 
-impl Default for MountOptions {
-    fn default() -> Self {
+impl MountOptions {
+    pub fn new(fs_name: impl Into<String>, runtime: tokio::runtime::Handle) -> Self {
         Self {
-            fs_name: "pronto".into(),
+            fs_name: fs_name.into(),
             allow_other: true,
-            threads: 8,
-            runtime: None,
+            runtime,
+            opens_file: None,
+        }
+    }
+}
+
+/// How the kernel reads an open file. It refuses to mix page-cached and
+/// passthrough opens of one inode, and passthrough opens of one inode with
+/// different backing files (the open fails with EIO), so every open of an
+/// inode stays compatible with those already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoMode {
+    /// Through the daemon and the page cache.
+    Cached = 0,
+    /// The kernel reads the inode's local copy itself.
+    Passthrough = 1,
+    /// Through the daemon, bypassing the page cache: what a file open in
+    /// passthrough mode is given when this open cannot be (a program).
+    Direct = 2,
+}
+
+impl IoMode {
+    /// File handles carry their mode in the low two bits, so that a
+    /// handle opened by an earlier daemon is released correctly.
+    fn of_handle(fh: u64) -> IoMode {
+        match fh & 3 {
+            1 => IoMode::Passthrough,
+            2 => IoMode::Direct,
+            _ => IoMode::Cached,
         }
     }
 }
@@ -58,59 +92,87 @@ struct OpenFile {
     mode: IoMode,
 }
 
-/// How the kernel reads an open file. It refuses to mix page-cached and
-/// passthrough opens of one inode, and passthrough opens of one inode with
-/// different backing files (the open fails with EIO), so every open of an
-/// inode stays compatible with those already there.
+/// The backing file passthrough opens of an inode share: the kernel's id
+/// for it and its cache key (unknown when an earlier daemon made it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IoMode {
-    /// Through the daemon and the page cache.
-    Cached,
-    /// The kernel reads the inode's local copy itself.
-    Passthrough,
-    /// Through the daemon, bypassing the page cache: what a file open in
-    /// passthrough mode is given when this open cannot be (a program).
-    Direct,
+struct Backing {
+    id: u32,
+    key: Option<CacheKey>,
 }
-
-/// The backing file passthrough opens of an inode share: its cache key
-/// and the kernel's id for it.
-type Backing = (CacheKey, fuser::BackingId);
 
 /// Open handles of one inode, by mode, and the backing file its
 /// passthrough opens share.
-struct InodeOpens<B> {
-    cached: usize,
-    passthrough: usize,
-    backing: Option<B>,
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct InodeOpens {
+    cached: u32,
+    passthrough: u32,
+    backing: Option<Backing>,
 }
 
-impl<B> Default for InodeOpens<B> {
-    fn default() -> Self {
-        Self {
-            cached: 0,
-            passthrough: 0,
-            backing: None,
-        }
-    }
-}
+/// Bytes per inode in the opens file: cached, passthrough, backing id.
+const OPENS_RECORD: u64 = 16;
 
-/// What is open: handles, and per inode how.
-struct OpenFiles<B = Backing> {
+/// What is open: handles, and per inode how. The per-inode counts are
+/// the kernel's state, which outlives this process when the connection is
+/// handed over, so they are written through to a file (one fixed slot per
+/// inode) that the next daemon reads. A crash can leave a count too high
+/// (an open counted but not answered, or a release answered but not
+/// counted), never too low: that only costs passthrough for the inode.
+#[derive(Default)]
+struct OpenFiles {
     handles: HashMap<u64, OpenFile>,
-    inodes: HashMap<u64, InodeOpens<B>>,
+    inodes: HashMap<u64, InodeOpens>,
+    file: Option<std::fs::File>,
 }
 
-impl<B> Default for OpenFiles<B> {
-    fn default() -> Self {
-        Self {
+impl OpenFiles {
+    /// Opens (or creates) the record at `path`, reading what an earlier
+    /// daemon left there.
+    fn load(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let bytes = std::fs::read(path)?;
+        let mut inodes = HashMap::new();
+        for (i, record) in bytes.chunks_exact(OPENS_RECORD as usize).enumerate() {
+            let word = |at: usize| u32::from_le_bytes(record[at..at + 4].try_into().unwrap());
+            let opens = InodeOpens {
+                cached: word(0),
+                passthrough: word(4),
+                backing: (word(8) != 0).then(|| Backing {
+                    id: word(8),
+                    key: None,
+                }),
+            };
+            if opens != InodeOpens::default() {
+                inodes.insert(i as u64, opens);
+            }
+        }
+        Ok(Self {
             handles: HashMap::new(),
-            inodes: HashMap::new(),
+            inodes,
+            file: Some(file),
+        })
+    }
+
+    fn record(&self, ino: u64) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let opens = self.inodes.get(&ino).copied().unwrap_or_default();
+        let mut record = [0u8; OPENS_RECORD as usize];
+        record[0..4].copy_from_slice(&opens.cached.to_le_bytes());
+        record[4..8].copy_from_slice(&opens.passthrough.to_le_bytes());
+        let id = opens.backing.map_or(0, |b| b.id);
+        record[8..12].copy_from_slice(&id.to_le_bytes());
+        if let Err(e) = file.write_all_at(&record, ino * OPENS_RECORD) {
+            tracing::warn!(ino, "cannot record open files: {e}");
         }
     }
-}
 
-impl<B> OpenFiles<B> {
     /// True when a new open of `ino` could start passthrough: nothing has
     /// it open, or only passthrough opens (whose backing file it reuses).
     fn may_start_passthrough(&self, ino: u64) -> bool {
@@ -120,9 +182,16 @@ impl<B> OpenFiles<B> {
     }
 
     /// The mode for a new open of `ino` that `wants` passthrough, with a
-    /// `backing` file made for it if one could be; records it.
-    fn admit(&mut self, ino: u64, wants: bool, backing: Option<B>) -> IoMode {
+    /// `backing` file made for it if one could be; records it. Returns
+    /// the backing file when it was not used, for the caller to close.
+    fn admit(
+        &mut self,
+        ino: u64,
+        wants: bool,
+        backing: Option<Backing>,
+    ) -> (IoMode, Option<Backing>) {
         let opens = self.inodes.entry(ino).or_default();
+        let mut unused = backing;
         let mode = if opens.passthrough > 0 {
             if wants {
                 IoMode::Passthrough
@@ -130,7 +199,7 @@ impl<B> OpenFiles<B> {
                 IoMode::Direct
             }
         } else if opens.cached == 0 && backing.is_some() {
-            opens.backing = backing;
+            opens.backing = unused.take();
             IoMode::Passthrough
         } else {
             IoMode::Cached
@@ -140,32 +209,56 @@ impl<B> OpenFiles<B> {
             IoMode::Cached => opens.cached += 1,
             IoMode::Direct => {}
         }
-        mode
+        if mode != IoMode::Direct {
+            self.record(ino);
+        }
+        (mode, unused)
     }
 
     /// The backing file passthrough opens of `ino` share.
-    fn backing(&self, ino: u64) -> Option<&B> {
-        self.inodes.get(&ino)?.backing.as_ref()
+    fn backing(&self, ino: u64) -> Option<Backing> {
+        self.inodes.get(&ino)?.backing
     }
 
-    /// Forgets handle `fh`; returns it. The inode's backing file goes
-    /// with its last passthrough open.
-    fn close(&mut self, fh: u64) -> Option<OpenFile> {
-        let file = self.handles.remove(&fh)?;
-        if let Some(opens) = self.inodes.get_mut(&file.ino) {
-            match file.mode {
-                IoMode::Passthrough => opens.passthrough -= 1,
-                IoMode::Cached => opens.cached -= 1,
-                IoMode::Direct => {}
+    /// Forgets handle `fh` of inode `ino`. Returns the handle if this
+    /// process opened it, and the backing file to close when its last
+    /// passthrough open went.
+    fn close(&mut self, fh: u64, ino: u64) -> (Option<OpenFile>, Option<Backing>) {
+        let file = self.handles.remove(&fh);
+        let (ino, mode) = match &file {
+            Some(f) => (f.ino, f.mode),
+            None => (ino, IoMode::of_handle(fh)),
+        };
+        let mut released = None;
+        if let Some(opens) = self.inodes.get_mut(&ino) {
+            match mode {
+                IoMode::Passthrough => opens.passthrough = opens.passthrough.saturating_sub(1),
+                IoMode::Cached => opens.cached = opens.cached.saturating_sub(1),
+                IoMode::Direct => return (file, None),
             }
             if opens.passthrough == 0 {
-                opens.backing = None;
+                released = opens.backing.take();
             }
             if opens.cached == 0 && opens.passthrough == 0 {
-                self.inodes.remove(&file.ino);
+                self.inodes.remove(&ino);
             }
+            self.record(ino);
         }
-        Some(file)
+        (file, released)
+    }
+}
+
+/// A mounted (or adopted) filesystem and its kernel connection.
+pub struct FuseMount {
+    fs: Arc<ProntoFs>,
+    channel: Arc<Channel>,
+}
+
+impl std::fmt::Debug for FuseMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FuseMount")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
     }
 }
 
@@ -175,112 +268,308 @@ struct ProntoFs {
     cache: Arc<ContentCache>,
     open: Mutex<OpenFiles>,
     next_fh: AtomicU64,
-    /// The kernel accepted FUSE passthrough (Linux 6.9 and later).
-    passthrough: bool,
-    runtime: Option<tokio::runtime::Handle>,
+    runtime: tokio::runtime::Handle,
 }
 
-/// Mounts `tree` over `layers` at `dir`, read-only. Call `run()` on the
-/// session to serve in this thread until unmounted, or `spawn()` to serve
-/// in the background (dropping the handle unmounts).
-pub fn mount(
-    tree: Tree,
-    layers: Vec<Arc<dyn LayerSource>>,
-    cache: Arc<ContentCache>,
-    dir: &Path,
-    options: &MountOptions,
-) -> std::io::Result<Session<impl Filesystem>> {
-    let fs = ProntoFs {
-        tree: Arc::new(tree),
-        layers,
-        cache,
-        open: Mutex::new(OpenFiles::default()),
-        next_fh: AtomicU64::new(1),
-        passthrough: false,
-        runtime: options.runtime.clone(),
-    };
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(options.fs_name.clone()),
-        MountOption::Subtype("pronto".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoAtime,
-    ];
-    if options.allow_other {
-        config.acl = fuser::SessionACL::All;
+impl FuseMount {
+    /// Mounts `tree` over `layers` at `dir`, read-only, and completes the
+    /// kernel's INIT. Nothing is served until [`Self::spawn`].
+    pub fn mount(
+        tree: Tree,
+        layers: Vec<Arc<dyn LayerSource>>,
+        cache: Arc<ContentCache>,
+        dir: &Path,
+        options: &MountOptions,
+    ) -> std::io::Result<FuseMount> {
+        let fs = ProntoFs::new(tree, layers, cache, options)?;
+        let channel = Channel::mount(
+            dir,
+            &MountSpec {
+                source: &options.fs_name,
+                allow_other: options.allow_other,
+            },
+        )?;
+        let negotiated = channel.negotiated();
+        tracing::debug!(
+            passthrough = negotiated.passthrough,
+            readdirplus = negotiated.readdirplus,
+            resend = negotiated.resend,
+            "FUSE connection initialised"
+        );
+        Ok(FuseMount {
+            fs: Arc::new(fs),
+            channel: Arc::new(channel),
+        })
     }
-    config.n_threads = Some(options.threads.max(1));
-    config.clone_fd = true;
-    Session::new(fs, dir, &config)
+
+    /// Takes over a connection an earlier daemon mounted and initialised
+    /// (`fd`, with what its INIT settled). The tree must be the one that
+    /// daemon served: inode numbers are positions in it.
+    pub fn adopt(
+        fd: std::os::fd::OwnedFd,
+        negotiated: kernel::Negotiated,
+        tree: Tree,
+        layers: Vec<Arc<dyn LayerSource>>,
+        cache: Arc<ContentCache>,
+        options: &MountOptions,
+    ) -> std::io::Result<FuseMount> {
+        let fs = ProntoFs::new(tree, layers, cache, options)?;
+        let channel = Channel::adopt(fd, negotiated)?;
+        Ok(FuseMount {
+            fs: Arc::new(fs),
+            channel: Arc::new(channel),
+        })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Serves the mount on its runtime until it is unmounted.
+    pub fn spawn(self) -> tokio::task::JoinHandle<()> {
+        let runtime = self.fs.runtime.clone();
+        runtime.spawn(self.serve())
+    }
+
+    /// Serves requests until the filesystem is unmounted.
+    pub async fn serve(self) {
+        let FuseMount { fs, channel } = self;
+        if let Err(e) = serve(fs, channel).await {
+            tracing::error!("FUSE connection failed: {e}");
+        }
+    }
+}
+
+/// Requests, and the end of the connection: an unmounted or aborted
+/// connection polls as an error only.
+const INTEREST: tokio::io::Interest = tokio::io::Interest::READABLE.add(tokio::io::Interest::ERROR);
+
+async fn serve(fs: Arc<ProntoFs>, channel: Arc<Channel>) -> std::io::Result<()> {
+    channel.set_nonblocking()?;
+    // SAFETY: the registered descriptor is the channel's, which the
+    // AsyncFd holds (an Arc): it stays open while it is registered.
+    let ready = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            channel.clone(),
+            INTEREST,
+        )
+    }?;
+    let mut buf = vec![0u8; kernel::BUFFER_SIZE];
+    loop {
+        let mut guard = ready.ready(INTEREST).await?;
+        match channel.try_read(&mut buf) {
+            Ok(Some(n)) => {
+                drop(guard);
+                fs.dispatch(&channel, &buf[..n]).await;
+            }
+            Ok(None) => guard.clear_ready(),
+            // Unmounted, or the connection aborted.
+            Err(Errno::ENODEV | Errno::ECONNABORTED) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Reads a request's fixed-size argument.
+fn arg<T: FromBytes>(body: &[u8]) -> Result<T, Errno> {
+    T::read_from_prefix(body)
+        .map(|(value, _)| value)
+        .map_err(|_| Errno::EINVAL)
+}
+
+/// The NUL-terminated name at the start of `bytes`.
+fn name(bytes: &[u8]) -> Result<&OsStr, Errno> {
+    CStr::from_bytes_until_nul(bytes)
+        .map(|c| OsStr::from_bytes(c.to_bytes()))
+        .map_err(|_| Errno::EINVAL)
 }
 
 impl ProntoFs {
-    /// A backing file for passthrough, when the file's data is all local.
-    fn backing_file(
-        &self,
-        layer: usize,
-        entry: usize,
-        reply: &ReplyOpen,
-    ) -> Option<(CacheKey, fuser::BackingId)> {
-        let key = self.layers[layer].local_file(entry)?;
-        let path = self.cache.path_of(&key)?;
-        let file = std::fs::File::open(&path).ok()?;
-        match reply.open_backing(&file) {
-            Ok(id) => Some((key, id)),
-            Err(err) => {
-                tracing::debug!("passthrough not possible for {}: {err}", path.display());
-                None
-            }
-        }
-    }
-
-    fn lock_open(&self) -> std::sync::MutexGuard<'_, OpenFiles> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The entries of directory `ino` from `offset` on, `.` and `..`
-    /// first: the offset of the entry after each, its name, inode and node.
-    fn listing(
-        &self,
-        ino: INodeNo,
-        offset: u64,
-    ) -> Result<impl Iterator<Item = (u64, &OsStr, u64, &Node)>, Errno> {
-        let node = self.node(ino)?;
-        if node.kind != NodeKind::Dir {
-            return Err(Errno::ENOTDIR);
-        }
-        let dots = [(OsStr::new("."), ino.0), (OsStr::new(".."), node.parent)];
-        let entries = dots.into_iter().chain(self.tree.children(ino.0));
-        Ok(entries
-            .enumerate()
-            .skip(offset as usize)
-            .filter_map(|(i, (name, child))| {
-                let node = self.tree.get(child)?;
-                Some(((i + 1) as u64, name, child, node))
-            }))
-    }
-
-    fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
-        self.tree.get(ino.0).ok_or(Errno::ENOENT)
-    }
-
-    fn attr(&self, ino: u64, node: &Node) -> FileAttr {
-        let mtime = if node.mtime >= 0 {
-            UNIX_EPOCH + Duration::new(node.mtime as u64, node.mtime_nsec)
-        } else {
-            UNIX_EPOCH - Duration::from_secs(node.mtime.unsigned_abs())
+    fn new(
+        tree: Tree,
+        layers: Vec<Arc<dyn LayerSource>>,
+        cache: Arc<ContentCache>,
+        options: &MountOptions,
+    ) -> std::io::Result<Self> {
+        let open = match &options.opens_file {
+            Some(path) => OpenFiles::load(path)?,
+            None => OpenFiles::default(),
         };
-        FileAttr {
-            ino: INodeNo(ino),
+        // Handles of an earlier daemon were numbered from an earlier time.
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
+        Ok(Self {
+            tree: Arc::new(tree),
+            layers,
+            cache,
+            open: Mutex::new(open),
+            next_fh: AtomicU64::new(start),
+            runtime: options.runtime.clone(),
+        })
+    }
+
+    async fn dispatch(&self, channel: &Arc<Channel>, request: &[u8]) {
+        let Ok((header, body)) = InHeader::read_from_prefix(request) else {
+            return;
+        };
+        if kernel::needs_no_reply(header.opcode) {
+            return;
+        }
+        let unique = header.unique;
+        let answered = match self.answer(channel, header, body).await {
+            Ok(()) => Ok(()),
+            Err(errno) => channel.reply_error(unique, errno),
+        };
+        if let Err(e) = answered {
+            tracing::debug!(opcode = header.opcode, "cannot answer FUSE request: {e}");
+        }
+    }
+
+    /// Answers one request; an error is answered by the caller.
+    async fn answer(
+        &self,
+        channel: &Arc<Channel>,
+        header: InHeader,
+        body: &[u8],
+    ) -> Result<(), Errno> {
+        let (unique, ino) = (header.unique, header.nodeid);
+        let reply = |parts: &[&[u8]]| channel.reply(unique, parts).map_err(|_| Errno::EIO);
+        match header.opcode {
+            opcode::LOOKUP => {
+                let child = self.tree.lookup(ino, name(body)?).ok_or(Errno::ENOENT)?;
+                let entry = self.entry(child, self.node(child)?);
+                reply(&[entry.as_bytes()])
+            }
+            opcode::GETATTR => {
+                let out = AttrOut {
+                    attr_valid: TTL,
+                    attr: self.attr(ino, self.node(ino)?),
+                    ..Default::default()
+                };
+                reply(&[out.as_bytes()])
+            }
+            opcode::READLINK => {
+                let node = self.node(ino)?;
+                if node.kind != NodeKind::Symlink {
+                    return Err(Errno::EINVAL);
+                }
+                reply(&[&node.link])
+            }
+            opcode::OPEN => {
+                let open: OpenIn = arg(body)?;
+                self.open(channel, unique, ino, open.flags)
+            }
+            opcode::READ => {
+                let read: ReadIn = arg(body)?;
+                self.read(channel, unique, ino, read).await;
+                Ok(())
+            }
+            opcode::RELEASE => {
+                let release: ReleaseIn = arg(body)?;
+                reply(&[])?;
+                self.release(channel, release.fh, ino);
+                Ok(())
+            }
+            opcode::OPENDIR => {
+                let out = OpenOut {
+                    fh: 0,
+                    // The listing never changes: the kernel may keep it.
+                    open_flags: fopen::KEEP_CACHE | fopen::CACHE_DIR,
+                    backing_id: 0,
+                };
+                reply(&[out.as_bytes()])
+            }
+            opcode::READDIR | opcode::READDIRPLUS => {
+                let read: ReadIn = arg(body)?;
+                let listing = self.listing(
+                    ino,
+                    read.offset,
+                    read.size as usize,
+                    header.opcode == opcode::READDIRPLUS,
+                )?;
+                reply(&[&listing])
+            }
+            opcode::FLUSH
+            | opcode::FSYNC
+            | opcode::FSYNCDIR
+            | opcode::RELEASEDIR
+            | opcode::ACCESS => reply(&[]),
+            opcode::GETXATTR => {
+                let get: GetxattrIn = arg(body)?;
+                let wanted = name(&body[size_of::<GetxattrIn>()..])?;
+                let node = self.node(ino)?;
+                let (_, value) = node
+                    .xattrs
+                    .iter()
+                    .find(|(k, _)| k.as_bytes() == wanted.as_bytes())
+                    .ok_or(Errno::ENODATA)?;
+                self.xattr_reply(channel, unique, get.size, value)
+            }
+            opcode::LISTXATTR => {
+                let get: GetxattrIn = arg(body)?;
+                let node = self.node(ino)?;
+                let mut names = Vec::new();
+                for (name, _) in &node.xattrs {
+                    names.extend_from_slice(name.as_bytes());
+                    names.push(0);
+                }
+                self.xattr_reply(channel, unique, get.size, &names)
+            }
+            opcode::STATFS => {
+                let out = StatfsOut {
+                    files: self.tree.len() as u64,
+                    bsize: 4096,
+                    namelen: 255,
+                    frsize: 4096,
+                    ..Default::default()
+                };
+                reply(&[out.as_bytes()])
+            }
+            opcode::INIT => Err(Errno::EPROTO),
+            opcode::SETATTR => Err(Errno::EROFS),
+            op if is_write(op) => Err(Errno::EROFS),
+            _ => Err(Errno::ENOSYS),
+        }
+    }
+
+    fn xattr_reply(
+        &self,
+        channel: &Channel,
+        unique: u64,
+        size: u32,
+        value: &[u8],
+    ) -> Result<(), Errno> {
+        let answered = if size == 0 {
+            let out = GetxattrOut {
+                size: value.len() as u32,
+                padding: 0,
+            };
+            channel.reply(unique, &[out.as_bytes()])
+        } else if value.len() <= size as usize {
+            channel.reply(unique, &[value])
+        } else {
+            return Err(Errno::ERANGE);
+        };
+        answered.map_err(|_| Errno::EIO)
+    }
+
+    fn node(&self, ino: u64) -> Result<&Node, Errno> {
+        self.tree.get(ino).ok_or(Errno::ENOENT)
+    }
+
+    fn attr(&self, ino: u64, node: &Node) -> Attr {
+        Attr {
+            ino,
             size: node.size,
             blocks: node.size.div_ceil(512),
-            atime: mtime,
-            mtime,
-            ctime: mtime,
-            crtime: mtime,
-            kind: file_type(node.kind),
-            perm: (node.mode & 0o7777) as u16,
+            atime: node.mtime,
+            mtime: node.mtime,
+            ctime: node.mtime,
+            atimensec: node.mtime_nsec,
+            mtimensec: node.mtime_nsec,
+            ctimensec: node.mtime_nsec,
+            mode: type_bits(node.kind) | (node.mode & 0o7777),
             nlink: node.nlink,
             uid: node.uid,
             gid: node.gid,
@@ -289,306 +578,238 @@ impl ProntoFs {
             flags: 0,
         }
     }
-}
 
-/// Answers a read with its bytes, or with `EIO` logged at ERROR with the
-/// file and why, and counted.
-fn answer_read(
-    tree: &Tree,
-    ino: INodeNo,
-    offset: u64,
-    size: u32,
-    result: Result<Vec<u8>, crate::source::ReadError>,
-    reply: ReplyData,
-) {
-    match result {
-        Ok(bytes) => reply.data(&bytes),
-        Err(err) => {
-            tracing::error!(
-                file = tree.path_of(ino.0),
-                ino = ino.0,
-                offset,
-                size,
-                "read failed, answering EIO: {err}"
-            );
-            pronto_metrics::metrics().error(pronto_metrics::ErrorKind::Read);
-            reply.error(Errno::EIO);
-        }
-    }
-}
-
-fn file_type(kind: NodeKind) -> FileType {
-    match kind {
-        NodeKind::Dir => FileType::Directory,
-        NodeKind::File => FileType::RegularFile,
-        NodeKind::Symlink => FileType::Symlink,
-        NodeKind::CharDevice => FileType::CharDevice,
-        NodeKind::BlockDevice => FileType::BlockDevice,
-        NodeKind::Fifo => FileType::NamedPipe,
-    }
-}
-
-impl Filesystem for ProntoFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Passthrough lets the kernel read local files without us. A stack
-        // depth of 1 keeps the mount usable as an overlayfs lower layer.
-        self.passthrough = config
-            .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
-            .is_ok()
-            && config.set_max_stack_depth(1).is_ok();
-        // The tree is immutable and in memory: listing a directory answers
-        // every lookup of its entries at once.
-        let readdirplus = config
-            .add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS)
-            .is_ok();
-        tracing::info!(
-            passthrough = self.passthrough,
-            readdirplus,
-            "FUSE session initialised"
-        );
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.tree.lookup(parent.0, name) {
-            Some(ino) => match self.tree.get(ino) {
-                Some(node) => reply.entry(&TTL, &self.attr(ino, node), Generation(0)),
-                None => reply.error(Errno::ENOENT),
-            },
-            None => reply.error(Errno::ENOENT),
+    fn entry(&self, ino: u64, node: &Node) -> EntryOut {
+        EntryOut {
+            nodeid: ino,
+            generation: 0,
+            entry_valid: TTL,
+            attr_valid: TTL,
+            attr: self.attr(ino, node),
+            ..Default::default()
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.node(ino) {
-            Ok(node) => reply.attr(&TTL, &self.attr(ino.0, node)),
-            Err(e) => reply.error(e),
+    /// The entries of directory `ino` from `offset` on, `.` and `..`
+    /// first, as the kernel reads them, up to `size` bytes.
+    fn listing(&self, ino: u64, offset: u64, size: usize, plus: bool) -> Result<Vec<u8>, Errno> {
+        let node = self.node(ino)?;
+        if node.kind != NodeKind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let dots = [(OsStr::new("."), ino), (OsStr::new(".."), node.parent)];
+        let entries = dots.into_iter().chain(self.tree.children(ino));
+        let mut out = Vec::with_capacity(size.min(64 * 1024));
+        for (i, (name, child)) in entries.enumerate().skip(offset as usize) {
+            let Some(child_node) = self.tree.get(child) else {
+                continue;
+            };
+            let name = name.as_bytes();
+            let dirent_len = kernel::dirent_size(name.len());
+            let len = dirent_len + if plus { size_of::<EntryOut>() } else { 0 };
+            if out.len() + len > size {
+                break;
+            }
+            if plus {
+                out.extend_from_slice(self.entry(child, child_node).as_bytes());
+            }
+            let dirent = Dirent {
+                ino: child,
+                off: (i + 1) as u64,
+                namelen: name.len() as u32,
+                kind: type_bits(child_node.kind) >> 12,
+            };
+            let start = out.len();
+            out.extend_from_slice(dirent.as_bytes());
+            out.extend_from_slice(name);
+            out.resize(start + dirent_len, 0);
+        }
+        Ok(out)
+    }
+
+    fn lock_open(&self) -> std::sync::MutexGuard<'_, OpenFiles> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A backing file for passthrough, when the file's data is all local.
+    fn backing_file(&self, channel: &Channel, layer: usize, entry: usize) -> Option<Backing> {
+        let key = self.layers[layer].local_file(entry)?;
+        let path = self.cache.path_of(&key)?;
+        let file = std::fs::File::open(&path).ok()?;
+        match channel.backing_open(&file) {
+            Ok(id) => Some(Backing { id, key: Some(key) }),
+            Err(err) => {
+                tracing::debug!("passthrough not possible for {}: {err}", path.display());
+                None
+            }
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.node(ino) {
-            Ok(node) if node.kind == NodeKind::Symlink => reply.data(&node.link),
-            Ok(_) => reply.error(Errno::EINVAL),
-            Err(e) => reply.error(e),
+    fn open(&self, channel: &Channel, unique: u64, ino: u64, flags: u32) -> Result<(), Errno> {
+        if flags & O_ACCMODE != 0 {
+            return Err(Errno::EROFS);
         }
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        let node = match self.node(ino) {
-            Ok(node) => node,
-            Err(e) => return reply.error(e),
-        };
+        let node = self.node(ino)?;
         let Some((layer, entry)) = node.data else {
-            return reply.error(Errno::EINVAL);
+            return Err(Errno::EINVAL);
         };
         // Pin the file's data while it is open, so eviction never takes it.
         let mut keys = self.layers[layer].cache_keys(entry);
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         // On Linux 6.18, a passthrough open of a file that a process is
         // executing fails with EIO (and executing a file through one does
         // too). Programs are therefore always served by the daemon (and
         // then the page cache): opens for execve (FMODE_EXEC, 0x20) and
         // files with an execute bit never use passthrough.
-        const FMODE_EXEC: i32 = 0x20;
-        let program = flags.0 & FMODE_EXEC != 0 || node.mode & 0o111 != 0;
-        let wants = self.passthrough && node.size > 0 && !program;
-        let backing = if wants && self.lock_open().may_start_passthrough(ino.0) {
-            self.backing_file(layer, entry, &reply)
+        const FMODE_EXEC: u32 = 0x20;
+        let program = flags & FMODE_EXEC != 0 || node.mode & 0o111 != 0;
+        let wants = channel.negotiated().passthrough && node.size > 0 && !program;
+        let backing = if wants && self.lock_open().may_start_passthrough(ino) {
+            self.backing_file(channel, layer, entry)
         } else {
             None
         };
         let mut open = self.lock_open();
-        let mode = open.admit(ino.0, wants, backing);
-        let shared = open.backing(ino.0).filter(|_| mode == IoMode::Passthrough);
-        if let Some((key, _)) = shared {
-            keys.push(*key);
+        let (mode, unused) = open.admit(ino, wants, backing);
+        if let Some(unused) = unused {
+            channel.backing_close(unused.id);
+        }
+        let shared = open.backing(ino).filter(|_| mode == IoMode::Passthrough);
+        if let Some(key) = shared.and_then(|b| b.key) {
+            keys.push(key);
         }
         for key in &keys {
             self.cache.pin(key);
         }
-        match (shared, mode) {
-            (Some((_, id)), _) => {
-                tracing::debug!(ino = ino.0, "opened with passthrough");
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+        let fh = (self.next_fh.fetch_add(1, Ordering::Relaxed) << 2) | mode as u64;
+        let out = match (shared, mode) {
+            (Some(backing), _) => {
+                tracing::debug!(ino, "opened with passthrough");
+                OpenOut {
+                    fh,
+                    open_flags: fopen::PASSTHROUGH,
+                    backing_id: backing.id as i32,
+                }
             }
             (None, IoMode::Direct) => {
-                tracing::debug!(
-                    ino = ino.0,
-                    "opened for direct I/O beside passthrough opens"
-                );
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+                tracing::debug!(ino, "opened for direct I/O beside passthrough opens");
+                OpenOut {
+                    fh,
+                    open_flags: fopen::DIRECT_IO,
+                    backing_id: 0,
+                }
             }
-            (None, _) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-        }
+            (None, _) => OpenOut {
+                fh,
+                open_flags: fopen::KEEP_CACHE,
+                backing_id: 0,
+            },
+        };
         open.handles.insert(
             fh,
             OpenFile {
-                ino: ino.0,
+                ino,
                 layer,
                 entry,
                 keys,
                 mode,
             },
         );
+        drop(open);
+        channel
+            .reply(unique, &[out.as_bytes()])
+            .map_err(|_| Errno::EIO)
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let target = {
-            let open = self.lock_open();
-            open.handles.get(&fh.0).map(|f| (f.layer, f.entry))
-        };
-        let Some((layer, entry)) = target.or_else(|| self.node(ino).ok().and_then(|n| n.data))
-        else {
-            return reply.error(Errno::EBADF);
-        };
-        let source = &self.layers[layer];
-        if let Some(runtime) = &self.runtime
-            && !source.ready(entry, offset, size as usize)
-        {
-            let read = source.clone().read_async(entry, offset, size as usize);
-            let tree = self.tree.clone();
-            runtime.spawn(async move { answer_read(&tree, ino, offset, size, read.await, reply) });
-            return;
-        }
-        answer_read(
-            &self.tree,
-            ino,
-            offset,
-            size,
-            source.read(entry, offset, size as usize),
-            reply,
-        );
-    }
-
-    /// Nothing to write back on a read-only filesystem. Answered rather
-    /// than left to fuser, which logs a warning for every mount.
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        let closed = self.lock_open().close(fh.0);
-        if let Some(file) = closed {
+    fn release(&self, channel: &Channel, fh: u64, ino: u64) {
+        let (file, backing) = self.lock_open().close(fh, ino);
+        if let Some(file) = file {
             for key in &file.keys {
                 self.cache.unpin(key);
             }
         }
-        reply.ok();
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        let entries = match self.listing(ino, offset) {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(e),
-        };
-        for (next, name, child, node) in entries {
-            if reply.add(INodeNo(child), next, file_type(node.kind), name) {
-                break;
-            }
+        if let Some(backing) = backing {
+            channel.backing_close(backing.id);
         }
-        reply.ok();
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let entries = match self.listing(ino, offset) {
-            Ok(entries) => entries,
-            Err(e) => return reply.error(e),
+    async fn read(&self, channel: &Arc<Channel>, unique: u64, ino: u64, read: ReadIn) {
+        let target = {
+            let open = self.lock_open();
+            open.handles.get(&read.fh).map(|f| (f.layer, f.entry))
         };
-        for (next, name, child, node) in entries {
-            let attr = self.attr(child, node);
-            if reply.add(INodeNo(child), next, name, &TTL, &attr, Generation(0)) {
-                break;
-            }
-        }
-        reply.ok();
-    }
-
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let node = match self.node(ino) {
-            Ok(node) => node,
-            Err(e) => return reply.error(e),
-        };
-        let Some((_, value)) = node
-            .xattrs
-            .iter()
-            .find(|(k, _)| k.as_bytes() == name.as_bytes())
+        // A handle of an earlier daemon: the inode says which file.
+        let Some((layer, entry)) = target.or_else(|| self.node(ino).ok().and_then(|n| n.data))
         else {
-            return reply.error(Errno::ENODATA);
+            let _ = channel.reply_error(unique, Errno::EBADF);
+            return;
         };
-        if size == 0 {
-            reply.size(value.len() as u32);
-        } else if value.len() <= size as usize {
-            reply.data(value);
+        let source = self.layers[layer].clone();
+        let (offset, size) = (read.offset, read.size);
+        let ready = source.ready(entry, offset, size as usize);
+        let bytes = source.read_async(entry, offset, size as usize);
+        let tree = self.tree.clone();
+        let channel = channel.clone();
+        let answer = async move {
+            let result = bytes.await;
+            answer_read(&tree, &channel, unique, ino, offset, size, result);
+        };
+        if ready {
+            answer.await;
         } else {
-            reply.error(Errno::ERANGE);
+            self.runtime.spawn(answer);
         }
     }
+}
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let node = match self.node(ino) {
-            Ok(node) => node,
-            Err(e) => return reply.error(e),
-        };
-        let mut names = Vec::new();
-        for (name, _) in &node.xattrs {
-            names.extend_from_slice(name.as_bytes());
-            names.push(0);
+/// Any access but read-only is refused.
+const O_ACCMODE: u32 = 0o3;
+
+/// Requests that would change the filesystem.
+fn is_write(op: u32) -> bool {
+    // SYMLINK, MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, WRITE, SETXATTR,
+    // REMOVEXATTR, CREATE, FALLOCATE, RENAME2, COPY_FILE_RANGE.
+    matches!(op, 6 | 8..=13 | 16 | 21 | 24 | 35 | 43 | 45 | 47)
+}
+
+/// Answers a read with its bytes, or with `EIO` logged at ERROR with the
+/// file and why, and counted.
+fn answer_read(
+    tree: &Tree,
+    channel: &Channel,
+    unique: u64,
+    ino: u64,
+    offset: u64,
+    size: u32,
+    result: Result<Vec<u8>, crate::source::ReadError>,
+) {
+    let answered = match result {
+        Ok(bytes) => channel.reply(unique, &[&bytes]),
+        Err(err) => {
+            tracing::error!(
+                file = tree.path_of(ino),
+                ino,
+                offset,
+                size,
+                "read failed, answering EIO: {err}"
+            );
+            pronto_metrics::metrics().error(pronto_metrics::ErrorKind::Read);
+            channel.reply_error(unique, Errno::EIO)
         }
-        if size == 0 {
-            reply.size(names.len() as u32);
-        } else if names.len() <= size as usize {
-            reply.data(&names);
-        } else {
-            reply.error(Errno::ERANGE);
-        }
+    };
+    if let Err(e) = answered {
+        tracing::debug!(ino, "cannot answer a read: {e}");
     }
+}
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        reply.statfs(0, 0, 0, self.tree.len() as u64, 0, 4096, 255, 4096);
+/// The file type bits of `st_mode`.
+fn type_bits(kind: NodeKind) -> u32 {
+    match kind {
+        NodeKind::Dir => 0o040000,
+        NodeKind::File => 0o100000,
+        NodeKind::Symlink => 0o120000,
+        NodeKind::CharDevice => 0o020000,
+        NodeKind::BlockDevice => 0o060000,
+        NodeKind::Fifo => 0o010000,
     }
 }
 
@@ -596,9 +817,13 @@ impl Filesystem for ProntoFs {
 mod tests {
     use super::*;
 
-    fn admit(open: &mut OpenFiles<u64>, fh: u64, ino: u64, wants: bool, local: bool) -> IoMode {
-        let backing = (local && wants && open.may_start_passthrough(ino)).then_some(fh);
-        let mode = open.admit(ino, wants, backing);
+    fn admit(open: &mut OpenFiles, fh: u64, ino: u64, wants: bool, local: bool) -> IoMode {
+        let backing = (local && wants && open.may_start_passthrough(ino)).then_some(Backing {
+            id: fh as u32,
+            key: None,
+        });
+        let (mode, _) = open.admit(ino, wants, backing);
+        let fh = (fh << 2) | mode as u64;
         open.handles.insert(
             fh,
             OpenFile {
@@ -612,9 +837,19 @@ mod tests {
         mode
     }
 
+    fn close(open: &mut OpenFiles, fh: u64, ino: u64) -> Option<Backing> {
+        let handle = open
+            .handles
+            .keys()
+            .copied()
+            .find(|h| h >> 2 == fh)
+            .expect("open handle");
+        open.close(handle, ino).1
+    }
+
     #[test]
     fn opens_of_one_inode_stay_compatible() {
-        let mut open = OpenFiles::<u64>::default();
+        let mut open = OpenFiles::default();
         // Open through the page cache while not local; local later.
         assert_eq!(admit(&mut open, 1, 7, true, false), IoMode::Cached);
         assert_eq!(admit(&mut open, 2, 7, true, true), IoMode::Cached);
@@ -622,15 +857,52 @@ mod tests {
         // backing file, and a program beside them goes direct.
         assert_eq!(admit(&mut open, 3, 8, true, true), IoMode::Passthrough);
         assert_eq!(admit(&mut open, 4, 8, true, true), IoMode::Passthrough);
-        assert_eq!(open.backing(8), Some(&3), "the first open's backing file");
+        assert_eq!(open.backing(8).map(|b| b.id), Some(3), "the first open's");
         assert_eq!(admit(&mut open, 5, 8, false, true), IoMode::Direct);
-        open.close(1);
-        open.close(2);
+        close(&mut open, 1, 7);
+        close(&mut open, 2, 7);
         assert!(open.may_start_passthrough(7));
         assert_eq!(admit(&mut open, 6, 7, true, true), IoMode::Passthrough);
-        for fh in [3, 4, 5] {
-            open.close(fh);
-        }
+        assert_eq!(close(&mut open, 3, 8), None, "inode 8 is still open");
+        assert_eq!(close(&mut open, 5, 8), None);
+        assert_eq!(close(&mut open, 4, 8).map(|b| b.id), Some(3), "closed last");
         assert!(!open.inodes.contains_key(&8), "nothing left of inode 8");
+    }
+
+    #[test]
+    fn a_later_daemon_reads_how_inodes_are_open_and_releases_earlier_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("opens");
+        let handles: Vec<u64> = {
+            let mut open = OpenFiles::load(&path).unwrap();
+            admit(&mut open, 1, 7, true, false);
+            admit(&mut open, 2, 9, true, true);
+            admit(&mut open, 3, 9, true, true);
+            open.handles.keys().copied().collect()
+            // The daemon dies here: its handles are not closed.
+        };
+        let mut open = OpenFiles::load(&path).unwrap();
+        // Inode 7 has a page-cached open: no passthrough may start on it.
+        assert!(!open.may_start_passthrough(7));
+        // Inode 9's passthrough opens share backing file 2: new ones must
+        // use it.
+        assert_eq!(admit(&mut open, 10, 9, true, true), IoMode::Passthrough);
+        assert_eq!(open.backing(9).map(|b| b.id), Some(2));
+        // The earlier daemon's handles are released by their mode bits.
+        let mut closed = Vec::new();
+        for fh in handles {
+            let ino = if IoMode::of_handle(fh) == IoMode::Cached {
+                7
+            } else {
+                9
+            };
+            closed.extend(open.close(fh, ino).1);
+        }
+        assert!(open.may_start_passthrough(7), "inode 7 is closed");
+        assert!(closed.is_empty(), "inode 9 is still open by the new daemon");
+        assert_eq!(close(&mut open, 10, 9).map(|b| b.id), Some(2));
+        drop(open);
+        let open = OpenFiles::load(&path).unwrap();
+        assert!(open.inodes.is_empty(), "the record is empty again");
     }
 }

@@ -11,13 +11,14 @@
 mod fuse;
 mod image;
 mod indexed;
+mod kernel;
 pub mod mounts;
 mod readahead;
 mod schedule;
 mod source;
 mod tree;
 
-pub use fuse::{MountOptions, mount};
+pub use fuse::{FuseMount, MountOptions};
 pub use image::{
     LayerMode, NodeContext, OpenError, OpenedImage, open_image, open_lazy_layer, open_whole_layer,
 };
@@ -25,6 +26,7 @@ pub use indexed::{
     BlobReader, DEFAULT_READ_AHEAD, IndexOrigin, IndexedLayer, LayerFetchStats, LocalBlob,
     RegistryBlob,
 };
+pub use kernel::{Channel, Negotiated};
 pub use schedule::{DEFAULT_READ_AHEAD_REQUESTS, Scheduler};
 pub use source::{LayerSource, ReadError, ReadResult};
 pub use tree::{Node, NodeKind, ROOT, Tree, TreeMode};

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use pronto_catalog::{IndexSet, IndexTrust, LocalIndexStore, TrustedIndex, find_trusted};
 use pronto_fs::{
-    IndexedLayer, LayerSource, MountOptions, NodeContext, Scheduler, Tree, TreeMode, mounts,
-    open_lazy_layer,
+    FuseMount, IndexedLayer, LayerSource, MountOptions, NodeContext, Scheduler, Tree, TreeMode,
+    mounts, open_lazy_layer,
 };
 use pronto_registry::{Reference, RegistryClient, Repository, parse_reference};
 use pronto_store::ContentCache;
@@ -124,7 +124,8 @@ struct Mounted {
     layer: Arc<IndexedLayer>,
     dir: PathBuf,
     shutdown: tokio::sync::watch::Sender<bool>,
-    _session: fuser::BackgroundSession,
+    /// The task serving the mount; it ends when the mount goes.
+    _serving: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Debug, Clone)]
@@ -133,8 +134,6 @@ pub struct RemoteOptions {
     pub background: bool,
     /// Bytes per second for background fetching (`None`: unlimited).
     pub background_rate: Option<u64>,
-    /// Threads answering FUSE requests per layer.
-    pub threads_per_layer: usize,
     /// Which indexes this node accepts (`index.trust`).
     pub trust: IndexTrust,
     /// How long one read may wait for the registry (`fetch.read_timeout`).
@@ -464,15 +463,13 @@ impl Remote {
         let OpenLayer { layer, shutdown } = opened;
         let tree = Tree::build(&[layer.entries()], TreeMode::OverlayLower);
         let source: Arc<dyn LayerSource> = layer.clone();
-        let options = MountOptions {
-            fs_name: format!("pronto:{}@{}", remote.image_ref, remote.layer_digest),
-            threads: self.options.threads_per_layer,
-            runtime: Some(self.runtime.clone()),
-            ..Default::default()
-        };
-        let session = pronto_fs::mount(tree, vec![source], self.cache.clone(), dir, &options)
-            .and_then(|s| s.spawn())
+        let options = MountOptions::new(
+            format!("pronto:{}@{}", remote.image_ref, remote.layer_digest),
+            self.runtime.clone(),
+        );
+        let mount = FuseMount::mount(tree, vec![source], self.cache.clone(), dir, &options)
             .map_err(|e| format!("cannot mount FUSE at {}: {e}", dir.display()))?;
+        let serving = mount.spawn();
         // A new mount: its container is about to start reading.
         self.scheduler.active();
         if self.options.background {
@@ -486,7 +483,7 @@ impl Remote {
                 layer,
                 dir: dir.to_owned(),
                 shutdown,
-                _session: session,
+                _serving: serving,
             },
         );
         Ok(())

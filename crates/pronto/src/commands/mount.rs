@@ -6,7 +6,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use pronto_catalog::LocalIndexStore;
 use pronto_fs::{
-    LayerMode, LayerSource, MountOptions, NodeContext, Tree, TreeMode, mounts, open_image,
+    FuseMount, LayerMode, LayerSource, MountOptions, NodeContext, Tree, TreeMode, mounts,
+    open_image,
 };
 use pronto_registry::Platform;
 use pronto_store::ContentCache;
@@ -65,17 +66,12 @@ pub fn run(
             )
         }
     };
-    let mut session = pronto_fs::mount(
+    let mount = FuseMount::mount(
         tree,
         sources,
         cache,
         dir,
-        &MountOptions {
-            fs_name: format!("pronto:{reference}"),
-            threads: 2,
-            runtime: Some(runtime.handle().clone()),
-            ..Default::default()
-        },
+        &MountOptions::new(format!("pronto:{reference}"), runtime.handle().clone()),
     )
     .with_context(|| format!("mount FUSE at {}", dir.display()))?;
     for refused in &opened.refused {
@@ -115,7 +111,7 @@ pub fn run(
             }
         }
     });
-    let mut unmounter = session.unmount_callable();
+    let unmounted = dir.to_owned();
     runtime.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (
@@ -129,11 +125,11 @@ pub fn run(
             _ = int.recv() => {}
         }
         tracing::info!("signal received; unmounting");
-        if let Err(e) = unmounter.unmount() {
+        if let Err(e) = mounts::detach_and_abort(&unmounted) {
             tracing::error!("unmount failed: {e}");
         }
     });
-    session.run().context("serve the FUSE mount")?;
+    runtime.block_on(mount.serve());
     Ok(())
 }
 

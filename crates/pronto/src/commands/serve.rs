@@ -34,9 +34,6 @@ pub fn run(config: &Config) -> Result<()> {
         RemoteOptions {
             background: config.fetch.background,
             background_rate: config.fetch.rate(),
-            // Reads waiting for the network run on the shared runtime; one
-            // thread per mount answers everything else.
-            threads_per_layer: 1,
             trust: config.index.trust(),
             read_timeout: config.fetch.read_timeout(),
             read_ahead: config.fetch.read_ahead(),
