@@ -22,7 +22,7 @@ pub struct Subject {
 }
 
 /// One indexed layer as the artifact lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LayerIndexRef {
     /// The image layer this index describes.
     pub layer: String,
@@ -37,7 +37,7 @@ pub struct LayerIndexRef {
 
 /// Where an index set was found, which is also how it is bound to the
 /// image: what a node's `index.trust` policy accepts or refuses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Location {
     /// Listed in the image index the image's tag (or digest) names, next
     /// to the image manifest: whoever published the image published it.
@@ -80,7 +80,7 @@ impl std::str::FromStr for Location {
 }
 
 /// The indexes of one image manifest.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IndexSet {
     pub manifest_digest: String,
     pub subject: String,

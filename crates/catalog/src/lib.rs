@@ -18,7 +18,8 @@ pub use create::{CreateOptions, CreatedIndexes, Event, Skipped, create_indexes};
 pub use error::CatalogError;
 pub use local::LocalIndexStore;
 pub use remote::{
-    fetch_prefix, find_indexes, push_bound, push_indexes, remove_remote, save_local, verify_prefix,
+    fetch_prefix, find_indexes, prefix_bytes, push_bound, push_indexes, remove_remote, save_local,
+    verify_prefix,
 };
 pub use trust::{
     ANNOTATION_SUBJECT, BindTarget, Binding, IndexTrust, OCI_INDEX, TrustedIndex, binding_index,

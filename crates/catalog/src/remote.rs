@@ -122,7 +122,20 @@ pub async fn fetch_prefix(
     set: &IndexSet,
     layer: &LayerIndexRef,
 ) -> Result<LayerIndex, CatalogError> {
-    let bytes = match set.location {
+    let bytes = prefix_bytes(client, store, repo, set, layer).await?;
+    verify_prefix(set, layer, &bytes)
+}
+
+/// The prefix of one layer's index as stored, not yet verified: see
+/// [`verify_prefix`].
+pub async fn prefix_bytes(
+    client: &RegistryClient,
+    store: Option<&LocalIndexStore>,
+    repo: &Repository,
+    set: &IndexSet,
+    layer: &LayerIndexRef,
+) -> Result<Vec<u8>, CatalogError> {
+    Ok(match set.location {
         Location::Local => {
             let store = store.ok_or_else(|| CatalogError::NotFound {
                 digest: layer.blob.clone(),
@@ -134,8 +147,7 @@ pub async fn fetch_prefix(
             .await
             .inspect(|bytes| metrics().fetched(Purpose::Index, bytes.len() as u64))?
             .to_vec(),
-    };
-    verify_prefix(set, layer, &bytes)
+    })
 }
 
 /// Checks a fetched prefix against the digest the artifact records, parses

@@ -348,12 +348,8 @@ async fn serve(fs: Arc<ProntoFs>, channel: Arc<Channel>) -> std::io::Result<()> 
     channel.set_nonblocking()?;
     // SAFETY: the registered descriptor is the channel's, which the
     // AsyncFd holds (an Arc): it stays open while it is registered.
-    let ready = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(
-            channel.clone(),
-            INTEREST,
-        )
-    }?;
+    let ready =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(channel.clone(), INTEREST) }?;
     let mut buf = vec![0u8; kernel::BUFFER_SIZE];
     loop {
         let mut guard = ready.ready(INTEREST).await?;
@@ -413,6 +409,9 @@ impl ProntoFs {
         let Ok((header, body)) = InHeader::read_from_prefix(request) else {
             return;
         };
+        if header.unique & kernel::UNIQUE_RESEND != 0 {
+            pronto_metrics::metrics().resent_request();
+        }
         if kernel::needs_no_reply(header.opcode) {
             return;
         }

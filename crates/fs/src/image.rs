@@ -166,6 +166,17 @@ pub async fn open_lazy_layer(
     layer_ref: &LayerIndexRef,
 ) -> Result<IndexedLayer, OpenError> {
     let index = fetch_prefix(node.client, Some(node.store), repository, set, layer_ref).await?;
+    Ok(lazy_layer(node, repository, set, layer_ref, index))
+}
+
+/// A lazy layer over its verified index prefix `index`.
+pub fn lazy_layer(
+    node: &NodeContext<'_>,
+    repository: &Repository,
+    set: &IndexSet,
+    layer_ref: &LayerIndexRef,
+    index: pronto_index::LayerIndex,
+) -> IndexedLayer {
     let layer = index.meta().layer.clone();
     let layer_blob: Box<dyn BlobReader> = Box::new(RegistryBlob {
         client: node.client.clone(),
@@ -192,7 +203,7 @@ pub async fn open_lazy_layer(
         set: set.manifest_digest.clone(),
         check_whole: set.location == Location::Registry,
     };
-    Ok(IndexedLayer::new(
+    IndexedLayer::new(
         index,
         layer_blob,
         index_blob,
@@ -203,7 +214,7 @@ pub async fn open_lazy_layer(
     .with_origin(origin)
     .with_read_timeout(node.read_timeout)
     .with_read_ahead(node.read_ahead)
-    .with_scheduler(node.scheduler.clone()))
+    .with_scheduler(node.scheduler.clone())
 }
 
 /// Opens a layer that has no index: fetched whole (parallel range

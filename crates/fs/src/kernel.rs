@@ -86,6 +86,8 @@ pub(crate) mod fopen {
 }
 
 const NOTIFY_RESEND: i32 = 7;
+/// Set in the id of a request the kernel sends again.
+pub(crate) const UNIQUE_RESEND: u64 = 1 << 63;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -408,16 +410,10 @@ impl Channel {
     /// kernel to send again every request that daemon read but did not
     /// answer.
     pub fn adopt(fd: OwnedFd, negotiated: Negotiated) -> std::io::Result<Channel> {
-        let channel = Channel { fd, negotiated };
         if negotiated.resend {
-            let header = OutHeader {
-                len: size_of::<OutHeader>() as u32,
-                error: NOTIFY_RESEND,
-                unique: 0,
-            };
-            nix::unistd::write(&channel.fd, header.as_bytes())?;
+            request_resend(fd.as_fd())?;
         }
-        Ok(channel)
+        Ok(Channel { fd, negotiated })
     }
 
     pub fn negotiated(&self) -> Negotiated {
@@ -510,6 +506,46 @@ impl Channel {
 impl AsRawFd for Channel {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// Asks the kernel to queue again every request of connection `fd` that
+/// was read but not answered (by a daemon that is gone).
+pub fn request_resend(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let header = OutHeader {
+        len: size_of::<OutHeader>() as u32,
+        error: NOTIFY_RESEND,
+        unique: 0,
+    };
+    nix::unistd::write(fd, header.as_bytes())?;
+    Ok(())
+}
+
+/// Reads the next request waiting on connection `fd` (non-blocking or
+/// known readable) and answers it with `errno`, for when no daemon serves
+/// the connection. False once the connection is gone.
+pub fn refuse_one(fd: BorrowedFd<'_>, errno: Errno) -> bool {
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    loop {
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(n) => {
+                let Ok((header, _)) = InHeader::read_from_prefix(&buf[..n]) else {
+                    return true;
+                };
+                if !needs_no_reply(header.opcode) {
+                    let out = OutHeader {
+                        len: size_of::<OutHeader>() as u32,
+                        error: -(errno as i32),
+                        unique: header.unique,
+                    };
+                    let _ = nix::unistd::write(fd, out.as_bytes());
+                }
+                return true;
+            }
+            Err(Errno::EINTR | Errno::ENOENT) => continue,
+            Err(Errno::EAGAIN) => return true,
+            Err(_) => return false,
+        }
     }
 }
 

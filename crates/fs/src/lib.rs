@@ -20,13 +20,14 @@ mod tree;
 
 pub use fuse::{FuseMount, MountOptions};
 pub use image::{
-    LayerMode, NodeContext, OpenError, OpenedImage, open_image, open_lazy_layer, open_whole_layer,
+    LayerMode, NodeContext, OpenError, OpenedImage, lazy_layer, open_image, open_lazy_layer,
+    open_whole_layer,
 };
 pub use indexed::{
     BlobReader, DEFAULT_READ_AHEAD, IndexOrigin, IndexedLayer, LayerFetchStats, LocalBlob,
     RegistryBlob,
 };
-pub use kernel::{Channel, Negotiated};
+pub use kernel::{Channel, Negotiated, refuse_one, request_resend};
 pub use schedule::{DEFAULT_READ_AHEAD_REQUESTS, Scheduler};
 pub use source::{LayerSource, ReadError, ReadResult};
 pub use tree::{Node, NodeKind, ROOT, Tree, TreeMode};

@@ -9,6 +9,8 @@ pub struct MountEntry {
     pub mount_point: String,
     pub fs_type: String,
     pub source: String,
+    /// The mount's device, `major:minor`: a FUSE mount's connection.
+    pub device: String,
 }
 
 /// The mounts this process sees. Paths are unescaped (`\040` is a space).
@@ -27,6 +29,7 @@ fn parse_mountinfo(info: &str) -> Vec<MountEntry> {
                 mount_point: unescape(fields.get(4)?),
                 fs_type: (*fields.get(sep + 1)?).to_owned(),
                 source: unescape(fields.get(sep + 2)?),
+                device: (*fields.get(2)?).to_owned(),
             })
         })
         .collect()
@@ -60,6 +63,19 @@ pub fn is_mounted(dir: &Path) -> bool {
         return false;
     };
     mount_table().iter().any(|m| m.mount_point == dir)
+}
+
+/// The device (`major:minor`) of the Pronto FUSE mount at `dir`, if one
+/// is there. Read from the mount table: asking the mount itself could wait
+/// on a daemon that is not serving it.
+pub fn pronto_mount_device(dir: &Path) -> Option<String> {
+    let dir = dir.to_str()?;
+    mount_table()
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == dir)
+        .filter(|m| m.fs_type.starts_with("fuse") && m.source.starts_with("pronto:"))
+        .map(|m| m.device)
 }
 
 /// True when `dir` is a Pronto FUSE mount (source `pronto:…`).
@@ -124,6 +140,7 @@ mod tests {
         assert_eq!(table[0].mount_point, "/mnt/with space");
         assert_eq!(table[0].fs_type, "fuse.pronto");
         assert_eq!(table[0].source, "pronto:reg/a b");
+        assert_eq!(table[0].device, "98:0");
         assert_eq!(table[1].mount_point, "/plain");
         assert_eq!(unescape("a\\134b"), "a\\b");
         assert_eq!(unescape("trailing\\04"), "trailing\\04");

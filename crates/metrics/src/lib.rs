@@ -112,6 +112,8 @@ pub struct Metrics {
     cache_evicted_bytes: Counter,
     fallbacks: Family<ReasonLabel, Counter>,
     lazy_mounts: Gauge,
+    handovers: Counter,
+    resent_requests: Counter,
     errors: Family<KindLabel, Counter>,
 }
 
@@ -192,6 +194,18 @@ impl Metrics {
             "Layers mounted lazily right now.",
             lazy_mounts.clone(),
         );
+        let handovers = Counter::default();
+        registry.register(
+            "handovers",
+            "Lazy mounts this daemon took over from the daemon before it (restart or upgrade).",
+            handovers.clone(),
+        );
+        let resent_requests = Counter::default();
+        registry.register(
+            "resent_requests",
+            "FUSE requests the kernel sent again after a handover (read but not answered by the daemon before).",
+            resent_requests.clone(),
+        );
         let errors = Family::default();
         registry.register(
             "errors",
@@ -211,6 +225,8 @@ impl Metrics {
             cache_evicted_bytes,
             fallbacks,
             lazy_mounts,
+            handovers,
+            resent_requests,
             errors,
         }
     }
@@ -274,6 +290,14 @@ impl Metrics {
         self.lazy_mounts.dec();
     }
 
+    pub fn handover(&self) {
+        self.handovers.inc();
+    }
+
+    pub fn resent_request(&self) {
+        self.resent_requests.inc();
+    }
+
     pub fn error(&self, kind: ErrorKind) {
         self.errors
             .get_or_create(&KindLabel {
@@ -321,6 +345,9 @@ mod tests {
         metrics.lazy_mount_added();
         metrics.lazy_mount_removed();
         metrics.error(ErrorKind::Verification);
+        metrics.handover();
+        metrics.resent_request();
+        metrics.resent_request();
         metrics.range_request(Duration::from_millis(3));
         let text = metrics.encode();
         let expect = [
@@ -335,6 +362,8 @@ mod tests {
             ("pronto_cache_evicted_bytes_total", 512.0),
             ("pronto_fallbacks_total{reason=\"no-index\"}", 1.0),
             ("pronto_lazy_mounts", 1.0),
+            ("pronto_handovers_total", 1.0),
+            ("pronto_resent_requests_total", 2.0),
             ("pronto_errors_total{kind=\"verification\"}", 1.0),
             ("pronto_range_request_duration_seconds_count", 1.0),
             (

@@ -69,6 +69,17 @@ pub enum Command {
     /// socket until SIGINT/SIGTERM. Indexed layers are mounted lazily;
     /// everything else behaves like containerd's overlayfs snapshotter.
     Serve,
+    /// Hold the FUSE connections of `pronto serve`'s lazy mounts and its
+    /// socket while the daemon restarts (started by `pronto serve` when
+    /// none runs; see docs/operations.md). `--stop` asks a running keeper
+    /// to exit, letting go of every mount no daemon serves.
+    Keeper {
+        #[arg(long)]
+        stop: bool,
+        /// The keeper's socket; default beside the daemon's `address`.
+        #[arg(long)]
+        socket: Option<std::path::PathBuf>,
+    },
     /// Pull an image through containerd so that indexed layers are mounted
     /// lazily by `pronto serve` (what kubelet's pull does through CRI).
     /// Layers without an index are fetched in parallel and unpacked by

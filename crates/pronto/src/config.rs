@@ -56,6 +56,8 @@ pub struct Config {
     pub pull: PullConfig,
     /// Which indexes this node uses.
     pub index: IndexConfig,
+    /// The daemon's restarts.
+    pub serve: ServeConfig,
 }
 
 impl Default for Config {
@@ -69,7 +71,35 @@ impl Default for Config {
             fetch: FetchConfig::default(),
             pull: PullConfig::default(),
             index: IndexConfig::default(),
+            serve: ServeConfig::default(),
         }
+    }
+}
+
+/// The `[serve]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// While `pronto serve` is down (restart, upgrade, crash), reads of
+    /// lazy mounts wait for the next daemon; after this long without one
+    /// they fail with EIO until one starts, e.g. `"60s"`.
+    pub handover_timeout: String,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            handover_timeout: "60s".to_owned(),
+        }
+    }
+}
+
+impl ServeConfig {
+    /// [`Self::handover_timeout`] (validated when the configuration is
+    /// loaded).
+    pub fn handover_timeout(&self) -> std::time::Duration {
+        humantime::parse_duration(&self.handover_timeout)
+            .unwrap_or(std::time::Duration::from_secs(60))
     }
 }
 
@@ -311,6 +341,12 @@ impl LoadedConfig {
 }
 
 impl Config {
+    /// The socket of the keeper that holds the daemon's mounts while it
+    /// restarts: beside `address`.
+    pub fn keeper_socket(&self) -> PathBuf {
+        self.address.with_extension("keeper.sock")
+    }
+
     /// The address of the metrics endpoint, `None` when it is off.
     pub fn metrics_socket(&self) -> Result<Option<std::net::SocketAddr>, String> {
         let text = self.metrics_address.trim();
@@ -384,6 +420,12 @@ impl Config {
         }
         if let Err(problem) = crate::cli::parse_size(&self.fetch.background_rate) {
             return Err(invalid("fetch.background_rate", problem));
+        }
+        if let Err(e) = humantime::parse_duration(&self.serve.handover_timeout) {
+            return Err(invalid(
+                "serve.handover_timeout",
+                format!("{e}, e.g. \"60s\""),
+            ));
         }
         if let Err(problem) = crate::cli::parse_size(&self.fetch.read_ahead) {
             return Err(invalid("fetch.read_ahead", problem));

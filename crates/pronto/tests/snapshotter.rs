@@ -584,14 +584,36 @@ fn a_restarted_daemon_serves_existing_snapshots_again() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let before = stack.lazy_mounts();
     stack.stop_serve();
     stack.start_serve();
     assert!(
-        stack.serve_log().contains("layer mounted again"),
+        stack
+            .serve_log()
+            .contains("lazy mount taken over from the previous daemon"),
         "{}",
         stack.serve_log()
     );
-    assert_eq!(stack.lazy_mounts().len(), 1);
+    assert_eq!(stack.lazy_mounts(), before, "the same mount, not a new one");
+    // The running container reads its lazy file through the mount it has
+    // had since before the restart.
+    let out = stack
+        .containerd()
+        .ctr_in("k8s.io")
+        .args(["task", "exec", "--exec-id", "check", &running])
+        .args(["sha256sum", "/model/weights.bin"])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out).starts_with(&model_sha256()),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&stack.pronto_ok(&["status", "--json"])).unwrap();
+    let layer = &status["images"][0]["layers"][0];
+    assert_eq!(layer["handovers"], 1, "{status}");
     let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
     assert!(
         stdout(&out).starts_with(&model_sha256()),

@@ -8,6 +8,7 @@
 
 mod choice;
 pub mod filter;
+pub mod keeper;
 pub mod local;
 pub mod remote;
 mod service;
@@ -52,14 +53,9 @@ pub enum SnapshotError {
     Internal(String),
 }
 
-/// Serves `snapshotter` and `status` on the unix socket `address` (mode
-/// 0600) until `shutdown` completes. A stale socket file is replaced.
-pub async fn serve(
-    snapshotter: Snapshotter,
-    status: Option<StatusService>,
-    address: &Path,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> std::io::Result<()> {
+/// Listens on the unix socket `address` (mode 0600). A stale socket file
+/// is replaced.
+pub fn bind(address: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir)?;
@@ -69,8 +65,21 @@ pub async fn serve(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = tokio::net::UnixListener::bind(address)?;
+    let listener = std::os::unix::net::UnixListener::bind(address)?;
     std::fs::set_permissions(address, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves `snapshotter` and `status` on `listener` until `shutdown`
+/// completes. The listener may have been handed over by an earlier daemon.
+pub async fn serve(
+    snapshotter: Snapshotter,
+    status: Option<StatusService>,
+    listener: std::os::unix::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(generated::snapshots_server::SnapshotsServer::new(

@@ -9,14 +9,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pronto_catalog::{IndexSet, IndexTrust, LocalIndexStore, TrustedIndex, find_trusted};
+use pronto_catalog::{
+    IndexSet, IndexTrust, LayerIndexRef, LocalIndexStore, TrustedIndex, find_trusted, prefix_bytes,
+    verify_prefix,
+};
 use pronto_fs::{
-    FuseMount, IndexedLayer, LayerSource, MountOptions, NodeContext, Scheduler, Tree, TreeMode,
-    mounts, open_lazy_layer,
+    FuseMount, IndexedLayer, LayerSource, MountOptions, Negotiated, NodeContext, Scheduler, Tree,
+    TreeMode, lazy_layer, mounts,
 };
 use pronto_registry::{Reference, RegistryClient, Repository, parse_reference};
 use pronto_store::ContentCache;
 
+use crate::keeper::{FUSE_PREFIX, KeeperClient};
 use crate::local::{LocalSnapshots, RemoteLayer};
 use crate::status::{ImageStatus, LayerStatus};
 use pronto_metrics::metrics;
@@ -116,6 +120,38 @@ impl IndexLookup {
 struct OpenLayer {
     layer: Arc<IndexedLayer>,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// The verified index prefix the layer was opened from, and where it
+    /// is listed: what a later daemon needs to serve it again.
+    prefix: Vec<u8>,
+    set: IndexSet,
+    layer_ref: LayerIndexRef,
+}
+
+/// What a live mount's directory under `<root>/mounts/<id>/` records, so
+/// that a later daemon can take its connection over without the registry:
+/// `mount.json` (this), `prefix` (the index prefix) and `opens` (how the
+/// kernel has each inode open).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct MountRecord {
+    dir: PathBuf,
+    /// The mount's device in the mount table: the same connection.
+    device: String,
+    remote: RemoteLayer,
+    set: IndexSet,
+    layer_ref: LayerIndexRef,
+    negotiated: Negotiated,
+    /// When the layer was mounted (seconds since the epoch).
+    since: u64,
+    /// How many times a new daemon took the mount over.
+    handovers: u32,
+}
+
+/// How a mount is served by this daemon.
+struct Serving {
+    shutdown: tokio::sync::watch::Sender<bool>,
+    serving: tokio::task::JoinHandle<()>,
+    since: u64,
+    handovers: u32,
 }
 
 /// A live lazy mount.
@@ -123,6 +159,8 @@ struct Mounted {
     image_ref: String,
     layer: Arc<IndexedLayer>,
     dir: PathBuf,
+    since: u64,
+    handovers: u32,
     shutdown: tokio::sync::watch::Sender<bool>,
     /// The task serving the mount; it ends when the mount goes.
     _serving: tokio::task::JoinHandle<()>,
@@ -153,6 +191,10 @@ pub struct Remote {
     scheduler: Arc<Scheduler>,
     mounted: Mutex<HashMap<u64, Mounted>>,
     sets: Mutex<HashMap<String, Arc<IndexLookup>>>,
+    /// Holds every mount's connection while the daemon restarts; with
+    /// it, mounts are recorded under `records`.
+    keeper: Option<Arc<KeeperClient>>,
+    records: PathBuf,
 }
 
 impl std::fmt::Debug for Remote {
@@ -177,7 +219,10 @@ impl Remote {
         runtime: tokio::runtime::Handle,
         options: RemoteOptions,
     ) -> Self {
+        let records = layers_dir.with_file_name("mounts");
         Self {
+            keeper: None,
+            records,
             client,
             store,
             cache,
@@ -188,6 +233,14 @@ impl Remote {
             mounted: Mutex::new(HashMap::new()),
             sets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Hands every new mount's connection to `keeper`, recording under
+    /// `records` what a later daemon needs to take it over.
+    pub fn with_keeper(mut self, keeper: Arc<KeeperClient>, records: PathBuf) -> Self {
+        self.keeper = Some(keeper);
+        self.records = records;
+        self
     }
 
     /// Fallbacks so far in this process, by reason (those that happened),
@@ -348,7 +401,41 @@ impl Remote {
             }
         };
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
-        let node = NodeContext {
+        let node = self.node_context(shutdown);
+        let Some(layer_ref) = set.layer(&remote.layer_digest) else {
+            return Err((
+                Fallback::LayerNotIndexed,
+                format!(
+                    "index {} does not cover layer {} (layers under the minimum size are not indexed)",
+                    set.manifest_digest, remote.layer_digest
+                ),
+            ));
+        };
+        let unavailable =
+            |e: pronto_catalog::CatalogError| (Fallback::IndexUnavailable, e.to_string());
+        let prefix = prefix_bytes(
+            &self.client,
+            Some(&self.store),
+            &repository,
+            &set,
+            layer_ref,
+        )
+        .await
+        .map_err(unavailable)?;
+        let index = verify_prefix(&set, layer_ref, &prefix).map_err(unavailable)?;
+        let layer = lazy_layer(&node, &repository, &set, layer_ref, index);
+        Ok(OpenLayer {
+            layer: layer.shared(),
+            shutdown: shutdown_tx,
+            prefix,
+            set: set.clone(),
+            layer_ref: layer_ref.clone(),
+        })
+    }
+
+    /// The node context a layer of this daemon reads through.
+    fn node_context(&self, shutdown: tokio::sync::watch::Receiver<bool>) -> NodeContext<'_> {
+        NodeContext {
             client: &self.client,
             store: &self.store,
             trust: &self.options.trust,
@@ -359,23 +446,7 @@ impl Remote {
             layers_dir: self.layers_dir.clone(),
             runtime: self.runtime.clone(),
             shutdown,
-        };
-        let Some(layer_ref) = set.layer(&remote.layer_digest) else {
-            return Err((
-                Fallback::LayerNotIndexed,
-                format!(
-                    "index {} does not cover layer {} (layers under the minimum size are not indexed)",
-                    set.manifest_digest, remote.layer_digest
-                ),
-            ));
-        };
-        let layer = open_lazy_layer(&node, &repository, &set, layer_ref)
-            .await
-            .map_err(|e| (Fallback::IndexUnavailable, e.to_string()))?;
-        Ok(OpenLayer {
-            layer: layer.shared(),
-            shutdown: shutdown_tx,
-        })
+        }
     }
 
     /// The index set of the image a layer snapshot's labels name, if any.
@@ -460,16 +531,75 @@ impl Remote {
         remote: &RemoteLayer,
         opened: OpenLayer,
     ) -> Result<(), String> {
-        let OpenLayer { layer, shutdown } = opened;
+        let OpenLayer {
+            layer,
+            shutdown,
+            prefix,
+            set,
+            layer_ref,
+        } = opened;
         let tree = Tree::build(&[layer.entries()], TreeMode::OverlayLower);
         let source: Arc<dyn LayerSource> = layer.clone();
-        let options = MountOptions::new(
+        let mut options = MountOptions::new(
             format!("pronto:{}@{}", remote.image_ref, remote.layer_digest),
             self.runtime.clone(),
         );
+        let record_dir = self.records.join(id.to_string());
+        if self.keeper.is_some() {
+            // A record left by an earlier mount of this id is stale.
+            let _ = std::fs::remove_dir_all(&record_dir);
+            std::fs::create_dir_all(&record_dir)
+                .map_err(|e| format!("cannot create {}: {e}", record_dir.display()))?;
+            options.opens_file = Some(record_dir.join("opens"));
+        }
         let mount = FuseMount::mount(tree, vec![source], self.cache.clone(), dir, &options)
             .map_err(|e| format!("cannot mount FUSE at {}: {e}", dir.display()))?;
+        let since = unix_now();
+        if let Some(keeper) = &self.keeper {
+            let record = MountRecord {
+                dir: dir.to_owned(),
+                device: mounts::pronto_mount_device(dir).unwrap_or_default(),
+                remote: remote.clone(),
+                set,
+                layer_ref,
+                negotiated: mount.channel().negotiated(),
+                since,
+                handovers: 0,
+            };
+            let kept = write_record(&record_dir, &record, Some(&prefix))
+                .and_then(|()| keeper.keep(&format!("{FUSE_PREFIX}{id}"), mount.channel().fd()));
+            if let Err(e) = kept {
+                tracing::warn!(
+                    id,
+                    "the mount will not survive a restart of the daemon: cannot hand it to the keeper: {e}"
+                );
+            }
+        }
         let serving = mount.spawn();
+        self.started(
+            id,
+            dir,
+            remote,
+            layer,
+            Serving {
+                shutdown,
+                serving,
+                since,
+                handovers: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Records a mount served by this daemon.
+    fn started(
+        &self,
+        id: u64,
+        dir: &Path,
+        remote: &RemoteLayer,
+        layer: Arc<IndexedLayer>,
+        serving: Serving,
+    ) {
         // A new mount: its container is about to start reading.
         self.scheduler.active();
         if self.options.background {
@@ -482,35 +612,164 @@ impl Remote {
                 image_ref: remote.image_ref.clone(),
                 layer,
                 dir: dir.to_owned(),
-                shutdown,
-                _serving: serving,
+                since: serving.since,
+                handovers: serving.handovers,
+                shutdown: serving.shutdown,
+                _serving: serving.serving,
+            },
+        );
+    }
+
+    /// Takes over the connections an earlier daemon handed to the keeper
+    /// (`kept`, by name): a connection whose mount is still there and
+    /// whose snapshot still exists is served again, without a new mount;
+    /// any other is let go and its mount detached. Pronto mounts under the
+    /// snapshots directory that no one serves are detached too. Snapshots
+    /// not taken over are mounted again when containerd next uses them.
+    /// Returns how many mounts were taken over.
+    pub fn adopt(
+        &self,
+        local: &LocalSnapshots,
+        kept: BTreeMap<String, std::os::fd::OwnedFd>,
+    ) -> usize {
+        let snapshots: HashMap<u64, RemoteLayer> = local
+            .all()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|info| Some((info.record.id, info.record.remote?)))
+            .collect();
+        let mut adopted = 0;
+        for (name, fd) in kept {
+            let Some(id) = name
+                .strip_prefix(FUSE_PREFIX)
+                .and_then(|id| id.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            match self.adopt_one(id, fd, snapshots.get(&id)) {
+                Ok(()) => adopted += 1,
+                Err(why) => {
+                    tracing::warn!(id, "not taking the mount over: {why}");
+                    self.let_go(id, Some(&local.fs_path(id)));
+                }
+            }
+        }
+        // Mounts left by a daemon that died before handing them over, or
+        // whose connection ended: nothing serves them.
+        let snapshots_dir = local.fs_path(0);
+        let snapshots_dir = snapshots_dir.parent().unwrap_or(&snapshots_dir);
+        for entry in mounts::mount_table() {
+            let dir = PathBuf::from(&entry.mount_point);
+            if dir.starts_with(snapshots_dir)
+                && entry.source.starts_with("pronto:")
+                && entry.fs_type.starts_with("fuse")
+                && !self.lock_mounted().values().any(|m| m.dir == dir)
+            {
+                tracing::info!(dir = %dir.display(), "detaching a lazy mount no daemon serves");
+                if let Err(e) = mounts::detach_and_abort(&dir) {
+                    tracing::warn!(dir = %dir.display(), "cannot detach: {e}");
+                }
+            }
+        }
+        // Records of mounts that are gone.
+        if let Ok(entries) = std::fs::read_dir(&self.records) {
+            for entry in entries.flatten() {
+                let id = entry.file_name().to_string_lossy().parse::<u64>().ok();
+                if id.is_none_or(|id| !self.is_mounted(id)) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        adopted
+    }
+
+    fn adopt_one(
+        &self,
+        id: u64,
+        fd: std::os::fd::OwnedFd,
+        snapshot: Option<&RemoteLayer>,
+    ) -> Result<(), String> {
+        let record_dir = self.records.join(id.to_string());
+        let mut record: MountRecord = std::fs::read(record_dir.join("mount.json"))
+            .map_err(|e| format!("no record: {e}"))
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("bad record: {e}")))?;
+        if snapshot != Some(&record.remote) {
+            return Err("its snapshot was removed".into());
+        }
+        match mounts::pronto_mount_device(&record.dir) {
+            Some(device) if device == record.device => {}
+            _ => return Err(format!("{} is no longer mounted", record.dir.display())),
+        }
+        let prefix = std::fs::read(record_dir.join("prefix"))
+            .map_err(|e| format!("no index prefix: {e}"))?;
+        let index = verify_prefix(&record.set, &record.layer_ref, &prefix)
+            .map_err(|e| format!("the recorded index prefix: {e}"))?;
+        let reference = parse_reference(&record.remote.image_ref).map_err(|e| e.to_string())?;
+        let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let node = self.node_context(shutdown);
+        let layer = lazy_layer(
+            &node,
+            &Repository::of(&reference),
+            &record.set,
+            &record.layer_ref,
+            index,
+        )
+        .shared();
+        let tree = Tree::build(&[layer.entries()], TreeMode::OverlayLower);
+        let source: Arc<dyn LayerSource> = layer.clone();
+        let mut options = MountOptions::new(String::new(), self.runtime.clone());
+        options.opens_file = Some(record_dir.join("opens"));
+        let mount = FuseMount::adopt(
+            fd,
+            record.negotiated,
+            tree,
+            vec![source],
+            self.cache.clone(),
+            &options,
+        )
+        .map_err(|e| format!("cannot take the connection over: {e}"))?;
+        record.handovers += 1;
+        if let Err(e) = write_record(&record_dir, &record, None) {
+            tracing::warn!(id, "cannot update the mount's record: {e}");
+        }
+        let serving = mount.spawn();
+        metrics().handover();
+        tracing::info!(
+            id,
+            layer = record.remote.layer_digest,
+            handovers = record.handovers,
+            "lazy mount taken over from the previous daemon"
+        );
+        self.started(
+            id,
+            &record.dir,
+            &record.remote,
+            layer,
+            Serving {
+                shutdown: shutdown_tx,
+                serving,
+                since: record.since,
+                handovers: record.handovers,
             },
         );
         Ok(())
     }
 
-    /// Mounts again, after a restart, every remote snapshot that is not
-    /// mounted. A stale mount left by the previous process is detached
-    /// first. Returns the snapshots that could not be mounted.
-    pub async fn restore(&self, local: &LocalSnapshots) -> Vec<(String, String)> {
-        let mut failed = Vec::new();
-        let Ok(all) = local.all() else {
-            return failed;
-        };
-        for info in all {
-            let Some(remote) = &info.record.remote else {
-                continue;
-            };
-            if let Err(e) = self.ensure_mounted(local, info.record.id, remote).await {
-                tracing::error!(
-                    snapshot = info.name,
-                    layer = remote.layer_digest,
-                    "cannot mount the layer again: {e}"
-                );
-                failed.push((info.name.clone(), e));
-            }
+    /// Lets go of a kept connection and its record, and detaches its
+    /// mount at `dir` if one is there.
+    fn let_go(&self, id: u64, dir: Option<&Path>) {
+        if let Some(keeper) = &self.keeper
+            && let Err(e) = keeper.forget(&format!("{FUSE_PREFIX}{id}"))
+        {
+            tracing::warn!(id, "cannot tell the keeper to let the mount go: {e}");
         }
-        failed
+        let _ = std::fs::remove_dir_all(self.records.join(id.to_string()));
+        if let Some(dir) = dir
+            && mounts::is_mounted(dir)
+            && let Err(e) = mounts::detach_and_abort(dir)
+        {
+            tracing::warn!(dir = %dir.display(), "cannot detach: {e}");
+        }
     }
 
     /// Makes sure the remote snapshot `id` is served by this process.
@@ -553,6 +812,7 @@ impl Remote {
         if let Err(e) = mounts::detach_and_abort(&mounted.dir) {
             tracing::warn!("cannot unmount {}: {e}", mounted.dir.display());
         }
+        self.let_go(id, None);
         let digest = mounted.layer.digest().to_owned();
         let shared = self
             .lock_mounted()
@@ -608,6 +868,8 @@ impl Remote {
                     background: background.to_owned(),
                     snapshot_id: *id,
                     mountpoint: mounted.dir.display().to_string(),
+                    served_since: mounted.since,
+                    handovers: mounted.handovers,
                 });
         }
         images
@@ -618,6 +880,29 @@ impl Remote {
             })
             .collect()
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Writes a mount's record (and its index prefix) into `dir`, each file
+/// whole or not at all.
+fn write_record(dir: &Path, record: &MountRecord, prefix: Option<&[u8]>) -> std::io::Result<()> {
+    let write = |name: &str, bytes: &[u8]| {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, dir.join(name))
+    };
+    if let Some(prefix) = prefix {
+        write("prefix", prefix)?;
+    }
+    write(
+        "mount.json",
+        &serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?,
+    )
 }
 
 #[cfg(test)]

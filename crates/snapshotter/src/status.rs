@@ -61,6 +61,13 @@ pub struct LayerStatus {
     /// Bytes fetched ahead of programs reading files in order.
     #[prost(uint64, tag = "9")]
     pub fetched_ahead: u64,
+    /// When the layer was mounted (seconds since the epoch); the mount
+    /// outlives daemon restarts.
+    #[prost(uint64, tag = "10")]
+    pub served_since: u64,
+    /// How many times a restarted daemon took the mount over.
+    #[prost(uint32, tag = "11")]
+    pub handovers: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

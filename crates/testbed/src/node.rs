@@ -146,6 +146,35 @@ impl ProntoNode {
         self.run(args).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// The socket of the keeper `pronto serve` starts to hold its mounts
+    /// across restarts.
+    pub fn keeper_socket(&self) -> PathBuf {
+        self.socket.with_extension("keeper.sock")
+    }
+
+    /// The process id of the node's keeper, while one runs.
+    pub fn keeper_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.keeper_socket().with_extension("pid")).ok()?;
+        let pid: i32 = text.trim().parse().ok()?;
+        std::path::Path::new(&format!("/proc/{pid}"))
+            .exists()
+            .then_some(pid)
+    }
+
+    /// Stops the node's keeper (by its process id), letting go of every
+    /// mount no daemon serves.
+    pub fn stop_keeper(&self) {
+        if let Some(pid) = self.keeper_pid() {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = wait_until("the keeper to exit", Duration::from_secs(10), || {
+                Ok(nix::sys::signal::kill(pid, None).is_err()
+                    || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .is_ok_and(|s| s.contains(") Z ")))
+            });
+        }
+    }
+
     /// Starts `pronto serve` logging to `log` at `log_filter`, and waits
     /// until `pronto status` gets an answer from it.
     pub fn serve(&self, log: &Path, log_filter: &str) -> Result<Daemon> {
@@ -191,6 +220,12 @@ impl ProntoNode {
             daemon,
             umount: self.command(&["umount", &dir.to_string_lossy()]),
         })
+    }
+}
+
+impl Drop for ProntoNode {
+    fn drop(&mut self) {
+        self.stop_keeper();
     }
 }
 

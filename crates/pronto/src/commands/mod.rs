@@ -79,7 +79,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Serve => serve::run(&loaded.config),
+        Command::Serve => serve::run(&loaded.config, loaded.path.as_deref()),
+        Command::Keeper { stop, socket } => serve::keeper(&loaded.config, stop, socket),
         Command::Status { json } => status::run(&loaded.config, json),
         Command::Umount { dir } => mount::unmount(&dir),
         Command::Cache(cmd) => cache::run(cmd, &loaded.config),

@@ -1,10 +1,13 @@
 //! `pronto serve`: the node daemon. containerd reaches it as the proxy
 //! snapshotter `pronto`.
 
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use pronto_catalog::LocalIndexStore;
+use pronto_snapshotter::keeper::{self, KeeperClient};
 use pronto_snapshotter::{
     LocalSnapshots, Remote, RemoteOptions, Snapshotter, StatusService, WholeLayers,
 };
@@ -14,8 +17,26 @@ use crate::commands::mount::open_cache;
 use crate::config::Config;
 use crate::metrics_endpoint;
 
-pub fn run(config: &Config) -> Result<()> {
+pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
     let runtime = super::runtime()?;
+    // The keeper holds the mounts and the socket across restarts. Without
+    // one (it cannot start), the daemon still serves, but its mounts end
+    // with it.
+    let keeper_socket = config.keeper_socket();
+    let keeper = match KeeperClient::connect_or_start(&keeper_socket, || {
+        start_keeper(config_path, &keeper_socket)
+    }) {
+        Ok(keeper) => Some(Arc::new(keeper)),
+        Err(e) => {
+            tracing::error!("no keeper: lazy mounts will not survive a restart: {e}");
+            None
+        }
+    };
+    let mut kept = match &keeper {
+        Some(keeper) => keeper.take().context("take over from the keeper")?,
+        None => Default::default(),
+    };
+    let listener = listener(config, kept.remove(keeper::LISTENER), keeper.as_deref())?;
     let client = registry_client(config)?;
     let whole_client = client.clone();
     let store = LocalIndexStore::open(&config.root)?;
@@ -25,7 +46,7 @@ pub fn run(config: &Config) -> Result<()> {
         LocalSnapshots::open(&snapshots_root)
             .with_context(|| format!("open snapshots under {}", snapshots_root.display()))?,
     );
-    let remote = Arc::new(Remote::new(
+    let mut remote = Remote::new(
         client,
         store,
         cache.clone(),
@@ -38,7 +59,11 @@ pub fn run(config: &Config) -> Result<()> {
             read_timeout: config.fetch.read_timeout(),
             read_ahead: config.fetch.read_ahead(),
         },
-    ));
+    );
+    if let Some(keeper) = &keeper {
+        remote = remote.with_keeper(keeper.clone(), config.root.join("mounts"));
+    }
+    let remote = Arc::new(remote);
     let whole = config.pull.parallel.then(|| {
         Arc::new(WholeLayers::new(
             whole_client,
@@ -69,15 +94,11 @@ pub fn run(config: &Config) -> Result<()> {
             }
             None => None,
         };
-        // Lazy layers of existing snapshots come back before containerd is
-        // answered, so no overlay is ever built on an empty directory.
-        let failed = remote.restore(&local).await;
-        if !failed.is_empty() {
-            tracing::error!(
-                "{} lazy layers could not be mounted again; they are retried when used",
-                failed.len()
-            );
-        }
+        // Mounts of the daemon before this one are taken over before
+        // containerd is answered; the other lazy layers are mounted again
+        // when containerd next uses them.
+        let adopted = tokio::task::block_in_place(|| remote.adopt(&local, kept));
+        tracing::info!(adopted, "lazy mounts taken over from the previous daemon");
         tracing::info!(
             address = %config.address.display(),
             root = %config.root.display(),
@@ -99,10 +120,9 @@ pub fn run(config: &Config) -> Result<()> {
             tracing::info!("signal received; stopping");
             let _ = stop.send(true);
         };
-        let served =
-            pronto_snapshotter::serve(snapshotter, Some(status), &config.address, shutdown)
-                .await
-                .with_context(|| format!("serve on {}", config.address.display()));
+        let served = pronto_snapshotter::serve(snapshotter, Some(status), listener, shutdown)
+            .await
+            .with_context(|| format!("serve on {}", config.address.display()));
         // Also when serving failed without a signal.
         let _ = stop.send(true);
         if let Some(metrics) = metrics {
@@ -118,7 +138,77 @@ pub fn run(config: &Config) -> Result<()> {
             .collect();
         tracing::info!("fallbacks while running: {}", summary.join(" "));
     }
-    remote.release_all();
-    let _ = std::fs::remove_file(&config.address);
+    if keeper.is_some() {
+        // The keeper holds the mounts and the socket for the next daemon.
+        tracing::info!(
+            lazy_layers = remote.mounted_count(),
+            "stopped; the keeper holds the lazy mounts for the next daemon"
+        );
+    } else {
+        remote.release_all();
+        let _ = std::fs::remove_file(&config.address);
+    }
     Ok(())
+}
+
+/// The socket containerd connects to: the one the previous daemon handed
+/// to the keeper when it is still at `address`, else a new one (handed to
+/// the keeper in turn).
+fn listener(
+    config: &Config,
+    kept: Option<std::os::fd::OwnedFd>,
+    keeper: Option<&KeeperClient>,
+) -> Result<std::os::unix::net::UnixListener> {
+    if let Some(fd) = kept {
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        let bound = listener.local_addr().ok();
+        let path = bound.as_ref().and_then(|a| a.as_pathname());
+        if path == Some(config.address.as_path()) && config.address.exists() {
+            tracing::info!(address = %config.address.display(), "serving on the socket the previous daemon listened on");
+            return Ok(listener);
+        }
+    }
+    let listener = pronto_snapshotter::bind(&config.address)
+        .with_context(|| format!("listen on {}", config.address.display()))?;
+    if let Some(keeper) = keeper
+        && let Err(e) = keeper.keep(keeper::LISTENER, listener.as_fd())
+    {
+        tracing::warn!("cannot hand the socket to the keeper: {e}");
+    }
+    Ok(listener)
+}
+
+/// Starts `pronto keeper` for `socket` in a process group of its own, so
+/// that stopping the daemon (or its process group) leaves it running. It
+/// logs where the daemon logs.
+fn start_keeper(config_path: Option<&Path>, socket: &Path) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    if let Some(path) = config_path {
+        command.arg("--config").arg(path);
+    }
+    command
+        .arg("keeper")
+        .arg("--socket")
+        .arg(socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .process_group(0);
+    let child = command.spawn()?;
+    tracing::info!(pid = child.id(), socket = %socket.display(), "keeper started");
+    Ok(())
+}
+
+/// `pronto keeper`: runs the keeper, or with `stop` asks it to exit.
+pub fn keeper(config: &Config, stop: bool, socket: Option<PathBuf>) -> Result<()> {
+    let socket = socket.unwrap_or_else(|| config.keeper_socket());
+    if stop {
+        let client = KeeperClient::connect(&socket)
+            .with_context(|| format!("no keeper answers at {}", socket.display()))?;
+        client.stop().context("stop the keeper")?;
+        println!("keeper at {} stopped", socket.display());
+        return Ok(());
+    }
+    keeper::run(&socket, config.serve.handover_timeout())
+        .with_context(|| format!("keeper on {}", socket.display()))
 }

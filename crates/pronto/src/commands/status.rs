@@ -40,6 +40,8 @@ fn to_json(status: &StatusResponse) -> Value {
                 "background": layer.background,
                 "snapshot_id": layer.snapshot_id,
                 "mountpoint": layer.mountpoint,
+                "served_since": layer.served_since,
+                "handovers": layer.handovers,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
@@ -80,7 +82,9 @@ fn render(status: &StatusResponse) -> String {
             human_size(size),
             percent(local, size)
         ));
-        out.push_str("  LAYER                    LOCAL                          BACKGROUND\n");
+        out.push_str(
+            "  LAYER                    LOCAL                          BACKGROUND            SERVED\n",
+        );
         for layer in &image.layers {
             let short = layer.digest.get(..19).unwrap_or(&layer.digest);
             let local = format!(
@@ -96,10 +100,27 @@ fn render(status: &StatusResponse) -> String {
                 ),
                 other => other.to_owned(),
             };
-            out.push_str(&format!("  {short:<24} {local:<30} {background}\n"));
+            let served = match layer.handovers {
+                0 => format!("since {}", timestamp(layer.served_since)),
+                1 => format!("since {}, handed over once", timestamp(layer.served_since)),
+                n => format!("since {}, handed over {n}x", timestamp(layer.served_since)),
+            };
+            out.push_str(&format!(
+                "  {short:<24} {local:<30} {background:<21} {served}\n"
+            ));
         }
     }
     out
+}
+
+/// Seconds since the epoch as UTC date and time.
+fn timestamp(secs: u64) -> String {
+    let format =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_else(|| secs.to_string())
 }
 
 fn percent(part: u64, whole: u64) -> String {
@@ -129,6 +150,8 @@ mod tests {
                     background: "running".into(),
                     snapshot_id: 7,
                     mountpoint: "/var/lib/pronto/snapshotter/snapshots/7/fs".into(),
+                    served_since: 1_796_256_000,
+                    handovers: 2,
                 }],
             }],
             cache_bytes: 30 << 20,
@@ -153,6 +176,10 @@ mod tests {
         );
         assert!(text.contains("sha256:abababababab"), "{text}");
         assert!(text.contains("running, 20% read"), "{text}");
+        assert!(
+            text.contains("since 2026-12-03 00:00:00 UTC, handed over 2x"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -162,6 +189,8 @@ mod tests {
         let layer = &value["images"][0]["layers"][0];
         assert_eq!(layer["local_bytes"], 25 << 20);
         assert_eq!(layer["background"], "running");
+        assert_eq!(layer["handovers"], 2);
+        assert_eq!(layer["served_since"], 1_796_256_000u64);
         assert_eq!(value["cache"]["budget"], 20u64 << 30);
     }
 
