@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use pronto_testbed::cri::Cri;
+use pronto_testbed::faults::{Fault, FaultProxy};
 use pronto_testbed::image::BuiltImage;
 use pronto_testbed::net::{free_loopback_port, http_get, wait_until};
 use pronto_testbed::process::{Daemon, mounts_below, unmount_below};
@@ -41,6 +42,8 @@ struct Stack {
     layout: OciLayout,
     registry: Registry,
     relay: Relay,
+    /// Another way to the registry, which can stall requests.
+    faults: FaultProxy,
     containerd: Option<Containerd>,
     node: ProntoNode,
     serve: Option<Daemon>,
@@ -61,6 +64,7 @@ impl Stack {
         let layout = OciLayout::create(&work.path().join("layout")).unwrap();
         let registry = Registry::start().unwrap();
         let relay = Relay::start(registry.addr()).unwrap();
+        let faults = FaultProxy::start(registry.addr()).unwrap();
         let socket = work.path().join("pronto.sock");
         let containerd = Containerd::start_with(ContainerdOptions {
             proxy_snapshotters: vec![("pronto".into(), socket)],
@@ -68,7 +72,7 @@ impl Stack {
                 snapshotter: "pronto".into(),
                 sandbox_image: "pronto.test/pause:3.9".into(),
             }),
-            plain_http_registries: vec![relay.host(), registry.host()],
+            plain_http_registries: vec![relay.host(), registry.host(), faults.host()],
             extra_config: String::new(),
         })
         .unwrap();
@@ -86,6 +90,7 @@ impl Stack {
             layout,
             registry,
             relay,
+            faults,
             containerd: Some(containerd),
             node,
             serve: None,
@@ -132,6 +137,19 @@ impl Stack {
                     .success())
             })
             .unwrap();
+        }
+    }
+
+    /// Kills `pronto serve` with SIGKILL, as a crash or an OOM kill would.
+    fn kill_serve(&mut self) {
+        if let Some(mut daemon) = self.serve.take() {
+            let pid = daemon.pid().unwrap() as i32;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+            daemon.stop();
         }
     }
 
@@ -875,4 +893,194 @@ fn a_layer_that_would_fill_the_disk_fails_the_pull_instead() {
         || Ok(dirs() == 0),
     )
     .unwrap_or_else(|e| panic!("{e}: {} left\n{}", dirs(), tail(&stack.serve_log(), 20)));
+}
+
+/// Lines of `path` (empty when it does not exist yet).
+fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A container reads a lazy file over and over and checks every byte,
+/// while `pronto serve` is killed in the middle of a span fetch, killed
+/// with SIGKILL, and restarted gracefully: the container sees no error and
+/// no wrong byte, containerd's calls during a handover succeed, and a new
+/// container of the image starts afterwards.
+#[test]
+fn a_running_container_reads_correct_bytes_across_daemon_restarts() {
+    require!(NEEDS);
+    let mut stack = Stack::start();
+    let (reference, _) = stack.push_model_image("survive/model", true);
+    // Through the proxy that can stall the registry.
+    let reference = reference.replace(&stack.relay.host(), &stack.faults.host());
+    stack.pronto_pull(&reference);
+    let out = stack.work.path().join("reader");
+    std::fs::create_dir_all(&out).unwrap();
+    let (sums, errors) = (out.join("sums"), out.join("errors"));
+    // From here on the registry answers no blob request: the container's
+    // first read waits on it.
+    stack.faults.inject_for(
+        Some("GET"),
+        "/blobs/",
+        1000,
+        Fault::Silent(Duration::from_secs(120)),
+    );
+    let seen_before = stack.faults.requests().len();
+    let reader = format!("reader{}", rand_suffix());
+    let started = stack
+        .containerd()
+        .ctr_in("k8s.io")
+        .args(["run", "-d", "--snapshotter", "pronto", "--mount"])
+        .arg(format!(
+            "type=bind,src={},dst=/out,options=rbind:rw",
+            out.display()
+        ))
+        .args([&reference, &reader, "sh", "-c"])
+        .arg("while :; do sha256sum /model/weights.bin >> /out/sums 2>> /out/errors; done")
+        .output()
+        .unwrap();
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    wait_until(
+        "a read waits on the registry",
+        Duration::from_secs(60),
+        || {
+            Ok(stack.faults.requests()[seen_before..]
+                .iter()
+                .any(|r| r.method == "GET" && r.range.is_some()))
+        },
+    )
+    .unwrap();
+
+    // 1. Killed while a read waits for its span.
+    stack.kill_serve();
+    // containerd's calls while no daemon answers wait for the next one
+    // (for as long as containerd waits for a handshake: 1 s and more).
+    let during = {
+        let mut ls = stack.containerd().ctr_in("k8s.io");
+        ls.args(["snapshots", "--snapshotter", "pronto", "ls"]);
+        std::thread::spawn(move || ls.output().unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    stack.faults.clear();
+    stack.start_serve();
+    let listed = during.join().unwrap();
+    assert!(
+        listed.status.success(),
+        "a call during the handover failed: {}\n{}",
+        String::from_utf8_lossy(&listed.stderr),
+        tail(&stack.serve_log(), 40)
+    );
+    let wait_for_sums = |stack: &Stack, count: usize| {
+        wait_until("the reader to go on", Duration::from_secs(120), || {
+            Ok(lines_of(&sums).len() >= count || !lines_of(&errors).is_empty())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tail(&stack.serve_log(), 30)));
+    };
+    wait_for_sums(&stack, 1);
+    // The read the killed daemon had taken was sent again by the kernel.
+    let (_, text) = http_get(stack.metrics, "/metrics").unwrap();
+    assert!(
+        sample(&text, "pronto_resent_requests_total").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "pronto_handovers_total"), Some(1.0), "{text}");
+
+    // 2. Killed while the container reads local data.
+    let count = lines_of(&sums).len();
+    stack.kill_serve();
+    std::thread::sleep(Duration::from_millis(500));
+    stack.start_serve();
+    wait_for_sums(&stack, count + 2);
+
+    // 3. A graceful restart (an upgrade).
+    let count = lines_of(&sums).len();
+    stack.stop_serve();
+    stack.start_serve();
+    wait_for_sums(&stack, count + 2);
+
+    let _ = stack
+        .containerd()
+        .ctr_in("k8s.io")
+        .args(["task", "kill", "-s", "SIGKILL", &reader])
+        .output();
+    let errors = lines_of(&errors);
+    assert!(errors.is_empty(), "the reader saw errors: {errors:?}");
+    let sums = lines_of(&sums);
+    assert!(sums.len() >= 5, "{sums:?}");
+    for line in &sums {
+        assert!(line.starts_with(&model_sha256()), "a wrong sum: {line}");
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&stack.pronto_ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["images"][0]["layers"][0]["handovers"], 3, "{status}");
+    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
+    assert!(
+        stdout(&out).starts_with(&model_sha256()),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// When no daemon comes back within `serve.handover_timeout`, reads of a
+/// lazy mount fail with EIO instead of hanging; the mount serves again as
+/// soon as a daemon starts.
+#[test]
+fn without_a_daemon_reads_fail_after_the_handover_timeout_then_recover() {
+    require!(NEEDS);
+    let mut stack = Stack::start_with("[serve]\nhandover_timeout = \"2s\"\n");
+    let (reference, _) = stack.push_model_image("orphan/model", true);
+    stack.pronto_pull(&reference);
+    let running = format!("idle{}", rand_suffix());
+    let out = stack
+        .containerd()
+        .ctr_in("k8s.io")
+        .args(["run", "-d", "--snapshotter", "pronto", &reference, &running])
+        .args(["sleep", "600"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exec = |stack: &Stack, id: &str| {
+        let mut command = stack.containerd().ctr_in("k8s.io");
+        command
+            .args(["task", "exec", "--exec-id", id, &running])
+            .args(["cat", "/model/config.json"]);
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(command.output().unwrap()));
+        result
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the read must not hang")
+    };
+    stack.kill_serve();
+    std::thread::sleep(Duration::from_secs(3));
+    let failed = exec(&stack, "orphaned");
+    assert!(!failed.status.success(), "{}", stdout(&failed));
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("Input/output error"),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    stack.start_serve();
+    let served = exec(&stack, "served");
+    assert_eq!(
+        stdout(&served),
+        "{\"ready\": true}\n",
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
+    let _ = stack
+        .containerd()
+        .ctr_in("k8s.io")
+        .args(["task", "kill", "-s", "SIGKILL", &running])
+        .output();
 }
