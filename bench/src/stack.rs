@@ -83,6 +83,8 @@ pub struct Stack {
     work: tempfile::TempDir,
     pronto: PathBuf,
     serve: Option<Daemon>,
+    /// The keeper the first `pronto serve` starts outlives each daemon.
+    keeper: Option<pronto_testbed::KeeperGuard>,
     pull_settings: String,
     shaped: bool,
     background: bool,
@@ -119,6 +121,7 @@ impl Stack {
             work,
             pronto: pronto.to_owned(),
             serve: None,
+            keeper: None,
             pull_settings: String::new(),
             shaped: false,
             background,
@@ -194,7 +197,9 @@ impl Stack {
         self.pull_settings = pull.to_owned();
         let log = self.work.path().join("serve.log");
         let filter = std::env::var("PRONTO_BENCH_LOG").unwrap_or_else(|_| "info".into());
-        let serve = self.node(pull)?.serve(&log, &filter)?;
+        let node = self.node(pull)?;
+        let serve = node.serve(&log, &filter)?;
+        self.keeper.get_or_insert_with(|| node.keeper_guard());
         self.serve = Some(serve);
         // containerd reconnects to a restarted plugin after its backoff
         // (a second or more): a pull timed before that would wait for it.

@@ -20,7 +20,10 @@ fn systemd_unit_verifies() {
     let unit = std::fs::read_to_string(Path::new(DEPLOY).join("systemd/pronto.service")).unwrap();
     // No --config: a node without /etc/pronto/config.toml runs on defaults.
     assert!(unit.contains("ExecStart=/usr/local/bin/pronto serve\n"));
-    assert!(unit.contains("Restart=on-failure") && unit.contains("Before=containerd.service"));
+    assert!(unit.contains("Restart=always") && unit.contains("Before=containerd.service"));
+    // The keeper, which holds the mounts across restarts, is not killed
+    // with the daemon; systemd learns when the daemon is ready.
+    assert!(unit.contains("KillMode=process\n") && unit.contains("Type=notify\n"));
     // Verified as installed, with the binary where the unit expects it.
     let dir = tempfile::tempdir().unwrap();
     let installed = dir.path().join("pronto.service");
@@ -94,7 +97,23 @@ fn containerd_starts_with_the_snippet_and_pulls_through_pronto() {
     )
     .unwrap();
     let log = work.path().join("serve.log");
-    let mut serve = node.serve(&log, "info").unwrap();
+    let _keeper = node.keeper_guard();
+    // As systemd runs it (Type=notify): ready is said on NOTIFY_SOCKET.
+    let notify = work.path().join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    systemd
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut serve = node
+        .serve_with_env(&log, "info", &[("NOTIFY_SOCKET", notify.as_os_str())])
+        .unwrap();
+    let mut said = [0u8; 256];
+    let n = systemd.recv(&mut said).unwrap();
+    assert!(
+        String::from_utf8_lossy(&said[..n]).starts_with("READY=1"),
+        "{}",
+        String::from_utf8_lossy(&said[..n])
+    );
 
     let plugins = containerd.ctr_ok(&["plugins", "ls"]).unwrap();
     let pronto = plugins

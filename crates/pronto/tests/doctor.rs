@@ -128,6 +128,7 @@ fn doctor_passes_a_good_node_and_names_each_broken_setting() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let _keeper = good.keeper_guard();
     let mut serve = good
         .serve(&node.dir.path().join("serve.log"), "info")
         .unwrap();

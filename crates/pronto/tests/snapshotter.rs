@@ -14,8 +14,8 @@ use pronto_testbed::net::{free_loopback_port, http_get, wait_until};
 use pronto_testbed::process::{Daemon, mounts_below, unmount_below};
 use pronto_testbed::tree::{SnapshotOptions, diff, snapshot, without_dir_link_counts};
 use pronto_testbed::{
-    Compression, Containerd, ContainerdOptions, Content, CriOptions, ImageBuilder, Layer,
-    NodeConfig, OciLayout, Prereq, ProntoNode, Registry, Relay, require,
+    Compression, Containerd, ContainerdOptions, Content, CriOptions, ImageBuilder, KeeperGuard,
+    Layer, NodeConfig, OciLayout, Prereq, ProntoNode, Registry, Relay, require,
 };
 use sha2::{Digest, Sha256};
 
@@ -47,6 +47,8 @@ struct Stack {
     containerd: Option<Containerd>,
     node: ProntoNode,
     serve: Option<Daemon>,
+    /// The keeper `pronto serve` starts outlives each daemon.
+    _keeper: KeeperGuard,
     serve_starts: usize,
     /// Where `pronto serve` answers Prometheus scrapes.
     metrics: SocketAddr,
@@ -92,6 +94,7 @@ impl Stack {
             relay,
             faults,
             containerd: Some(containerd),
+            _keeper: node.keeper_guard(),
             node,
             serve: None,
             serve_starts: 0,

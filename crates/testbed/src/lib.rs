@@ -30,7 +30,7 @@ pub mod tree;
 pub use containerd::{Containerd, ContainerdOptions, CriOptions};
 pub use faults::{Fault, FaultProxy};
 pub use image::{Compression, Content, Entry, ImageBuilder, Layer, OciLayout};
-pub use node::{MountedImage, NodeConfig, ProntoNode};
+pub use node::{KeeperGuard, MountedImage, NodeConfig, ProntoNode};
 pub use prereq::Prereq;
 pub use registry::{Credentials, Registry, RegistryOptions};
 pub use relay::{Relay, RelayOptions};

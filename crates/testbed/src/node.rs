@@ -154,32 +154,31 @@ impl ProntoNode {
 
     /// The process id of the node's keeper, while one runs.
     pub fn keeper_pid(&self) -> Option<i32> {
-        let text = std::fs::read_to_string(self.keeper_socket().with_extension("pid")).ok()?;
-        let pid: i32 = text.trim().parse().ok()?;
-        std::path::Path::new(&format!("/proc/{pid}"))
-            .exists()
-            .then_some(pid)
+        keeper_pid(&self.keeper_socket())
     }
 
-    /// Stops the node's keeper (by its process id), letting go of every
-    /// mount no daemon serves.
-    pub fn stop_keeper(&self) {
-        if let Some(pid) = self.keeper_pid() {
-            let pid = nix::unistd::Pid::from_raw(pid);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = wait_until("the keeper to exit", Duration::from_secs(10), || {
-                Ok(nix::sys::signal::kill(pid, None).is_err()
-                    || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                        .is_ok_and(|s| s.contains(") Z ")))
-            });
+    /// Stops the node's keeper when the guard is dropped.
+    pub fn keeper_guard(&self) -> KeeperGuard {
+        KeeperGuard {
+            socket: self.keeper_socket(),
         }
     }
 
     /// Starts `pronto serve` logging to `log` at `log_filter`, and waits
     /// until `pronto status` gets an answer from it.
     pub fn serve(&self, log: &Path, log_filter: &str) -> Result<Daemon> {
+        self.serve_with_env(log, log_filter, &[])
+    }
+
+    /// Like [`Self::serve`], with more environment variables.
+    pub fn serve_with_env(
+        &self,
+        log: &Path,
+        log_filter: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Daemon> {
         let mut cmd = self.command(&["serve"]);
-        cmd.env("PRONTO_LOG", log_filter);
+        cmd.env("PRONTO_LOG", log_filter).envs(env.iter().copied());
         let mut daemon = Daemon::spawn("pronto serve", cmd, log)?;
         wait_until(
             "pronto serve answers status",
@@ -223,10 +222,38 @@ impl ProntoNode {
     }
 }
 
-impl Drop for ProntoNode {
+/// Stops a node's keeper (by its process id) when dropped: what a test
+/// or benchmark that runs `pronto serve` holds for as long as it uses the
+/// node, since the keeper outlives each `pronto serve`.
+#[derive(Debug)]
+pub struct KeeperGuard {
+    socket: PathBuf,
+}
+
+impl Drop for KeeperGuard {
     fn drop(&mut self) {
-        self.stop_keeper();
+        stop_keeper(&self.socket);
     }
+}
+
+/// Stops the keeper listening on `socket`, if one runs.
+fn stop_keeper(socket: &Path) {
+    let Some(pid) = keeper_pid(socket) else {
+        return;
+    };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = wait_until("the keeper to exit", Duration::from_secs(10), || {
+        Ok(nix::sys::signal::kill(pid, None).is_err()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z ")))
+    });
+}
+
+fn keeper_pid(socket: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(socket.with_extension("pid")).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 
 /// A `pronto mount` running in the background; unmounted and stopped when

@@ -120,6 +120,7 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
             tracing::info!("signal received; stopping");
             let _ = stop.send(true);
         };
+        notify_systemd("READY=1\nSTATUS=serving containerd's snapshots API");
         let served = pronto_snapshotter::serve(snapshotter, Some(status), listener, shutdown)
             .await
             .with_context(|| format!("serve on {}", config.address.display()));
@@ -149,6 +150,28 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
         let _ = std::fs::remove_file(&config.address);
     }
     Ok(())
+}
+
+/// Tells systemd (a `Type=notify` unit) how the daemon is doing, when it
+/// runs under systemd.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let address = match bytes.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let sent = address.and_then(|address| {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        socket.send_to_addr(state.as_bytes(), &address)
+    });
+    if let Err(e) = sent {
+        tracing::warn!("cannot notify systemd at {}: {e}", path.display());
+    }
 }
 
 /// The socket containerd connects to: the one the previous daemon handed

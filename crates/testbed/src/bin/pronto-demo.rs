@@ -148,6 +148,7 @@ fn lazy_start(
     println!("\nindexing the image once (pronto index create --bind)...");
     run(&["index", "create", reference, "--bind"])?;
     let log = work.join("serve.log");
+    let _keeper = node.keeper_guard();
     let mut serve = node.serve(&log, "info")?;
     println!(
         "pronto serve on {} (containerd proxy snapshotter \"pronto\")",
