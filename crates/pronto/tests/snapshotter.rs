@@ -1087,3 +1087,51 @@ fn without_a_daemon_reads_fail_after_the_handover_timeout_then_recover() {
         .args(["task", "kill", "-s", "SIGKILL", &running])
         .output();
 }
+
+/// A lazy mount whose connection no process holds any more (the daemon and
+/// its keeper both killed, as a reboot of the keeper's process would) is
+/// detached by the next daemon, not left as a dead mount, and the layer is
+/// mounted again when a container of the image starts.
+#[test]
+fn a_dead_mount_is_detached_at_start_and_mounted_again_when_used() {
+    require!(NEEDS);
+    let mut stack = Stack::start();
+    let (reference, _) = stack.push_model_image("dead/model", true);
+    stack.pronto_pull(&reference);
+    let before = stack.lazy_mounts();
+    assert_eq!(before.len(), 1);
+    let keeper = stack.node.keeper_pid().expect("a keeper runs");
+    stack.kill_serve();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keeper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the keeper to exit", Duration::from_secs(10), || {
+        Ok(stack.node.keeper_pid().is_none_or(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+        }))
+    })
+    .unwrap();
+    stack.start_serve();
+    assert!(
+        stack.lazy_mounts().is_empty(),
+        "{:?}\n{}",
+        stack.lazy_mounts(),
+        tail(&stack.serve_log(), 20)
+    );
+    assert!(
+        stack
+            .serve_log()
+            .contains("detaching a lazy mount no daemon serves"),
+        "{}",
+        tail(&stack.serve_log(), 20)
+    );
+    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
+    assert!(
+        stdout(&out).starts_with(&model_sha256()),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(stack.lazy_mounts(), before, "mounted again where it was");
+}

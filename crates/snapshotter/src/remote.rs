@@ -656,11 +656,10 @@ impl Remote {
         }
         // Mounts left by a daemon that died before handing them over, or
         // whose connection ended: nothing serves them.
-        let snapshots_dir = local.fs_path(0);
-        let snapshots_dir = snapshots_dir.parent().unwrap_or(&snapshots_dir);
+        let snapshots_dir = local.root().join("snapshots");
         for entry in mounts::mount_table() {
             let dir = PathBuf::from(&entry.mount_point);
-            if dir.starts_with(snapshots_dir)
+            if dir.starts_with(&snapshots_dir)
                 && entry.source.starts_with("pronto:")
                 && entry.fs_type.starts_with("fuse")
                 && !self.lock_mounted().values().any(|m| m.dir == dir)
