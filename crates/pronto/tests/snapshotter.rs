@@ -1135,3 +1135,85 @@ fn a_dead_mount_is_detached_at_start_and_mounted_again_when_used() {
     );
     assert_eq!(stack.lazy_mounts(), before, "mounted again where it was");
 }
+
+/// A whole-layer pull interrupted by a crash of the daemon goes on from
+/// the bytes it has when the layer is pulled again: the registry sends the
+/// rest, not the whole layer again, and the layer is right.
+#[test]
+fn an_interrupted_parallel_pull_resumes_from_the_bytes_it_has() {
+    require!(NEEDS);
+    let mut stack = Stack::start_with(
+        "[pull]\nconcurrent_download_chunk_size = \"1MiB\"\nmax_concurrent_downloads_per_image = 1\n",
+    );
+    let (reference, image) = stack.push_model_image("resume/model", false);
+    let reference = reference.replace(&stack.relay.host(), &stack.faults.host());
+    let layer = &image.layers[1];
+    let blob = format!("/blobs/{}", layer.digest);
+    // The first 40 MiB come; then the registry stops answering.
+    stack.faults.inject_after(
+        "GET",
+        &blob,
+        40,
+        1000,
+        Fault::Silent(Duration::from_secs(120)),
+    );
+    let address = stack.containerd().socket();
+    let mut pull = stack
+        .node
+        .command(&["pull", "--address", address.to_str().unwrap(), &reference])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the pull to stall at 40 MiB",
+        Duration::from_secs(60),
+        || {
+            Ok(stack
+                .faults
+                .requests()
+                .iter()
+                .any(|r| r.path.contains(&blob) && r.fault.is_some()))
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stack.kill_serve();
+    let _ = pull.kill();
+    let _ = pull.wait();
+    stack.faults.clear();
+    let seen = stack.faults.requests().len();
+    stack.start_serve();
+    stack.pronto_pull(&reference);
+    let requested: u64 = stack.faults.requests()[seen..]
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.contains(&blob))
+        .filter_map(|r| {
+            let (start, end) = r
+                .range
+                .as_deref()?
+                .strip_prefix("bytes=")?
+                .split_once('-')?;
+            Some(end.parse::<u64>().ok()? + 1 - start.parse::<u64>().ok()?)
+        })
+        .sum();
+    assert!(
+        requested < layer.size - (38 << 20),
+        "{requested} of {} bytes fetched again:\n{}",
+        layer.size,
+        tail(&stack.serve_log(), 20)
+    );
+    assert!(
+        stack
+            .serve_log()
+            .contains("resuming an interrupted pull of the layer"),
+        "{}",
+        tail(&stack.serve_log(), 20)
+    );
+    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
+    assert!(
+        stdout(&out).starts_with(&model_sha256()),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -47,14 +47,24 @@ impl ChunkSink for Feed {
                 .map_err(std::io::Error::other)??;
             self.keep = Some(file);
         }
+        self.forward(chunk).await
+    }
+
+    async fn write_resumed(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.forward(chunk).await
+    }
+}
+
+impl Feed {
+    /// Sends bytes on without keeping them: they are already in the kept
+    /// file (read back from it to resume a download).
+    async fn forward(&mut self, chunk: Bytes) -> std::io::Result<()> {
         self.tx
             .send(chunk)
             .await
             .map_err(|_| std::io::Error::other("the reader of the download stopped reading"))
     }
-}
 
-impl Feed {
     /// Ends the blob; flushes and syncs the kept copy, if any (on a
     /// blocking thread).
     pub async fn finish(self) -> std::io::Result<()> {

@@ -17,7 +17,7 @@ mod parallel;
 mod push;
 mod referrers;
 
-pub use parallel::{ChunkSink, ParallelFetch};
+pub use parallel::{ChunkSink, ParallelFetch, Resume};
 pub use push::PushedManifest;
 pub use referrers::fallback_tag;
 

@@ -43,6 +43,21 @@ impl Default for ParallelFetch {
 pub trait ChunkSink {
     /// Takes the next bytes of the blob. An error stops the download.
     fn write(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
+
+    /// Takes the next bytes of the blob, read back from what an earlier,
+    /// interrupted download kept (see [`Resume`]), not fetched.
+    fn write_resumed(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send {
+        self.write(chunk)
+    }
+}
+
+/// The first bytes of a blob that an interrupted download kept, in a
+/// file: read back (and hashed with the rest) instead of fetched again.
+/// They are checked with the whole blob's digest at the end.
+#[derive(Debug)]
+pub struct Resume {
+    pub file: std::fs::File,
+    pub len: u64,
 }
 
 /// Writes the blob into a file (buffered; synced by [`FileSink::finish`]).
@@ -81,7 +96,7 @@ impl RegistryClient {
         let result = async {
             let file = std::fs::File::create(path).map_err(write_error)?;
             let mut sink = FileSink(std::io::BufWriter::with_capacity(1 << 20, file));
-            self.blob_parallel_into(repo, digest, size, plan, &mut sink)
+            self.blob_parallel_into(repo, digest, size, plan, &mut sink, None)
                 .await?;
             sink.finish().map_err(write_error)
         }
@@ -129,7 +144,8 @@ impl RegistryClient {
     /// Ranges complete in any order but are passed on in order, so memory
     /// stays within `concurrency` chunks. The digest is checked after the
     /// last byte: on a mismatch (an error) the sink has seen bytes that must
-    /// not be used.
+    /// not be used. With `resume`, the blob's first bytes come from its
+    /// file and only the rest is fetched.
     pub async fn blob_parallel_into(
         &self,
         repo: &Repository,
@@ -137,11 +153,37 @@ impl RegistryClient {
         size: u64,
         plan: ParallelFetch,
         sink: &mut impl ChunkSink,
+        resume: Option<Resume>,
     ) -> Result<()> {
         let target = Target::new(repo, format!("blob {digest}"));
         check_algorithm(&target, digest)?;
+        let write_error = |source| RegistryError::Write {
+            target: target.clone(),
+            source,
+        };
+        let mut hasher = StreamDigest::default();
+        let start = match resume {
+            Some(Resume { file, len }) => {
+                let len = len.min(size);
+                let mut file = tokio::fs::File::from_std(file);
+                let mut left = len;
+                while left > 0 {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = vec![0u8; left.min(1 << 20) as usize];
+                    file.read_exact(&mut buf).await.map_err(write_error)?;
+                    left -= buf.len() as u64;
+                    hasher.update(&buf);
+                    sink.write_resumed(Bytes::from(buf))
+                        .await
+                        .map_err(write_error)?;
+                }
+                len
+            }
+            None => 0,
+        };
         let chunk = plan.chunk_size.max(1);
-        let ranges = (0..size.div_ceil(chunk)).map(|i| i * chunk..((i + 1) * chunk).min(size));
+        let ranges = (0..(size - start).div_ceil(chunk))
+            .map(|i| start + i * chunk..(start + (i + 1) * chunk).min(size));
         let mut chunks = stream::iter(ranges)
             .map(|range| {
                 let limits = &plan.limits;
@@ -159,7 +201,6 @@ impl RegistryClient {
                 }
             })
             .buffered(plan.concurrency.max(1));
-        let mut hasher = StreamDigest::default();
         while let Some(bytes) = chunks.try_next().await? {
             hasher.update(&bytes);
             sink.write(bytes)

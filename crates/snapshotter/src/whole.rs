@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use oci_spec::image::ImageConfiguration;
 use pronto_catalog::IndexSet;
-use pronto_registry::{ManifestKind, ParallelFetch, RegistryClient, Repository, parse_reference};
+use pronto_registry::{
+    ManifestKind, ParallelFetch, RegistryClient, RegistryError, Repository, parse_reference,
+};
 use tokio::sync::{Semaphore, watch};
 
 use crate::SnapshotError;
@@ -162,6 +164,7 @@ impl std::fmt::Debug for WholeLayers {
 
 impl WholeLayers {
     pub fn new(client: RegistryClient, layers_dir: PathBuf, settings: PullSettings) -> Self {
+        remove_stale_partials(&layers_dir);
         Self {
             client,
             layers_dir,
@@ -397,15 +400,22 @@ impl WholeLayers {
         let _slot = image.layer_slots.acquire().await.expect("never closed");
         let _node = self.unpacks.acquire().await.expect("never closed");
         let _image = image.unpacks.acquire().await.expect("never closed");
+        // The blob is written to `<hex>.pulling` as it arrives, in order,
+        // so that a pull interrupted (a crash, a restart, a lost registry)
+        // goes on from the bytes it has: they are read back, and checked
+        // with the rest against the layer digest.
         let partial = self.layers_dir.join(format!("{hex}.pulling"));
-        let keep = if self.settings.discard_unpacked_layers {
-            None
-        } else {
-            Some(
-                std::fs::File::create(&partial)
-                    .map_err(|e| failed(format!("{}: {e}", partial.display())))?,
-            )
-        };
+        let (keep, resume) = tokio::task::block_in_place(|| open_partial(&partial, layer.size))
+            .map_err(|e| failed(format!("{}: {e}", partial.display())))?;
+        if let Some(resume) = &resume {
+            tracing::info!(
+                layer = layer.digest,
+                have = resume.len,
+                size = layer.size,
+                "resuming an interrupted pull of the layer"
+            );
+        }
+        let resumed = resume.as_ref().map_or(0, |r| r.len);
         let plan = ParallelFetch {
             chunk_size: self.settings.concurrent_download_chunk_size.max(1 << 20),
             concurrency: self.settings.max_concurrent_downloads_per_image.max(1),
@@ -414,7 +424,7 @@ impl WholeLayers {
         // The layer is unpacked while it downloads, into a reserved
         // directory nobody sees; it is committed only when the blob matched
         // the layer digest and the tar the config's diff ID.
-        let (mut feed, reader) = feed::channel(keep);
+        let (mut feed, reader) = feed::channel(Some(keep));
         let downloading = async {
             let fetched = self
                 .client
@@ -424,9 +434,14 @@ impl WholeLayers {
                     layer.size,
                     plan,
                     &mut feed,
+                    resume,
                 )
-                .await
-                .map_err(|e| e.to_string());
+                .await;
+            if matches!(fetched, Err(RegistryError::DigestMismatch { .. })) {
+                // The kept bytes may be what did not match: start over.
+                let _ = std::fs::remove_file(&partial);
+            }
+            let fetched = fetched.map_err(|e| e.to_string());
             let kept = feed
                 .finish()
                 .await
@@ -444,17 +459,77 @@ impl WholeLayers {
             downloading
         );
         let (id, unpacked) = unpacking?;
-        let kept = downloaded.is_ok() && unpacked.is_ok() && !self.settings.discard_unpacked_layers;
-        if kept {
-            std::fs::rename(&partial, &blob).map_err(|e| failed(e.to_string()))?;
-        } else {
-            let _ = std::fs::remove_file(&partial);
+        match (&downloaded, &unpacked) {
+            (Ok(()), Ok(_)) if !self.settings.discard_unpacked_layers => {
+                std::fs::rename(&partial, &blob).map_err(|e| failed(e.to_string()))?;
+            }
+            // Done with, or the layer itself is bad (its download was
+            // complete and verified, its unpack failed).
+            (Ok(()), _) => {
+                let _ = std::fs::remove_file(&partial);
+            }
+            // Kept for the next pull of the layer to go on from (a digest
+            // mismatch removed it above).
+            (Err(_), _) => {}
         }
         if downloaded.is_ok() {
-            metrics().fetched(Purpose::WholeLayer, layer.size);
+            metrics().fetched(Purpose::WholeLayer, layer.size - resumed);
         }
         settle(local, layer, id, downloaded, unpacked)
     }
+}
+
+/// How long the bytes of an interrupted pull are kept for a pull of the
+/// same layer to go on from.
+const PARTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Removes interrupted pulls no pull went on from within [`PARTIAL_TTL`].
+fn remove_stale_partials(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let stale = path.extension().is_some_and(|e| e == "pulling")
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > PARTIAL_TTL);
+        if stale {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Opens the partial download of a layer of `size` bytes at `path`: the
+/// file to append to, and what it already holds to resume from.
+fn open_partial(
+    path: &std::path::Path,
+    size: u64,
+) -> std::io::Result<(std::fs::File, Option<pronto_registry::Resume>)> {
+    use std::io::Seek;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    if len > size {
+        file.set_len(0)?;
+    }
+    let have = file.seek(std::io::SeekFrom::End(0))?;
+    let resume = if have > 0 {
+        let mut reader = std::fs::File::open(path)?;
+        reader.rewind()?;
+        Some(pronto_registry::Resume {
+            file: reader,
+            len: have,
+        })
+    } else {
+        None
+    };
+    Ok((file, resume))
 }
 
 /// Reserves a snapshot directory and unpacks `blob` into it on a blocking

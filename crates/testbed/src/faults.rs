@@ -64,6 +64,8 @@ pub struct SeenRequest {
 struct Rule {
     method: Option<String>,
     path_contains: String,
+    /// Matching requests let through before the fault applies.
+    skip: usize,
     remaining: usize,
     fault: Fault,
 }
@@ -138,6 +140,26 @@ impl FaultProxy {
         lock(&self.shared.rules).push(Rule {
             method: method.map(str::to_owned),
             path_contains: path_contains.to_owned(),
+            skip: 0,
+            remaining: times,
+            fault,
+        });
+    }
+
+    /// Lets the next `skip` requests with `method` whose path contains
+    /// `path_contains` through, then injects `fault` into `times` more.
+    pub fn inject_after(
+        &self,
+        method: &str,
+        path_contains: &str,
+        skip: usize,
+        times: usize,
+        fault: Fault,
+    ) {
+        lock(&self.shared.rules).push(Rule {
+            method: Some(method.to_owned()),
+            path_contains: path_contains.to_owned(),
+            skip,
             remaining: times,
             fault,
         });
@@ -280,6 +302,10 @@ fn take_fault(shared: &Shared, method: &str, path: &str) -> Option<Fault> {
             && path.contains(&r.path_contains)
             && r.method.as_deref().is_none_or(|m| m == method)
     })?;
+    if rule.skip > 0 {
+        rule.skip -= 1;
+        return None;
+    }
     rule.remaining -= 1;
     Some(rule.fault.clone())
 }
