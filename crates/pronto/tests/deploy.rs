@@ -24,6 +24,7 @@ fn systemd_unit_verifies() {
     // The keeper, which holds the mounts across restarts, is not killed
     // with the daemon; systemd learns when the daemon is ready.
     assert!(unit.contains("KillMode=process\n") && unit.contains("Type=notify\n"));
+    assert!(unit.contains("FileDescriptorStoreMax="));
     // Verified as installed, with the binary where the unit expects it.
     let dir = tempfile::tempdir().unwrap();
     let installed = dir.path().join("pronto.service");

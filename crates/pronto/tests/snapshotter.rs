@@ -1217,3 +1217,198 @@ fn an_interrupted_parallel_pull_resumes_from_the_bytes_it_has() {
         stdout(&out)
     );
 }
+
+/// What systemd's file descriptor store does for a `Type=notify` service:
+/// takes the descriptors sent with `FDSTORE=1` and `FDNAME=`, forgets
+/// those named with `FDSTOREREMOVE=1`, and hands the rest to the next
+/// process as descriptors 3… (`LISTEN_FDS`, `LISTEN_FDNAMES`,
+/// `LISTEN_PID`). A stand-in: the machines this runs on have no systemd.
+struct DescriptorStore {
+    socket: PathBuf,
+    held:
+        std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, std::os::fd::OwnedFd>>>,
+}
+
+impl DescriptorStore {
+    fn start(socket: PathBuf) -> Self {
+        use std::os::fd::AsRawFd;
+        let listener = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+        let held = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+        let store = held.clone();
+        std::thread::spawn(move || {
+            loop {
+                let mut buf = vec![0u8; 4096];
+                let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                let Ok(msg) = nix::sys::socket::recvmsg::<()>(
+                    listener.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut cmsg),
+                    nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+                ) else {
+                    return;
+                };
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().unwrap() {
+                    if let nix::sys::socket::ControlMessageOwned::ScmRights(raw) = c {
+                        // SAFETY: the kernel installed these for us.
+                        fds.extend(raw.into_iter().map(|fd| unsafe {
+                            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                        }));
+                    }
+                }
+                let len = msg.bytes;
+                let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+                let name = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("FDNAME="))
+                    .unwrap_or("stored")
+                    .to_owned();
+                let mut held = store.lock().unwrap();
+                if text.contains("FDSTOREREMOVE=1") {
+                    held.remove(&name);
+                } else if text.contains("FDSTORE=1")
+                    && let Some(fd) = fds.pop()
+                {
+                    held.insert(name, fd);
+                }
+            }
+        });
+        Self { socket, held }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.held.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// `command` run as systemd runs a service with a descriptor store.
+    fn command(&self, command: &Command) -> Command {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let held = self.held.lock().unwrap();
+        let names: Vec<String> = held.keys().cloned().collect();
+        let raw: Vec<i32> = held.values().map(|fd| fd.as_raw_fd()).collect();
+        let mut wrapped = Command::new("sh");
+        wrapped
+            .args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
+            .arg(command.get_program())
+            .args(command.get_args())
+            .env("NOTIFY_SOCKET", &self.socket)
+            .env("LISTEN_FDS", raw.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"));
+        for (key, value) in command.get_envs() {
+            match value {
+                Some(value) => wrapped.env(key, value),
+                None => wrapped.env_remove(key),
+            };
+        }
+        // SAFETY: only dup2 and fcntl, which are async-signal-safe, run
+        // between fork and exec; the descriptors stay open in the parent.
+        unsafe {
+            wrapped.pre_exec(move || {
+                let mut high = Vec::with_capacity(raw.len());
+                for fd in &raw {
+                    let moved = nix::libc::fcntl(*fd, nix::libc::F_DUPFD, 1000);
+                    if moved < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    high.push(moved);
+                }
+                for (i, fd) in high.iter().enumerate() {
+                    if nix::libc::dup2(*fd, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        wrapped
+    }
+}
+
+/// Run as a systemd service, the daemon stores every mount's connection in
+/// systemd's descriptor store too: with its keeper killed as well, the next
+/// daemon takes the mounts over from what systemd hands it, and a running
+/// container reads on.
+#[test]
+fn mounts_survive_a_killed_keeper_through_systemds_descriptor_store() {
+    require!(NEEDS);
+    let mut stack = Stack::start();
+    stack.stop_serve();
+    let store = DescriptorStore::start(stack.work.path().join("notify.sock"));
+    let log = stack.work.path().join("serve.log");
+    let run_serve = |stack: &Stack| {
+        let mut command = store.command(&stack.node.command(&["serve"]));
+        command.env("PRONTO_LOG", "info");
+        let mut daemon = Daemon::spawn("pronto serve", command, &log).unwrap();
+        wait_until("pronto serve answers", Duration::from_secs(60), || {
+            assert!(daemon.is_running(), "{}", daemon.log_tail(30));
+            Ok(stack.node.output(&["status", "--json"]).status.success())
+        })
+        .unwrap();
+        daemon
+    };
+    stack.serve = Some(run_serve(&stack));
+    let (reference, _) = stack.push_model_image("stored/model", true);
+    stack.pronto_pull(&reference);
+    let running = format!("stored{}", rand_suffix());
+    let out = stack
+        .containerd()
+        .ctr_in("k8s.io")
+        .args(["run", "-d", "--snapshotter", "pronto", &reference, &running])
+        .args(["sleep", "600"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = stack.lazy_mounts();
+    assert_eq!(before.len(), 1);
+    wait_until("systemd holds the mount", Duration::from_secs(10), || {
+        Ok(store.names().iter().any(|n| n.starts_with("fuse/")))
+    })
+    .unwrap();
+    assert!(
+        store.names().contains(&"listener".to_owned()),
+        "{:?}",
+        store.names()
+    );
+
+    let keeper = stack.node.keeper_pid().expect("a keeper runs");
+    stack.kill_serve();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keeper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stack.serve = Some(run_serve(&stack));
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("taken from systemd's descriptor store")
+            && log_text.contains("lazy mount taken over from the previous daemon"),
+        "{}",
+        tail(&log_text, 30)
+    );
+    assert_eq!(stack.lazy_mounts(), before);
+    let out = stack
+        .containerd()
+        .ctr_in("k8s.io")
+        .args(["task", "exec", "--exec-id", "after", &running])
+        .args(["sha256sum", "/model/weights.bin"])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out).starts_with(&model_sha256()),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = stack
+        .containerd()
+        .ctr_in("k8s.io")
+        .args(["task", "kill", "-s", "SIGKILL", &running])
+        .output();
+}

@@ -30,6 +30,8 @@ use nix::sys::socket::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::systemd::Notifier;
+
 /// The name the listening socket is kept under.
 pub const LISTENER: &str = "listener";
 /// Names of FUSE connections start with this.
@@ -227,6 +229,81 @@ impl KeeperClient {
     /// Asks the keeper to exit, closing everything it keeps.
     pub fn stop(&self) -> std::io::Result<()> {
         self.request(&Message::Stop, None)
+    }
+}
+
+/// Where the daemon keeps descriptors across its restarts: its keeper,
+/// and systemd's file descriptor store too when run by systemd (so that a
+/// keeper killed with the daemon loses nothing).
+#[derive(Debug)]
+pub struct Holders {
+    keeper: Option<KeeperClient>,
+    systemd: Option<Notifier>,
+}
+
+impl Holders {
+    /// None when there is neither.
+    pub fn new(keeper: Option<KeeperClient>, systemd: Option<Notifier>) -> Option<Holders> {
+        (keeper.is_some() || systemd.is_some()).then_some(Holders { keeper, systemd })
+    }
+
+    /// Hands `fd` over as `name`; fine when at least one holder took it.
+    pub fn keep(&self, name: &str, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        let mut problems = Vec::new();
+        let mut kept = false;
+        if let Some(keeper) = &self.keeper {
+            match keeper.keep(name, fd) {
+                Ok(()) => kept = true,
+                Err(e) => problems.push(format!("keeper: {e}")),
+            }
+        }
+        if let Some(systemd) = &self.systemd {
+            match systemd.store(name, fd) {
+                Ok(()) => kept = true,
+                Err(e) => problems.push(format!("systemd's descriptor store: {e}")),
+            }
+        }
+        if kept {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(problems.join("; ")))
+        }
+    }
+
+    /// Lets go of what is held as `name`.
+    pub fn forget(&self, name: &str) -> std::io::Result<()> {
+        if let Some(systemd) = &self.systemd {
+            systemd.remove(name)?;
+        }
+        if let Some(keeper) = &self.keeper {
+            keeper.forget(name)?;
+        }
+        Ok(())
+    }
+
+    /// Everything held for this daemon: the keeper's, and what systemd
+    /// handed over at start (given to the keeper when it lacked it).
+    pub fn take(&self) -> std::io::Result<BTreeMap<String, OwnedFd>> {
+        let mut all = match &self.keeper {
+            Some(keeper) => keeper.take()?,
+            None => BTreeMap::new(),
+        };
+        for (name, fd) in crate::systemd::listen_fds() {
+            if all.contains_key(&name) {
+                continue;
+            }
+            if let Some(keeper) = &self.keeper
+                && let Err(e) = keeper.keep(&name, fd.as_fd())
+            {
+                tracing::warn!(
+                    name,
+                    "cannot hand a descriptor systemd kept to the keeper: {e}"
+                );
+            }
+            tracing::info!(name, "taken from systemd's descriptor store");
+            all.insert(name, fd);
+        }
+        Ok(all)
     }
 }
 

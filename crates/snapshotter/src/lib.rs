@@ -13,6 +13,7 @@ pub mod local;
 pub mod remote;
 mod service;
 pub mod status;
+pub mod systemd;
 pub mod unpack;
 pub mod whole;
 

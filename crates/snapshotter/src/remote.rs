@@ -20,7 +20,7 @@ use pronto_fs::{
 use pronto_registry::{Reference, RegistryClient, Repository, parse_reference};
 use pronto_store::ContentCache;
 
-use crate::keeper::{FUSE_PREFIX, KeeperClient};
+use crate::keeper::{FUSE_PREFIX, Holders};
 use crate::local::{LocalSnapshots, RemoteLayer};
 use crate::status::{ImageStatus, LayerStatus};
 use pronto_metrics::metrics;
@@ -193,7 +193,7 @@ pub struct Remote {
     sets: Mutex<HashMap<String, Arc<IndexLookup>>>,
     /// Holds every mount's connection while the daemon restarts; with
     /// it, mounts are recorded under `records`.
-    keeper: Option<Arc<KeeperClient>>,
+    keeper: Option<Arc<Holders>>,
     records: PathBuf,
 }
 
@@ -237,7 +237,7 @@ impl Remote {
 
     /// Hands every new mount's connection to `keeper`, recording under
     /// `records` what a later daemon needs to take it over.
-    pub fn with_keeper(mut self, keeper: Arc<KeeperClient>, records: PathBuf) -> Self {
+    pub fn with_keeper(mut self, keeper: Arc<Holders>, records: PathBuf) -> Self {
         self.keeper = Some(keeper);
         self.records = records;
         self
@@ -728,6 +728,13 @@ impl Remote {
         )
         .map_err(|e| format!("cannot take the connection over: {e}"))?;
         record.handovers += 1;
+        // Every holder has it again (e.g. systemd's store, when the
+        // previous daemon ran without systemd).
+        if let Some(keeper) = &self.keeper
+            && let Err(e) = keeper.keep(&format!("{FUSE_PREFIX}{id}"), mount.channel().fd())
+        {
+            tracing::warn!(id, "cannot hand the mount to the keeper again: {e}");
+        }
         if let Err(e) = write_record(&record_dir, &record, None) {
             tracing::warn!(id, "cannot update the mount's record: {e}");
         }

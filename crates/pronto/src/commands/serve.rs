@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use pronto_catalog::LocalIndexStore;
-use pronto_snapshotter::keeper::{self, KeeperClient};
+use pronto_snapshotter::keeper::{self, Holders, KeeperClient};
+use pronto_snapshotter::systemd::Notifier;
 use pronto_snapshotter::{
     LocalSnapshots, Remote, RemoteOptions, Snapshotter, StatusService, WholeLayers,
 };
@@ -23,15 +24,20 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
     // one (it cannot start), the daemon still serves, but its mounts end
     // with it.
     let keeper_socket = config.keeper_socket();
-    let keeper = match KeeperClient::connect_or_start(&keeper_socket, || {
+    let client = match KeeperClient::connect_or_start(&keeper_socket, || {
         start_keeper(config_path, &keeper_socket)
     }) {
-        Ok(keeper) => Some(Arc::new(keeper)),
+        Ok(keeper) => Some(keeper),
         Err(e) => {
-            tracing::error!("no keeper: lazy mounts will not survive a restart: {e}");
+            tracing::error!("no keeper: {e}");
             None
         }
     };
+    let systemd = Notifier::from_env();
+    let keeper = Holders::new(client, systemd.clone()).map(Arc::new);
+    if keeper.is_none() {
+        tracing::error!("lazy mounts will not survive a restart of the daemon");
+    }
     let mut kept = match &keeper {
         Some(keeper) => keeper.take().context("take over from the keeper")?,
         None => Default::default(),
@@ -120,7 +126,12 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
             tracing::info!("signal received; stopping");
             let _ = stop.send(true);
         };
-        notify_systemd("READY=1\nSTATUS=serving containerd's snapshots API");
+        if let Some(systemd) = &systemd
+            && let Err(e) =
+                systemd.notify("READY=1\nSTATUS=serving containerd's snapshots API", None)
+        {
+            tracing::warn!("cannot tell systemd the daemon is ready: {e}");
+        }
         let served = pronto_snapshotter::serve(snapshotter, Some(status), listener, shutdown)
             .await
             .with_context(|| format!("serve on {}", config.address.display()));
@@ -152,47 +163,29 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// Tells systemd (a `Type=notify` unit) how the daemon is doing, when it
-/// runs under systemd.
-fn notify_systemd(state: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = std::path::PathBuf::from(path);
-    let bytes = path.as_os_str().as_encoded_bytes();
-    let address = match bytes.strip_prefix(b"@") {
-        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
-        None => std::os::unix::net::SocketAddr::from_pathname(&path),
-    };
-    let sent = address.and_then(|address| {
-        let socket = std::os::unix::net::UnixDatagram::unbound()?;
-        socket.send_to_addr(state.as_bytes(), &address)
-    });
-    if let Err(e) = sent {
-        tracing::warn!("cannot notify systemd at {}: {e}", path.display());
-    }
-}
-
 /// The socket containerd connects to: the one the previous daemon handed
 /// to the keeper when it is still at `address`, else a new one (handed to
 /// the keeper in turn).
 fn listener(
     config: &Config,
     kept: Option<std::os::fd::OwnedFd>,
-    keeper: Option<&KeeperClient>,
+    keeper: Option<&Holders>,
 ) -> Result<std::os::unix::net::UnixListener> {
-    if let Some(fd) = kept {
-        let listener = std::os::unix::net::UnixListener::from(fd);
+    let previous = kept.map(std::os::unix::net::UnixListener::from).filter(|listener| {
         let bound = listener.local_addr().ok();
         let path = bound.as_ref().and_then(|a| a.as_pathname());
-        if path == Some(config.address.as_path()) && config.address.exists() {
+        path == Some(config.address.as_path()) && config.address.exists()
+    });
+    let listener = match previous {
+        Some(listener) => {
             tracing::info!(address = %config.address.display(), "serving on the socket the previous daemon listened on");
-            return Ok(listener);
+            listener
         }
-    }
-    let listener = pronto_snapshotter::bind(&config.address)
-        .with_context(|| format!("listen on {}", config.address.display()))?;
+        None => pronto_snapshotter::bind(&config.address)
+            .with_context(|| format!("listen on {}", config.address.display()))?,
+    };
+    // Kept again: a holder that lacks it (systemd's store after the
+    // daemon ran without systemd) gets it too.
     if let Some(keeper) = keeper
         && let Err(e) = keeper.keep(keeper::LISTENER, listener.as_fd())
     {
