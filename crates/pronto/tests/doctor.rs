@@ -143,6 +143,7 @@ fn doctor_passes_a_good_node_and_names_each_broken_setting() {
         "cri-snapshotter",
         "cri-annotations",
         "socket",
+        "keeper",
         "registry",
         "index",
     ] {
@@ -166,9 +167,10 @@ fn doctor_passes_a_good_node_and_names_each_broken_setting() {
     let (ok, checks) = doctor(&wrong, &[&indexed]);
     assert!(!ok);
     let failed = failures(&checks);
-    assert_eq!(failed.len(), 1, "{failed:?}");
-    assert_eq!(failed[0].0, "socket");
+    let names: Vec<&str> = failed.iter().map(|f| f.0).collect();
+    assert_eq!(names, ["socket", "keeper"], "{failed:?}");
     assert!(failed[0].1.contains("pronto serve"));
+    assert!(failed[1].1.contains("pronto serve starts one"));
 
     // containerd has no proxy plugin (nor CRI settings).
     let bare = node.write("no-plugin", &socket, false, "s3cret", &host);

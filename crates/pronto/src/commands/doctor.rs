@@ -57,6 +57,7 @@ pub fn run(config: &Config, args: &DoctorArgs) -> Result<bool> {
     let mut checks = vec![fuse(&args.fuse_device), kernel()];
     checks.extend(containerd_config(&args.containerd_config, &config.address));
     checks.push(runtime.block_on(socket(&config.address)));
+    checks.push(keeper(&config.keeper_socket()));
     if let Some(reference) = &args.reference {
         checks.extend(runtime.block_on(image(config, reference, &args.platform)));
     }
@@ -245,6 +246,24 @@ async fn socket(address: &Path) -> Check {
             "socket",
             format!("{}: {}", address.display(), status.message()),
             hint,
+        ),
+    }
+}
+
+/// The keeper that holds the lazy mounts while the daemon restarts.
+fn keeper(socket: &Path) -> Check {
+    match pronto_snapshotter::keeper::KeeperClient::connect(socket) {
+        Ok(_) => Check::pass(
+            "keeper",
+            format!(
+                "{} answers: lazy mounts survive restarts of pronto serve",
+                socket.display()
+            ),
+        ),
+        Err(e) => Check::fail(
+            "keeper",
+            format!("no keeper at {}: {e}", socket.display()),
+            "pronto serve starts one; without it, restarting the daemon breaks running containers' lazy mounts (see docs/operations.md)",
         ),
     }
 }

@@ -171,11 +171,13 @@ fn listener(
     kept: Option<std::os::fd::OwnedFd>,
     keeper: Option<&Holders>,
 ) -> Result<std::os::unix::net::UnixListener> {
-    let previous = kept.map(std::os::unix::net::UnixListener::from).filter(|listener| {
-        let bound = listener.local_addr().ok();
-        let path = bound.as_ref().and_then(|a| a.as_pathname());
-        path == Some(config.address.as_path()) && config.address.exists()
-    });
+    let previous = kept
+        .map(std::os::unix::net::UnixListener::from)
+        .filter(|listener| {
+            let bound = listener.local_addr().ok();
+            let path = bound.as_ref().and_then(|a| a.as_pathname());
+            path == Some(config.address.as_path()) && config.address.exists()
+        });
     let listener = match previous {
         Some(listener) => {
             tracing::info!(address = %config.address.display(), "serving on the socket the previous daemon listened on");
