@@ -219,6 +219,87 @@ impl Stack {
         out
     }
 
+    /// `ctr run -d` of `image` with `options` (before the image) running
+    /// `args`, in the Kubernetes namespace on the `pronto` snapshotter; the
+    /// container's ID.
+    fn start_container(&self, image: &str, options: &[&str], args: &[&str]) -> String {
+        let id = format!("c{}", rand_suffix());
+        let out = self
+            .containerd()
+            .ctr_in("k8s.io")
+            .args(["run", "-d", "--snapshotter", "pronto"])
+            .args(options)
+            .args([image, &id])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        id
+    }
+
+    /// `ctr task exec`: runs `args` in running container `id`.
+    fn exec(&self, id: &str, args: &[&str]) -> Command {
+        let mut command = self.containerd().ctr_in("k8s.io");
+        command
+            .args([
+                "task",
+                "exec",
+                "--exec-id",
+                &format!("e{}", rand_suffix()),
+                id,
+            ])
+            .args(args);
+        command
+    }
+
+    /// Kills the task of container `id`.
+    fn kill_container(&self, id: &str) {
+        let _ = self
+            .containerd()
+            .ctr_in("k8s.io")
+            .args(["task", "kill", "-s", "SIGKILL", id])
+            .output();
+    }
+
+    /// The daemon's log has `message`.
+    fn assert_logged(&self, message: &str) {
+        let log = self.serve_log();
+        assert!(
+            log.contains(message),
+            "no {message:?} in:\n{}",
+            tail(&log, 30)
+        );
+    }
+
+    /// A new container of `reference` reads the model file right.
+    fn assert_new_container_reads_model(&self, reference: &str) {
+        let out = self.run(reference, &["sha256sum", "/model/weights.bin"]);
+        assert!(
+            stdout(&out).starts_with(&model_sha256()),
+            "{}",
+            stdout(&out)
+        );
+    }
+
+    /// `sha256sum` of the model file in running container `id` is right.
+    fn assert_model_reads_back(&self, id: &str) {
+        let out = self
+            .exec(id, &["sha256sum", "/model/weights.bin"])
+            .output()
+            .unwrap();
+        assert!(
+            stdout(&out).starts_with(&model_sha256()),
+            "{}{}\n{}",
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.serve_log(), 30)
+        );
+    }
+
     fn snapshots(&self) -> Vec<String> {
         let out = self
             .containerd()
@@ -301,12 +382,7 @@ fn cri_pull_mounts_indexed_layers_lazily_and_the_container_runs() {
     assert!(!log.contains("Not Implemented"), "{}", tail(&log, 30));
     assert_eq!(stack.lazy_mounts().len(), 1, "{:?}", stack.lazy_mounts());
     // The data reads back exactly, fetched on demand.
-    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
-    assert!(
-        stdout(&out).starts_with(&model_sha256()),
-        "{}",
-        stdout(&out)
-    );
+    stack.assert_new_container_reads_model(&reference);
 }
 
 /// The value of sample `series` (name and labels exactly as exported) in
@@ -465,12 +541,7 @@ fn an_image_without_an_index_is_pulled_in_parallel_and_runs() {
         stack.relay.bytes_down() >= image.layers_size(),
         "every layer came whole"
     );
-    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
-    assert!(
-        stdout(&out).starts_with(&model_sha256()),
-        "{}",
-        stdout(&out)
-    );
+    stack.assert_new_container_reads_model(&reference);
     let log = stack.serve_log();
     let not_lazy = log
         .lines()
@@ -584,68 +655,21 @@ fn a_restarted_daemon_serves_existing_snapshots_again() {
         "each way a layer was made is timed: {pulled}"
     );
     // A container that keeps running across the restart.
-    let running = format!("long{}", rand_suffix());
-    let out = stack
-        .containerd()
-        .ctr_in("k8s.io")
-        .args([
-            "run",
-            "-d",
-            "--snapshotter",
-            "pronto",
-            &reference,
-            &running,
-            "sleep",
-            "600",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let running = stack.start_container(&reference, &[], &["sleep", "600"]);
     let before = stack.lazy_mounts();
     stack.stop_serve();
     stack.start_serve();
-    assert!(
-        stack
-            .serve_log()
-            .contains("lazy mount taken over from the previous daemon"),
-        "{}",
-        stack.serve_log()
-    );
+    stack.assert_logged("lazy mount taken over from the previous daemon");
     assert_eq!(stack.lazy_mounts(), before, "the same mount, not a new one");
     // The running container reads its lazy file through the mount it has
     // had since before the restart.
-    let out = stack
-        .containerd()
-        .ctr_in("k8s.io")
-        .args(["task", "exec", "--exec-id", "check", &running])
-        .args(["sha256sum", "/model/weights.bin"])
-        .output()
-        .unwrap();
-    assert!(
-        stdout(&out).starts_with(&model_sha256()),
-        "{}{}",
-        stdout(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stack.assert_model_reads_back(&running);
     let status: serde_json::Value =
         serde_json::from_str(&stack.pronto_ok(&["status", "--json"])).unwrap();
     let layer = &status["images"][0]["layers"][0];
     assert_eq!(layer["handovers"], 1, "{status}");
-    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
-    assert!(
-        stdout(&out).starts_with(&model_sha256()),
-        "{}",
-        stdout(&out)
-    );
-    let _ = stack
-        .containerd()
-        .ctr_in("k8s.io")
-        .args(["task", "kill", "-s", "SIGKILL", &running])
-        .output();
+    stack.assert_new_container_reads_model(&reference);
+    stack.kill_container(&running);
     assert_eq!(stack.serve_starts, 2);
 }
 
@@ -863,12 +887,7 @@ fn kept_layers_are_verified_blobs_and_serve_the_next_pull() {
         "{} bytes fetched again",
         stack.relay.bytes_down()
     );
-    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
-    assert!(
-        stdout(&out).starts_with(&model_sha256()),
-        "{}",
-        stdout(&out)
-    );
+    stack.assert_new_container_reads_model(&reference);
 }
 
 #[test]
@@ -932,23 +951,15 @@ fn a_running_container_reads_correct_bytes_across_daemon_restarts() {
         Fault::Silent(Duration::from_secs(120)),
     );
     let seen_before = stack.faults.requests().len();
-    let reader = format!("reader{}", rand_suffix());
-    let started = stack
-        .containerd()
-        .ctr_in("k8s.io")
-        .args(["run", "-d", "--snapshotter", "pronto", "--mount"])
-        .arg(format!(
-            "type=bind,src={},dst=/out,options=rbind:rw",
-            out.display()
-        ))
-        .args([&reference, &reader, "sh", "-c"])
-        .arg("while :; do sha256sum /model/weights.bin >> /out/sums 2>> /out/errors; done")
-        .output()
-        .unwrap();
-    assert!(
-        started.status.success(),
-        "{}",
-        String::from_utf8_lossy(&started.stderr)
+    let bind = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
+    let reader = stack.start_container(
+        &reference,
+        &["--mount", &bind],
+        &[
+            "sh",
+            "-c",
+            "while :; do sha256sum /model/weights.bin >> /out/sums 2>> /out/errors; done",
+        ],
     );
     wait_until(
         "a read waits on the registry",
@@ -1008,11 +1019,7 @@ fn a_running_container_reads_correct_bytes_across_daemon_restarts() {
     stack.start_serve();
     wait_for_sums(&stack, count + 2);
 
-    let _ = stack
-        .containerd()
-        .ctr_in("k8s.io")
-        .args(["task", "kill", "-s", "SIGKILL", &reader])
-        .output();
+    stack.kill_container(&reader);
     let errors = lines_of(&errors);
     assert!(errors.is_empty(), "the reader saw errors: {errors:?}");
     let sums = lines_of(&sums);
@@ -1023,12 +1030,7 @@ fn a_running_container_reads_correct_bytes_across_daemon_restarts() {
     let status: serde_json::Value =
         serde_json::from_str(&stack.pronto_ok(&["status", "--json"])).unwrap();
     assert_eq!(status["images"][0]["layers"][0]["handovers"], 3, "{status}");
-    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
-    assert!(
-        stdout(&out).starts_with(&model_sha256()),
-        "{}",
-        stdout(&out)
-    );
+    stack.assert_new_container_reads_model(&reference);
 }
 
 /// When no daemon comes back within `serve.handover_timeout`, reads of a
@@ -1040,24 +1042,9 @@ fn without_a_daemon_reads_fail_after_the_handover_timeout_then_recover() {
     let mut stack = Stack::start_with("[serve]\nhandover_timeout = \"2s\"\n");
     let (reference, _) = stack.push_model_image("orphan/model", true);
     stack.pronto_pull(&reference);
-    let running = format!("idle{}", rand_suffix());
-    let out = stack
-        .containerd()
-        .ctr_in("k8s.io")
-        .args(["run", "-d", "--snapshotter", "pronto", &reference, &running])
-        .args(["sleep", "600"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let exec = |stack: &Stack, id: &str| {
-        let mut command = stack.containerd().ctr_in("k8s.io");
-        command
-            .args(["task", "exec", "--exec-id", id, &running])
-            .args(["cat", "/model/config.json"]);
+    let running = stack.start_container(&reference, &[], &["sleep", "600"]);
+    let exec = |stack: &Stack| {
+        let mut command = stack.exec(&running, &["cat", "/model/config.json"]);
         let (done, result) = std::sync::mpsc::channel();
         std::thread::spawn(move || done.send(command.output().unwrap()));
         result
@@ -1066,7 +1053,7 @@ fn without_a_daemon_reads_fail_after_the_handover_timeout_then_recover() {
     };
     stack.kill_serve();
     std::thread::sleep(Duration::from_secs(3));
-    let failed = exec(&stack, "orphaned");
+    let failed = exec(&stack);
     assert!(!failed.status.success(), "{}", stdout(&failed));
     assert!(
         String::from_utf8_lossy(&failed.stderr).contains("Input/output error"),
@@ -1074,18 +1061,14 @@ fn without_a_daemon_reads_fail_after_the_handover_timeout_then_recover() {
         String::from_utf8_lossy(&failed.stderr)
     );
     stack.start_serve();
-    let served = exec(&stack, "served");
+    let served = exec(&stack);
     assert_eq!(
         stdout(&served),
         "{\"ready\": true}\n",
         "{}",
         String::from_utf8_lossy(&served.stderr)
     );
-    let _ = stack
-        .containerd()
-        .ctr_in("k8s.io")
-        .args(["task", "kill", "-s", "SIGKILL", &running])
-        .output();
+    stack.kill_container(&running);
 }
 
 /// A lazy mount whose connection no process holds any more (the daemon and
@@ -1100,19 +1083,9 @@ fn a_dead_mount_is_detached_at_start_and_mounted_again_when_used() {
     stack.pronto_pull(&reference);
     let before = stack.lazy_mounts();
     assert_eq!(before.len(), 1);
-    let keeper = stack.node.keeper_pid().expect("a keeper runs");
+    assert!(stack.node.keeper_pid().is_some(), "a keeper runs");
     stack.kill_serve();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(keeper),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    wait_until("the keeper to exit", Duration::from_secs(10), || {
-        Ok(stack.node.keeper_pid().is_none_or(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
-        }))
-    })
-    .unwrap();
+    stack.node.kill_keeper();
     stack.start_serve();
     assert!(
         stack.lazy_mounts().is_empty(),
@@ -1120,19 +1093,8 @@ fn a_dead_mount_is_detached_at_start_and_mounted_again_when_used() {
         stack.lazy_mounts(),
         tail(&stack.serve_log(), 20)
     );
-    assert!(
-        stack
-            .serve_log()
-            .contains("detaching a lazy mount no daemon serves"),
-        "{}",
-        tail(&stack.serve_log(), 20)
-    );
-    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
-    assert!(
-        stdout(&out).starts_with(&model_sha256()),
-        "{}",
-        stdout(&out)
-    );
+    stack.assert_logged("detaching a lazy mount no daemon serves");
+    stack.assert_new_container_reads_model(&reference);
     assert_eq!(stack.lazy_mounts(), before, "mounted again where it was");
 }
 
@@ -1203,19 +1165,8 @@ fn an_interrupted_parallel_pull_resumes_from_the_bytes_it_has() {
         layer.size,
         tail(&stack.serve_log(), 20)
     );
-    assert!(
-        stack
-            .serve_log()
-            .contains("resuming an interrupted pull of the layer"),
-        "{}",
-        tail(&stack.serve_log(), 20)
-    );
-    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
-    assert!(
-        stdout(&out).starts_with(&model_sha256()),
-        "{}",
-        stdout(&out)
-    );
+    stack.assert_logged("resuming an interrupted pull of the layer");
+    stack.assert_new_container_reads_model(&reference);
 }
 
 /// What systemd's file descriptor store does for a `Type=notify` service:
@@ -1351,19 +1302,7 @@ fn mounts_survive_a_killed_keeper_through_systemds_descriptor_store() {
     stack.serve = Some(run_serve(&stack));
     let (reference, _) = stack.push_model_image("stored/model", true);
     stack.pronto_pull(&reference);
-    let running = format!("stored{}", rand_suffix());
-    let out = stack
-        .containerd()
-        .ctr_in("k8s.io")
-        .args(["run", "-d", "--snapshotter", "pronto", &reference, &running])
-        .args(["sleep", "600"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let running = stack.start_container(&reference, &[], &["sleep", "600"]);
     let before = stack.lazy_mounts();
     assert_eq!(before.len(), 1);
     wait_until("systemd holds the mount", Duration::from_secs(10), || {
@@ -1376,14 +1315,9 @@ fn mounts_survive_a_killed_keeper_through_systemds_descriptor_store() {
         store.names()
     );
 
-    let keeper = stack.node.keeper_pid().expect("a keeper runs");
+    assert!(stack.node.keeper_pid().is_some(), "a keeper runs");
     stack.kill_serve();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(keeper),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    stack.node.kill_keeper();
     stack.serve = Some(run_serve(&stack));
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -1393,22 +1327,6 @@ fn mounts_survive_a_killed_keeper_through_systemds_descriptor_store() {
         tail(&log_text, 30)
     );
     assert_eq!(stack.lazy_mounts(), before);
-    let out = stack
-        .containerd()
-        .ctr_in("k8s.io")
-        .args(["task", "exec", "--exec-id", "after", &running])
-        .args(["sha256sum", "/model/weights.bin"])
-        .output()
-        .unwrap();
-    assert!(
-        stdout(&out).starts_with(&model_sha256()),
-        "{}{}",
-        stdout(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _ = stack
-        .containerd()
-        .ctr_in("k8s.io")
-        .args(["task", "kill", "-s", "SIGKILL", &running])
-        .output();
+    stack.assert_model_reads_back(&running);
+    stack.kill_container(&running);
 }

@@ -157,6 +157,12 @@ impl ProntoNode {
         keeper_pid(&self.keeper_socket())
     }
 
+    /// Kills the node's keeper (SIGKILL, by its process id) and waits until
+    /// it is gone: every mount no daemon serves is let go.
+    pub fn kill_keeper(&self) {
+        stop_keeper(&self.keeper_socket());
+    }
+
     /// Stops the node's keeper when the guard is dropped.
     pub fn keeper_guard(&self) -> KeeperGuard {
         KeeperGuard {
