@@ -657,6 +657,17 @@ fn a_restarted_daemon_serves_existing_snapshots_again() {
     // A container that keeps running across the restart.
     let running = stack.start_container(&reference, &[], &["sleep", "600"]);
     let before = stack.lazy_mounts();
+    // A second daemon started by mistake stops at once and disturbs
+    // nothing: the node's cache is the first one's.
+    let second = stack.node.output(&["serve"]);
+    assert!(
+        !second.status.success()
+            && String::from_utf8_lossy(&second.stderr).contains("only one pronto process"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(stack.lazy_mounts(), before);
+    stack.assert_model_reads_back(&running);
     stack.stop_serve();
     stack.start_serve();
     stack.assert_logged("lazy mount taken over from the previous daemon");

@@ -20,11 +20,22 @@ use crate::metrics_endpoint;
 
 pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
     let runtime = super::runtime()?;
+    let client = registry_client(config)?;
+    let whole_client = client.clone();
+    let store = LocalIndexStore::open(&config.root)?;
+    // Only one daemon can use a node's cache and snapshots: a second one
+    // fails here, before it touches the keeper or the socket.
+    let cache = Arc::new(open_cache(config)?);
+    let snapshots_root = config.root.join("snapshotter");
+    let local = Arc::new(
+        LocalSnapshots::open(&snapshots_root)
+            .with_context(|| format!("open snapshots under {}", snapshots_root.display()))?,
+    );
     // The keeper holds the mounts and the socket across restarts. Without
     // one (it cannot start), the daemon still serves, but its mounts end
     // with it.
     let keeper_socket = config.keeper_socket();
-    let client = match KeeperClient::connect_or_start(&keeper_socket, || {
+    let keeper_client = match KeeperClient::connect_or_start(&keeper_socket, || {
         start_keeper(config_path, &keeper_socket)
     }) {
         Ok(keeper) => Some(keeper),
@@ -34,7 +45,7 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
         }
     };
     let systemd = Notifier::from_env();
-    let keeper = Holders::new(client, systemd.clone()).map(Arc::new);
+    let keeper = Holders::new(keeper_client, systemd.clone()).map(Arc::new);
     if keeper.is_none() {
         tracing::error!("lazy mounts will not survive a restart of the daemon");
     }
@@ -43,15 +54,6 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
         None => Default::default(),
     };
     let listener = listener(config, kept.remove(keeper::LISTENER), keeper.as_deref())?;
-    let client = registry_client(config)?;
-    let whole_client = client.clone();
-    let store = LocalIndexStore::open(&config.root)?;
-    let cache = Arc::new(open_cache(config)?);
-    let snapshots_root = config.root.join("snapshotter");
-    let local = Arc::new(
-        LocalSnapshots::open(&snapshots_root)
-            .with_context(|| format!("open snapshots under {}", snapshots_root.display()))?,
-    );
     let mut remote = Remote::new(
         client,
         store,
