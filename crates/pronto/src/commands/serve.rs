@@ -200,9 +200,26 @@ fn listener(
 
 /// Starts `pronto keeper` for `socket` in a process group of its own, so
 /// that stopping the daemon (or its process group) leaves it running. It
-/// logs where the daemon logs.
+/// logs where the daemon logs (the journal, a file, a terminal), except
+/// into a pipe: whoever reads the daemon's output through a pipe waits
+/// for every writer to close it, and the keeper outlives the daemon, so it
+/// logs to `<socket>.log` (extension replaced) instead.
 fn start_keeper(config_path: Option<&Path>, socket: &Path) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
+    let stderr_is_pipe = nix::sys::stat::fstat(std::io::stderr())
+        .map(|st| (st.st_mode & nix::libc::S_IFMT) == nix::libc::S_IFIFO)
+        .unwrap_or(false);
+    let stderr = if stderr_is_pipe {
+        let log = socket.with_extension("log");
+        std::process::Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)?,
+        )
+    } else {
+        std::process::Stdio::inherit()
+    };
     let mut command = std::process::Command::new(std::env::current_exe()?);
     if let Some(path) = config_path {
         command.arg("--config").arg(path);
@@ -213,6 +230,7 @@ fn start_keeper(config_path: Option<&Path>, socket: &Path) -> std::io::Result<()
         .arg(socket)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
+        .stderr(stderr)
         .process_group(0);
     let child = command.spawn()?;
     tracing::info!(pid = child.id(), socket = %socket.display(), "keeper started");

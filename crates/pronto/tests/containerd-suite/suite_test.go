@@ -38,7 +38,13 @@ func startPronto(ctx context.Context, root string) (snapshots.Snapshotter, func(
 	}
 	stop := func() error {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
-		return cmd.Wait()
+		err := cmd.Wait()
+		// The keeper pronto serve started holds its mounts and socket for
+		// a next daemon; there is none here.
+		keeper := exec.Command(os.Getenv("PRONTO_BIN"), "--config", config, "keeper", "--stop")
+		keeper.Stdout, keeper.Stderr = os.Stderr, os.Stderr
+		_ = keeper.Run()
+		return err
 	}
 	for i := 0; ; i++ {
 		if _, err := os.Stat(sock); err == nil {
