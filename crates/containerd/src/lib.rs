@@ -8,6 +8,7 @@
 
 mod content;
 pub mod labels;
+pub mod node_config;
 mod pull;
 mod records;
 mod session;

@@ -131,10 +131,49 @@ pub enum Command {
     /// Show or shrink the node cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Set this node's containerd up for Pronto, or back as it was
+    /// (what the Kubernetes DaemonSet runs; see docs/kubernetes.md).
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Create, list, inspect and remove the seekable indexes that let
     /// nodes start unmodified images lazily.
     #[command(subcommand)]
     Index(IndexCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Add Pronto's proxy plugin, CRI's snapshotter and
+    /// `disable_snapshot_annotations = false` to containerd's
+    /// configuration, keeping everything else in it and a backup of it,
+    /// then restart containerd. Does nothing when all is set already.
+    Install(NodeArgs),
+    /// Put containerd's configuration back as it was before `install`
+    /// (edits made since are kept) and restart containerd.
+    Uninstall(NodeArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// containerd's configuration file.
+    #[arg(long, default_value = "/etc/containerd/config.toml")]
+    pub containerd_config: std::path::PathBuf,
+    /// containerd's socket, asked once it has restarted.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    pub containerd_address: std::path::PathBuf,
+    /// The command that restarts containerd.
+    #[arg(
+        long,
+        num_args = 1..,
+        allow_hyphen_values = true,
+        default_values = ["systemctl", "restart", "containerd"],
+        value_name = "COMMAND"
+    )]
+    pub restart: Vec<String>,
+    /// Run the restart command in the host's mount namespace (that of
+    /// PID 1), as a pod with `hostPID` must to reach the host's systemd.
+    #[arg(long)]
+    pub host_namespaces: bool,
 }
 
 /// Which platforms of an image a command works on.

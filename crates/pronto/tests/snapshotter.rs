@@ -76,6 +76,7 @@ impl Stack {
             }),
             plain_http_registries: vec![relay.host(), registry.host(), faults.host()],
             extra_config: String::new(),
+            supervised: false,
         })
         .unwrap();
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_loopback_port().unwrap()));

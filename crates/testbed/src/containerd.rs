@@ -40,6 +40,9 @@ pub struct ContainerdOptions {
     pub plain_http_registries: Vec<String>,
     /// TOML appended to the configuration as is (e.g. an install snippet).
     pub extra_config: String,
+    /// Run containerd under a supervisor that starts it again whenever it
+    /// exits, as systemd does on a node; see [`Containerd::restart_command`].
+    pub supervised: bool,
 }
 
 /// A running containerd. Each instance uses its own namespace for `ctr`,
@@ -78,6 +81,9 @@ impl Containerd {
         std::fs::write(&config, config_toml(dir.path(), &options))?;
         let mut command = Command::new("containerd");
         command.arg("--config").arg(&config);
+        if options.supervised {
+            command = supervisor(&config, &dir.path().join("containerd.pid"));
+        }
         let daemon = Daemon::spawn("containerd", command, &dir.path().join("containerd.log"))?;
         let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
         let mut containerd = Self {
@@ -110,7 +116,36 @@ impl Containerd {
 
     /// PID of the containerd process, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.daemon.pid()
+        match std::fs::read_to_string(self.pid_file()) {
+            Ok(pid) => pid.trim().parse().ok(),
+            Err(_) => self.daemon.pid(),
+        }
+    }
+
+    /// Written by the supervisor of a supervised containerd.
+    fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("containerd.pid")
+    }
+
+    /// The configuration file containerd reads at start.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// A command that restarts a supervised containerd the way
+    /// `systemctl restart containerd` does: it stops containerd, waits
+    /// until it has exited, and the supervisor starts it again.
+    pub fn restart_command(&self) -> Vec<String> {
+        let pid_file = self.pid_file();
+        vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "pid=$(cat {0}); kill $pid; while kill -0 $pid 2>/dev/null; do sleep 0.05; done; \
+                 while [ \"$(cat {0})\" = \"$pid\" ]; do sleep 0.05; done",
+                pid_file.display()
+            ),
+        ]
     }
 
     /// The temporary directory holding everything of this instance.
@@ -264,6 +299,19 @@ fn check_output(what: &str, out: &Output) -> Result<()> {
         String::from_utf8_lossy(&out.stdout).trim(),
         String::from_utf8_lossy(&out.stderr).trim()
     )
+}
+
+/// `containerd --config CONFIG` in a loop, its PID in `pid_file`; SIGTERM
+/// stops the loop and containerd.
+fn supervisor(config: &Path, pid_file: &Path) -> Command {
+    let mut command = Command::new("sh");
+    command.arg("-c").arg(format!(
+        "trap 'kill $child; wait $child; exit 0' TERM; \
+         while :; do containerd --config '{}' & child=$!; echo $child > '{}'; wait $child; done",
+        config.display(),
+        pid_file.display()
+    ));
+    command
 }
 
 /// containerd's config (version 2, read by containerd 1.6 and 1.7). Every

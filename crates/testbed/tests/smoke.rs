@@ -183,6 +183,7 @@ fn containerd_starts_with_pronto_proxy_plugin_and_cri_settings() {
         }),
         plain_http_registries: Vec::new(),
         extra_config: String::new(),
+        supervised: false,
     })
     .unwrap();
     let plugins = containerd.ctr_ok(&["plugins", "ls"]).unwrap();

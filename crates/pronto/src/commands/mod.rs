@@ -7,6 +7,7 @@ mod doctor;
 pub(crate) mod image;
 mod index;
 mod mount;
+mod node;
 mod pull;
 mod serve;
 mod status;
@@ -84,5 +85,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status { json } => status::run(&loaded.config, json),
         Command::Umount { dir } => mount::unmount(&dir),
         Command::Cache(cmd) => cache::run(cmd, &loaded.config),
+        Command::Node(cmd) => node::run(cmd, &loaded.config),
     }
 }

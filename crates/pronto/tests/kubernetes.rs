@@ -1,0 +1,236 @@
+//! What the Kubernetes install does on a node, with the real parts:
+//! `pronto node install|uninstall` against a running containerd 1.6 whose
+//! configuration has settings of its own, then a lazy pull through CRI.
+
+use std::path::Path;
+use std::time::Duration;
+
+use pronto_testbed::cri::Cri;
+use pronto_testbed::net::wait_until;
+use pronto_testbed::process::Daemon;
+use pronto_testbed::{
+    Compression, Containerd, ContainerdOptions, Content, CriOptions, ImageBuilder, KeeperGuard,
+    Layer, NodeConfig, OciLayout, Prereq, ProntoNode, Registry, require,
+};
+
+const NEEDS: &[Prereq] = &[
+    Prereq::Root,
+    Prereq::Fuse,
+    Prereq::Containerd,
+    Prereq::Runc,
+    Prereq::Registry,
+    Prereq::Skopeo,
+    Prereq::Busybox,
+];
+
+/// The data file of the test image (24 MiB, incompressible).
+const MODEL: Content = Content::Random {
+    seed: 17,
+    len: 24 << 20,
+};
+
+/// Settings a node's containerd has before Pronto arrives, which the
+/// install must keep.
+const NODE_SETTINGS: &str = r#"
+# Provisioned by the node image; Pronto must keep all of this.
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  default_runtime_name = "runc"
+  snapshotter = "overlayfs"
+  disable_snapshot_annotations = true
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[plugins."io.containerd.gc.v1.scheduler"]
+  pause_threshold = 0.03
+  deletion_threshold = 7
+"#;
+
+fn run_pronto(node: &ProntoNode, args: &[&str]) -> std::process::Output {
+    node.output(args)
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `pronto node install|uninstall`'s arguments for a test containerd.
+fn node_args<'a>(config: &'a str, socket: &'a str, restart: &'a [String]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--containerd-config",
+        config,
+        "--containerd-address",
+        socket,
+        "--restart",
+    ];
+    args.extend(restart.iter().map(String::as_str));
+    args
+}
+
+#[test]
+fn install_merges_into_containerds_config_restarts_it_and_uninstall_restores_it() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let registry = Registry::start().unwrap();
+    let containerd = Containerd::start_with(ContainerdOptions {
+        cri: Some(CriOptions {
+            // The table is the node's own (NODE_SETTINGS).
+            snapshotter: String::new(),
+            sandbox_image: "pronto.test/pause:3.9".into(),
+        }),
+        plain_http_registries: vec![registry.host()],
+        extra_config: NODE_SETTINGS.into(),
+        supervised: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let node = ProntoNode::new(
+        work.path(),
+        Path::new(env!("CARGO_BIN_EXE_pronto")),
+        &NodeConfig {
+            hosts_dir: Some(containerd.hosts_dir()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let _keeper: KeeperGuard = node.keeper_guard();
+    let config_path = containerd.config_path();
+    let config = config_path.to_str().unwrap();
+    let original = std::fs::read_to_string(&config_path).unwrap();
+    let restart = containerd.restart_command();
+    let socket = containerd.socket();
+    let args = node_args(config, socket.to_str().unwrap(), &restart);
+    let first_pid = containerd.pid().unwrap();
+
+    // Install: the file gains Pronto's settings and keeps the rest.
+    let out = run_pronto(&node, &[&["node", "install"][..], &args].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    let installed = std::fs::read_to_string(&config_path).unwrap();
+    let value: toml::Table = toml::from_str(&installed).unwrap();
+    let cri = &value["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
+    assert_eq!(cri["snapshotter"].as_str(), Some("pronto"));
+    assert_eq!(cri["disable_snapshot_annotations"].as_bool(), Some(false));
+    assert_eq!(cri["default_runtime_name"].as_str(), Some("runc"));
+    assert_eq!(
+        value["proxy_plugins"]["pronto"]["address"].as_str(),
+        node.socket().to_str()
+    );
+    for line in original.lines().filter(|l| {
+        !l.contains("snapshotter = \"overlayfs\"") && !l.contains("disable_snapshot_annotations")
+    }) {
+        assert!(
+            installed.lines().any(|l| l == line),
+            "lost {line:?}:\n{installed}"
+        );
+    }
+    let backup = std::fs::read_to_string(format!("{config}.pronto-backup")).unwrap();
+    assert_eq!(backup, original);
+    // containerd was restarted and came back with the settings it had.
+    let second_pid = containerd.pid().unwrap();
+    assert_ne!(first_pid, second_pid, "containerd was not restarted");
+    let log = std::fs::read_to_string(containerd.dir().join("containerd.log")).unwrap();
+    assert!(!log.contains("level=fatal"), "{log}");
+
+    // Installing again changes nothing and restarts nothing.
+    let out = run_pronto(&node, &[&["node", "install"][..], &args].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("already has Pronto's settings"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(containerd.pid(), Some(second_pid));
+    assert_eq!(std::fs::read_to_string(&config_path).unwrap(), installed);
+
+    // A lazy pull through CRI, as kubelet's.
+    let log_path = work.path().join("serve.log");
+    let mut serve: Daemon = node.serve(&log_path, "info").unwrap();
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh", "cat", "sha256sum"]))
+        .layer(
+            Layer::new()
+                .compression(Compression::Gzip(6))
+                .file("model/weights.bin", MODEL),
+        )
+        .build(&layout)
+        .unwrap();
+    layout.tag("model", &image).unwrap();
+    registry.push(&layout, "model", "k8s/model:v1").unwrap();
+    let reference = format!("{}/k8s/model:v1", registry.host());
+    node.ok(&["index", "create", &reference, "--bind"]);
+    let cri_client = Cri::connect(&containerd.socket()).unwrap();
+    wait_until("CRI pull through Pronto", Duration::from_secs(60), || {
+        Ok(cri_client.pull_image(&reference).is_ok())
+    })
+    .unwrap();
+    let serve_log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(serve_log.contains("layer mounted lazily"), "{serve_log}");
+    serve.stop();
+
+    // An edit made after the install survives the uninstall; the rest of
+    // the file is the original again.
+    let edited = installed.replace("pause_threshold = 0.03", "pause_threshold = 0.05");
+    std::fs::write(&config_path, &edited).unwrap();
+    let out = run_pronto(&node, &[&["node", "uninstall"][..], &args].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(&config_path).unwrap(),
+        original.replace("pause_threshold = 0.03", "pause_threshold = 0.05")
+    );
+    assert!(!Path::new(&format!("{config}.pronto-backup")).exists());
+    assert_ne!(
+        containerd.pid(),
+        Some(second_pid),
+        "containerd was not restarted"
+    );
+
+    // Installed and uninstalled with no edit in between: byte for byte.
+    std::fs::write(&config_path, &original).unwrap();
+    for verb in ["install", "uninstall"] {
+        let out = run_pronto(&node, &[&["node", verb][..], &args].concat());
+        assert!(out.status.success(), "{verb}: {}", text(&out));
+    }
+    assert_eq!(std::fs::read_to_string(&config_path).unwrap(), original);
+}
+
+#[test]
+fn a_config_the_installer_cannot_read_is_left_untouched_with_a_clear_error() {
+    let work = tempfile::tempdir().unwrap();
+    let node = ProntoNode::new(
+        work.path(),
+        Path::new(env!("CARGO_BIN_EXE_pronto")),
+        &NodeConfig::default(),
+    )
+    .unwrap();
+    let etc = work.path().join("etc-containerd");
+    std::fs::create_dir(&etc).unwrap();
+    let config = etc.join("config.toml");
+    for broken in [
+        "version = 2\n[plugins\n",
+        "# version 1: no version key\n[plugins.cri]\n  sandbox_image = \"pause\"\n",
+    ] {
+        std::fs::write(&config, broken).unwrap();
+        let out = node.output(&[
+            "node",
+            "install",
+            "--containerd-config",
+            config.to_str().unwrap(),
+            "--restart",
+            "false",
+        ]);
+        assert!(!out.status.success());
+        let said = text(&out);
+        assert!(said.contains("was left as it is"), "{said}");
+        assert!(
+            said.contains("not valid TOML") || said.contains("containerd config migrate"),
+            "{said}"
+        );
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), broken);
+        assert!(!etc.join("config.toml.pronto-backup").exists());
+    }
+}
