@@ -7,6 +7,7 @@
 //! talks to containerd, which talks to the snapshotter.
 
 mod content;
+pub mod cri;
 pub mod labels;
 pub mod node_config;
 mod pull;

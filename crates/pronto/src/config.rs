@@ -58,6 +58,42 @@ pub struct Config {
     pub index: IndexConfig,
     /// The daemon's restarts.
     pub serve: ServeConfig,
+    /// Unix socket where `pronto serve` also answers CRI's image service
+    /// (kubelet's `--image-service-endpoint`), forwarding every call to
+    /// containerd and keeping `PullImage`'s credentials in memory for the
+    /// lazy fetches of those images; empty turns it off.
+    pub cri_address: String,
+    /// The CRI image service in front of containerd.
+    pub cri: CriConfig,
+}
+
+/// The `[cri]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriConfig {
+    /// containerd's socket, where CRI calls are forwarded.
+    pub containerd_address: PathBuf,
+    /// How long kubelet's pull credentials are kept after the last pull of
+    /// an image of that repository, e.g. `"12h"`.
+    pub credential_ttl: String,
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        Self {
+            containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
+            credential_ttl: "12h".to_owned(),
+        }
+    }
+}
+
+impl CriConfig {
+    /// [`Self::credential_ttl`] (validated when the configuration is
+    /// loaded).
+    pub fn credential_ttl(&self) -> std::time::Duration {
+        humantime::parse_duration(&self.credential_ttl)
+            .unwrap_or(std::time::Duration::from_secs(12 * 3600))
+    }
 }
 
 impl Default for Config {
@@ -72,6 +108,8 @@ impl Default for Config {
             pull: PullConfig::default(),
             index: IndexConfig::default(),
             serve: ServeConfig::default(),
+            cri_address: String::new(),
+            cri: CriConfig::default(),
         }
     }
 }
@@ -420,6 +458,13 @@ impl Config {
         }
         if let Err(problem) = crate::cli::parse_size(&self.fetch.background_rate) {
             return Err(invalid("fetch.background_rate", problem));
+        }
+        match humantime::parse_duration(&self.cri.credential_ttl) {
+            Err(e) => return Err(invalid("cri.credential_ttl", format!("{e}, e.g. \"12h\""))),
+            Ok(d) if d.is_zero() => {
+                return Err(invalid("cri.credential_ttl", "must be more than 0".into()));
+            }
+            Ok(_) => {}
         }
         if let Err(e) = humantime::parse_duration(&self.serve.handover_timeout) {
             return Err(invalid(

@@ -5,13 +5,16 @@
 use std::path::Path;
 use std::time::Duration;
 
-use pronto_testbed::cri::Cri;
+use base64::Engine as _;
+use pronto_testbed::cri::{AuthConfig, Cri};
 use pronto_testbed::net::wait_until;
 use pronto_testbed::process::Daemon;
 use pronto_testbed::{
-    Compression, Containerd, ContainerdOptions, Content, CriOptions, ImageBuilder, KeeperGuard,
-    Layer, NodeConfig, OciLayout, Prereq, ProntoNode, Registry, require,
+    Compression, Containerd, ContainerdOptions, Content, Credentials, CriOptions, ImageBuilder,
+    KeeperGuard, Layer, NodeConfig, OciLayout, Prereq, ProntoNode, Registry, RegistryOptions,
+    TokenServer, TokenServerOptions, require,
 };
+use sha2::{Digest, Sha256};
 
 const NEEDS: &[Prereq] = &[
     Prereq::Root,
@@ -232,5 +235,165 @@ fn a_config_the_installer_cannot_read_is_left_untouched_with_a_clear_error() {
         );
         assert_eq!(std::fs::read_to_string(&config).unwrap(), broken);
         assert!(!etc.join("config.toml.pronto-backup").exists());
+    }
+}
+
+/// kubelet's side of a private registry: a token-auth registry, no
+/// credentials on the node, and a pull secret sent with `PullImage` to
+/// Pronto's CRI socket.
+#[test]
+fn kubelets_pull_credentials_reach_lazy_fetches_and_never_the_logs() {
+    require!(NEEDS);
+    const PASSWORD: &str = "kubelet-s3cret-pw";
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let creds = Credentials::new("robot", PASSWORD);
+    let tokens = TokenServer::start(TokenServerOptions {
+        credentials: Some(creds.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let registry = Registry::start_with(RegistryOptions {
+        token_auth: Some(tokens.auth().clone()),
+        push_credentials: Some(creds.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let socket = work.path().join("pronto.sock");
+    let containerd = Containerd::start_with(ContainerdOptions {
+        proxy_snapshotters: vec![("pronto".into(), socket)],
+        cri: Some(CriOptions {
+            snapshotter: "pronto".into(),
+            sandbox_image: "pronto.test/pause:3.9".into(),
+        }),
+        plain_http_registries: vec![registry.host()],
+        ..Default::default()
+    })
+    .unwrap();
+    let cri_socket = work.path().join("cri.sock");
+    let node = ProntoNode::new(
+        work.path(),
+        Path::new(env!("CARGO_BIN_EXE_pronto")),
+        &NodeConfig {
+            hosts_dir: Some(containerd.hosts_dir()),
+            cri_address: Some(cri_socket.clone()),
+            extra: format!(
+                "[cri]\ncontainerd_address = \"{}\"\n",
+                containerd.socket().display()
+            ),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let _keeper = node.keeper_guard();
+
+    // The publisher has credentials; the node has none.
+    let publisher = work.path().join("publisher");
+    std::fs::create_dir_all(&publisher).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("robot:{PASSWORD}"));
+    std::fs::write(
+        publisher.join("config.json"),
+        format!(
+            "{{\"auths\": {{\"{}\": {{\"auth\": \"{auth}\"}}}}}}",
+            registry.host()
+        ),
+    )
+    .unwrap();
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh", "cat", "sha256sum"]))
+        .layer(
+            Layer::new()
+                .compression(Compression::Gzip(6))
+                .file("model/weights.bin", MODEL),
+        )
+        .build(&layout)
+        .unwrap();
+    layout.tag("private", &image).unwrap();
+    registry
+        .push(&layout, "private", "team/private:v1")
+        .unwrap();
+    let reference = format!("{}/team/private:v1", registry.host());
+    let out = node
+        .command(&["index", "create", &reference, "--bind"])
+        .env("DOCKER_CONFIG", &publisher)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let nothing = work.path().join("no-docker-config");
+    std::fs::create_dir_all(&nothing).unwrap();
+    let log_path = work.path().join("serve.log");
+    let _serve = node
+        .serve_with_env(
+            &log_path,
+            "debug",
+            &[("DOCKER_CONFIG", nothing.as_os_str())],
+        )
+        .unwrap();
+    let kubelet = Cri::connect(&cri_socket).unwrap();
+
+    // Wrong credentials: containerd's clear error comes back through Pronto.
+    let wrong = kubelet
+        .pull_image_with(&reference, Some(auth_config("robot", "not-the-password")))
+        .unwrap_err();
+    let wrong = format!("{wrong:#}");
+    assert!(
+        wrong.contains("401") || wrong.contains("nauthorized"),
+        "{wrong}"
+    );
+    assert!(!wrong.contains("not-the-password"), "{wrong}");
+
+    // The pod's pull secret: the image is pulled lazily with it.
+    let image_id = kubelet
+        .pull_image_with(&reference, Some(auth_config("robot", PASSWORD)))
+        .unwrap();
+    assert!(image_id.starts_with("sha256:"), "{image_id}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("layer mounted lazily"), "{log}");
+    // The container reads every byte through lazy fetches that needed
+    // the remembered credentials.
+    let expected = hex::encode(Sha256::digest(MODEL.to_vec().unwrap()));
+    let out = containerd
+        .ctr_in("k8s.io")
+        .args([
+            "run",
+            "--rm",
+            "--snapshotter",
+            "pronto",
+            &reference,
+            "reader",
+        ])
+        .args(["sha256sum", "/model/weights.bin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&expected),
+        "{}\n{}",
+        text(&out),
+        log
+    );
+    // Other calls are forwarded too.
+    assert!(
+        kubelet
+            .list_image_refs()
+            .unwrap()
+            .iter()
+            .any(|r| r.contains("team/private"))
+    );
+
+    // Nowhere to be read: logs at debug level, status, metrics.
+    let status = node.ok(&["status", "--json"]);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    for (what, said) in [("log", &log), ("status", &status)] {
+        assert!(!said.contains(PASSWORD), "the password is in the {what}");
+        assert!(!said.contains(&auth), "the credentials are in the {what}");
+    }
+}
+
+fn auth_config(username: &str, password: &str) -> AuthConfig {
+    AuthConfig {
+        username: username.into(),
+        password: password.into(),
+        ..Default::default()
     }
 }

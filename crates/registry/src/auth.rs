@@ -29,6 +29,29 @@ impl std::fmt::Debug for Credentials {
 pub trait CredentialSource: Send + Sync + std::fmt::Debug {
     /// Credentials for `host` (`host[:port]` as in references), if any.
     fn credentials(&self, host: &str) -> Option<Credentials>;
+
+    /// Credentials for `repository` on `host`: those of the host unless
+    /// the source knows them per repository (kubelet's pull secrets do).
+    fn credentials_for(&self, host: &str, repository: &str) -> Option<Credentials> {
+        let _ = repository;
+        self.credentials(host)
+    }
+}
+
+/// The first source that has credentials, in order.
+#[derive(Debug, Clone)]
+pub struct CredentialChain(pub Vec<std::sync::Arc<dyn CredentialSource>>);
+
+impl CredentialSource for CredentialChain {
+    fn credentials(&self, host: &str) -> Option<Credentials> {
+        self.0.iter().find_map(|source| source.credentials(host))
+    }
+
+    fn credentials_for(&self, host: &str, repository: &str) -> Option<Credentials> {
+        self.0
+            .iter()
+            .find_map(|source| source.credentials_for(host, repository))
+    }
 }
 
 /// Credentials given in code or configuration, by host.

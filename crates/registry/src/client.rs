@@ -599,10 +599,10 @@ impl RegistryClient {
     /// The configured credentials for `registry`, looked up on a blocking
     /// thread: a credential helper is a process, and docker's config a
     /// file.
-    async fn credentials(&self, registry: &str) -> Option<Credentials> {
+    async fn credentials(&self, registry: &str, repository: &str) -> Option<Credentials> {
         let source = self.inner.config.credentials.clone();
-        let registry = registry.to_owned();
-        tokio::task::spawn_blocking(move || source.credentials(&registry))
+        let (registry, repository) = (registry.to_owned(), repository.to_owned());
+        tokio::task::spawn_blocking(move || source.credentials_for(&registry, &repository))
             .await
             .ok()
             .flatten()
@@ -618,7 +618,7 @@ impl RegistryClient {
         scope: &str,
     ) -> Result<()> {
         let registry = &endpoint.credentials_host;
-        let creds = self.credentials(registry).await;
+        let creds = self.credentials(registry, &target.repository).await;
         let auth_error = |problem: String| RegistryError::Auth {
             target: target.clone(),
             problem,

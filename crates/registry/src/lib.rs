@@ -21,7 +21,9 @@ pub use parallel::{ChunkSink, ParallelFetch, Resume};
 pub use push::PushedManifest;
 pub use referrers::fallback_tag;
 
-pub use auth::{CredentialSource, Credentials, DockerConfigCredentials, StaticCredentials};
+pub use auth::{
+    CredentialChain, CredentialSource, Credentials, DockerConfigCredentials, StaticCredentials,
+};
 pub use client::{ClientConfig, RegistryClient, RetryPolicy};
 pub use digest::{sha256_digest, verify_digest};
 pub use error::{RegistryError, Target};

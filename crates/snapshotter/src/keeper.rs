@@ -34,6 +34,8 @@ use crate::systemd::Notifier;
 
 /// The name the listening socket is kept under.
 pub const LISTENER: &str = "listener";
+/// The name the CRI image service's listening socket is kept under.
+pub const CRI_LISTENER: &str = "cri-listener";
 /// Names of FUSE connections start with this.
 pub const FUSE_PREFIX: &str = "fuse/";
 

@@ -17,10 +17,25 @@ pub struct ImageSpec {
     pub annotations: HashMap<String, String>,
 }
 
+/// Registry credentials, as kubelet sends a pull secret's.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AuthConfig {
+    #[prost(string, tag = "1")]
+    pub username: String,
+    #[prost(string, tag = "2")]
+    pub password: String,
+    #[prost(string, tag = "3")]
+    pub auth: String,
+    #[prost(string, tag = "4")]
+    pub server_address: String,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 struct PullImageRequest {
     #[prost(message, optional, tag = "1")]
     image: Option<ImageSpec>,
+    #[prost(message, optional, tag = "2")]
+    auth: Option<AuthConfig>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -37,6 +52,23 @@ struct RemoveImageRequest {
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct RemoveImageResponse {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ListImagesRequest {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Image {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(string, repeated, tag = "2")]
+    repo_tags: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ListImagesResponse {
+    #[prost(message, repeated, tag = "1")]
+    images: Vec<Image>,
+}
 
 /// CRI over containerd's socket.
 #[derive(Debug)]
@@ -79,6 +111,11 @@ impl Cri {
 
     /// `PullImage`, as kubelet sends it; returns the image ID.
     pub fn pull_image(&self, image: &str) -> Result<String> {
+        self.pull_image_with(image, None)
+    }
+
+    /// `PullImage` with a pod's pull secret.
+    pub fn pull_image_with(&self, image: &str, auth: Option<AuthConfig>) -> Result<String> {
         let response: PullImageResponse = self.call(
             "/runtime.v1.ImageService/PullImage",
             PullImageRequest {
@@ -86,9 +123,21 @@ impl Cri {
                     image: image.to_owned(),
                     annotations: HashMap::new(),
                 }),
+                auth,
             },
         )?;
         Ok(response.image_ref)
+    }
+
+    /// `ListImages`: the tags of every image.
+    pub fn list_image_refs(&self) -> Result<Vec<String>> {
+        let response: ListImagesResponse =
+            self.call("/runtime.v1.ImageService/ListImages", ListImagesRequest {})?;
+        Ok(response
+            .images
+            .into_iter()
+            .flat_map(|image| image.repo_tags)
+            .collect())
     }
 
     /// `RemoveImage` (by reference or ID).

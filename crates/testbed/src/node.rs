@@ -33,6 +33,8 @@ pub struct NodeConfig {
     pub trust: Option<Vec<String>>,
     /// More TOML after the tables above (new tables only).
     pub extra: String,
+    /// `cri_address`: where the daemon serves CRI's image service.
+    pub cri_address: Option<PathBuf>,
 }
 
 /// A node: a directory holding `config.toml`, `root/`, the snapshotter
@@ -76,6 +78,9 @@ impl ProntoNode {
         );
         if let Some(metrics) = config.metrics_address {
             text.push_str(&format!("metrics_address = \"{metrics}\"\n"));
+        }
+        if let Some(cri) = &config.cri_address {
+            text.push_str(&format!("cri_address = \"{}\"\n", cri.display()));
         }
         text.push_str(&format!(
             "[registry]\nhosts_dir = \"{}\"\n[fetch]\nbackground = {}\n{}",

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
 use pronto_registry::{
-    ClientConfig, DockerConfigCredentials, Hosts, ManifestKind, Platform, RegistryClient,
-    ResolvedImage, parse_reference,
+    ClientConfig, CredentialChain, CredentialSource, DockerConfigCredentials, Hosts, ManifestKind,
+    Platform, RegistryClient, ResolvedImage, parse_reference,
 };
 use serde_json::{Value, json};
 
@@ -37,12 +37,26 @@ pub fn run(cmd: ImageCommand, config: &Config) -> Result<()> {
 /// A registry client set up from the configuration: hosts.toml settings,
 /// docker's credentials (`registry.docker_config`), the concurrency limit.
 pub fn registry_client(config: &Config) -> Result<RegistryClient> {
+    registry_client_with(config, None)
+}
+
+/// Like [`registry_client`], asking `first` for credentials before
+/// docker's configuration.
+pub fn registry_client_with(
+    config: &Config,
+    first: Option<Arc<dyn CredentialSource>>,
+) -> Result<RegistryClient> {
     let hosts = Hosts::load_dir(&config.registry.hosts_dir)?;
+    let docker: Arc<dyn CredentialSource> = Arc::new(DockerConfigCredentials::at(
+        config.registry.docker_config.clone(),
+    ));
+    let credentials = match first {
+        Some(first) => Arc::new(CredentialChain(vec![first, docker])),
+        None => docker,
+    };
     Ok(RegistryClient::new(ClientConfig {
         hosts,
-        credentials: Arc::new(DockerConfigCredentials::at(
-            config.registry.docker_config.clone(),
-        )),
+        credentials,
         max_concurrent_per_registry: config.registry.max_concurrent_per_registry,
         ..Default::default()
     })?)

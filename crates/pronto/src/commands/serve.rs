@@ -13,14 +13,23 @@ use pronto_snapshotter::{
     LocalSnapshots, Remote, RemoteOptions, Snapshotter, StatusService, WholeLayers,
 };
 
-use crate::commands::image::registry_client;
+use pronto_containerd::cri::KubeletCredentials;
+
+use crate::commands::image::registry_client_with;
 use crate::commands::mount::open_cache;
 use crate::config::Config;
 use crate::metrics_endpoint;
 
 pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
     let runtime = super::runtime()?;
-    let client = registry_client(config)?;
+    let kubelet_credentials = (!config.cri_address.is_empty())
+        .then(|| KubeletCredentials::new(config.cri.credential_ttl()));
+    let client = registry_client_with(
+        config,
+        kubelet_credentials
+            .clone()
+            .map(|c| Arc::new(c) as Arc<dyn pronto_registry::CredentialSource>),
+    )?;
     let whole_client = client.clone();
     let store = LocalIndexStore::open(&config.root)?;
     // Only one daemon can use a node's cache and snapshots: a second one
@@ -53,7 +62,24 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
         Some(keeper) => keeper.take().context("take over from the keeper")?,
         None => Default::default(),
     };
-    let listener = listener(config, kept.remove(keeper::LISTENER), keeper.as_deref())?;
+    let listener = kept_listener(
+        &config.address,
+        keeper::LISTENER,
+        kept.remove(keeper::LISTENER),
+        keeper.as_deref(),
+    )?;
+    let cri_listener = match &kubelet_credentials {
+        Some(_) => Some(kept_listener(
+            Path::new(&config.cri_address),
+            keeper::CRI_LISTENER,
+            kept.remove(keeper::CRI_LISTENER),
+            keeper.as_deref(),
+        )?),
+        None => {
+            kept.remove(keeper::CRI_LISTENER);
+            None
+        }
+    };
     let mut remote = Remote::new(
         client,
         store,
@@ -134,6 +160,18 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
         {
             tracing::warn!("cannot tell systemd the daemon is ready: {e}");
         }
+        let cri = match (cri_listener, kubelet_credentials) {
+            (Some(listener), Some(credentials)) => {
+                let stopped = stop.subscribe();
+                Some(tokio::spawn(serve_cri(
+                    config.clone(),
+                    listener,
+                    credentials,
+                    stopped,
+                )))
+            }
+            _ => None,
+        };
         let served = pronto_snapshotter::serve(snapshotter, Some(status), listener, shutdown)
             .await
             .with_context(|| format!("serve on {}", config.address.display()));
@@ -141,6 +179,13 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
         let _ = stop.send(true);
         if let Some(metrics) = metrics {
             let _ = metrics.await;
+        }
+        if let Some(cri) = cri {
+            match cri.await {
+                Ok(Err(e)) => tracing::error!("CRI image service: {e:#}"),
+                Err(e) => tracing::error!("CRI image service: {e}"),
+                Ok(Ok(())) => {}
+            }
         }
         served
     })?;
@@ -165,11 +210,37 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// The socket containerd connects to: the one the previous daemon handed
-/// to the keeper when it is still at `address`, else a new one (handed to
-/// the keeper in turn).
-fn listener(
-    config: &Config,
+/// CRI's image service on `listener` until `stopped`.
+async fn serve_cri(
+    config: Config,
+    listener: std::os::unix::net::UnixListener,
+    credentials: KubeletCredentials,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    tracing::info!(
+        address = %config.cri_address,
+        containerd = %config.cri.containerd_address.display(),
+        "serving CRI's image service for kubelet"
+    );
+    let stopped = async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    pronto_containerd::cri::serve(
+        listener,
+        &config.cri.containerd_address,
+        credentials,
+        stopped,
+    )
+    .await
+    .with_context(|| format!("serve CRI on {}", config.cri_address))
+}
+
+/// A socket kept under `name`: the one the previous daemon handed to the
+/// keeper when it is still at `address`, else a new one (handed to the
+/// keeper in turn).
+fn kept_listener(
+    address: &Path,
+    name: &str,
     kept: Option<std::os::fd::OwnedFd>,
     keeper: Option<&Holders>,
 ) -> Result<std::os::unix::net::UnixListener> {
@@ -178,20 +249,20 @@ fn listener(
         .filter(|listener| {
             let bound = listener.local_addr().ok();
             let path = bound.as_ref().and_then(|a| a.as_pathname());
-            path == Some(config.address.as_path()) && config.address.exists()
+            path == Some(address) && address.exists()
         });
     let listener = match previous {
         Some(listener) => {
-            tracing::info!(address = %config.address.display(), "serving on the socket the previous daemon listened on");
+            tracing::info!(address = %address.display(), "serving on the socket the previous daemon listened on");
             listener
         }
-        None => pronto_snapshotter::bind(&config.address)
-            .with_context(|| format!("listen on {}", config.address.display()))?,
+        None => pronto_snapshotter::bind(address)
+            .with_context(|| format!("listen on {}", address.display()))?,
     };
     // Kept again: a holder that lacks it (systemd's store after the
     // daemon ran without systemd) gets it too.
     if let Some(keeper) = keeper
-        && let Err(e) = keeper.keep(keeper::LISTENER, listener.as_fd())
+        && let Err(e) = keeper.keep(name, listener.as_fd())
     {
         tracing::warn!("cannot hand the socket to the keeper: {e}");
     }
