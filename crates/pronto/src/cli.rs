@@ -151,6 +151,40 @@ pub enum NodeCommand {
     /// Put containerd's configuration back as it was before `install`
     /// (edits made since are kept) and restart containerd.
     Uninstall(NodeArgs),
+    /// Keep this node's `pronto.dev/lazy-pull=true` label in step with
+    /// the daemon: set while `pronto serve` answers, removed after
+    /// `--failures` failed checks in a row and when this stops. With
+    /// `--daemonset`, stopping because that DaemonSet was deleted (an
+    /// uninstall, not an upgrade) also runs `pronto node uninstall`.
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    /// This node's name (the downward API's `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// How often the daemon is asked.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub interval: std::time::Duration,
+    /// Failed checks in a row before the label is removed.
+    #[arg(long, default_value_t = 3)]
+    pub failures: u32,
+    /// The DaemonSet this runs in, as NAMESPACE/NAME.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub daemonset: Option<String>,
+    /// The API server; default: the cluster this pod runs in.
+    #[arg(long, value_name = "URL", requires = "token_file")]
+    pub api_server: Option<String>,
+    /// The bearer token for `--api-server`.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub containerd: NodeArgs,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e}, e.g. \"10s\""))
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -174,6 +208,10 @@ pub struct NodeArgs {
     /// PID 1), as a pod with `hostPID` must to reach the host's systemd.
     #[arg(long)]
     pub host_namespaces: bool,
+    /// Change the file only; containerd reads it when it next starts (for
+    /// node images built with Pronto).
+    #[arg(long, conflicts_with = "restart")]
+    pub no_restart: bool,
 }
 
 /// Which platforms of an image a command works on.

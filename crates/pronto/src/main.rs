@@ -6,6 +6,7 @@
 mod cli;
 mod commands;
 mod config;
+mod kube;
 mod metrics_endpoint;
 mod text;
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use pronto_testbed::cri::{AuthConfig, Cri};
+use pronto_testbed::kubeapi::FakeApiServer;
 use pronto_testbed::net::wait_until;
 use pronto_testbed::process::Daemon;
 use pronto_testbed::{
@@ -395,5 +396,140 @@ fn auth_config(username: &str, password: &str) -> AuthConfig {
         username: username.into(),
         password: password.into(),
         ..Default::default()
+    }
+}
+
+/// The node label follows the daemon's health, and stopping the watcher
+/// removes it; stopping because the DaemonSet was deleted also puts
+/// containerd's configuration back.
+#[test]
+fn the_node_label_follows_the_daemon_and_goes_with_the_daemonset() {
+    require!(&[Prereq::Root, Prereq::Containerd]);
+    const LABEL: &str = "pronto.dev/lazy-pull";
+    let work = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start("sa-t0ken", &["node-a"]).unwrap();
+    api.add_daemonset("pronto-system", "pronto");
+    let token = work.path().join("token");
+    std::fs::write(&token, "sa-t0ken\n").unwrap();
+    // containerd answers the uninstall's restart check.
+    let containerd = Containerd::start().unwrap();
+    let etc = work.path().join("etc-containerd");
+    std::fs::create_dir_all(&etc).unwrap();
+    let config = etc.join("config.toml");
+    let original = "version = 2\n# the node's own\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"pause:3.9\"\n";
+    let node = ProntoNode::new(
+        &work.path().join("node"),
+        Path::new(env!("CARGO_BIN_EXE_pronto")),
+        &NodeConfig::default(),
+    )
+    .unwrap();
+    let _keeper = node.keeper_guard();
+    std::fs::write(&config, original).unwrap();
+    let socket = containerd.socket();
+    // Installed as the init container does, without a restart.
+    let out = node
+        .command(&[
+            "node",
+            "install",
+            "--containerd-config",
+            config.to_str().unwrap(),
+        ])
+        .arg("--no-restart")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("[proxy_plugins.pronto]")
+    );
+
+    let watch = |daemon_log: &Path| {
+        let mut command = node.command(&["node", "watch", "--node", "node-a"]);
+        command
+            .args(["--interval", "200ms", "--failures", "2"])
+            .args([
+                "--api-server",
+                &api.url(),
+                "--token-file",
+                token.to_str().unwrap(),
+            ])
+            .args(["--daemonset", "pronto-system/pronto"])
+            .args(["--containerd-config", config.to_str().unwrap()])
+            .args([
+                "--containerd-address",
+                socket.to_str().unwrap(),
+                "--restart",
+                "true",
+            ]);
+        Daemon::spawn("pronto node watch", command, daemon_log).unwrap()
+    };
+    let labelled = |want: bool| {
+        wait_until(
+            if want {
+                "the label is set"
+            } else {
+                "the label is removed"
+            },
+            Duration::from_secs(30),
+            || Ok(api.labels("node-a").get(LABEL).map(String::as_str) == want.then_some("true")),
+        )
+    };
+    let serve_log = work.path().join("serve.log");
+    let watch_log = work.path().join("watch.log");
+    let mut serve = node.serve(&serve_log, "info").unwrap();
+    let mut watcher = watch(&watch_log);
+    labelled(true).unwrap_or_else(|e| panic!("{e}\n{}", watcher.log_tail(20)));
+    // The node's other labels are untouched.
+    assert_eq!(
+        api.labels("node-a")
+            .get("kubernetes.io/hostname")
+            .map(String::as_str),
+        Some("node-a")
+    );
+
+    // The daemon dies: the label goes; it comes back with the daemon.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.pid().unwrap() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    serve.stop();
+    labelled(false).unwrap_or_else(|e| panic!("{e}\n{}", watcher.log_tail(20)));
+    let mut serve = node.serve(&serve_log, "info").unwrap();
+    labelled(true).unwrap_or_else(|e| panic!("{e}\n{}", watcher.log_tail(20)));
+
+    // Stopped while the DaemonSet exists (an upgrade): label removed,
+    // containerd's configuration kept.
+    watcher.stop();
+    assert_eq!(api.labels("node-a").get(LABEL), None);
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("[proxy_plugins.pronto]")
+    );
+
+    // Stopped after the DaemonSet was deleted (an uninstall): label
+    // removed and containerd's configuration put back.
+    let mut watcher = watch(&watch_log);
+    labelled(true).unwrap();
+    api.delete_daemonset("pronto-system", "pronto");
+    watcher.stop();
+    assert_eq!(api.labels("node-a").get(LABEL), None);
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        original,
+        "{}",
+        watcher.log_tail(20)
+    );
+    serve.stop();
+    // Every call carried the service account's token and was one of the
+    // two Pronto makes.
+    for request in api.requests() {
+        assert!(
+            request == "PATCH /api/v1/nodes/node-a"
+                || request == "GET /apis/apps/v1/namespaces/pronto-system/daemonsets/pronto",
+            "{request}"
+        );
     }
 }

@@ -18,6 +18,7 @@ pub mod faults;
 pub mod forge;
 mod http;
 pub mod image;
+pub mod kubeapi;
 pub mod net;
 pub mod node;
 pub mod prereq;

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use pronto_containerd::node_config::{self, ProntoPlugin};
 
-use crate::cli::{NodeArgs, NodeCommand};
+use crate::cli::{NodeArgs, NodeCommand, WatchArgs};
 use crate::config::Config;
+use crate::kube::{ApiServer, LAZY_PULL_LABEL};
 
 /// The proxy plugin's name in containerd's configuration.
 pub const PLUGIN: &str = "pronto";
@@ -33,7 +34,112 @@ pub fn run(command: NodeCommand, config: &Config) -> Result<()> {
     match command {
         NodeCommand::Install(args) => install(&args, &plugin),
         NodeCommand::Uninstall(args) => uninstall(&args, &plugin),
+        NodeCommand::Watch(args) => {
+            if watch(&args, config)? {
+                tracing::info!(
+                    "the DaemonSet was deleted: putting containerd's configuration back"
+                );
+                uninstall(&args.containerd, &plugin)?;
+            }
+            Ok(())
+        }
     }
+}
+
+/// Checks between two label writes while the daemon is healthy, so that
+/// a label removed by hand comes back.
+const REASSERT_EVERY: u32 = 30;
+
+/// Runs until SIGTERM or SIGINT, keeping the node label in step with the
+/// daemon's health; returns whether the DaemonSet is gone (uninstall).
+fn watch(args: &WatchArgs, config: &Config) -> Result<bool> {
+    let runtime = super::runtime()?;
+    let api = match &args.api_server {
+        Some(url) => ApiServer::new(
+            url,
+            args.token_file.as_deref().context("--token-file")?,
+            None,
+        )?,
+        None => ApiServer::in_cluster()?,
+    };
+    let daemonset = match &args.daemonset {
+        Some(text) => Some(
+            text.split_once('/')
+                .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+                .with_context(|| format!("--daemonset {text:?} is not NAMESPACE/NAME"))?,
+        ),
+        None => None,
+    };
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut tick = tokio::time::interval(args.interval);
+        let (mut labelled, mut failed, mut checks) = (None::<bool>, 0u32, 0u32);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+            checks += 1;
+            // A daemon that stopped leaves its socket with the keeper:
+            // connecting works, answering does not.
+            let limit = args.interval.clamp(Duration::from_secs(1), Duration::from_secs(5));
+            let health = match tokio::time::timeout(
+                limit,
+                pronto_snapshotter::status::query(&config.address),
+            )
+            .await
+            {
+                Ok(answer) => answer,
+                Err(_) => Err(format!("no answer within {}s", limit.as_secs())),
+            };
+            match &health {
+                Ok(_) => failed = 0,
+                Err(problem) => {
+                    failed += 1;
+                    tracing::warn!(failed, "the daemon does not answer: {problem}");
+                }
+            }
+            let want = match health {
+                Ok(_) => Some(true),
+                Err(_) if failed >= args.failures => Some(false),
+                Err(_) => None,
+            };
+            if want == Some(true) && checks % REASSERT_EVERY == 0 {
+                labelled = None;
+            }
+            if let Some(want) = want
+                && labelled != Some(want)
+            {
+                match api
+                    .set_node_label(&args.node, LAZY_PULL_LABEL, want.then_some("true"))
+                    .await
+                {
+                    Ok(()) => {
+                        if labelled != Some(want) {
+                            tracing::info!(
+                                node = %args.node,
+                                "{LAZY_PULL_LABEL} {}",
+                                if want { "set: the daemon is ready" } else { "removed: the daemon is not healthy" }
+                            );
+                        }
+                        labelled = Some(want);
+                    }
+                    Err(e) => tracing::error!("cannot update the node label: {e:#}"),
+                }
+            }
+        }
+        tracing::info!("stopping: removing {LAZY_PULL_LABEL} from {}", args.node);
+        if let Err(e) = api.set_node_label(&args.node, LAZY_PULL_LABEL, None).await {
+            tracing::error!("cannot remove the node label: {e:#}");
+        }
+        match &daemonset {
+            Some((namespace, name)) => api.daemonset_gone(namespace, name).await,
+            None => Ok(false),
+        }
+    })
 }
 
 /// The files beside containerd's configuration that hold its original.
@@ -193,6 +299,12 @@ fn write_atomic(path: &Path, text: &str, like: Option<&Path>) -> Result<()> {
 /// Restarts containerd and waits until it answers, listing Pronto's
 /// plugin when `expect_plugin`.
 fn restart(args: &NodeArgs, expect_plugin: bool) -> Result<()> {
+    if args.no_restart {
+        println!(
+            "containerd was not restarted (--no-restart): it reads the file when it next starts"
+        );
+        return Ok(());
+    }
     let Some((program, rest)) = args.restart.split_first() else {
         bail!("no restart command");
     };
