@@ -122,12 +122,18 @@ pub struct ServeConfig {
     /// lazy mounts wait for the next daemon; after this long without one
     /// they fail with EIO until one starts, e.g. `"60s"`.
     pub handover_timeout: String,
+    /// Whether `pronto serve` starts the keeper when none runs. Off where
+    /// something else runs it and it must outlive the daemon's container:
+    /// in Kubernetes its own DaemonSet, which rolling updates of Pronto do
+    /// not restart. The daemon then waits up to a minute for it.
+    pub start_keeper: bool,
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             handover_timeout: "60s".to_owned(),
+            start_keeper: true,
         }
     }
 }

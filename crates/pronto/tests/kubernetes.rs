@@ -533,3 +533,233 @@ fn the_node_label_follows_the_daemon_and_goes_with_the_daemonset() {
         );
     }
 }
+
+/// Builds `tests/chart-render` (Go; Helm's template libraries).
+fn chart_renderer(dir: &Path) -> std::path::PathBuf {
+    let package = dir.join("src/pronto.test/chart-render");
+    std::fs::create_dir_all(&package).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/chart-render/main.go"),
+        package.join("main.go"),
+    )
+    .unwrap();
+    let binary = dir.join("chart-render");
+    let out = std::process::Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(".")
+        .current_dir(&package)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", format!("{}:/usr/share/gocode", dir.display()))
+        .env("GOCACHE", dir.join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    binary
+}
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/kubernetes/chart");
+const MANIFEST: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../deploy/kubernetes/pronto.yaml"
+);
+
+/// The plain manifest: the namespace, then the chart rendered with its
+/// defaults as release `pronto` in `pronto-system`.
+const MANIFEST_HEAD: &str = "\
+# Pronto on every node: `kubectl apply -f deploy/kubernetes/pronto.yaml`.
+# Generated from deploy/kubernetes/chart with its default values (the
+# kubernetes test checks it; PRONTO_BLESS=1 rewrites it). See
+# docs/kubernetes.md.
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: pronto-system
+  labels:
+    app.kubernetes.io/name: pronto
+    pod-security.kubernetes.io/enforce: privileged
+";
+
+fn render(renderer: &Path, json: bool, values: Option<&Path>) -> String {
+    let mut command = std::process::Command::new(renderer);
+    if json {
+        command.arg("-json");
+    }
+    command.args([CHART, "pronto", "pronto-system"]);
+    if let Some(values) = values {
+        command.arg(values);
+    }
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Reads `value` as the Kubernetes type its kind names and writes it back:
+/// a field the API does not know, or a value of the wrong type, makes the
+/// two differ or the read fail.
+fn validate(value: &serde_json::Value) {
+    use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, rbac::v1 as rbac};
+    fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
+        value: &serde_json::Value,
+    ) -> serde_json::Value {
+        let typed: T =
+            serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value:#}"));
+        serde_json::to_value(&typed).unwrap()
+    }
+    let back = match value["kind"].as_str().unwrap() {
+        "Namespace" => round_trip::<core::Namespace>(value),
+        "ServiceAccount" => round_trip::<core::ServiceAccount>(value),
+        "ConfigMap" => round_trip::<core::ConfigMap>(value),
+        "ClusterRole" => round_trip::<rbac::ClusterRole>(value),
+        "ClusterRoleBinding" => round_trip::<rbac::ClusterRoleBinding>(value),
+        "Role" => round_trip::<rbac::Role>(value),
+        "RoleBinding" => round_trip::<rbac::RoleBinding>(value),
+        "DaemonSet" => round_trip::<apps::DaemonSet>(value),
+        kind => panic!("unexpected kind {kind}"),
+    };
+    assert_eq!(&back, value, "not as the Kubernetes API reads it");
+}
+
+#[test]
+fn the_manifests_and_the_chart_render_and_validate_against_the_kubernetes_api() {
+    require!(&[Prereq::ChartTemplates]);
+    let work = tempfile::tempdir().unwrap();
+    let renderer = chart_renderer(work.path());
+    let node = ProntoNode::new(
+        &work.path().join("node"),
+        Path::new(env!("CARGO_BIN_EXE_pronto")),
+        &NodeConfig::default(),
+    )
+    .unwrap();
+
+    // The plain manifest is the chart with its defaults.
+    let expected = format!("{MANIFEST_HEAD}{}", render(&renderer, false, None));
+    if std::env::var_os("PRONTO_BLESS").is_some() {
+        std::fs::write(MANIFEST, &expected).unwrap();
+    }
+    assert_eq!(
+        std::fs::read_to_string(MANIFEST).unwrap_or_default(),
+        expected,
+        "deploy/kubernetes/pronto.yaml is not the chart's rendering; PRONTO_BLESS=1 rewrites it"
+    );
+
+    let custom = work.path().join("values.yaml");
+    std::fs::write(
+        &custom,
+        "nodeSelector: {pool: gpu}\nroot: /data/pronto\nextraConfig: |\n  [fetch]\n  background = false\n",
+    )
+    .unwrap();
+    for values in [None, Some(custom.as_path())] {
+        let docs: Vec<serde_json::Value> = render(&renderer, true, values)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        let namespace = serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "pronto-system"},
+        });
+        validate(&namespace);
+        for doc in &docs {
+            validate(doc);
+        }
+        let find = |kind: &str, name: &str| {
+            docs.iter()
+                .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("no {kind} {name}"))
+        };
+
+        // The configuration Pronto reads in the pod is valid.
+        let config = find("ConfigMap", "pronto-config")["data"]["config.toml"]
+            .as_str()
+            .unwrap();
+        let config_path = work.path().join("pod-config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pronto"))
+            .arg("--config")
+            .arg(&config_path)
+            .args(["config", "check"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{config}\n{}", text(&out));
+
+        // Every container's arguments are ones `pronto` takes.
+        for daemonset in ["pronto", "pronto-keeper"] {
+            let spec = &find("DaemonSet", daemonset)["spec"]["template"]["spec"];
+            let containers = spec["containers"].as_array().unwrap().iter();
+            let init = spec["initContainers"].as_array().into_iter().flatten();
+            for container in containers.chain(init) {
+                let args: Vec<String> = container["args"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| {
+                        a.as_str()
+                            .unwrap()
+                            .replace("$(POD_NAMESPACE)", "pronto-system")
+                    })
+                    .collect();
+                let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+                // `--help` after the flags checks them without running
+                // anything; `--restart` takes all that follows.
+                let at = args
+                    .iter()
+                    .position(|a| *a == "--restart")
+                    .unwrap_or(args.len());
+                args.insert(at, "--help");
+                let out = node.output(&args);
+                assert!(out.status.success(), "{args:?}: {}", text(&out));
+            }
+        }
+
+        // What the node needs: FUSE, the containerd socket and config, and
+        // Pronto's directories shared with the host both ways.
+        let daemon = &find("DaemonSet", "pronto")["spec"]["template"]["spec"];
+        let serve = &daemon["containers"][0];
+        assert_eq!(serve["name"], "pronto");
+        assert_eq!(serve["securityContext"]["privileged"], true);
+        assert_eq!(daemon["hostPID"], true);
+        let mounts = serve["volumeMounts"].as_array().unwrap();
+        let mounted = |path: &str| mounts.iter().find(|m| m["mountPath"] == path);
+        assert!(mounted("/dev/fuse").is_some());
+        assert!(mounted("/run/containerd").is_some());
+        for shared in [
+            if values.is_some() {
+                "/data/pronto"
+            } else {
+                "/var/lib/pronto"
+            },
+            "/run/pronto",
+        ] {
+            assert_eq!(
+                mounted(shared).unwrap_or_else(|| panic!("{shared}"))["mountPropagation"],
+                "Bidirectional"
+            );
+        }
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                serve[probe]["exec"]["command"],
+                serde_json::json!(["/usr/bin/pronto", "status"])
+            );
+        }
+        // Upgrades roll the daemon and never the keeper.
+        assert_eq!(
+            find("DaemonSet", "pronto")["spec"]["updateStrategy"]["type"],
+            "RollingUpdate"
+        );
+        assert_eq!(
+            find("DaemonSet", "pronto-keeper")["spec"]["updateStrategy"]["type"],
+            "OnDelete"
+        );
+        // The service account may patch nodes (the label) and read its own
+        // DaemonSet; nothing else.
+        assert_eq!(
+            find("ClusterRole", "pronto-node-label")["rules"],
+            serde_json::json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}])
+        );
+        if values.is_some() {
+            assert_eq!(daemon["nodeSelector"], serde_json::json!({"pool": "gpu"}));
+            assert!(config.contains("background = false"), "{config}");
+        }
+    }
+}

@@ -150,11 +150,21 @@ impl KeeperClient {
         path: &Path,
         start: impl FnOnce() -> std::io::Result<()>,
     ) -> std::io::Result<KeeperClient> {
+        Self::connect_or_start_within(path, start, Duration::from_secs(10))
+    }
+
+    /// Like [`Self::connect_or_start`], waiting up to `wait` for the
+    /// keeper to answer after `start`.
+    pub fn connect_or_start_within(
+        path: &Path,
+        start: impl FnOnce() -> std::io::Result<()>,
+        wait: Duration,
+    ) -> std::io::Result<KeeperClient> {
         if let Ok(client) = Self::connect(path) {
             return Ok(client);
         }
         start()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + wait;
         loop {
             match Self::connect(path) {
                 Ok(client) => return Ok(client),

@@ -27,6 +27,10 @@ pub enum Prereq {
     /// Go and containerd 1.6's sources (its snapshotter test suite), from
     /// Debian's `golang-go` and `golang-github-containerd-containerd-dev`.
     ContainerdSuite,
+    /// Go with the template libraries Helm renders charts with (sprig and
+    /// yaml.v3), from Debian's `golang-github-masterminds-sprig-dev` and
+    /// `golang-gopkg-yaml.v3-dev`.
+    ChartTemplates,
     /// `systemd-analyze`, to check unit files.
     SystemdAnalyze,
 }
@@ -56,6 +60,11 @@ impl Prereq {
             Prereq::Busybox => is_static_busybox(Path::new(BUSYBOX)),
             Prereq::Debootstrap => on_path("debootstrap"),
             Prereq::ContainerdSuite => on_path("go") && Path::new(CONTAINERD_SUITE).is_dir(),
+            Prereq::ChartTemplates => {
+                on_path("go")
+                    && Path::new("/usr/share/gocode/src/github.com/Masterminds/sprig").is_dir()
+                    && Path::new("/usr/share/gocode/src/gopkg.in/yaml.v3").is_dir()
+            }
             Prereq::SystemdAnalyze => on_path("systemd-analyze"),
         };
         (!ok).then(|| self.hint().to_owned())
@@ -76,6 +85,10 @@ impl Prereq {
             }
             Prereq::Debootstrap => "debootstrap is not installed (apt-get install debootstrap)",
             Prereq::SystemdAnalyze => "systemd-analyze is missing (apt-get install systemd)",
+            Prereq::ChartTemplates => {
+                "Go or Helm's template libraries are missing (apt-get install golang-go \
+                 golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev)"
+            }
             Prereq::ContainerdSuite => {
                 "Go or containerd's snapshotter test suite is missing \
                  (apt-get install golang-go golang-github-containerd-containerd-dev)"

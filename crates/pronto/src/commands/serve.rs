@@ -44,9 +44,19 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
     // one (it cannot start), the daemon still serves, but its mounts end
     // with it.
     let keeper_socket = config.keeper_socket();
-    let keeper_client = match KeeperClient::connect_or_start(&keeper_socket, || {
-        start_keeper(config_path, &keeper_socket)
-    }) {
+    let connected = if config.serve.start_keeper {
+        KeeperClient::connect_or_start(&keeper_socket, || start_keeper(config_path, &keeper_socket))
+    } else {
+        KeeperClient::connect_or_start_within(
+            &keeper_socket,
+            || {
+                tracing::info!(socket = %keeper_socket.display(), "waiting for the keeper (serve.start_keeper is off)");
+                Ok(())
+            },
+            std::time::Duration::from_secs(60),
+        )
+    };
+    let keeper_client = match connected {
         Ok(keeper) => Some(keeper),
         Err(e) => {
             tracing::error!("no keeper: {e}");
