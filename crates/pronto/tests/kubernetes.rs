@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use pronto_testbed::cri::{AuthConfig, Cri};
 use pronto_testbed::kubeapi::FakeApiServer;
-use pronto_testbed::net::wait_until;
+use pronto_testbed::net::{free_loopback_port, http_get, wait_until};
 use pronto_testbed::process::Daemon;
 use pronto_testbed::{
     Compression, Containerd, ContainerdOptions, Content, Credentials, CriOptions, ImageBuilder,
@@ -49,6 +49,24 @@ const NODE_SETTINGS: &str = r#"
   pause_threshold = 0.03
   deletion_threshold = 7
 "#;
+
+/// Pushes an image of a busybox layer and a layer holding MODEL as
+/// `repo_tag`; returns its reference.
+fn push_model_image(layout: &OciLayout, registry: &Registry, repo_tag: &str) -> String {
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh", "cat", "sha256sum"]))
+        .layer(
+            Layer::new()
+                .compression(Compression::Gzip(6))
+                .file("model/weights.bin", MODEL),
+        )
+        .build(layout)
+        .unwrap();
+    let tag = repo_tag.replace(['/', ':'], "-");
+    layout.tag(&tag, &image).unwrap();
+    registry.push(layout, &tag, repo_tag).unwrap();
+    format!("{}/{repo_tag}", registry.host())
+}
 
 fn run_pronto(node: &ProntoNode, args: &[&str]) -> std::process::Output {
     node.output(args)
@@ -154,18 +172,7 @@ fn install_merges_into_containerds_config_restarts_it_and_uninstall_restores_it(
     // A lazy pull through CRI, as kubelet's.
     let log_path = work.path().join("serve.log");
     let mut serve: Daemon = node.serve(&log_path, "info").unwrap();
-    let image = ImageBuilder::new()
-        .layer(Layer::busybox(&["sh", "cat", "sha256sum"]))
-        .layer(
-            Layer::new()
-                .compression(Compression::Gzip(6))
-                .file("model/weights.bin", MODEL),
-        )
-        .build(&layout)
-        .unwrap();
-    layout.tag("model", &image).unwrap();
-    registry.push(&layout, "model", "k8s/model:v1").unwrap();
-    let reference = format!("{}/k8s/model:v1", registry.host());
+    let reference = push_model_image(&layout, &registry, "k8s/model:v1");
     node.ok(&["index", "create", &reference, "--bind"]);
     let cri_client = Cri::connect(&containerd.socket()).unwrap();
     wait_until("CRI pull through Pronto", Duration::from_secs(60), || {
@@ -272,11 +279,13 @@ fn kubelets_pull_credentials_reach_lazy_fetches_and_never_the_logs() {
     })
     .unwrap();
     let cri_socket = work.path().join("cri.sock");
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_loopback_port().unwrap()));
     let node = ProntoNode::new(
         work.path(),
         Path::new(env!("CARGO_BIN_EXE_pronto")),
         &NodeConfig {
             hosts_dir: Some(containerd.hosts_dir()),
+            metrics_address: Some(metrics),
             cri_address: Some(cri_socket.clone()),
             extra: format!(
                 "[cri]\ncontainerd_address = \"{}\"\n",
@@ -300,20 +309,7 @@ fn kubelets_pull_credentials_reach_lazy_fetches_and_never_the_logs() {
         ),
     )
     .unwrap();
-    let image = ImageBuilder::new()
-        .layer(Layer::busybox(&["sh", "cat", "sha256sum"]))
-        .layer(
-            Layer::new()
-                .compression(Compression::Gzip(6))
-                .file("model/weights.bin", MODEL),
-        )
-        .build(&layout)
-        .unwrap();
-    layout.tag("private", &image).unwrap();
-    registry
-        .push(&layout, "private", "team/private:v1")
-        .unwrap();
-    let reference = format!("{}/team/private:v1", registry.host());
+    let reference = push_model_image(&layout, &registry, "team/private:v1");
     let out = node
         .command(&["index", "create", &reference, "--bind"])
         .env("DOCKER_CONFIG", &publisher)
@@ -384,8 +380,9 @@ fn kubelets_pull_credentials_reach_lazy_fetches_and_never_the_logs() {
 
     // Nowhere to be read: logs at debug level, status, metrics.
     let status = node.ok(&["status", "--json"]);
+    let (_, scraped) = http_get(metrics, "/metrics").unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();
-    for (what, said) in [("log", &log), ("status", &status)] {
+    for (what, said) in [("log", &log), ("status", &status), ("metrics", &scraped)] {
         assert!(!said.contains(PASSWORD), "the password is in the {what}");
         assert!(!said.contains(&auth), "the credentials are in the {what}");
     }
@@ -762,4 +759,149 @@ fn the_manifests_and_the_chart_render_and_validate_against_the_kubernetes_api() 
             assert!(config.contains("background = false"), "{config}");
         }
     }
+}
+
+/// Runs `buildah ARGS`, failing the test with its output.
+fn buildah(args: &[&str]) -> String {
+    let out = std::process::Command::new("buildah")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "buildah {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The Containerfile builds (both stages, with buildah, as on any Debian
+/// 12 machine), the image holds only `pronto` and its libraries, and it
+/// runs from the registry through containerd.
+#[test]
+fn the_containerfile_builds_an_image_that_runs_pronto_from_the_registry() {
+    require!(&[
+        Prereq::Root,
+        Prereq::Buildah,
+        Prereq::Debootstrap,
+        Prereq::Containerd,
+        Prereq::Runc,
+        Prereq::Registry
+    ]);
+    let repo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+    // The first stage's image, as `rust:1.95-bookworm` would be: Debian
+    // with a C toolchain (debootstrap, cached) and this machine's Rust
+    // toolchain bound in at the official image's paths. This machine
+    // reaches Debian's and crates.io's registries, not Docker Hub.
+    let root = pronto_testbed::debian::bookworm_for_building().unwrap();
+    let suffix = std::process::id();
+    let builder = format!("localhost/pronto-test-rust:{suffix}");
+    let image = format!("localhost/pronto-test:{suffix}");
+    let working = buildah(&["from", "scratch"]);
+    buildah(&["copy", "--quiet", &working, root.to_str().unwrap(), "/"]);
+    buildah(&[
+        "config",
+        "--env",
+        "PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "--env",
+        "CARGO_HOME=/usr/local/cargo",
+        "--env",
+        "RUSTUP_HOME=/usr/local/rustup",
+        &working,
+    ]);
+    buildah(&["commit", "--quiet", "--rm", &working, &builder]);
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let rustup = std::env::var("RUSTUP_HOME").unwrap_or_else(|_| format!("{home}/.rustup"));
+    let cargo = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{home}/.cargo"));
+    // The build's target directory is kept between runs on this machine.
+    let target = pronto_testbed::debian::cache_dir().join("containerfile-target");
+    std::fs::create_dir_all(&target).unwrap();
+    let built = std::process::Command::new("buildah")
+        .args(["build", "--network", "host", "--layers=false"])
+        .arg(format!("--build-arg=RUST_IMAGE={builder}"))
+        .arg(format!("--volume={rustup}:/usr/local/rustup:ro"))
+        .arg(format!("--volume={cargo}:/usr/local/cargo"))
+        .arg(format!("--volume={}:/src/target", target.display()))
+        .args(["-f", "Containerfile", "-t", &image, "."])
+        .current_dir(repo)
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("buildah")
+        .args(["rmi", &builder])
+        .output();
+    assert!(built.status.success(), "{}", text(&built));
+
+    // Only the binary, the libraries it loads and two empty directories.
+    let mounted = buildah(&["from", &image]);
+    let files = {
+        let dir = buildah(&["mount", &mounted]);
+        let mut files = Vec::new();
+        let mut stack = vec![std::path::PathBuf::from(&dir)];
+        while let Some(path) = stack.pop() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                let entry = entry.unwrap();
+                if entry.file_type().unwrap().is_dir() {
+                    stack.push(entry.path());
+                } else {
+                    let rel = entry.path().strip_prefix(&dir).unwrap().to_owned();
+                    files.push(rel.display().to_string());
+                }
+            }
+        }
+        buildah(&["umount", &mounted]);
+        buildah(&["rm", &mounted]);
+        files
+    };
+    assert!(files.contains(&"usr/bin/pronto".to_owned()), "{files:?}");
+    for file in &files {
+        assert!(
+            file == "usr/bin/pronto"
+                || (file.starts_with("lib") || file.starts_with("usr/lib")) && file.contains(".so"),
+            "the image holds {file}: {files:?}"
+        );
+    }
+
+    // Started as the DaemonSet starts it: `pronto ARGS`.
+    assert_eq!(
+        buildah(&[
+            "inspect",
+            "--format",
+            "{{.OCIv1.Config.Entrypoint}} {{.OCIv1.Config.Cmd}}",
+            &image
+        ]),
+        "[/usr/bin/pronto] [serve]"
+    );
+
+    // Pushed to the registry and run by containerd.
+    let registry = Registry::start().unwrap();
+    let pushed = format!("{}/pronto:test", registry.host());
+    buildah(&[
+        "push",
+        "--quiet",
+        "--tls-verify=false",
+        &image,
+        &format!("docker://{pushed}"),
+    ]);
+    let _ = std::process::Command::new("buildah")
+        .args(["rmi", &image])
+        .output();
+    let containerd = Containerd::start_with(ContainerdOptions {
+        plain_http_registries: vec![registry.host()],
+        ..Default::default()
+    })
+    .unwrap();
+    containerd.pull(&pushed, "overlayfs").unwrap();
+    let out = containerd
+        .ctr()
+        .args([
+            "run",
+            "--rm",
+            &pushed,
+            "pronto-version",
+            "/usr/bin/pronto",
+            "--version",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("pronto {}", env!("CARGO_PKG_VERSION"))
+    );
 }

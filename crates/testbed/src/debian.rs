@@ -37,6 +37,23 @@ pub fn bookworm_with_numpy() -> Result<PathBuf> {
     )
 }
 
+/// A bookworm minbase root with what a Rust build needs besides the
+/// toolchain (a C compiler and linker, libc headers, protoc): the base of
+/// an image like `rust:bookworm`, whose toolchain the test binds in.
+pub fn bookworm_for_building() -> Result<PathBuf> {
+    bookworm_with(
+        "debootstrap-bookworm-build-v1",
+        &[
+            "gcc",
+            "libc6-dev",
+            "protobuf-compiler",
+            "ca-certificates",
+            "binutils",
+        ],
+        "usr/bin/protoc",
+    )
+}
+
 /// A bookworm minbase root with `packages`, cached under `name` and
 /// considered built when `marker` exists in it.
 fn bookworm_with(name: &str, packages: &[&str], marker: &str) -> Result<PathBuf> {

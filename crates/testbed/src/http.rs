@@ -82,3 +82,23 @@ pub fn respond(
     out.flush()?;
     Ok(())
 }
+
+/// Answers connections to `listener` one after another on a new thread
+/// until `stopping` says so; dropping the server sets it and connects once
+/// to wake the thread.
+pub fn accept_each(
+    listener: std::net::TcpListener,
+    stopping: impl Fn() -> bool + Send + 'static,
+    mut answer: impl FnMut(std::net::TcpStream) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            if stopping() {
+                return;
+            }
+            if let Ok(stream) = stream {
+                answer(stream);
+            }
+        }
+    })
+}

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use anyhow::Result;
 use serde_json::{Value, json};
 
-use crate::http::{Head, respond};
+use crate::http::{Head, accept_each, respond};
 
 #[derive(Debug, Default)]
 struct State {
@@ -57,17 +57,14 @@ impl FakeApiServer {
             stopping: AtomicBool::new(false),
         });
         let acceptor = {
-            let shared = shared.clone();
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if shared.stopping.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    if let Ok(stream) = stream {
-                        let _ = serve(stream, &shared);
-                    }
-                }
-            })
+            let (stop, shared) = (shared.clone(), shared.clone());
+            accept_each(
+                listener,
+                move || stop.stopping.load(Ordering::SeqCst),
+                move |stream| {
+                    let _ = serve(stream, &shared);
+                },
+            )
         };
         Ok(Self {
             addr,

@@ -31,6 +31,9 @@ pub enum Prereq {
     /// yaml.v3), from Debian's `golang-github-masterminds-sprig-dev` and
     /// `golang-gopkg-yaml.v3-dev`.
     ChartTemplates,
+    /// `buildah`, which builds images from a Containerfile without a
+    /// daemon.
+    Buildah,
     /// `systemd-analyze`, to check unit files.
     SystemdAnalyze,
 }
@@ -60,6 +63,7 @@ impl Prereq {
             Prereq::Busybox => is_static_busybox(Path::new(BUSYBOX)),
             Prereq::Debootstrap => on_path("debootstrap"),
             Prereq::ContainerdSuite => on_path("go") && Path::new(CONTAINERD_SUITE).is_dir(),
+            Prereq::Buildah => on_path("buildah"),
             Prereq::ChartTemplates => {
                 on_path("go")
                     && Path::new("/usr/share/gocode/src/github.com/Masterminds/sprig").is_dir()
@@ -85,6 +89,7 @@ impl Prereq {
             }
             Prereq::Debootstrap => "debootstrap is not installed (apt-get install debootstrap)",
             Prereq::SystemdAnalyze => "systemd-analyze is missing (apt-get install systemd)",
+            Prereq::Buildah => "buildah is not installed (apt-get install buildah)",
             Prereq::ChartTemplates => {
                 "Go or Helm's template libraries are missing (apt-get install golang-go \
                  golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev)"

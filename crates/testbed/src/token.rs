@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use base64::Engine as _;
 use serde_json::json;
 
-use crate::http::{Head, respond};
+use crate::http::{Head, accept_each, respond};
 use crate::registry::Credentials;
 
 /// What the registry needs to trust the token server.
@@ -99,17 +99,14 @@ impl TokenServer {
             stopping: AtomicBool::new(false),
         });
         let acceptor = {
-            let shared = shared.clone();
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if shared.stopping.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    if let Ok(stream) = stream {
-                        let _ = serve(stream, &shared);
-                    }
-                }
-            })
+            let (stop, shared) = (shared.clone(), shared.clone());
+            accept_each(
+                listener,
+                move || stop.stopping.load(Ordering::SeqCst),
+                move |stream| {
+                    let _ = serve(stream, &shared);
+                },
+            )
         };
         Ok(Self {
             addr,
