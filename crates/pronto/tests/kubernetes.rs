@@ -761,6 +761,20 @@ fn the_manifests_and_the_chart_render_and_validate_against_the_kubernetes_api() 
     }
 }
 
+/// Images buildah keeps, removed (with their containers) when the test
+/// ends, passed or not.
+struct Images(Vec<String>);
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        for image in &self.0 {
+            let _ = std::process::Command::new("buildah")
+                .args(["rmi", "--force", image])
+                .output();
+        }
+    }
+}
+
 /// Runs `buildah ARGS`, failing the test with its output.
 fn buildah(args: &[&str]) -> String {
     let out = std::process::Command::new("buildah")
@@ -793,6 +807,7 @@ fn the_containerfile_builds_an_image_that_runs_pronto_from_the_registry() {
     let suffix = std::process::id();
     let builder = format!("localhost/pronto-test-rust:{suffix}");
     let image = format!("localhost/pronto-test:{suffix}");
+    let _images = Images(vec![builder.clone(), image.clone()]);
     let working = buildah(&["from", "scratch"]);
     buildah(&["copy", "--quiet", &working, root.to_str().unwrap(), "/"]);
     buildah(&[
@@ -822,12 +837,9 @@ fn the_containerfile_builds_an_image_that_runs_pronto_from_the_registry() {
         .current_dir(repo)
         .output()
         .unwrap();
-    let _ = std::process::Command::new("buildah")
-        .args(["rmi", &builder])
-        .output();
     assert!(built.status.success(), "{}", text(&built));
 
-    // Only the binary, the libraries it loads and two empty directories.
+    // Only the binary and the libraries it loads (and empty directories).
     let mounted = buildah(&["from", &image]);
     let files = {
         let dir = buildah(&["mount", &mounted]);
@@ -878,9 +890,6 @@ fn the_containerfile_builds_an_image_that_runs_pronto_from_the_registry() {
         &image,
         &format!("docker://{pushed}"),
     ]);
-    let _ = std::process::Command::new("buildah")
-        .args(["rmi", &image])
-        .output();
     let containerd = Containerd::start_with(ContainerdOptions {
         plain_http_registries: vec![registry.host()],
         ..Default::default()
