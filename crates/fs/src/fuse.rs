@@ -44,7 +44,21 @@ pub struct MountOptions {
     /// the way the kernel accepts (see [`OpenFiles`]). None: kept in
     /// memory only.
     pub opens_file: Option<PathBuf>,
+    /// Told of the reads the mount serves (to record a startup profile).
+    pub observer: Option<Arc<dyn ReadObserver>>,
 }
+
+/// Watches what a mount's readers read: every read the daemon answers, and
+/// for a file handed to the kernel (passthrough, whose reads the daemon no
+/// longer sees) its first [`PASSTHROUGH_SEEN`] bytes when it is opened.
+pub trait ReadObserver: Send + Sync + std::fmt::Debug {
+    /// `len` bytes at `offset` of entry `entry` of layer `layer` (the
+    /// mount's layer list).
+    fn read(&self, layer: usize, entry: usize, offset: u64, len: u64);
+}
+
+/// What an open handed to the kernel counts as read.
+pub const PASSTHROUGH_SEEN: u64 = 1 << 20;
 
 impl MountOptions {
     pub fn new(fs_name: impl Into<String>, runtime: tokio::runtime::Handle) -> Self {
@@ -53,6 +67,7 @@ impl MountOptions {
             allow_other: true,
             runtime,
             opens_file: None,
+            observer: None,
         }
     }
 }
@@ -269,6 +284,7 @@ struct ProntoFs {
     open: Mutex<OpenFiles>,
     next_fh: AtomicU64,
     runtime: tokio::runtime::Handle,
+    observer: Option<Arc<dyn ReadObserver>>,
 }
 
 impl FuseMount {
@@ -402,6 +418,7 @@ impl ProntoFs {
             open: Mutex::new(open),
             next_fh: AtomicU64::new(start),
             runtime: options.runtime.clone(),
+            observer: options.observer.clone(),
         })
     }
 
@@ -683,6 +700,9 @@ impl ProntoFs {
         let out = match (shared, mode) {
             (Some(backing), _) => {
                 tracing::debug!(ino, "opened with passthrough");
+                if let Some(observer) = &self.observer {
+                    observer.read(layer, entry, 0, node.size.min(PASSTHROUGH_SEEN));
+                }
                 OpenOut {
                     fh,
                     open_flags: fopen::PASSTHROUGH,
@@ -744,6 +764,9 @@ impl ProntoFs {
         };
         let source = self.layers[layer].clone();
         let (offset, size) = (read.offset, read.size);
+        if let Some(observer) = &self.observer {
+            observer.read(layer, entry, offset, u64::from(size));
+        }
         let ready = source.ready(entry, offset, size as usize);
         let bytes = source.read_async(entry, offset, size as usize);
         let tree = self.tree.clone();

@@ -91,6 +91,10 @@ pub struct LayerFetchStats {
     pub requests: AtomicU64,
     /// Bytes of the layer blob read by the background fetch.
     pub background_bytes: AtomicU64,
+    /// Bytes of the layer blob fetched ahead from the startup profile.
+    pub profile_bytes: AtomicU64,
+    /// Range requests made for reads waiting on them (misses).
+    pub on_demand_requests: AtomicU64,
     /// The background fetch has read the whole layer and its digest matched.
     pub complete: AtomicBool,
     /// The background fetch stopped with an error (logged); on-demand reads
@@ -423,7 +427,7 @@ impl IndexedLayer {
             // A reader waits: the first span's window is fetched alongside
             // its bytes, not after them. Later spans take theirs from the
             // span before.
-            let (bytes, window) = if purpose == Purpose::OnDemand {
+            let (bytes, window) = if matches!(purpose, Purpose::OnDemand | Purpose::Profile) {
                 let (bytes, window) =
                     tokio::join!(self.layer.read(first..last), self.window(run.start));
                 (bytes, Some(window?))
@@ -435,9 +439,15 @@ impl IndexedLayer {
             let counter = match purpose {
                 Purpose::Background => &self.stats.background_bytes,
                 Purpose::ReadAhead => &self.stats.read_ahead_bytes,
+                Purpose::Profile => &self.stats.profile_bytes,
                 _ => &self.stats.layer_bytes,
             };
             counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            if purpose == Purpose::OnDemand {
+                self.stats
+                    .on_demand_requests
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             metrics().fetched(purpose, bytes.len() as u64);
             match self.decode_and_store(&run, first, &bytes, window).await {
@@ -604,6 +614,73 @@ impl IndexedLayer {
             self.read_ahead(ahead);
         }
         Some(range)
+    }
+
+    /// Fetches the spans holding `ranges` (entry, offset in the file,
+    /// length) ahead of the container's reads, from its startup profile:
+    /// neighbouring spans in one request of up to a few MiB, the requests
+    /// in the ranges' first-read order, `parallel` at a time, as
+    /// foreground work (the background fetch waits). A read that needs a
+    /// span being fetched waits for that fetch (span locks) instead of
+    /// asking again; local spans are skipped. Returns the bytes the
+    /// profile made local; a failure is logged and leaves the rest to
+    /// on-demand reads.
+    pub async fn prefetch(&self, ranges: &[(usize, u64, u64)], parallel: usize) -> u64 {
+        use futures_util::StreamExt as _;
+        let entries = &self.index.meta().entries;
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        let mut taken = std::collections::HashSet::new();
+        for &(entry, offset, len) in ranges {
+            let Some(file) = entries.get(entry) else {
+                continue;
+            };
+            let end = offset.saturating_add(len).min(file.size);
+            if offset >= end {
+                continue;
+            }
+            for i in self
+                .index
+                .spans_for(file.offset + offset..file.offset + end)
+            {
+                if !taken.insert(i) || self.cache.contains(&self.span_key(i)) {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some(run)
+                        if run.end == i
+                            && self.index.span_input(i).end
+                                - self.index.span_input(run.start).start
+                                <= READ_AHEAD_REQUEST =>
+                    {
+                        run.end = i + 1;
+                    }
+                    _ => runs.push(i..i + 1),
+                }
+            }
+        }
+        let before = self.stats.profile_bytes.load(Ordering::Relaxed);
+        let _foreground = self.scheduler.foreground();
+        let mut fetches = futures_util::stream::iter(runs)
+            .map(|run| async move {
+                let result = tokio::time::timeout(
+                    self.read_timeout,
+                    self.ensure_spans(run.clone(), Purpose::Profile),
+                )
+                .await
+                .unwrap_or_else(|_| Err(self.error("profile fetch timed out".into())));
+                (run, result)
+            })
+            .buffer_unordered(parallel.max(1));
+        let mut failed = 0usize;
+        while let Some((run, result)) = fetches.next().await {
+            if let Err(err) = result {
+                failed += 1;
+                if failed == 1 {
+                    tracing::warn!(layer = self.digest(), spans = ?run, "profile prefetch: {err}");
+                }
+            }
+        }
+        self.stats.profile_bytes.load(Ordering::Relaxed) - before
     }
 
     /// Fetches spans `ahead` for a reader reading a file in order: in

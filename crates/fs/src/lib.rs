@@ -13,12 +13,13 @@ mod image;
 mod indexed;
 mod kernel;
 pub mod mounts;
+pub mod profile;
 mod readahead;
 mod schedule;
 mod source;
 mod tree;
 
-pub use fuse::{FuseMount, MountOptions};
+pub use fuse::{FuseMount, MountOptions, PASSTHROUGH_SEEN, ReadObserver};
 pub use image::{
     LayerMode, NodeContext, OpenError, OpenedImage, lazy_layer, open_image, open_lazy_layer,
     open_whole_layer,

@@ -26,6 +26,9 @@ pub enum Purpose {
     ReadAhead,
     /// The low-priority fetch of the rest of a lazily mounted layer.
     Background,
+    /// Fetched ahead of a container's start from the image's startup
+    /// profile.
+    Profile,
     /// Index data: the index prefix and the decompression windows.
     Index,
     /// A layer that could not be lazy, fetched whole in parallel.
@@ -38,6 +41,7 @@ impl Purpose {
             Purpose::OnDemand => "on_demand",
             Purpose::ReadAhead => "read_ahead",
             Purpose::Background => "background",
+            Purpose::Profile => "profile",
             Purpose::Index => "index",
             Purpose::WholeLayer => "whole_layer",
         }

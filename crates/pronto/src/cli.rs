@@ -131,6 +131,10 @@ pub enum Command {
     /// Show or shrink the node cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// The startup profiles this node learned: which file ranges an
+    /// image's containers read as they start, fetched ahead at later starts.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
     /// Set this node's containerd up for Pronto, or back as it was
     /// (what the Kubernetes DaemonSet runs; see docs/kubernetes.md).
     #[command(subcommand)]
@@ -139,6 +143,32 @@ pub enum Command {
     /// nodes start unmodified images lazily.
     #[command(subcommand)]
     Index(IndexCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProfileCommand {
+    /// Every profile on this node: image manifest, starts merged, ranges
+    /// and bytes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One profile: per layer, its ranges in first-read order. IMAGE is a
+    /// reference (resolved in the registry) or a manifest digest.
+    Show {
+        image: String,
+        #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+        platform: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image's profile from this node; its next start records a
+    /// new one.
+    Rm {
+        image: String,
+        #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+        platform: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

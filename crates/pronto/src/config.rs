@@ -65,6 +65,56 @@ pub struct Config {
     pub cri_address: String,
     /// The CRI image service in front of containerd.
     pub cri: CriConfig,
+    /// Startup profiles.
+    pub profile: ProfileConfig,
+}
+
+/// The `[profile]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Record which file ranges an image's first containers read at start.
+    pub record: bool,
+    /// Fetch those ranges ahead when the image's layers are mounted.
+    pub prefetch: bool,
+    /// A recording ends after this long without a new read, e.g. `"3s"`.
+    pub quiet: String,
+    /// ... or this long after the image's first layer was mounted.
+    pub limit: String,
+    /// Range requests in flight per layer while prefetching.
+    pub parallel: usize,
+    /// Starts recorded and merged into a profile.
+    pub record_starts: u32,
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        Self {
+            record: true,
+            prefetch: true,
+            quiet: "3s".to_owned(),
+            limit: "60s".to_owned(),
+            parallel: 8,
+            record_starts: 3,
+        }
+    }
+}
+
+impl ProfileConfig {
+    /// The options of the daemon's profiles (validated at load).
+    pub fn options(&self) -> pronto_snapshotter::ProfileOptions {
+        let duration = |text: &str, default: u64| {
+            humantime::parse_duration(text).unwrap_or(std::time::Duration::from_secs(default))
+        };
+        pronto_snapshotter::ProfileOptions {
+            record: self.record,
+            prefetch: self.prefetch,
+            quiet: duration(&self.quiet, 3),
+            limit: duration(&self.limit, 60),
+            parallel: self.parallel.max(1),
+            record_starts: self.record_starts.max(1),
+        }
+    }
 }
 
 /// The `[cri]` table.
@@ -110,6 +160,7 @@ impl Default for Config {
             serve: ServeConfig::default(),
             cri_address: String::new(),
             cri: CriConfig::default(),
+            profile: ProfileConfig::default(),
         }
     }
 }
@@ -387,6 +438,11 @@ impl LoadedConfig {
 impl Config {
     /// The socket of the keeper that holds the daemon's mounts while it
     /// restarts: beside `address`.
+    /// Where the node keeps startup profiles.
+    pub fn profiles_dir(&self) -> PathBuf {
+        self.root.join("profiles")
+    }
+
     pub fn keeper_socket(&self) -> PathBuf {
         self.address.with_extension("keeper.sock")
     }
@@ -464,6 +520,19 @@ impl Config {
         }
         if let Err(problem) = crate::cli::parse_size(&self.fetch.background_rate) {
             return Err(invalid("fetch.background_rate", problem));
+        }
+        for (key, text) in [
+            ("profile.quiet", &self.profile.quiet),
+            ("profile.limit", &self.profile.limit),
+        ] {
+            match humantime::parse_duration(text) {
+                Err(e) => return Err(invalid(key, format!("{e}, e.g. \"3s\""))),
+                Ok(d) if d.is_zero() => return Err(invalid(key, "must be more than 0".into())),
+                Ok(_) => {}
+            }
+        }
+        if self.profile.parallel == 0 {
+            return Err(invalid("profile.parallel", "must be at least 1".into()));
         }
         match humantime::parse_duration(&self.cri.credential_ttl) {
             Err(e) => return Err(invalid("cri.credential_ttl", format!("{e}, e.g. \"12h\""))),

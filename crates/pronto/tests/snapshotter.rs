@@ -1342,3 +1342,216 @@ fn mounts_survive_a_killed_keeper_through_systemds_descriptor_store() {
     stack.assert_model_reads_back(&running);
     stack.kill_container(&running);
 }
+
+/// An application layer of many small modules, of which its entrypoint
+/// imports every third, and a big file it never reads. Returns the
+/// reference, the image and the paths the entrypoint reads.
+fn push_app_image(stack: &Stack, repo: &str) -> (String, BuiltImage, Vec<String>) {
+    let mut layer = Layer::new().compression(Compression::Gzip(6)).dir("app");
+    let mut read = Vec::new();
+    for i in 0..60u64 {
+        let path = format!("app/mod{i:02}.py");
+        layer = layer.file(
+            &path,
+            Content::Random {
+                seed: 100 + i,
+                len: 48 << 10,
+            },
+        );
+        if i % 3 == 0 {
+            read.push(path);
+        }
+    }
+    layer = layer.file(
+        "app/unused.bin",
+        Content::Random {
+            seed: 99,
+            len: 24 << 20,
+        },
+    );
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh", "cat", "sha256sum"]))
+        .layer(layer)
+        .build(&stack.layout)
+        .unwrap();
+    let reference = stack.push(&image, repo);
+    stack.pronto_ok(&["index", "create", &reference, "--bind"]);
+    (reference, image, read)
+}
+
+/// The layers' status of the one image mounted, as `pronto status --json`
+/// gives it.
+fn layer_status(stack: &Stack) -> Vec<serde_json::Value> {
+    let status: serde_json::Value =
+        serde_json::from_str(&stack.pronto_ok(&["status", "--json"])).unwrap();
+    status["images"][0]["layers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn total(layers: &[serde_json::Value], key: &str) -> u64 {
+    layers.iter().map(|l| l[key].as_u64().unwrap()).sum()
+}
+
+/// Removes `reference` through CRI and waits until its snapshots, lazy
+/// mounts and cached data are gone: the next pull is a cold start.
+fn remove_and_wait(stack: &Stack, cri: &Cri, reference: &str) {
+    cri.remove_image(reference).unwrap();
+    wait_until("snapshots removed", Duration::from_secs(60), || {
+        Ok(stack.snapshots().is_empty() && stack.lazy_mounts().is_empty())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&stack.serve_log(), 20)));
+}
+
+#[test]
+fn a_first_start_records_a_startup_profile_that_a_later_cold_start_fetches_ahead() {
+    require!(NEEDS);
+    let stack = Stack::start_with("[profile]\nquiet = \"1s\"\n");
+    let (reference, image, read) = push_app_image(&stack, "profile/app");
+    let script = format!(
+        "cat {} | sha256sum",
+        read.iter()
+            .map(|p| format!("/{p}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+
+    // First start: recorded.
+    cri.pull_image(&reference).unwrap();
+    let first = stack.run(&reference, &["sh", "-c", &script]);
+    assert!(first.status.success(), "{}", tail(&stack.serve_log(), 30));
+    let layers = layer_status(&stack);
+    assert_eq!(layers[0]["profile"], "recording", "{layers:?}");
+    let first_misses = total(&layers, "on_demand_requests");
+    assert!(first_misses > 0);
+    wait_until("the profile is recorded", Duration::from_secs(90), || {
+        Ok(stack.serve_log().contains("startup profile recorded"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&stack.serve_log(), 30)));
+    let shown = stack.pronto_ok(&["profile", "show", &image.manifest_digest, "--json"]);
+    let profile: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let recorded: std::collections::BTreeSet<String> = profile["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l["ranges"].as_array().unwrap().iter())
+        .map(|r| r["path"].as_str().unwrap().to_owned())
+        .collect();
+    // Exactly what the entrypoint read: the files it named, nothing else
+    // (the background fetch is off here; it would not be recorded anyway).
+    let expected: std::collections::BTreeSet<String> = read.iter().cloned().collect();
+    assert_eq!(recorded, expected, "{shown}");
+    assert!(
+        stack
+            .pronto_ok(&["profile", "list"])
+            .contains(&image.manifest_digest)
+    );
+
+    // A cold start on an empty cache: the profile's ranges are fetched
+    // ahead, the container reads the same bytes, few reads wait.
+    remove_and_wait(&stack, &cri, &reference);
+    cri.pull_image(&reference).unwrap();
+    wait_until("the profile is fetched", Duration::from_secs(60), || {
+        Ok(stack
+            .serve_log()
+            .contains("fetched ahead from the startup profile"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&stack.serve_log(), 30)));
+    let second = stack.run(&reference, &["sh", "-c", &script]);
+    assert_eq!(stdout(&second), stdout(&first));
+    let layers = layer_status(&stack);
+    assert!(
+        layers[0]["profile"]
+            .as_str()
+            .unwrap()
+            .contains("prefetched"),
+        "{layers:?}"
+    );
+    let by_profile = total(&layers, "fetched_by_profile");
+    assert!(by_profile > 0, "{layers:?}");
+    assert!(
+        total(&layers, "on_demand_requests") < first_misses,
+        "{layers:?} (first start: {first_misses} misses)"
+    );
+    // The unread big file was not fetched ahead.
+    assert!(by_profile < 8 << 20, "{by_profile} bytes fetched ahead");
+    let (_, text) = http_get(stack.metrics, "/metrics").unwrap();
+    assert!(
+        text.contains("purpose=\"profile\""),
+        "no profile series in the metrics"
+    );
+    assert!(stack.pronto_ok(&["status"]).contains("startup profile:"));
+}
+
+#[test]
+fn a_bad_startup_profile_is_refused_and_the_start_goes_on_without_it() {
+    require!(NEEDS);
+    let stack = Stack::start_with("[profile]\nquiet = \"1s\"\nrecord = false\n");
+    let (reference, image, read) = push_app_image(&stack, "profile/bad");
+    let script = format!("cat /{} | sha256sum", read[0]);
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    let profiles = stack.root().join("profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    let file = profiles.join(format!("{}.json", image.manifest_digest.replace(':', "-")));
+    let layer = &image.layers[1].digest;
+    let profile = |manifest: &str, path: &str| {
+        serde_json::json!({
+            "version": 1, "manifest": manifest, "starts": 1,
+            "layers": [{"digest": layer, "ranges": [{"path": path, "offset": 0, "len": 4096, "seen": 1}]}],
+        })
+        .to_string()
+    };
+    let cases = [
+        ("corrupt", "{\"version\": 1, \"manif".to_owned(), "not used"),
+        (
+            "of another image",
+            profile(&format!("sha256:{}", "0".repeat(64)), &read[0]),
+            "not used",
+        ),
+        (
+            "of files the layer does not have",
+            profile(&image.manifest_digest, "app/../../etc/shadow"),
+            "does not have",
+        ),
+        (
+            "too large",
+            format!(
+                "{}{}",
+                profile(&image.manifest_digest, &read[0]),
+                " ".repeat(17 << 20)
+            ),
+            "not used",
+        ),
+    ];
+    let mut expected_output = None;
+    for (kind, text, warning) in cases {
+        std::fs::write(&file, text).unwrap();
+        let log_before = stack.serve_log().len();
+        cri.pull_image(&reference).unwrap();
+        let out = stack.run(&reference, &["sh", "-c", &script]);
+        assert!(
+            out.status.success(),
+            "{kind}: {}",
+            tail(&stack.serve_log(), 30)
+        );
+        let output = stdout(&out);
+        assert_eq!(
+            expected_output.get_or_insert(output.clone()),
+            &output,
+            "{kind}"
+        );
+        let log = stack.serve_log()[log_before..].to_owned();
+        assert!(
+            log.contains(warning),
+            "{kind}: no warning\n{}",
+            tail(&log, 20)
+        );
+        assert!(
+            !log.contains("fetched ahead from the startup profile"),
+            "{kind}\n{log}"
+        );
+        remove_and_wait(&stack, &cri, &reference);
+    }
+}

@@ -10,6 +10,7 @@ mod choice;
 pub mod filter;
 pub mod keeper;
 pub mod local;
+pub mod profiles;
 pub mod remote;
 mod service;
 pub mod status;
@@ -33,6 +34,7 @@ mod generated {
 use std::path::Path;
 
 pub use local::LocalSnapshots;
+pub use profiles::{ProfileOptions, Profiles};
 pub use remote::{Fallback, Remote, RemoteOptions};
 pub use service::Snapshotter;
 pub use status::StatusService;

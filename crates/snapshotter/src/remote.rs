@@ -22,6 +22,7 @@ use pronto_store::ContentCache;
 
 use crate::keeper::{FUSE_PREFIX, Holders};
 use crate::local::{LocalSnapshots, RemoteLayer};
+use crate::profiles::{ProfileUse, Profiles};
 use crate::status::{ImageStatus, LayerStatus};
 use pronto_metrics::metrics;
 
@@ -158,6 +159,8 @@ struct Serving {
 struct Mounted {
     image_ref: String,
     layer: Arc<IndexedLayer>,
+    /// What the image's startup profile does for it.
+    profile: ProfileUse,
     dir: PathBuf,
     since: u64,
     handovers: u32,
@@ -195,6 +198,8 @@ pub struct Remote {
     /// it, mounts are recorded under `records`.
     keeper: Option<Arc<Holders>>,
     records: PathBuf,
+    /// Startup profiles: recorded and prefetched when set.
+    profiles: Option<Arc<Profiles>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -222,6 +227,7 @@ impl Remote {
         let records = layers_dir.with_file_name("mounts");
         Self {
             keeper: None,
+            profiles: None,
             records,
             client,
             store,
@@ -240,6 +246,12 @@ impl Remote {
     pub fn with_keeper(mut self, keeper: Arc<Holders>, records: PathBuf) -> Self {
         self.keeper = Some(keeper);
         self.records = records;
+        self
+    }
+
+    /// Records and prefetches startup profiles with `profiles`.
+    pub fn with_profiles(mut self, profiles: Arc<Profiles>) -> Self {
+        self.profiles = Some(profiles);
         self
     }
 
@@ -552,6 +564,12 @@ impl Remote {
                 .map_err(|e| format!("cannot create {}: {e}", record_dir.display()))?;
             options.opens_file = Some(record_dir.join("opens"));
         }
+        let mut profile = ProfileUse::default();
+        if let Some(profiles) = &self.profiles {
+            let (observer, used) = profiles.on_mount(&remote.manifest_digest, &layer);
+            options.observer = observer;
+            profile = used;
+        }
         let mount = FuseMount::mount(tree, vec![source], self.cache.clone(), dir, &options)
             .map_err(|e| format!("cannot mount FUSE at {}: {e}", dir.display()))?;
         let since = unix_now();
@@ -581,6 +599,7 @@ impl Remote {
             dir,
             remote,
             layer,
+            profile,
             Serving {
                 shutdown,
                 serving,
@@ -598,6 +617,7 @@ impl Remote {
         dir: &Path,
         remote: &RemoteLayer,
         layer: Arc<IndexedLayer>,
+        profile: ProfileUse,
         serving: Serving,
     ) {
         // A new mount: its container is about to start reading.
@@ -611,6 +631,7 @@ impl Remote {
             Mounted {
                 image_ref: remote.image_ref.clone(),
                 layer,
+                profile,
                 dir: dir.to_owned(),
                 since: serving.since,
                 handovers: serving.handovers,
@@ -751,6 +772,7 @@ impl Remote {
             &record.dir,
             &record.remote,
             layer,
+            ProfileUse::default(),
             Serving {
                 shutdown: shutdown_tx,
                 serving,
@@ -876,6 +898,9 @@ impl Remote {
                     mountpoint: mounted.dir.display().to_string(),
                     served_since: mounted.since,
                     handovers: mounted.handovers,
+                    fetched_by_profile: stats.profile_bytes.load(Ordering::Relaxed),
+                    on_demand_requests: stats.on_demand_requests.load(Ordering::Relaxed),
+                    profile: mounted.profile.describe().to_owned(),
                 });
         }
         images

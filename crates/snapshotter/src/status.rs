@@ -68,6 +68,16 @@ pub struct LayerStatus {
     /// How many times a restarted daemon took the mount over.
     #[prost(uint32, tag = "11")]
     pub handovers: u32,
+    /// Bytes fetched ahead from the image's startup profile.
+    #[prost(uint64, tag = "12")]
+    pub fetched_by_profile: u64,
+    /// Range requests reads had to wait for (what the profile missed).
+    #[prost(uint64, tag = "13")]
+    pub on_demand_requests: u64,
+    /// `prefetched`, `recording`, both, or empty: what the startup
+    /// profile does for this mount.
+    #[prost(string, tag = "14")]
+    pub profile: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

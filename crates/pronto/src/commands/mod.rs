@@ -8,6 +8,7 @@ pub(crate) mod image;
 mod index;
 mod mount;
 mod node;
+mod profile;
 mod pull;
 mod serve;
 mod status;
@@ -86,5 +87,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Umount { dir } => mount::unmount(&dir),
         Command::Cache(cmd) => cache::run(cmd, &loaded.config),
         Command::Node(cmd) => node::run(cmd, &loaded.config),
+        Command::Profile(cmd) => profile::run(cmd, &loaded.config),
     }
 }

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use pronto_catalog::LocalIndexStore;
+use pronto_fs::profile::ProfileStore;
 use pronto_snapshotter::keeper::{self, Holders, KeeperClient};
 use pronto_snapshotter::systemd::Notifier;
 use pronto_snapshotter::{
-    LocalSnapshots, Remote, RemoteOptions, Snapshotter, StatusService, WholeLayers,
+    LocalSnapshots, Profiles, Remote, RemoteOptions, Snapshotter, StatusService, WholeLayers,
 };
 
 use pronto_containerd::cri::KubeletCredentials;
@@ -106,6 +107,13 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
     );
     if let Some(keeper) = &keeper {
         remote = remote.with_keeper(keeper.clone(), config.root.join("mounts"));
+    }
+    if config.profile.record || config.profile.prefetch {
+        remote = remote.with_profiles(Arc::new(Profiles::new(
+            ProfileStore::new(config.profiles_dir()),
+            config.profile.options(),
+            runtime.handle().clone(),
+        )));
     }
     let remote = Arc::new(remote);
     let whole = config.pull.parallel.then(|| {

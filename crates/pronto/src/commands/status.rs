@@ -42,6 +42,9 @@ fn to_json(status: &StatusResponse) -> Value {
                 "mountpoint": layer.mountpoint,
                 "served_since": layer.served_since,
                 "handovers": layer.handovers,
+                "profile": layer.profile,
+                "fetched_by_profile": layer.fetched_by_profile,
+                "on_demand_requests": layer.on_demand_requests,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
@@ -82,6 +85,22 @@ fn render(status: &StatusResponse) -> String {
             human_size(size),
             percent(local, size)
         ));
+        let profiled: u64 = image.layers.iter().map(|l| l.fetched_by_profile).sum();
+        let misses: u64 = image.layers.iter().map(|l| l.on_demand_requests).sum();
+        let uses: Vec<&str> = image
+            .layers
+            .iter()
+            .map(|l| l.profile.as_str())
+            .filter(|p| !p.is_empty())
+            .collect();
+        if uses.iter().any(|p| p.contains("prefetched")) {
+            out.push_str(&format!(
+                "  startup profile: {} fetched ahead, {misses} reads fetched on demand\n",
+                human_size(profiled)
+            ));
+        } else if !uses.is_empty() {
+            out.push_str("  startup profile: recording this start\n");
+        }
         out.push_str(
             "  LAYER                    LOCAL                          BACKGROUND            SERVED\n",
         );
@@ -152,6 +171,9 @@ mod tests {
                     mountpoint: "/var/lib/pronto/snapshotter/snapshots/7/fs".into(),
                     served_since: 1_796_256_000,
                     handovers: 2,
+                    fetched_by_profile: 3 << 20,
+                    on_demand_requests: 4,
+                    profile: "prefetched".into(),
                 }],
             }],
             cache_bytes: 30 << 20,
