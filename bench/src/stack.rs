@@ -48,6 +48,9 @@ pub enum System {
     /// `pronto pull` of the same image without an index: Pronto's parallel
     /// pull.
     ProntoParallel,
+    /// As `ProntoLazy`, with the startup profile an earlier (unmeasured)
+    /// start of the image recorded on the node.
+    ProntoProfile,
 }
 
 impl System {
@@ -56,6 +59,7 @@ impl System {
             System::Containerd => "containerd default",
             System::ProntoLazy => "Pronto lazy",
             System::ProntoParallel => "Pronto parallel pull",
+            System::ProntoProfile => "Pronto lazy + profile",
         }
     }
 }
@@ -229,11 +233,21 @@ impl Stack {
     /// and snapshots, Pronto's node cache emptied, the page cache dropped,
     /// the relay's counters zeroed.
     pub fn cold(&mut self) -> Result<()> {
+        self.cold_keeping(false)
+    }
+
+    /// [`Self::cold`], keeping the node's startup profiles when `profiles`
+    /// (otherwise they go with the cache).
+    pub fn cold_keeping(&mut self, profiles: bool) -> Result<()> {
         self.remove_images()?;
         let pronto_root = self.work.path().join("pronto-root");
         if self.serve.is_some() {
             self.stop_serve();
-            for dir in ["cache", "layers"] {
+            let mut dirs = vec!["cache", "layers"];
+            if !profiles {
+                dirs.push("profiles");
+            }
+            for dir in dirs {
                 let _ = std::fs::remove_dir_all(pronto_root.join(dir));
             }
             let pull = self.pull_settings.clone();
@@ -276,8 +290,23 @@ impl Stack {
     /// One cold start of `reference` by `system`: pull, then run the
     /// image's command until it exits; it must print `ready`.
     pub fn cold_start(&mut self, system: System, reference: &str) -> Result<Sample> {
-        self.cold()?;
+        self.cold_keeping(system == System::ProntoProfile)?;
         self.start_image(system, reference)
+    }
+
+    /// Starts `reference` once, unmeasured, so that the node records its
+    /// startup profile (stored when the daemon stops at the next cold
+    /// start, if not before).
+    pub fn record_profile(&mut self, reference: &str) -> Result<()> {
+        self.cold_keeping(false)?;
+        self.start_image(System::ProntoLazy, reference)?;
+        self.cold_keeping(true)?;
+        let profiles = self.work.path().join("pronto-root/profiles");
+        let recorded = std::fs::read_dir(&profiles)
+            .map(|mut entries| entries.next().is_some())
+            .unwrap_or(false);
+        ensure!(recorded, "no startup profile was recorded for {reference}");
+        Ok(())
     }
 
     /// One start of `reference` by `system` as things are (warm or cold):
@@ -291,7 +320,7 @@ impl Stack {
                 self.containerd.pull(reference, "overlayfs")?;
                 "overlayfs"
             }
-            System::ProntoLazy | System::ProntoParallel => {
+            System::ProntoLazy | System::ProntoParallel | System::ProntoProfile => {
                 let node = self.node(&self.pull_settings)?;
                 let pulled = node.output(&[
                     "pull",

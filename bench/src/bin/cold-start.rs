@@ -75,9 +75,10 @@ struct Cell {
     samples: Vec<Sample>,
 }
 
-const SYSTEMS: [System; 3] = [
+const SYSTEMS: [System; 4] = [
     System::Containerd,
     System::ProntoLazy,
+    System::ProntoProfile,
     System::ProntoParallel,
 ];
 
@@ -125,9 +126,14 @@ fn main() -> Result<()> {
         stack.start_serve("")?;
         for system in SYSTEMS {
             let reference = match system {
-                System::ProntoLazy => &indexed,
+                System::ProntoLazy | System::ProntoProfile => &indexed,
                 System::Containerd | System::ProntoParallel => &plain,
             };
+            if system == System::ProntoProfile {
+                stack
+                    .record_profile(reference)
+                    .with_context(|| format!("record the profile of {}", workload.name))?;
+            }
             let mut samples = Vec::new();
             for run in 0..repeat {
                 let sample = stack

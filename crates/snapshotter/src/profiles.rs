@@ -174,6 +174,21 @@ impl Profiles {
         recorder
     }
 
+    /// Ends every recording in progress and stores what each saw (the
+    /// daemon is stopping).
+    pub fn finish_all(&self) {
+        let recorders: Vec<Arc<Recorder>> = self
+            .recording
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for recorder in recorders {
+            self.finish(&recorder);
+        }
+    }
+
     /// Ends a recording and stores what it saw, merged with the profile
     /// already there.
     fn finish(&self, recorder: &Recorder) {

@@ -255,6 +255,13 @@ impl Remote {
         self
     }
 
+    /// Stores the startup profiles being recorded (the daemon stops).
+    pub fn finish_profiles(&self) {
+        if let Some(profiles) = &self.profiles {
+            profiles.finish_all();
+        }
+    }
+
     /// Fallbacks so far in this process, by reason (those that happened),
     /// as `pronto_fallbacks_total` counts them.
     pub fn fallback_counts(&self) -> BTreeMap<Fallback, u64> {

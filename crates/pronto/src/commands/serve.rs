@@ -207,6 +207,7 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
         }
         served
     })?;
+    remote.finish_profiles();
     let counts = remote.fallback_counts();
     if !counts.is_empty() {
         let summary: Vec<String> = counts
