@@ -10,6 +10,7 @@ mod artifact;
 mod create;
 mod error;
 mod local;
+pub mod profiles;
 mod remote;
 mod trust;
 

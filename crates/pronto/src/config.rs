@@ -85,6 +85,11 @@ pub struct ProfileConfig {
     pub parallel: usize,
     /// Starts recorded and merged into a profile.
     pub record_starts: u32,
+    /// Look for a profile among the image's referrers in the registry
+    /// when the node has none.
+    pub fetch: bool,
+    /// Push recorded profiles to the registry (needs push credentials).
+    pub push: bool,
 }
 
 impl Default for ProfileConfig {
@@ -96,6 +101,8 @@ impl Default for ProfileConfig {
             limit: "60s".to_owned(),
             parallel: 8,
             record_starts: 3,
+            fetch: true,
+            push: false,
         }
     }
 }
@@ -113,6 +120,8 @@ impl ProfileConfig {
             limit: duration(&self.limit, 60),
             parallel: self.parallel.max(1),
             record_starts: self.record_starts.max(1),
+            fetch: self.fetch,
+            push: self.push,
         }
     }
 }

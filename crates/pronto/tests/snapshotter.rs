@@ -1369,14 +1369,27 @@ fn push_app_image(stack: &Stack, repo: &str) -> (String, BuiltImage, Vec<String>
             len: 24 << 20,
         },
     );
+    let script = app_script(&read);
     let image = ImageBuilder::new()
         .layer(Layer::busybox(&["sh", "cat", "sha256sum"]))
         .layer(layer)
+        .cmd(&["sh", "-c", &script])
         .build(&stack.layout)
         .unwrap();
     let reference = stack.push(&image, repo);
     stack.pronto_ok(&["index", "create", &reference, "--bind"]);
     (reference, image, read)
+}
+
+/// What the application's entrypoint runs: it reads `read` in order.
+fn app_script(read: &[String]) -> String {
+    format!(
+        "cat {} | sha256sum",
+        read.iter()
+            .map(|p| format!("/{p}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
 }
 
 /// The layers' status of the one image mounted, as `pronto status --json`
@@ -1409,13 +1422,7 @@ fn a_first_start_records_a_startup_profile_that_a_later_cold_start_fetches_ahead
     require!(NEEDS);
     let stack = Stack::start_with("[profile]\nquiet = \"1s\"\n");
     let (reference, image, read) = push_app_image(&stack, "profile/app");
-    let script = format!(
-        "cat {} | sha256sum",
-        read.iter()
-            .map(|p| format!("/{p}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let script = app_script(&read);
     let cri = Cri::connect(&stack.containerd().socket()).unwrap();
 
     // First start: recorded.
@@ -1554,4 +1561,74 @@ fn a_bad_startup_profile_is_refused_and_the_start_goes_on_without_it() {
         );
         remove_and_wait(&stack, &cri, &reference);
     }
+}
+
+#[test]
+fn profile_record_pushes_a_profile_that_a_node_without_one_finds_in_the_registry() {
+    require!(NEEDS);
+    let stack = Stack::start_with("[profile]\nquiet = \"1s\"\n");
+    let (reference, image, read) = push_app_image(&stack, "profile/ci");
+    let address = stack.containerd().socket();
+    // As a CI step would, after pushing the image.
+    let recorded = stack.node.output(&[
+        "profile",
+        "record",
+        &reference,
+        "--address",
+        address.to_str().unwrap(),
+        "--time-limit",
+        "30s",
+        "--push",
+    ]);
+    let said = String::from_utf8_lossy(&recorded.stdout).into_owned();
+    assert!(
+        recorded.status.success(),
+        "{said}{}\n{}",
+        String::from_utf8_lossy(&recorded.stderr),
+        tail(&stack.serve_log(), 30)
+    );
+    assert!(said.contains("pushed as sha256:"), "{said}");
+    let inspect = stack.pronto_ok(&["image", "inspect", &reference, "--json"]);
+    assert!(
+        inspect.contains("application/vnd.pronto.profile.v1"),
+        "{inspect}"
+    );
+
+    // A node without the profile (removed here, and its cache cold).
+    stack.pronto_ok(&["profile", "rm", &image.manifest_digest]);
+    wait_until(
+        "the recording's mounts are gone",
+        Duration::from_secs(60),
+        || Ok(stack.lazy_mounts().is_empty()),
+    )
+    .unwrap_or_else(|e| {
+        let ctr = |args: &[&str]| {
+            let out = stack
+                .containerd()
+                .ctr_in("pronto-profile")
+                .args(args)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        panic!(
+            "{e}\nimages: {}\nsnapshots: {}\ncontainers: {}\nleases: {}\n{said}",
+            ctr(&["images", "ls"]),
+            ctr(&["snapshots", "--snapshotter", "pronto", "ls"]),
+            ctr(&["containers", "ls"]),
+            ctr(&["leases", "ls"]),
+        )
+    });
+    let log_before = stack.serve_log().len();
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    cri.pull_image(&reference).unwrap();
+    wait_until("the profile is fetched", Duration::from_secs(60), || {
+        Ok(stack.serve_log()[log_before..].contains("fetched ahead from the startup profile"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&stack.serve_log(), 30)));
+    assert!(stack.serve_log()[log_before..].contains("startup profile found in the registry"));
+    let out = stack.run(&reference, &["sh", "-c", &app_script(&read)]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out).len(), "-\n".len() + 64 + 2, "{}", stdout(&out));
+    assert!(total(&layer_status(&stack), "fetched_by_profile") > 0);
 }

@@ -7,8 +7,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pronto_catalog::Subject;
+use pronto_catalog::profiles::{find_profiles, push_profile};
 use pronto_fs::profile::{Profile, ProfileStore, Recorder, resolve};
 use pronto_fs::{IndexedLayer, LayerSource, ReadObserver};
+use pronto_registry::{RegistryClient, Repository};
 
 #[derive(Debug, Clone)]
 pub struct ProfileOptions {
@@ -24,6 +27,12 @@ pub struct ProfileOptions {
     pub parallel: usize,
     /// Starts recorded and merged into a profile; later starts only use it.
     pub record_starts: u32,
+    /// Look for a profile among the image manifest's referrers when the
+    /// node has none.
+    pub fetch: bool,
+    /// Push each recorded profile to the image's repository as a
+    /// referrer of its manifest (needs push credentials).
+    pub push: bool,
 }
 
 impl Default for ProfileOptions {
@@ -35,6 +44,8 @@ impl Default for ProfileOptions {
             limit: Duration::from_secs(60),
             parallel: 8,
             record_starts: 3,
+            fetch: true,
+            push: false,
         }
     }
 }
@@ -44,8 +55,13 @@ impl Default for ProfileOptions {
 pub struct Profiles {
     store: ProfileStore,
     options: ProfileOptions,
+    client: RegistryClient,
     runtime: tokio::runtime::Handle,
-    recording: Mutex<HashMap<String, Arc<Recorder>>>,
+    /// Recordings in progress by manifest digest, with the repository.
+    recording: Mutex<HashMap<String, (Arc<Recorder>, Repository)>>,
+    /// Lookups of a manifest's profile in the registry in flight: the
+    /// layers of one image mounted together ask once.
+    lookups: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Option<Profile>>>>>,
 }
 
 /// What a profile does for one mounted layer, for `pronto status`.
@@ -70,13 +86,16 @@ impl Profiles {
     pub fn new(
         store: ProfileStore,
         options: ProfileOptions,
+        client: RegistryClient,
         runtime: tokio::runtime::Handle,
     ) -> Self {
         Self {
             store,
             options,
+            client,
             runtime,
             recording: Mutex::default(),
+            lookups: Mutex::default(),
         }
     }
 
@@ -97,53 +116,43 @@ impl Profiles {
         }
     }
 
-    /// A new lazy mount of `layer`, of image `manifest`: starts fetching
-    /// the layer's part of the image's profile, and returns the observer
+    /// A new lazy mount of `layer`, of image `manifest` in `repository`:
+    /// starts fetching the layer's part of the image's profile (the
+    /// node's, else one found in the registry), and returns the observer
     /// that records this start (when recording).
     pub fn on_mount(
         self: &Arc<Self>,
+        repository: &Repository,
         manifest: &str,
         layer: &Arc<IndexedLayer>,
     ) -> (Option<Arc<dyn ReadObserver>>, ProfileUse) {
-        let profile = self.profile(manifest);
+        let local = self.profile(manifest);
         let mut used = ProfileUse::default();
-        if self.options.prefetch
-            && let Some(profile) = &profile
-        {
-            let wanted = profile.wanted(layer.digest());
-            let (ranges, dropped) = resolve(layer.as_ref(), &wanted);
-            if dropped > 0 {
-                tracing::warn!(
-                    manifest,
-                    layer = layer.digest(),
-                    dropped,
-                    "the startup profile names ranges this layer does not have; they are skipped"
-                );
-            }
-            if !ranges.is_empty() {
-                used.prefetched = true;
-                let (layer, parallel) = (layer.clone(), self.options.parallel);
-                let manifest = manifest.to_owned();
-                self.runtime.spawn(async move {
-                    let fetched = layer.prefetch(&ranges, parallel).await;
-                    tracing::info!(
-                        manifest,
-                        layer = layer.digest(),
-                        ranges = ranges.len(),
-                        bytes = fetched,
-                        "fetched ahead from the startup profile"
-                    );
-                });
-            }
+        if self.options.prefetch && (local.is_some() || self.options.fetch) {
+            // With a profile from the registry, the layer's status says so
+            // once bytes arrive.
+            used.prefetched = local.is_some();
+            let (profiles, layer) = (self.clone(), layer.clone());
+            let (repository, manifest) = (repository.clone(), manifest.to_owned());
+            let local = local.clone();
+            self.runtime.spawn(async move {
+                let profile = match local {
+                    Some(profile) => Some(profile),
+                    None => profiles.from_registry(&repository, &manifest).await,
+                };
+                if let Some(profile) = profile {
+                    profiles.prefetch(&manifest, &profile, &layer).await;
+                }
+            });
         }
         let wants_recording = self.options.record
-            && profile
+            && local
                 .as_ref()
                 .is_none_or(|p| p.starts < self.options.record_starts);
         if !wants_recording {
             return (None, used);
         }
-        let recorder = self.recorder(manifest);
+        let recorder = self.recorder(repository, manifest);
         used.recording = true;
         let observer: Arc<dyn ReadObserver> = Arc::new(LayerObserver {
             recorder,
@@ -152,10 +161,90 @@ impl Profiles {
         (Some(observer), used)
     }
 
+    /// Fetches `layer`'s ranges of `profile`.
+    async fn prefetch(&self, manifest: &str, profile: &Profile, layer: &IndexedLayer) {
+        let wanted = profile.wanted(layer.digest());
+        let (ranges, dropped) = resolve(layer, &wanted);
+        if dropped > 0 {
+            tracing::warn!(
+                manifest,
+                layer = layer.digest(),
+                dropped,
+                "the startup profile names ranges this layer does not have; they are skipped"
+            );
+        }
+        if ranges.is_empty() {
+            return;
+        }
+        let fetched = layer.prefetch(&ranges, self.options.parallel).await;
+        tracing::info!(
+            manifest,
+            layer = layer.digest(),
+            ranges = ranges.len(),
+            bytes = fetched,
+            "fetched ahead from the startup profile"
+        );
+    }
+
+    /// The profile of `manifest` among its referrers in `repository`
+    /// (every one found, checked and merged), kept on the node. `None`
+    /// when there is none or none is usable; the next mount asks again.
+    async fn from_registry(&self, repository: &Repository, manifest: &str) -> Option<Profile> {
+        let cell = self
+            .lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(manifest.to_owned())
+            .or_default()
+            .clone();
+        let found = cell
+            .get_or_init(|| async {
+                let documents = match find_profiles(&self.client, repository, manifest).await {
+                    Ok(documents) => documents,
+                    Err(e) => {
+                        tracing::debug!(manifest, "no startup profile from the registry: {e}");
+                        return None;
+                    }
+                };
+                let mut merged: Option<Profile> = None;
+                for document in documents {
+                    match Profile::parse(&document, manifest) {
+                        Ok(profile) => {
+                            merged = Some(match merged {
+                                Some(m) => m.merge(&profile),
+                                None => profile,
+                            })
+                        }
+                        Err(e) => tracing::warn!(
+                            manifest,
+                            "a startup profile in the registry is not used: {e}"
+                        ),
+                    }
+                }
+                let profile = merged?;
+                tracing::info!(
+                    manifest,
+                    starts = profile.starts,
+                    "startup profile found in the registry"
+                );
+                if let Err(e) = self.store.save(&profile) {
+                    tracing::warn!(manifest, "cannot keep the startup profile: {e}");
+                }
+                Some(profile)
+            })
+            .await
+            .clone();
+        self.lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(manifest);
+        found
+    }
+
     /// The recording of `manifest`'s start in progress, begun now if none.
-    fn recorder(self: &Arc<Self>, manifest: &str) -> Arc<Recorder> {
+    fn recorder(self: &Arc<Self>, repository: &Repository, manifest: &str) -> Arc<Recorder> {
         let mut recording = self.recording.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(recorder) = recording.get(manifest) {
+        if let Some((recorder, _)) = recording.get(manifest) {
             return recorder.clone();
         }
         let recorder = Arc::new(Recorder::new(
@@ -163,7 +252,7 @@ impl Profiles {
             self.options.quiet,
             self.options.limit,
         ));
-        recording.insert(manifest.to_owned(), recorder.clone());
+        recording.insert(manifest.to_owned(), (recorder.clone(), repository.clone()));
         let (profiles, watched) = (self.clone(), recorder.clone());
         self.runtime.spawn(async move {
             while !watched.finished() {
@@ -182,7 +271,7 @@ impl Profiles {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .cloned()
+            .map(|(recorder, _)| recorder.clone())
             .collect();
         for recorder in recorders {
             self.finish(&recorder);
@@ -193,10 +282,12 @@ impl Profiles {
     /// already there.
     fn finish(&self, recorder: &Recorder) {
         let manifest = recorder.manifest().to_owned();
-        self.recording
+        let repository = self
+            .recording
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&manifest);
+            .remove(&manifest)
+            .map(|(_, repository)| repository);
         let Some(profile) = recorder.finish() else {
             tracing::debug!(manifest, "the start read nothing lazily: no profile");
             return;
@@ -210,10 +301,43 @@ impl Profiles {
                     bytes = merged.bytes(),
                     "startup profile recorded"
                 );
+                if self.options.push
+                    && let Some(repository) = repository
+                {
+                    let client = self.client.clone();
+                    self.runtime.spawn(async move {
+                        match push(&client, &repository, &merged).await {
+                            Ok(digest) => tracing::info!(
+                                manifest = merged.manifest,
+                                artifact = digest,
+                                "startup profile pushed to the registry"
+                            ),
+                            Err(e) => tracing::warn!(
+                                manifest = merged.manifest,
+                                "cannot push the startup profile: {e}"
+                            ),
+                        }
+                    });
+                }
             }
             Err(e) => tracing::warn!(manifest, "cannot store the startup profile: {e}"),
         }
     }
+}
+
+/// Pushes `profile` to `repository` as a referrer of its image manifest.
+pub async fn push(
+    client: &RegistryClient,
+    repository: &Repository,
+    profile: &Profile,
+) -> Result<String, pronto_catalog::CatalogError> {
+    let manifest = client.manifest(repository, &profile.manifest).await?;
+    let subject = Subject {
+        media_type: manifest.media_type.clone(),
+        digest: manifest.digest.clone(),
+        size: manifest.bytes.len() as u64,
+    };
+    push_profile(client, repository, &subject, profile.to_bytes().into()).await
 }
 
 /// Records one mounted layer's reads into its image's recording.

@@ -573,7 +573,10 @@ impl Remote {
         }
         let mut profile = ProfileUse::default();
         if let Some(profiles) = &self.profiles {
-            let (observer, used) = profiles.on_mount(&remote.manifest_digest, &layer);
+            let repository = parse_reference(&remote.image_ref)
+                .map(|r| Repository::of(&r))
+                .map_err(|e| e.to_string())?;
+            let (observer, used) = profiles.on_mount(&repository, &remote.manifest_digest, &layer);
             options.observer = observer;
             profile = used;
         }
@@ -907,7 +910,13 @@ impl Remote {
                     handovers: mounted.handovers,
                     fetched_by_profile: stats.profile_bytes.load(Ordering::Relaxed),
                     on_demand_requests: stats.on_demand_requests.load(Ordering::Relaxed),
-                    profile: mounted.profile.describe().to_owned(),
+                    profile: ProfileUse {
+                        prefetched: mounted.profile.prefetched
+                            || stats.profile_bytes.load(Ordering::Relaxed) > 0,
+                        ..mounted.profile
+                    }
+                    .describe()
+                    .to_owned(),
                 });
         }
         images

@@ -1,9 +1,12 @@
 //! `pronto profile list|show|rm`: the startup profiles kept on this node
 //! (`<root>/profiles/`), recorded by `pronto serve` as images start.
 
-use anyhow::{Context, Result, anyhow};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use pronto_containerd::{LayerOutcome, PullOptions, pull};
 use pronto_fs::profile::{Profile, ProfileStore};
-use pronto_registry::{Platform, parse_reference};
+use pronto_registry::{Platform, Repository, parse_reference};
 use serde_json::json;
 
 use crate::cli::ProfileCommand;
@@ -86,6 +89,25 @@ pub fn run(command: ProfileCommand, config: &Config) -> Result<()> {
             }
             Ok(())
         }
+        ProfileCommand::Record {
+            reference,
+            address,
+            namespace,
+            time_limit,
+            push,
+            platform,
+        } => record(
+            config,
+            &store,
+            &Recording {
+                reference,
+                address,
+                namespace,
+                time_limit,
+                push,
+                platform,
+            },
+        ),
         ProfileCommand::Rm { image, platform } => {
             let manifest = manifest_digest(config, &image, &platform)?;
             if store.remove(&manifest)? {
@@ -96,6 +118,119 @@ pub fn run(command: ProfileCommand, config: &Config) -> Result<()> {
             Ok(())
         }
     }
+}
+
+struct Recording {
+    reference: String,
+    address: std::path::PathBuf,
+    namespace: String,
+    time_limit: Duration,
+    push: bool,
+    platform: String,
+}
+
+/// `pronto profile record`: pull, run once, wait for the daemon's
+/// recording, push.
+fn record(config: &Config, store: &ProfileStore, args: &Recording) -> Result<()> {
+    let manifest = manifest_digest(config, &args.reference, &args.platform)?;
+    let starts_before = store.load(&manifest).ok().flatten().map_or(0, |p| p.starts);
+    let platform: Platform = args.platform.parse().map_err(|e: String| anyhow!(e))?;
+    let runtime = super::runtime()?;
+    let client = registry_client(config)?;
+    let options = PullOptions {
+        address: args.address.clone(),
+        namespace: args.namespace.clone(),
+        snapshotter: "pronto".into(),
+        platform,
+        work_dir: config.root.join("pull"),
+    };
+    let report = runtime.block_on(pull(&client, &args.reference, &options, &|line| {
+        eprintln!("{line}")
+    }))?;
+    let lazy = report
+        .layers
+        .iter()
+        .filter(|(_, o)| *o == LayerOutcome::Remote || *o == LayerOutcome::Present)
+        .count();
+    println!("pulled {} ({lazy} layers lazy or present)", report.name);
+    let id = format!("pronto-profile-{}", std::process::id());
+    let ctr = |args_: &[&str]| {
+        let mut command = std::process::Command::new("ctr");
+        command
+            .arg("--address")
+            .arg(&args.address)
+            .args(["--namespace", &args.namespace])
+            .args(args_);
+        command
+    };
+    // The pull named the image by its reference and by digest, as CRI
+    // does; both go afterwards so that containerd drops its snapshots.
+    let by_digest = parse_reference(&report.name)
+        .map(|r| format!("{}/{}@{}", r.registry(), r.repository(), report.target))
+        .unwrap_or_default();
+    let remove_images = || {
+        let _ = ctr(&["images", "rm", "--sync", &report.name, &by_digest]).output();
+    };
+    let mut run = ctr(&["run", "--rm", "--snapshotter", "pronto", &report.name, &id])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("run the image with ctr")?;
+    let deadline = Instant::now() + args.time_limit;
+    let status = loop {
+        if let Some(status) = run.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    match status {
+        Some(status) => println!("the container exited ({status})"),
+        None => {
+            println!(
+                "the container ran for {}s: stopped",
+                args.time_limit.as_secs()
+            );
+            let _ = ctr(&["task", "kill", "--signal", "SIGKILL", &id]).output();
+            let _ = run.wait();
+        }
+    }
+    // The daemon stores the recording once the start has gone quiet.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let profile = loop {
+        if let Ok(Some(profile)) = store.load(&manifest)
+            && profile.starts > starts_before
+        {
+            break profile;
+        }
+        if Instant::now() >= deadline {
+            remove_images();
+            bail!(
+                "pronto serve recorded no profile of {manifest} (is it running with this configuration, with [profile] record on? a profile of {starts_before} starts is complete)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    remove_images();
+    println!(
+        "recorded: {} start(s), {} ranges, {}",
+        profile.starts,
+        profile.layers.iter().map(|l| l.ranges.len()).sum::<usize>(),
+        human_size(profile.bytes())
+    );
+    if args.push {
+        let reference = parse_reference(&args.reference)?;
+        let digest = runtime.block_on(pronto_snapshotter::profiles::push(
+            &client,
+            &Repository::of(&reference),
+            &profile,
+        ))?;
+        println!("pushed as {digest}, a referrer of {manifest}");
+    }
+    Ok(())
 }
 
 /// `image` as a manifest digest: given as one, or resolved in the

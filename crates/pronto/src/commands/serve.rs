@@ -32,6 +32,7 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
             .map(|c| Arc::new(c) as Arc<dyn pronto_registry::CredentialSource>),
     )?;
     let whole_client = client.clone();
+    let profile_client = client.clone();
     let store = LocalIndexStore::open(&config.root)?;
     // Only one daemon can use a node's cache and snapshots: a second one
     // fails here, before it touches the keeper or the socket.
@@ -112,6 +113,7 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
         remote = remote.with_profiles(Arc::new(Profiles::new(
             ProfileStore::new(config.profiles_dir()),
             config.profile.options(),
+            profile_client,
             runtime.handle().clone(),
         )));
     }
