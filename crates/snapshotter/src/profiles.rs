@@ -138,7 +138,7 @@ impl Profiles {
             self.runtime.spawn(async move {
                 let profile = match local {
                     Some(profile) => Some(profile),
-                    None => profiles.from_registry(&repository, &manifest).await,
+                    None => profiles.find_in_registry(&repository, &manifest).await,
                 };
                 if let Some(profile) = profile {
                     profiles.prefetch(&manifest, &profile, &layer).await;
@@ -189,7 +189,7 @@ impl Profiles {
     /// The profile of `manifest` among its referrers in `repository`
     /// (every one found, checked and merged), kept on the node. `None`
     /// when there is none or none is usable; the next mount asks again.
-    async fn from_registry(&self, repository: &Repository, manifest: &str) -> Option<Profile> {
+    async fn find_in_registry(&self, repository: &Repository, manifest: &str) -> Option<Profile> {
         let cell = self
             .lookups
             .lock()
