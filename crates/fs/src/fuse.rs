@@ -669,6 +669,7 @@ impl ProntoFs {
         let Some((layer, entry)) = node.data else {
             return Err(Errno::EINVAL);
         };
+        self.layers[layer].active();
         // Pin the file's data while it is open, so eviction never takes it.
         let mut keys = self.layers[layer].cache_keys(entry);
         // On Linux 6.18, a passthrough open of a file that a process is

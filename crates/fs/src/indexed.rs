@@ -1011,6 +1011,10 @@ impl LayerSource for IndexedLayer {
             .all(|i| self.cache.contains(&self.span_key(i)))
     }
 
+    fn active(&self) {
+        self.scheduler.active();
+    }
+
     fn local_file(&self, index: usize) -> Option<CacheKey> {
         if self.poisoned().is_some() {
             return None;

@@ -43,6 +43,12 @@ pub trait LayerSource: Send + Sync {
         true
     }
 
+    /// A container is using the layer now (it opened a file): work that
+    /// waits for the node to be quiet, such as the background fetch,
+    /// waits longer. Reads the kernel serves itself (passthrough, page
+    /// cache) never reach the layer, so opens are the sign of use.
+    fn active(&self) {}
+
     /// The cache keys holding `entry`'s data, to pin while it is open.
     fn cache_keys(&self, entry: usize) -> Vec<CacheKey>;
 

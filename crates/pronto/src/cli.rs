@@ -167,24 +167,7 @@ pub enum ProfileCommand {
     /// entrypoint reads until it goes quiet or `--time-limit` passes, and
     /// with `--push` store the profile in the registry as a referrer of the
     /// image, where every node finds it.
-    Record {
-        reference: String,
-        /// containerd's socket.
-        #[arg(long, default_value = "/run/containerd/containerd.sock")]
-        address: std::path::PathBuf,
-        /// containerd namespace the image is pulled into (and removed from
-        /// afterwards).
-        #[arg(long, short = 'n', default_value = "pronto-profile")]
-        namespace: String,
-        /// The container is stopped after this long.
-        #[arg(long, default_value = "60s", value_parser = parse_duration)]
-        time_limit: std::time::Duration,
-        /// Push the profile to the image's repository.
-        #[arg(long)]
-        push: bool,
-        #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
-        platform: String,
-    },
+    Record(RecordArgs),
     /// Remove an image's profile from this node; its next start records a
     /// new one.
     Rm {
@@ -192,6 +175,26 @@ pub enum ProfileCommand {
         #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
         platform: String,
     },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RecordArgs {
+    pub reference: String,
+    /// containerd's socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    pub address: std::path::PathBuf,
+    /// containerd namespace the image is pulled into (and removed from
+    /// afterwards).
+    #[arg(long, short = 'n', default_value = "pronto-profile")]
+    pub namespace: String,
+    /// The container is stopped after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub time_limit: std::time::Duration,
+    /// Push the profile to the image's repository.
+    #[arg(long)]
+    pub push: bool,
+    #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,7 +9,7 @@ use pronto_fs::profile::{Profile, ProfileStore};
 use pronto_registry::{Platform, Repository, parse_reference};
 use serde_json::json;
 
-use crate::cli::ProfileCommand;
+use crate::cli::{ProfileCommand, RecordArgs};
 use crate::commands::image::registry_client;
 use crate::config::Config;
 use crate::text::human_size;
@@ -89,25 +89,7 @@ pub fn run(command: ProfileCommand, config: &Config) -> Result<()> {
             }
             Ok(())
         }
-        ProfileCommand::Record {
-            reference,
-            address,
-            namespace,
-            time_limit,
-            push,
-            platform,
-        } => record(
-            config,
-            &store,
-            &Recording {
-                reference,
-                address,
-                namespace,
-                time_limit,
-                push,
-                platform,
-            },
-        ),
+        ProfileCommand::Record(args) => record(config, &store, &args),
         ProfileCommand::Rm { image, platform } => {
             let manifest = manifest_digest(config, &image, &platform)?;
             if store.remove(&manifest)? {
@@ -120,18 +102,9 @@ pub fn run(command: ProfileCommand, config: &Config) -> Result<()> {
     }
 }
 
-struct Recording {
-    reference: String,
-    address: std::path::PathBuf,
-    namespace: String,
-    time_limit: Duration,
-    push: bool,
-    platform: String,
-}
-
 /// `pronto profile record`: pull, run once, wait for the daemon's
 /// recording, push.
-fn record(config: &Config, store: &ProfileStore, args: &Recording) -> Result<()> {
+fn record(config: &Config, store: &ProfileStore, args: &RecordArgs) -> Result<()> {
     let manifest = manifest_digest(config, &args.reference, &args.platform)?;
     let starts_before = store.load(&manifest).ok().flatten().map_or(0, |p| p.starts);
     let platform: Platform = args.platform.parse().map_err(|e: String| anyhow!(e))?;
