@@ -50,6 +50,16 @@ const NODE_SETTINGS: &str = r#"
   deletion_threshold = 7
 "#;
 
+/// Detaches what a test left mounted below its directory when it ends:
+/// Pronto's lazy mounts outlive the daemon (the keeper holds them).
+struct UnmountBelow(std::path::PathBuf);
+
+impl Drop for UnmountBelow {
+    fn drop(&mut self) {
+        pronto_testbed::process::unmount_below(&self.0);
+    }
+}
+
 /// Pushes an image of a busybox layer and a layer holding MODEL as
 /// `repo_tag`; returns its reference.
 fn push_model_image(layout: &OciLayout, registry: &Registry, repo_tag: &str) -> String {
@@ -97,6 +107,7 @@ fn node_args<'a>(config: &'a str, socket: &'a str, restart: &'a [String]) -> Vec
 fn install_merges_into_containerds_config_restarts_it_and_uninstall_restores_it() {
     require!(NEEDS);
     let work = tempfile::tempdir().unwrap();
+    let _unmount = UnmountBelow(work.path().to_owned());
     let layout = OciLayout::create(&work.path().join("layout")).unwrap();
     let registry = Registry::start().unwrap();
     let containerd = Containerd::start_with(ContainerdOptions {
@@ -254,6 +265,7 @@ fn kubelets_pull_credentials_reach_lazy_fetches_and_never_the_logs() {
     require!(NEEDS);
     const PASSWORD: &str = "kubelet-s3cret-pw";
     let work = tempfile::tempdir().unwrap();
+    let _unmount = UnmountBelow(work.path().to_owned());
     let layout = OciLayout::create(&work.path().join("layout")).unwrap();
     let creds = Credentials::new("robot", PASSWORD);
     let tokens = TokenServer::start(TokenServerOptions {
@@ -404,6 +416,7 @@ fn the_node_label_follows_the_daemon_and_goes_with_the_daemonset() {
     require!(&[Prereq::Root, Prereq::Containerd]);
     const LABEL: &str = "pronto.dev/lazy-pull";
     let work = tempfile::tempdir().unwrap();
+    let _unmount = UnmountBelow(work.path().to_owned());
     let api = FakeApiServer::start("sa-t0ken", &["node-a"]).unwrap();
     api.add_daemonset("pronto-system", "pronto");
     let token = work.path().join("token");

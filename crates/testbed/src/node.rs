@@ -261,10 +261,20 @@ fn stop_keeper(socket: &Path) {
     });
 }
 
+/// The keeper's process id: from its pid file, or, when that is gone
+/// (the node's directory was removed first), from the processes'
+/// command lines.
 fn keeper_pid(socket: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(socket.with_extension("pid")).ok()?;
-    let pid: i32 = text.trim().parse().ok()?;
-    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    let from_file = std::fs::read_to_string(socket.with_extension("pid"))
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok())
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
+    from_file.or_else(|| {
+        let socket = socket.to_str()?;
+        crate::process::pids_with_args(&["keeper", "--socket", socket])
+            .into_iter()
+            .next()
+    })
 }
 
 /// A `pronto mount` running in the background; unmounted and stopped when
