@@ -857,7 +857,9 @@ fn a_hostile_layer_is_refused_through_containerd_and_nothing_escapes() {
     let err = format!("{:#}", cri.pull_image(&reference).unwrap_err());
     assert!(
         err.contains("layer rejected") && err.contains(&format!("root-link/{target}")),
-        "the pull fails naming the entry: {err}"
+        "the pull fails naming the entry: {err}\nkeeper pid: {:?}\n{}",
+        stack.node.keeper_pid(),
+        tail(&stack.serve_log(), 40)
     );
     assert!(
         !Path::new("/").join(&target).exists(),
