@@ -51,6 +51,9 @@ pub enum System {
     /// As `ProntoLazy`, with the startup profile an earlier (unmeasured)
     /// start of the image recorded on the node.
     ProntoProfile,
+    /// `pronto pull` of the image converted by `pronto convert` (chunked,
+    /// eStargz TOC, no index), then `ctr run --snapshotter pronto`.
+    ProntoConverted,
 }
 
 impl System {
@@ -60,6 +63,18 @@ impl System {
             System::ProntoLazy => "Pronto lazy",
             System::ProntoParallel => "Pronto parallel pull",
             System::ProntoProfile => "Pronto lazy + profile",
+            System::ProntoConverted => "Pronto converted",
+        }
+    }
+
+    /// The name `cold-start --systems` takes.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            System::Containerd => "containerd",
+            System::ProntoLazy => "lazy",
+            System::ProntoParallel => "parallel",
+            System::ProntoProfile => "profile",
+            System::ProntoConverted => "converted",
         }
     }
 }
@@ -200,6 +215,15 @@ impl Stack {
         self.stop_serve();
         self.pull_settings = pull.to_owned();
         let log = self.work.path().join("serve.log");
+        // Each daemon's log is kept, in order, in serve-history.log.
+        if let Ok(text) = std::fs::read(&log) {
+            use std::io::Write as _;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.work.path().join("serve-history.log"))?
+                .write_all(&text)?;
+        }
         let filter = std::env::var("PRONTO_BENCH_LOG").unwrap_or_else(|_| "info".into());
         let node = self.node(pull)?;
         let serve = node.serve(&log, &filter)?;
@@ -306,6 +330,27 @@ impl Stack {
             .map(|mut entries| entries.next().is_some())
             .unwrap_or(false);
         ensure!(recorded, "no startup profile was recorded for {reference}");
+        // How the recorded start went in time, to judge `[profile] quiet`.
+        let history =
+            std::fs::read_to_string(self.work.path().join("serve-history.log")).unwrap_or_default();
+        if let Some(line) = history
+            .lines()
+            .rev()
+            .find(|l| l.contains("startup profile recorded"))
+        {
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .unwrap_or("?")
+                    .to_owned()
+            };
+            println!(
+                "  profile recorded: longest pause between reads {} ms, last read {} ms after the first mount, {} ranges",
+                field("longest_gap_ms="),
+                field("last_read_ms="),
+                field("ranges=")
+            );
+        }
         Ok(())
     }
 
@@ -320,7 +365,10 @@ impl Stack {
                 self.containerd.pull(reference, "overlayfs")?;
                 "overlayfs"
             }
-            System::ProntoLazy | System::ProntoParallel | System::ProntoProfile => {
+            System::ProntoLazy
+            | System::ProntoParallel
+            | System::ProntoProfile
+            | System::ProntoConverted => {
                 let node = self.node(&self.pull_settings)?;
                 let pulled = node.output(&[
                     "pull",

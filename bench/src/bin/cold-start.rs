@@ -52,6 +52,10 @@ struct Args {
     /// debian-numpy, small-files); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Only these systems (comma-separated: containerd, lazy, profile,
+    /// converted, parallel); all by default.
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
     /// `--span-size` for `pronto index create` (its default when unset).
     #[arg(long)]
     span_size: Option<String>,
@@ -75,10 +79,11 @@ struct Cell {
     samples: Vec<Sample>,
 }
 
-const SYSTEMS: [System; 4] = [
+const SYSTEMS: [System; 5] = [
     System::Containerd,
     System::ProntoLazy,
     System::ProntoProfile,
+    System::ProntoConverted,
     System::ProntoParallel,
 ];
 
@@ -106,6 +111,11 @@ fn main() -> Result<()> {
         .filter(|w| args.only.is_empty() || args.only.iter().any(|o| o == w.name))
         .collect();
     anyhow::ensure!(!workloads.is_empty(), "--only names no workload");
+    let systems: Vec<System> = SYSTEMS
+        .into_iter()
+        .filter(|s| args.systems.is_empty() || args.systems.iter().any(|o| o == s.short_name()))
+        .collect();
+    anyhow::ensure!(!systems.is_empty(), "--systems names no system");
 
     let mut cells = Vec::new();
     for workload in &workloads {
@@ -123,11 +133,23 @@ fn main() -> Result<()> {
             create.extend(["--span-size", size]);
         }
         stack.pronto(&create)?;
+        let chunked = plain.replace("/plain/", "/chunked/");
+        if systems.contains(&System::ProntoConverted) {
+            let started = std::time::Instant::now();
+            let said = stack.pronto(&["convert", &plain, &chunked])?;
+            let took = started.elapsed().as_secs_f64();
+            println!(
+                "converted in {took:.1} s ({:.0} MiB/s of compressed input, one process): {}",
+                workload.image.layers_size() as f64 / (1 << 20) as f64 / took,
+                said.trim()
+            );
+        }
         stack.start_serve("")?;
-        for system in SYSTEMS {
+        for system in systems.iter().copied() {
             let reference = match system {
                 System::ProntoLazy | System::ProntoProfile => &indexed,
                 System::Containerd | System::ProntoParallel => &plain,
+                System::ProntoConverted => &chunked,
             };
             if system == System::ProntoProfile {
                 stack
@@ -153,6 +175,18 @@ fn main() -> Result<()> {
                         .unwrap_or_default()
                 );
                 samples.push(sample);
+                if std::env::var_os("PRONTO_BENCH_WARM").is_some() && system != System::Containerd {
+                    let _ = std::process::Command::new("sync").status();
+                    std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+                    let warm = stack.start_image(system, reference)?;
+                    println!(
+                        "  {:<22} warm again: ready in {:.2} s (pull {:.2} s), {:.1} MiB fetched",
+                        system.name(),
+                        warm.ready.as_secs_f64(),
+                        warm.pulled.as_secs_f64(),
+                        warm.fetched as f64 / (1 << 20) as f64,
+                    );
+                }
             }
             cells.push(Cell {
                 image: workload.name,

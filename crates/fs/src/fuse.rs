@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
+use pronto_metrics::FuseOp;
 use pronto_store::{CacheKey, ContentCache};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -429,6 +430,7 @@ impl ProntoFs {
         if header.unique & kernel::UNIQUE_RESEND != 0 {
             pronto_metrics::metrics().resent_request();
         }
+        pronto_metrics::metrics().fuse_request(fuse_op(header.opcode));
         if kernel::needs_no_reply(header.opcode) {
             return;
         }
@@ -453,8 +455,17 @@ impl ProntoFs {
         let reply = |parts: &[&[u8]]| channel.reply(unique, parts).map_err(|_| Errno::EIO);
         match header.opcode {
             opcode::LOOKUP => {
-                let child = self.tree.lookup(ino, name(body)?).ok_or(Errno::ENOENT)?;
-                let entry = self.entry(child, self.node(child)?);
+                self.node(ino)?;
+                let entry = match self.tree.lookup(ino, name(body)?) {
+                    Some(child) => self.entry(child, self.node(child)?),
+                    // A layer never changes: the kernel may remember that
+                    // the name is missing (node 0) as long as it remembers
+                    // names that exist, and not ask again.
+                    None => EntryOut {
+                        entry_valid: TTL,
+                        ..Default::default()
+                    },
+                };
                 reply(&[entry.as_bytes()])
             }
             opcode::GETATTR => {
@@ -833,6 +844,20 @@ fn type_bits(kind: NodeKind) -> u32 {
         NodeKind::CharDevice => 0o020000,
         NodeKind::BlockDevice => 0o060000,
         NodeKind::Fifo => 0o010000,
+    }
+}
+
+/// The kind of FUSE request `opcode` is, for the metrics.
+fn fuse_op(opcode: u32) -> FuseOp {
+    match opcode {
+        opcode::LOOKUP => FuseOp::Lookup,
+        opcode::GETATTR => FuseOp::Getattr,
+        opcode::OPEN | opcode::OPENDIR => FuseOp::Open,
+        opcode::READ => FuseOp::Read,
+        opcode::READDIR | opcode::READDIRPLUS => FuseOp::Readdir,
+        opcode::READLINK => FuseOp::Readlink,
+        opcode::GETXATTR | opcode::LISTXATTR => FuseOp::Xattr,
+        _ => FuseOp::Other,
     }
 }
 

@@ -17,6 +17,7 @@ use pronto_registry::{
 use pronto_store::ContentCache;
 
 use crate::indexed::{BlobReader, IndexOrigin, IndexedLayer, LocalBlob, RegistryBlob};
+use crate::layout::ChunkedLayout;
 use crate::schedule::Scheduler;
 
 #[derive(Debug, thiserror::Error)]
@@ -128,12 +129,30 @@ pub async fn open_image(
         let indexed = index_set
             .as_ref()
             .and_then(|set| set.layer(&digest).map(|r| (set, r.clone())));
-        let layer = match indexed {
-            Some((set, layer_ref)) => {
+        let toc_digest = descriptor
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(pronto_toc::TOC_DIGEST_ANNOTATION));
+        let layer = match (indexed, toc_digest) {
+            (_, Some(toc_digest)) => {
+                modes.push(LayerMode::Lazy);
+                let (json, toc_offset) =
+                    fetch_toc(node.client, &image.repository, &digest, size, toc_digest).await?;
+                chunked_layer(
+                    node,
+                    &image.repository,
+                    &digest,
+                    size,
+                    toc_digest,
+                    &json,
+                    toc_offset,
+                )?
+            }
+            (Some((set, layer_ref)), None) => {
                 modes.push(LayerMode::Lazy);
                 open_lazy_layer(node, &image.repository, set, &layer_ref).await?
             }
-            None => {
+            (None, None) => {
                 modes.push(LayerMode::Local);
                 open_whole_layer(
                     node,
@@ -155,6 +174,87 @@ pub async fn open_image(
         layers,
         modes,
     })
+}
+
+/// Fetches a chunked (eStargz) layer's table of contents with two range
+/// requests, the footer and then the TOC, and checks it against
+/// `toc_digest` (from the manifest's layer annotation). Returns the TOC's
+/// JSON and where its member starts in the blob.
+pub async fn fetch_toc(
+    client: &RegistryClient,
+    repository: &Repository,
+    digest: &str,
+    size: u64,
+    toc_digest: &str,
+) -> Result<(Vec<u8>, u64), OpenError> {
+    let bad = |problem: String| OpenError::Layer {
+        image: repository.to_string(),
+        layer: digest.to_owned(),
+        problem,
+    };
+    let tail_len = pronto_toc::FOOTER_SIZE.min(size);
+    let tail = client
+        .blob_range(repository, digest, size - tail_len..size, size)
+        .await?;
+    let toc = pronto_toc::parse_footer(&tail, size).map_err(|e| bad(e.to_string()))?;
+    let limits = pronto_toc::Limits::default();
+    if toc.end - toc.start > limits.max_toc_compressed {
+        return Err(bad(format!(
+            "its TOC is {} bytes, over the limit of {}",
+            toc.end - toc.start,
+            limits.max_toc_compressed
+        )));
+    }
+    let member = client
+        .blob_range(repository, digest, toc.clone(), size)
+        .await?;
+    let json =
+        pronto_toc::toc_json(&member, toc_digest, &limits).map_err(|e| bad(e.to_string()))?;
+    Ok((json, toc.start))
+}
+
+/// A lazy chunked layer over its TOC's JSON, checked against `toc_digest`
+/// once more (it may come from a mount record on disk).
+pub fn chunked_layer(
+    node: &NodeContext<'_>,
+    repository: &Repository,
+    digest: &str,
+    size: u64,
+    toc_digest: &str,
+    json: &[u8],
+    toc_offset: u64,
+) -> Result<IndexedLayer, OpenError> {
+    use sha2::Digest as _;
+    let bad = |problem: String| OpenError::Layer {
+        image: repository.to_string(),
+        layer: digest.to_owned(),
+        problem,
+    };
+    let found = format!("sha256:{}", hex::encode(sha2::Sha256::digest(json)));
+    if found != toc_digest {
+        return Err(bad(format!(
+            "its TOC hashes to {found}, the manifest names {toc_digest}"
+        )));
+    }
+    let toc = pronto_toc::parse_toc(json, toc_offset, &pronto_toc::Limits::default())
+        .map_err(|e| bad(e.to_string()))?;
+    let layout = ChunkedLayout::new(digest, size, toc).map_err(bad)?;
+    let layer_blob: Box<dyn BlobReader> = Box::new(RegistryBlob {
+        client: node.client.clone(),
+        repository: repository.clone(),
+        digest: digest.to_owned(),
+        size,
+    });
+    Ok(IndexedLayer::chunked(
+        layout,
+        layer_blob,
+        node.cache.clone(),
+        node.runtime.clone(),
+        node.shutdown.clone(),
+    )
+    .with_read_timeout(node.read_timeout)
+    .with_read_ahead(node.read_ahead)
+    .with_scheduler(node.scheduler.clone()))
 }
 
 /// Opens one layer of `repository` through its index in `set`: fetches

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pronto_catalog::LocalIndexStore;
 use pronto_index::{Entry, IndexError, LayerIndex, LayerTruth};
+
+use crate::layout::{ChunkedLayout, IndexLayout, Layout};
 use pronto_metrics::{ErrorKind, Purpose, metrics};
 use pronto_registry::{ChunkSink, RegistryClient, Repository};
 use pronto_store::{CacheKey, ContentCache};
@@ -22,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::readahead::SequentialReads;
 use crate::schedule::Scheduler;
-use crate::source::{LayerSource, ReadError, ReadResult};
+use crate::source::{LayerSource, LazyLayer, PrefetchResult, ReadError, ReadResult};
 
 /// Boxed future returned by [`BlobReader::read`].
 pub type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + 'a>>;
@@ -128,7 +130,7 @@ struct SpanBuffer {
     /// The next span to decode.
     next: usize,
     /// The first span that did not decode as the index says.
-    failure: Option<IndexError>,
+    failure: Option<String>,
 }
 
 /// How long one read waits for the registry unless told otherwise.
@@ -153,11 +155,17 @@ fn seconds(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
 
-/// A layer served through its seekable index.
+/// A layer served lazily through an index of where its bytes lie: the
+/// seekable index over an unmodified layer, or a chunked layer's table of
+/// contents (see [`Layout`]).
 pub struct IndexedLayer {
-    index: Arc<LayerIndex>,
+    layout: Arc<dyn Layout>,
+    /// The seekable index, when the layout is one: the whole layer can be
+    /// checked against it.
+    index: Option<Arc<LayerIndex>>,
     layer: Box<dyn BlobReader>,
-    index_blob: Box<dyn BlobReader>,
+    /// Where the seekable index's windows are read from.
+    index_blob: Option<Box<dyn BlobReader>>,
     cache: Arc<ContentCache>,
     runtime: tokio::runtime::Handle,
     /// One lock per span: holding it means "I fetch this span".
@@ -184,7 +192,7 @@ pub struct IndexedLayer {
 impl std::fmt::Debug for IndexedLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IndexedLayer")
-            .field("layer", &self.index.meta().layer.digest)
+            .field("layer", &self.layout.layer_digest())
             .field("spans", &self.span_locks.len())
             .finish()
     }
@@ -199,13 +207,45 @@ impl IndexedLayer {
         runtime: tokio::runtime::Handle,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
-        let span_locks = (0..index.meta().spans.len())
+        let index = Arc::new(index);
+        let mut layer = Self::with_layout(
+            Arc::new(IndexLayout(index.clone())),
+            layer,
+            cache,
+            runtime,
+            shutdown,
+        );
+        layer.index = Some(index);
+        layer.index_blob = Some(index_blob);
+        layer
+    }
+
+    /// A chunked layer (eStargz), read through its table of contents.
+    pub fn chunked(
+        layout: ChunkedLayout,
+        layer: Box<dyn BlobReader>,
+        cache: Arc<ContentCache>,
+        runtime: tokio::runtime::Handle,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self::with_layout(Arc::new(layout), layer, cache, runtime, shutdown)
+    }
+
+    fn with_layout(
+        layout: Arc<dyn Layout>,
+        layer: Box<dyn BlobReader>,
+        cache: Arc<ContentCache>,
+        runtime: tokio::runtime::Handle,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        let span_locks = (0..layout.span_count())
             .map(|_| tokio::sync::Mutex::new(()))
             .collect();
         Self {
-            index: Arc::new(index),
+            layout,
+            index: None,
             layer,
-            index_blob,
+            index_blob: None,
             cache,
             runtime,
             span_locks,
@@ -231,7 +271,7 @@ impl IndexedLayer {
     /// Fetches up to `bytes` ahead of a reader reading a file in order (0:
     /// no read-ahead). Takes effect once the layer is [`Self::shared`].
     pub fn with_read_ahead(mut self, bytes: u64) -> Self {
-        let span = self.index.meta().span_size.max(1);
+        let span = self.layout.span_size().max(1);
         let max = bytes.div_ceil(span) as usize;
         self.sequential = SequentialReads::new(span, max);
         self
@@ -269,7 +309,7 @@ impl IndexedLayer {
         if self.poisoned.set(problem.clone()).is_err() {
             return;
         }
-        let layer = &self.index.meta().layer.digest;
+        let layer = self.layout.layer_digest();
         metrics().error(ErrorKind::IndexMismatch);
         let freed = self.cache.remove(&self.all_cache_keys()).unwrap_or(0);
         let set = self.origin.as_ref().map_or("-", |o| o.set.as_str());
@@ -290,13 +330,9 @@ impl IndexedLayer {
         &self.stats
     }
 
-    pub fn index(&self) -> &LayerIndex {
-        &self.index
-    }
-
     fn error(&self, problem: String) -> ReadError {
         ReadError {
-            layer: self.index.meta().layer.digest.clone(),
+            layer: self.layout.layer_digest().to_owned(),
             problem,
         }
     }
@@ -318,26 +354,26 @@ impl IndexedLayer {
         let local: u64 = (0..self.span_locks.len())
             .filter(|i| self.cache.contains(&self.span_key(*i)))
             .map(|i| {
-                let input = self.index.span_input(i);
+                let input = self.layout.span_input(i);
                 input.end - input.start
             })
             .sum();
-        local.min(self.index.meta().layer.size)
+        local.min(self.layout.layer_size())
     }
 
     /// Every cache key this layer may have filled: its spans, windows and
     /// the local copies of its files (for passthrough).
     pub fn all_cache_keys(&self) -> Vec<CacheKey> {
-        let spans = (0..self.index.meta().spans.len())
+        let spans = (0..self.layout.span_count())
             .flat_map(|i| std::iter::once(self.span_key(i)).chain(self.window_key(i)));
-        let files = (0..self.index.meta().entries.len()).filter_map(|e| self.file_key(e));
+        let files = (0..self.layout.entries().len()).filter_map(|e| self.file_key(e));
         spans.chain(files).collect()
     }
 
     /// The cache key of the local copy of regular file `entry`, made from
     /// where it lies and the keys of the spans that hold it.
     fn file_key(&self, entry: usize) -> Option<CacheKey> {
-        let entry = &self.index.meta().entries[entry];
+        let entry = &self.layout.entries()[entry];
         if entry.kind != pronto_index::EntryKind::File || entry.size == 0 {
             return None;
         }
@@ -346,7 +382,7 @@ impl IndexedLayer {
         hasher.update(entry.offset.to_le_bytes());
         hasher.update(entry.size.to_le_bytes());
         for i in self
-            .index
+            .layout
             .spans_for(entry.offset..entry.offset + entry.size)
         {
             hasher.update(self.span_key(i));
@@ -354,26 +390,13 @@ impl IndexedLayer {
         Some(hasher.finalize().into())
     }
 
-    /// The cache key of span `i`'s decoded bytes: its compressed digest and
-    /// its window's digest together (the same compressed bytes after a
-    /// different window decode differently).
+    /// The cache key of span `i`'s decoded bytes.
     fn span_key(&self, i: usize) -> CacheKey {
-        let span = &self.index.meta().spans[i];
-        let mut hasher = Sha256::new();
-        hasher.update(b"pronto span v1");
-        hasher.update(span.digest);
-        if let Some(cp) = &span.checkpoint {
-            hasher.update(cp.window_digest);
-        }
-        hasher.finalize().into()
+        self.layout.span_key(i)
     }
 
     fn window_key(&self, i: usize) -> Option<CacheKey> {
-        let cp = self.index.meta().spans[i].checkpoint.as_ref()?;
-        let mut hasher = Sha256::new();
-        hasher.update(b"pronto window v1");
-        hasher.update(cp.window_digest);
-        Some(hasher.finalize().into())
+        self.layout.window_key(i)
     }
 
     /// Makes spans `run` local: waits for whoever is fetching them, then
@@ -413,10 +436,10 @@ impl IndexedLayer {
     /// Fetches neighbouring spans `run` with one range request (retrying
     /// once if the bytes fail verification), decodes and caches them.
     async fn fetch_run(&self, run: Range<usize>, purpose: Purpose) -> Result<(), ReadError> {
-        let first = self.index.span_input(run.start).start;
-        let last = self.index.span_input(run.end - 1).end;
+        let first = self.layout.span_input(run.start).start;
+        let last = self.layout.span_input(run.end - 1).end;
         tracing::debug!(
-            layer = %self.index.meta().layer.digest,
+            layer = %self.layout.layer_digest(),
             spans = ?run,
             bytes = last - first,
             ?purpose,
@@ -453,7 +476,7 @@ impl IndexedLayer {
             match self.decode_and_store(&run, first, &bytes, window).await {
                 Ok(()) => return Ok(()),
                 Err(err) => {
-                    tracing::warn!(layer = %self.index.meta().layer.digest, attempt, "{err}");
+                    tracing::warn!(layer = %self.layout.layer_digest(), attempt, "{err}");
                     last_error = Some(err);
                 }
             }
@@ -471,7 +494,7 @@ impl IndexedLayer {
         mut window: Option<Vec<u8>>,
     ) -> Result<(), ReadError> {
         for i in run.clone() {
-            let input = self.index.span_input(i);
+            let input = self.layout.span_input(i);
             let compressed =
                 bytes.slice((input.start - first) as usize..(input.end - first) as usize);
             let this = match window.take() {
@@ -491,14 +514,7 @@ impl IndexedLayer {
     /// decoded to, when they hold all of it: the window is the stream's
     /// last bytes before the span, so nothing needs fetching.
     fn window_from_tail(&self, i: usize, tail: &[u8]) -> Option<Vec<u8>> {
-        let size = self
-            .index
-            .meta()
-            .spans
-            .get(i)?
-            .checkpoint
-            .as_ref()?
-            .window_size as usize;
+        let size = self.layout.window_size(i)?;
         (tail.len() >= size).then(|| tail[tail.len() - size..].to_vec())
     }
 
@@ -511,10 +527,10 @@ impl IndexedLayer {
         i: usize,
         compressed: Bytes,
         window: Vec<u8>,
-    ) -> Result<Result<Vec<u8>, IndexError>, ReadError> {
-        let (index, cache, key) = (self.index.clone(), self.cache.clone(), self.span_key(i));
+    ) -> Result<Result<Vec<u8>, String>, ReadError> {
+        let (layout, cache, key) = (self.layout.clone(), self.cache.clone(), self.span_key(i));
         let done = tokio::task::spawn_blocking(move || {
-            let data = match index.decode_span(i, &compressed, &window) {
+            let data = match layout.decode_span(i, &compressed, &window) {
                 Ok(data) => data,
                 Err(err) => return Ok(Err(err)),
             };
@@ -529,7 +545,11 @@ impl IndexedLayer {
     /// Span `i`'s decompression window: from the cache, from the end of
     /// span `i - 1` when that is local, or else fetched from the index.
     async fn window(&self, i: usize) -> Result<Vec<u8>, ReadError> {
-        let (Some(range), Some(key)) = (self.index.window_range(i), self.window_key(i)) else {
+        let (Some(range), Some(key), Some(index_blob)) = (
+            self.layout.window_range(i),
+            self.window_key(i),
+            self.index_blob.as_ref(),
+        ) else {
             return Ok(Vec::new());
         };
         if let Some(window) = self
@@ -542,7 +562,7 @@ impl IndexedLayer {
         if let Some(previous) = i.checked_sub(1)
             && self.cache.contains(&self.span_key(previous))
         {
-            let output = self.index.span_output(previous);
+            let output = self.layout.span_output(previous);
             let len = output.end - output.start;
             let tail = len.min(WINDOW as u64);
             let cached = self
@@ -553,8 +573,7 @@ impl IndexedLayer {
                 return Ok(window);
             }
         }
-        let bytes = self
-            .index_blob
+        let bytes = index_blob
             .read(range)
             .await
             .map_err(|e| self.error(format!("window of span {i}: {e}")))?;
@@ -563,9 +582,9 @@ impl IndexedLayer {
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         metrics().fetched(Purpose::Index, bytes.len() as u64);
         let window = self
-            .index
+            .layout
             .decode_window(i, &bytes)
-            .map_err(|e| self.verification_error(e.to_string()))?;
+            .map_err(|e| self.verification_error(e))?;
         self.cache
             .put(&key, &window)
             .map_err(|e| self.cache_error(format!("cannot cache a window: {e}")))?;
@@ -595,19 +614,19 @@ impl IndexedLayer {
     /// `index` covers (`None` past the end of the file); starts fetching
     /// ahead when the file is being read in order.
     fn begin_read(&self, index: usize, offset: u64, len: usize) -> Option<Range<u64>> {
-        let entry = &self.index.meta().entries[index];
+        let entry = &self.layout.entries()[index];
         if offset >= entry.size {
             return None;
         }
         let end = (offset + len as u64).min(entry.size);
         let range = entry.offset + offset..entry.offset + end;
         let file = self
-            .index
+            .layout
             .spans_for(entry.offset..entry.offset + entry.size);
         let ahead = self.sequential.on_read(
             index,
             range.clone(),
-            self.index.spans_for(range.clone()),
+            self.layout.spans_for(range.clone()),
             file,
         );
         if !ahead.is_empty() {
@@ -627,7 +646,7 @@ impl IndexedLayer {
     /// on-demand reads.
     pub async fn prefetch(&self, ranges: &[(usize, u64, u64)], parallel: usize) -> u64 {
         use futures_util::StreamExt as _;
-        let entries = &self.index.meta().entries;
+        let entries = self.layout.entries();
         let mut runs: Vec<Range<usize>> = Vec::new();
         let mut taken = std::collections::HashSet::new();
         for &(entry, offset, len) in ranges {
@@ -639,7 +658,7 @@ impl IndexedLayer {
                 continue;
             }
             for i in self
-                .index
+                .layout
                 .spans_for(file.offset + offset..file.offset + end)
             {
                 if !taken.insert(i) || self.cache.contains(&self.span_key(i)) {
@@ -648,8 +667,8 @@ impl IndexedLayer {
                 match runs.last_mut() {
                     Some(run)
                         if run.end == i
-                            && self.index.span_input(i).end
-                                - self.index.span_input(run.start).start
+                            && self.layout.span_input(i).end
+                                - self.layout.span_input(run.start).start
                                 <= READ_AHEAD_REQUEST =>
                     {
                         run.end = i + 1;
@@ -694,9 +713,10 @@ impl IndexedLayer {
         };
         let mut start = ahead.start;
         while start < ahead.end {
-            let first = self.index.span_input(start).start;
+            let first = self.layout.span_input(start).start;
             let mut end = start + 1;
-            while end < ahead.end && self.index.span_input(end - 1).end - first < READ_AHEAD_REQUEST
+            while end < ahead.end
+                && self.layout.span_input(end - 1).end - first < READ_AHEAD_REQUEST
             {
                 end += 1;
             }
@@ -733,13 +753,14 @@ impl IndexedLayer {
         chunk: u64,
         rate: Option<u64>,
     ) -> Result<(), ReadError> {
-        if !self.origin.as_ref().is_some_and(|o| o.check_whole) {
-            return self.fill_in_background(chunk, rate).await;
-        }
-        let layer = &self.index.meta().layer;
+        let index = match &self.index {
+            Some(index) if self.origin.as_ref().is_some_and(|o| o.check_whole) => index.clone(),
+            _ => return self.fill_in_background(chunk, rate).await,
+        };
+        let layer = &index.meta().layer;
         let (feed, reader) = pronto_registry::feed::channel(None);
-        let index = self.index.clone();
-        let scan = tokio::task::spawn_blocking(move || LayerTruth::scan(&index, reader));
+        let scanned = index.clone();
+        let scan = tokio::task::spawn_blocking(move || LayerTruth::scan(&scanned, reader));
         let mut feed = Some(feed);
         let mut hasher = Sha256::new();
         let mut spans = SpanBuffer::default();
@@ -785,9 +806,9 @@ impl IndexedLayer {
             )));
         }
         self.stats.complete.store(true, Ordering::SeqCst);
-        self.check_index(scan).await?;
+        self.check_index(&index, scan).await?;
         if let Some(err) = spans.failure {
-            return Err(self.verification_error(err.to_string()));
+            return Err(self.verification_error(err));
         }
         tracing::info!(
             layer = %layer.digest,
@@ -802,7 +823,6 @@ impl IndexedLayer {
     /// at most `rate` bytes per second when set). Every span is verified
     /// against its digest; nothing local is fetched again.
     async fn fill_in_background(&self, chunk: u64, rate: Option<u64>) -> Result<(), ReadError> {
-        let layer = &self.index.meta().layer;
         let spans = self.span_locks.len();
         let started = Instant::now();
         let mut fetched = 0u64;
@@ -815,17 +835,17 @@ impl IndexedLayer {
                 next += 1;
                 continue;
             }
-            let first = self.index.span_input(next).start;
+            let first = self.layout.span_input(next).start;
             let mut end = next + 1;
             while end < spans
-                && self.index.span_input(end).end - first <= chunk
+                && self.layout.span_input(end).end - first <= chunk
                 && !self.cache.contains(&self.span_key(end))
             {
                 end += 1;
             }
             self.scheduler.background_turn().await;
             self.ensure_spans(next..end, Purpose::Background).await?;
-            fetched += self.index.span_input(end - 1).end - first;
+            fetched += self.layout.span_input(end - 1).end - first;
             next = end;
             if let Some(rate) = rate.filter(|r| *r > 0) {
                 let due = Duration::from_secs_f64(fetched as f64 / rate as f64);
@@ -836,8 +856,8 @@ impl IndexedLayer {
         }
         self.stats.complete.store(true, Ordering::SeqCst);
         tracing::info!(
-            layer = %layer.digest,
-            bytes = layer.size,
+            layer = %self.layout.layer_digest(),
+            bytes = self.layout.layer_size(),
             fetched,
             "layer local completely; every span verified against its index"
         );
@@ -852,10 +872,10 @@ impl IndexedLayer {
         spans: &mut SpanBuffer,
         offset: u64,
     ) -> Result<(), ReadError> {
-        while spans.next < self.span_locks.len() && self.index.span_input(spans.next).end <= offset
+        while spans.next < self.span_locks.len() && self.layout.span_input(spans.next).end <= offset
         {
             let i = spans.next;
-            let input = self.index.span_input(i);
+            let input = self.layout.span_input(i);
             let key = self.span_key(i);
             if !self.cache.contains(&key) {
                 let _guard = self.span_locks[i].lock().await;
@@ -873,12 +893,11 @@ impl IndexedLayer {
             }
             spans.next += 1;
             // Neighbouring spans may share a byte.
-            let keep_from = self
-                .index
-                .meta()
-                .spans
-                .get(spans.next)
-                .map_or(offset, |s| s.compressed_start);
+            let keep_from = if spans.next < self.span_locks.len() {
+                self.layout.span_input(spans.next).start
+            } else {
+                offset
+            };
             let drop = (keep_from.saturating_sub(spans.start) as usize).min(spans.bytes.len());
             spans.bytes.drain(..drop);
             spans.start += drop as u64;
@@ -907,6 +926,7 @@ impl IndexedLayer {
     /// the index if they differ.
     async fn check_index(
         &self,
+        index: &Arc<LayerIndex>,
         scan: tokio::task::JoinHandle<Result<LayerTruth, IndexError>>,
     ) -> Result<(), ReadError> {
         let truth = match scan.await {
@@ -918,16 +938,15 @@ impl IndexedLayer {
             Ok(Err(err)) => return Err(self.error(format!("cannot check the index: {err}"))),
             Err(err) => return Err(self.error(format!("the index check stopped: {err}"))),
         };
-        let range = self.index.windows_range();
-        let windows = if range.is_empty() {
-            Bytes::new()
-        } else {
-            self.index_blob
+        let range = index.windows_range();
+        let windows = match &self.index_blob {
+            Some(index_blob) if !range.is_empty() => index_blob
                 .read(range)
                 .await
-                .map_err(|e| self.error(format!("cannot fetch the index's windows: {e}")))?
+                .map_err(|e| self.error(format!("cannot fetch the index's windows: {e}")))?,
+            _ => Bytes::new(),
         };
-        let index = self.index.clone();
+        let index = index.clone();
         let compared = tokio::task::spawn_blocking(move || truth.compare(&index, &windows)).await;
         match compared.map_err(|e| self.error(format!("the index check stopped: {e}")))? {
             Ok(()) => {
@@ -943,11 +962,11 @@ impl IndexedLayer {
     }
 
     async fn read_stream_inner(&self, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
-        let spans = self.index.spans_for(range.clone());
+        let spans = self.layout.spans_for(range.clone());
         self.ensure_spans(spans.clone(), Purpose::OnDemand).await?;
         let mut out = Vec::with_capacity((range.end - range.start) as usize);
         for i in spans {
-            let output = self.index.span_output(i);
+            let output = self.layout.span_output(i);
             let from = range.start.max(output.start) - output.start;
             let to = range.end.min(output.end) - output.start;
             let key = self.span_key(i);
@@ -975,13 +994,47 @@ impl IndexedLayer {
     }
 }
 
+impl LazyLayer for IndexedLayer {
+    fn size(&self) -> u64 {
+        self.layout.layer_size()
+    }
+
+    fn stats(&self) -> &LayerFetchStats {
+        IndexedLayer::stats(self)
+    }
+
+    fn local_bytes(&self) -> u64 {
+        IndexedLayer::local_bytes(self)
+    }
+
+    fn all_cache_keys(&self) -> Vec<CacheKey> {
+        IndexedLayer::all_cache_keys(self)
+    }
+
+    fn start_background_fetch(self: Arc<Self>, rate: Option<u64>) {
+        IndexedLayer::start_background_fetch(&self, rate);
+    }
+
+    fn prefetch<'a>(
+        &'a self,
+        ranges: &'a [(usize, u64, u64)],
+        parallel: usize,
+    ) -> PrefetchResult<'a> {
+        Box::pin(IndexedLayer::prefetch(self, ranges, parallel))
+    }
+
+    fn as_source(self: Arc<Self>) -> Arc<dyn LayerSource> {
+        self
+    }
+}
+
 impl LayerSource for IndexedLayer {
     fn digest(&self) -> &str {
-        &self.index.meta().layer.digest
+        self.layout.layer_digest()
     }
 
     fn entries(&self) -> &[Entry] {
-        &self.index.meta().entries
+        self.layout.entries()
     }
 
     fn read(&self, index: usize, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
@@ -1004,9 +1057,9 @@ impl LayerSource for IndexedLayer {
         if self.poisoned().is_some() {
             return true;
         }
-        let entry = &self.index.meta().entries[index];
+        let entry = &self.layout.entries()[index];
         let end = (offset + len as u64).min(entry.size);
-        self.index
+        self.layout
             .spans_for(entry.offset + offset.min(end)..entry.offset + end)
             .all(|i| self.cache.contains(&self.span_key(i)))
     }
@@ -1019,9 +1072,9 @@ impl LayerSource for IndexedLayer {
         if self.poisoned().is_some() {
             return None;
         }
-        let entry = &self.index.meta().entries[index];
+        let entry = &self.layout.entries()[index];
         let spans = self
-            .index
+            .layout
             .spans_for(entry.offset..entry.offset + entry.size);
         let keys: Vec<CacheKey> = spans.clone().map(|i| self.span_key(i)).collect();
         if keys.is_empty() || !keys.iter().all(|k| self.cache.contains(k)) {
@@ -1041,8 +1094,8 @@ impl LayerSource for IndexedLayer {
     }
 
     fn cache_keys(&self, entry: usize) -> Vec<CacheKey> {
-        let entry = &self.index.meta().entries[entry];
-        self.index
+        let entry = &self.layout.entries()[entry];
+        self.layout
             .spans_for(entry.offset..entry.offset + entry.size)
             .map(|i| self.span_key(i))
             .collect()
@@ -1080,14 +1133,14 @@ impl IndexedLayer {
     /// Copies file `index` out of its cached spans into the cache under
     /// `file_key`.
     fn copy_file(&self, index: usize, file_key: CacheKey) -> Option<CacheKey> {
-        let entry = &self.index.meta().entries[index];
+        let entry = &self.layout.entries()[index];
         let spans = self
-            .index
+            .layout
             .spans_for(entry.offset..entry.offset + entry.size);
         let copied = self.cache.put_with(&file_key, |file| {
             use std::io::Write;
             for i in spans {
-                let output = self.index.span_output(i);
+                let output = self.layout.span_output(i);
                 let from = entry.offset.max(output.start) - output.start;
                 let to = (entry.offset + entry.size).min(output.end) - output.start;
                 let part = self
@@ -1102,7 +1155,7 @@ impl IndexedLayer {
         match copied {
             Ok(()) => Some(file_key),
             Err(err) => {
-                tracing::debug!(layer = %self.index.meta().layer.digest, "cannot make a local file: {err}");
+                tracing::debug!(layer = %self.layout.layer_digest(), "cannot make a local file: {err}");
                 None
             }
         }
@@ -1208,6 +1261,167 @@ mod tests {
         }
     }
 
+    /// A chunked (eStargz) layer of `files` in 64 KiB chunks, as
+    /// `pronto convert` writes it, read through `cache`. `tamper` may
+    /// change the blob first.
+    fn chunked(
+        files: &[(&str, Vec<u8>)],
+        node: &Node,
+        tamper: impl Fn(&mut Vec<u8>, &pronto_toc::Toc),
+    ) -> (Arc<IndexedLayer>, Counted) {
+        use std::io::Write as _;
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_mode(0o644);
+            header.set_size(data.len() as u64);
+            builder
+                .append_data(&mut header, path, data.as_slice())
+                .unwrap();
+        }
+        let mut tar = tempfile::tempfile().unwrap();
+        tar.write_all(&builder.into_inner().unwrap()).unwrap();
+        let mut blob = Vec::new();
+        let options = pronto_toc::WriteOptions {
+            chunk_size: 64 << 10,
+            level: 1,
+        };
+        let converted = pronto_toc::write_chunked(&tar, &mut blob, &options).unwrap();
+        let limits = pronto_toc::Limits::default();
+        let range = pronto_toc::parse_footer(&blob, blob.len() as u64).unwrap();
+        let json = pronto_toc::toc_json(
+            &blob[range.start as usize..range.end as usize],
+            &converted.toc_digest,
+            &limits,
+        )
+        .unwrap();
+        let toc = pronto_toc::parse_toc(&json, range.start, &limits).unwrap();
+        tamper(&mut blob, &toc);
+        let layout = ChunkedLayout::new(&converted.digest, converted.size, toc).unwrap();
+        let blob = Counted::new(blob);
+        let layer = IndexedLayer::chunked(
+            layout,
+            Box::new(blob.clone()),
+            node.cache.clone(),
+            node.runtime.handle().clone(),
+            node.shutdown.clone(),
+        )
+        .shared();
+        (layer, blob)
+    }
+
+    fn entry_of(layer: &IndexedLayer, path: &str) -> usize {
+        layer.entries().iter().position(|e| e.path == path).unwrap()
+    }
+
+    /// What chunked layers of one test share: a runtime, a node cache and
+    /// the shutdown signal.
+    struct Node {
+        runtime: tokio::runtime::Runtime,
+        cache: Arc<ContentCache>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        _stop: tokio::sync::watch::Sender<bool>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn node() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ContentCache::open(dir.path(), 1 << 30).unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        Node {
+            runtime,
+            cache,
+            shutdown,
+            _stop: stop,
+            _dir: dir,
+        }
+    }
+
+    #[test]
+    fn a_chunked_layer_fetches_only_the_chunks_read() {
+        let node = node();
+        let model = Content::random(9, 1 << 20).to_vec().unwrap();
+        let files = [
+            ("app/config.json", b"{\"ready\": true}\n".to_vec()),
+            ("app/model.bin", model.clone()),
+        ];
+        let (layer, blob) = chunked(&files, &node, |_, _| {});
+        let config = entry_of(&layer, "app/config.json");
+        assert_eq!(layer.read(config, 0, 4096).unwrap(), files[0].1);
+        let served = blob.served.load(Ordering::SeqCst);
+        assert!(
+            served < 16 << 10,
+            "{served} bytes fetched for a 16-byte file"
+        );
+        // The middle of the model: only the chunks holding it.
+        let entry = entry_of(&layer, "app/model.bin");
+        let read = layer.read(entry, 300_000, 100_000).unwrap();
+        assert!(read[..] == model[300_000..400_000]);
+        // The three 64 KiB chunks holding it, not the 1 MiB file.
+        let served = blob.served.load(Ordering::SeqCst);
+        assert!(
+            served < 4 * (64 << 10),
+            "{served} bytes fetched for 100,000"
+        );
+        let whole = layer.read(entry, 0, 1 << 20).unwrap();
+        assert!(whole == model);
+    }
+
+    #[test]
+    fn a_chunk_another_layer_brought_is_not_fetched_again() {
+        let node = node();
+        let shared = Content::random(11, 300_000).to_vec().unwrap();
+        let (v1, _) = chunked(
+            &[
+                ("lib/shared.so", shared.clone()),
+                ("app/v1", b"one".to_vec()),
+            ],
+            &node,
+            |_, _| {},
+        );
+        let (v2, v2_blob) = chunked(
+            &[
+                ("app/v2", b"two".to_vec()),
+                ("lib/shared.so", shared.clone()),
+            ],
+            &node,
+            |_, _| {},
+        );
+        assert_ne!(v1.digest(), v2.digest());
+        let read = v1.read(entry_of(&v1, "lib/shared.so"), 0, 300_000).unwrap();
+        assert!(read == shared);
+        let read = v2.read(entry_of(&v2, "lib/shared.so"), 0, 300_000).unwrap();
+        assert!(read == shared);
+        assert_eq!(
+            v2_blob.requests(),
+            0,
+            "the shared chunks came from the cache"
+        );
+        assert!(v2.ready(entry_of(&v2, "lib/shared.so"), 0, 300_000));
+    }
+
+    #[test]
+    fn a_tampered_chunk_is_refused_and_nothing_of_it_is_served() {
+        let node = node();
+        let data = Content::random(12, 200_000).to_vec().unwrap();
+        let (layer, _) = chunked(&[("app/data", data.clone())], &node, |blob, toc| {
+            // A byte in the middle of the second chunk's member.
+            let chunk = &toc.chunks[0][1];
+            let at = (chunk.blob.start + chunk.blob.end) / 2;
+            blob[at as usize] ^= 0x55;
+        });
+        let entry = entry_of(&layer, "app/data");
+        assert!(layer.read(entry, 0, 1000).unwrap() == data[..1000]);
+        let err = layer.read(entry, 70_000, 1000).unwrap_err();
+        assert!(err.to_string().contains("chunk 1"), "{err}");
+        assert!(!layer.ready(entry, 70_000, 1000));
+    }
+
     fn weights_entry(layer: &IndexedLayer) -> usize {
         layer
             .entries()
@@ -1221,7 +1435,7 @@ mod tests {
         let f = fixture(2 << 20, 0);
         let entry = weights_entry(&f.layer);
         let want = Content::random(5, 2 << 20).to_vec().unwrap();
-        let span = f.layer.index().meta().span_size;
+        let span = f.layer.layout.span_size();
         // Several spans in one read, cold: one request for their bytes and
         // at most one for the first span's window.
         let read = f.layer.read(entry, span, 3 * span as usize).unwrap();
@@ -1258,8 +1472,8 @@ mod tests {
         for reader in readers {
             reader.join().unwrap();
         }
-        let spans = f.layer.index().meta().spans.len() as u64;
-        let layer = f.layer.index().meta().layer.size;
+        let spans = f.layer.layout.span_count() as u64;
+        let layer = f.layer.layout.layer_size();
         // Neighbouring spans share at most one byte.
         let served = f.blob.served.load(Ordering::SeqCst);
         assert!(

@@ -4,14 +4,16 @@
 //!
 //! It must not know about containerd. Layers reach it through one narrow
 //! interface, [`LayerSource`]: the entries (the tree) and "read these bytes
-//! of this entry". The seekable index over unmodified layers implements it
-//! in [`IndexedLayer`]; the chunked format planned next implements the same
-//! trait without touching the tree or FUSE code.
+//! of this entry"; the snapshotter holds them as [`LazyLayer`]s. One read
+//! path, [`IndexedLayer`], serves every lazy format; what differs between
+//! formats is only their [`layout::Layout`]: the seekable index over
+//! unmodified layers, or a chunked layer's table of contents (eStargz).
 
 mod fuse;
 mod image;
 mod indexed;
 mod kernel;
+pub mod layout;
 pub mod mounts;
 pub mod profile;
 mod readahead;
@@ -21,8 +23,8 @@ mod tree;
 
 pub use fuse::{FuseMount, MountOptions, PASSTHROUGH_SEEN, ReadObserver};
 pub use image::{
-    LayerMode, NodeContext, OpenError, OpenedImage, lazy_layer, open_image, open_lazy_layer,
-    open_whole_layer,
+    LayerMode, NodeContext, OpenError, OpenedImage, chunked_layer, fetch_toc, lazy_layer,
+    open_image, open_lazy_layer, open_whole_layer,
 };
 pub use indexed::{
     BlobReader, DEFAULT_READ_AHEAD, IndexOrigin, IndexedLayer, LayerFetchStats, LocalBlob,
@@ -30,5 +32,5 @@ pub use indexed::{
 };
 pub use kernel::{Channel, Negotiated, refuse_one, request_resend};
 pub use schedule::{DEFAULT_READ_AHEAD_REQUESTS, Scheduler};
-pub use source::{LayerSource, ReadError, ReadResult};
+pub use source::{LayerSource, LazyLayer, PrefetchResult, ReadError, ReadResult};
 pub use tree::{Node, NodeKind, ROOT, Tree, TreeMode};

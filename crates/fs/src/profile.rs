@@ -275,7 +275,7 @@ pub fn resolve(layer: &dyn LayerSource, ranges: &[FileRange]) -> (Vec<(usize, u6
         .entries()
         .iter()
         .enumerate()
-        .filter(|(_, e)| e.kind == pronto_index::EntryKind::File)
+        .filter(|(_, e)| e.kind == pronto_layer::EntryKind::File)
         .map(|(i, e)| (e.path.as_str(), i))
         .collect();
     let mut resolved = Vec::new();
@@ -318,6 +318,9 @@ struct RecorderState {
     last: HashMap<(usize, String), usize>,
     bytes: u64,
     last_read: Option<Instant>,
+    /// The longest time between two reads so far: what `quiet` must
+    /// exceed not to cut a start short.
+    longest_gap: Duration,
     done: bool,
 }
 
@@ -347,6 +350,9 @@ impl Recorder {
         let mut state = self.lock();
         if state.done || now.duration_since(self.started) > self.limit {
             return;
+        }
+        if let Some(last) = state.last_read {
+            state.longest_gap = state.longest_gap.max(now.duration_since(last));
         }
         state.last_read = Some(now);
         if state.bytes >= MAX_PROFILE_BYTES {
@@ -411,6 +417,17 @@ impl Recorder {
         by_limit.min(by_quiet).max(Duration::from_millis(100))
     }
 
+    /// How the recorded start went in time: the longest pause between two
+    /// reads, and when the last read came after the recording began. The
+    /// log shows both, to tune `quiet` and `limit`.
+    pub fn timing(&self) -> (Duration, Duration) {
+        let state = self.lock();
+        let last = state
+            .last_read
+            .map_or(Duration::ZERO, |last| last.duration_since(self.started));
+        (state.longest_gap, last)
+    }
+
     /// Ends the recording; `None` when nothing was read.
     pub fn finish(&self) -> Option<Profile> {
         let mut state = self.lock();
@@ -443,6 +460,18 @@ mod tests {
             len,
             seen: 1,
         }
+    }
+
+    #[test]
+    fn the_longest_pause_between_reads_is_kept() {
+        let recorder = Recorder::new(M, Duration::from_secs(5), Duration::from_secs(60));
+        recorder.read("sha256:l1", "bin/app", 0, 4096);
+        std::thread::sleep(Duration::from_millis(60));
+        recorder.read("sha256:l1", "lib/a.so", 0, 4096);
+        recorder.read("sha256:l1", "lib/b.so", 0, 4096);
+        let (gap, last) = recorder.timing();
+        assert!(gap >= Duration::from_millis(60), "{gap:?}");
+        assert!(last >= gap, "{last:?}");
     }
 
     #[test]

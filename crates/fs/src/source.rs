@@ -4,8 +4,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use pronto_index::Entry;
+use pronto_layer::Entry;
 use pronto_store::CacheKey;
+
+use crate::indexed::LayerFetchStats;
 
 /// What [`LayerSource::read_async`] returns.
 pub type ReadResult = Pin<Box<dyn Future<Output = Result<Vec<u8>, ReadError>> + Send>>;
@@ -58,4 +60,42 @@ pub trait LayerSource: Send + Sync {
     fn local_file(&self, _entry: usize) -> Option<CacheKey> {
         None
     }
+}
+
+/// What [`LazyLayer::prefetch`] returns: the bytes the prefetch made local.
+pub type PrefetchResult<'a> = Pin<Box<dyn Future<Output = u64> + Send + 'a>>;
+
+/// A layer mounted lazily, as the snapshotter sees it whatever its format:
+/// the filesystem's [`LayerSource`] plus what the node does with a layer
+/// over its life (account for it, prefetch a startup profile, fetch the
+/// rest in the background, release its cache). The seekable index over
+/// unmodified layers ([`crate::IndexedLayer`]) is one implementation; a
+/// new format adds another and touches neither FUSE nor snapshotter code.
+pub trait LazyLayer: LayerSource + std::fmt::Debug {
+    /// Size of the layer blob in bytes.
+    fn size(&self) -> u64;
+
+    /// What the layer has fetched, and how.
+    fn stats(&self) -> &LayerFetchStats;
+
+    /// Bytes of the layer blob this node has in its cache.
+    fn local_bytes(&self) -> u64;
+
+    /// Every cache key the layer may have filled, to release with it.
+    fn all_cache_keys(&self) -> Vec<CacheKey>;
+
+    /// Starts fetching the rest of the layer when the node is quiet, at
+    /// most `rate` bytes per second when set.
+    fn start_background_fetch(self: Arc<Self>, rate: Option<u64>);
+
+    /// Fetches `ranges` (entry, offset, length) ahead of the container's
+    /// reads, at most `parallel` requests at once.
+    fn prefetch<'a>(
+        &'a self,
+        ranges: &'a [(usize, u64, u64)],
+        parallel: usize,
+    ) -> PrefetchResult<'a>;
+
+    /// The same layer as the filesystem's read interface.
+    fn as_source(self: Arc<Self>) -> Arc<dyn LayerSource>;
 }

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 
-use pronto_index::{Entry, EntryKind};
+use pronto_layer::{Entry, EntryKind};
 
 pub const ROOT: u64 = 1;
 use pronto_layer::{Marker, OPAQUE_XATTR};

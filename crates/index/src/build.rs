@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::IndexError;
 use crate::format::{
-    Checkpoint, Entry, EntryKind, IndexMeta, LayerCompression, LayerInfo, Span, encode_prefix,
+    Checkpoint, Entry, IndexMeta, LayerCompression, LayerInfo, Span, encode_prefix,
 };
 use crate::gzip::{Inflate, WINDOW_SIZE};
 
@@ -244,81 +244,9 @@ fn read_entries(
         .map_err(|e| tar_error(e, "not a tar stream"))?;
     for item in items {
         let mut item = item.map_err(|e| tar_error(e, "malformed tar entry"))?;
-        let header = item.header();
-        let kind = match header.entry_type() {
-            tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
-            tar::EntryType::Directory => EntryKind::Dir,
-            tar::EntryType::Symlink => EntryKind::Symlink,
-            tar::EntryType::Link => EntryKind::Hardlink,
-            tar::EntryType::Char => EntryKind::CharDevice,
-            tar::EntryType::Block => EntryKind::BlockDevice,
-            tar::EntryType::Fifo => EntryKind::Fifo,
-            tar::EntryType::XGlobalHeader => continue,
-            other => {
-                return Err(unsupported(format!(
-                    "tar entry type {:?} ({}) is not supported",
-                    other.as_byte() as char,
-                    String::from_utf8_lossy(&item.path_bytes())
-                )));
-            }
-        };
-        let path = normalize(&String::from_utf8_lossy(&item.path_bytes()));
-        if path.is_empty() && kind != EntryKind::Dir {
+        let Some(entry) = pronto_layer::tar_entry(&mut item).map_err(unsupported)? else {
             continue;
-        }
-        let link = match item.link_name_bytes() {
-            Some(target) if kind == EntryKind::Hardlink => {
-                normalize(&String::from_utf8_lossy(&target))
-            }
-            Some(target) => String::from_utf8_lossy(&target).into_owned(),
-            None => String::new(),
         };
-        let mut entry = Entry {
-            path,
-            kind,
-            mode: header.mode().unwrap_or(0o644) & 0o7777,
-            uid: header.uid().unwrap_or(0),
-            gid: header.gid().unwrap_or(0),
-            uname: header.username().ok().flatten().unwrap_or("").to_owned(),
-            gname: header.groupname().ok().flatten().unwrap_or("").to_owned(),
-            mtime: header.mtime().unwrap_or(0) as i64,
-            mtime_nsec: 0,
-            size: if kind == EntryKind::File {
-                item.size()
-            } else {
-                0
-            },
-            offset: item.raw_file_position(),
-            link,
-            dev_major: header.device_major().ok().flatten().unwrap_or(0),
-            dev_minor: header.device_minor().ok().flatten().unwrap_or(0),
-            xattrs: Vec::new(),
-            pax: Vec::new(),
-        };
-        if let Ok(Some(records)) = item.pax_extensions() {
-            for record in records {
-                let record =
-                    record.map_err(|e| unsupported(format!("malformed PAX record: {e}")))?;
-                let Ok(key) = record.key() else { continue };
-                let value = record.value_bytes().to_vec();
-                if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                    entry.xattrs.push((name.to_owned(), value));
-                } else if key == "mtime" {
-                    apply_pax_mtime(&mut entry, &value);
-                } else if !matches!(
-                    key,
-                    "path" | "linkpath" | "size" | "uid" | "gid" | "uname" | "gname"
-                ) {
-                    entry.pax.push((key.to_owned(), value));
-                }
-            }
-        }
-        if let Some(sparse) = entry.pax.iter().find(|(k, _)| k.starts_with("GNU.sparse")) {
-            return Err(unsupported(format!(
-                "sparse file {} ({})",
-                entry.path, sparse.0
-            )));
-        }
         // Drain the data so the next header is read; the stream counts it.
         io::copy(&mut item, &mut io::sink()).map_err(|e| tar_error(e, "unreadable entry data"))?;
         if let Some(files) = files {
@@ -327,27 +255,6 @@ fn read_entries(
         entries.push(entry);
     }
     Ok(entries)
-}
-
-/// `./a/b/` → `a/b`; `/` and `.` → `` (the root).
-fn normalize(path: &str) -> String {
-    path.split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
-/// PAX `mtime` is decimal seconds with an optional fraction.
-fn apply_pax_mtime(entry: &mut Entry, value: &[u8]) {
-    let Ok(text) = std::str::from_utf8(value) else {
-        return;
-    };
-    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
-    if let Ok(secs) = secs.parse::<i64>() {
-        entry.mtime = secs;
-        let digits: String = frac.chars().take(9).collect();
-        entry.mtime_nsec = format!("{digits:0<9}").parse().unwrap_or(0);
-    }
 }
 
 /// A reader that hashes and counts what passes through it.

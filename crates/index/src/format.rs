@@ -69,47 +69,7 @@ pub struct LayerInfo {
     pub uncompressed_size: u64,
 }
 
-/// The type of a tar entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum EntryKind {
-    File,
-    Dir,
-    Symlink,
-    Hardlink,
-    CharDevice,
-    BlockDevice,
-    Fifo,
-}
-
-/// One tar entry with all the metadata a filesystem needs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
-    /// Relative path without a leading `./` or `/`, directories without a
-    /// trailing `/`. Whiteouts keep their `.wh.` names.
-    pub path: String,
-    pub kind: EntryKind,
-    /// Permission and special bits (`0o7777`).
-    pub mode: u32,
-    pub uid: u64,
-    pub gid: u64,
-    pub uname: String,
-    pub gname: String,
-    /// Seconds since the epoch, and nanoseconds (from PAX `mtime`).
-    pub mtime: i64,
-    pub mtime_nsec: u32,
-    /// File size in bytes (0 for everything but regular files).
-    pub size: u64,
-    /// Where the file's data starts in the uncompressed tar stream.
-    pub offset: u64,
-    /// Symlink target, or the path a hardlink points to.
-    pub link: String,
-    pub dev_major: u32,
-    pub dev_minor: u32,
-    /// Extended attributes (`SCHILY.xattr.*` PAX records).
-    pub xattrs: Vec<(String, Vec<u8>)>,
-    /// Other PAX records that Pronto does not interpret, kept verbatim.
-    pub pax: Vec<(String, Vec<u8>)>,
-}
+pub use pronto_layer::{Entry, EntryKind};
 
 /// Where decompression can resume: the state at a deflate block boundary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -35,22 +35,14 @@ pub fn validate(meta: &IndexMeta, limits: &Limits) -> Result<(), IndexError> {
         ));
     }
     validate_spans(meta)?;
+    let entry_limits = pronto_layer::EntryLimits {
+        max_name_len: limits.max_name_len,
+        max_xattrs: limits.max_xattrs_per_entry,
+        max_xattr_value: limits.max_xattr_value,
+    };
     for (i, entry) in meta.entries.iter().enumerate() {
-        let name_ok = |name: &str| name.len() <= limits.max_name_len && !name.contains('\0');
-        if !name_ok(&entry.path) || !name_ok(&entry.link) {
-            return bad(format!(
-                "entry {i} has a name that is too long or contains NUL"
-            ));
-        }
-        if entry.path.starts_with('/')
-            || entry.path.split('/').any(|c| c == ".." || c == ".")
-            || entry.path.contains("//")
-            || (entry.path.is_empty() && entry.kind != crate::format::EntryKind::Dir)
-        {
-            return bad(format!("entry {i} has an unsafe path {:?}", entry.path));
-        }
-        if entry.mode > 0o7777 {
-            return bad(format!("entry {:?} has mode {:o}", entry.path, entry.mode));
+        if let Some(problem) = entry.problem(&entry_limits) {
+            return bad(format!("entry {i} ({:?}) has {problem}", entry.path));
         }
         let end = entry.offset.checked_add(entry.size);
         if end.is_none_or(|end| end > layer.uncompressed_size) {
@@ -58,20 +50,6 @@ pub fn validate(meta: &IndexMeta, limits: &Limits) -> Result<(), IndexError> {
                 "entry {:?} ends past the {}-byte tar stream",
                 entry.path, layer.uncompressed_size
             ));
-        }
-        if entry.xattrs.len() + entry.pax.len() > limits.max_xattrs_per_entry {
-            return bad(format!(
-                "entry {:?} has too many extended attributes",
-                entry.path
-            ));
-        }
-        for (key, value) in entry.xattrs.iter().chain(&entry.pax) {
-            if !name_ok(key) || value.len() > limits.max_xattr_value {
-                return bad(format!(
-                    "entry {:?} has an oversized or invalid attribute {key:?}",
-                    entry.path
-                ));
-            }
         }
     }
     Ok(())

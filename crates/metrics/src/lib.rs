@@ -86,6 +86,52 @@ impl ErrorKind {
     }
 }
 
+/// A kind of FUSE request, for `pronto_fuse_requests_total{op}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FuseOp {
+    Lookup,
+    Getattr,
+    Open,
+    Read,
+    Readdir,
+    Readlink,
+    /// `getxattr` and `listxattr`.
+    Xattr,
+    /// Everything else (release, forget, statfs, ...).
+    Other,
+}
+
+impl FuseOp {
+    const ALL: [FuseOp; 8] = [
+        FuseOp::Lookup,
+        FuseOp::Getattr,
+        FuseOp::Open,
+        FuseOp::Read,
+        FuseOp::Readdir,
+        FuseOp::Readlink,
+        FuseOp::Xattr,
+        FuseOp::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FuseOp::Lookup => "lookup",
+            FuseOp::Getattr => "getattr",
+            FuseOp::Open => "open",
+            FuseOp::Read => "read",
+            FuseOp::Readdir => "readdir",
+            FuseOp::Readlink => "readlink",
+            FuseOp::Xattr => "xattr",
+            FuseOp::Other => "other",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PurposeLabel {
     purpose: &'static str,
@@ -118,6 +164,9 @@ pub struct Metrics {
     lazy_mounts: Gauge,
     handovers: Counter,
     resent_requests: Counter,
+    /// One counter per [`FuseOp`], in [`FuseOp::ALL`]'s order, taken from
+    /// the family once so that counting takes no lock.
+    fuse_requests: Vec<Counter>,
     errors: Family<KindLabel, Counter>,
 }
 
@@ -210,6 +259,20 @@ impl Metrics {
             "FUSE requests the kernel sent again after a handover (read but not answered by the daemon before).",
             resent_requests.clone(),
         );
+        let fuse_family = Family::<OpLabel, Counter>::default();
+        registry.register(
+            "fuse_requests",
+            "Requests the kernel sent to Pronto's lazy mounts, by op: lookup, getattr, open, read, readdir, readlink, xattr, other. Reads the kernel serves itself (page cache, passthrough) and names it remembers are not counted.",
+            fuse_family.clone(),
+        );
+        let fuse_requests = FuseOp::ALL
+            .iter()
+            .map(|op| {
+                fuse_family
+                    .get_or_create(&OpLabel { op: op.as_str() })
+                    .clone()
+            })
+            .collect();
         let errors = Family::default();
         registry.register(
             "errors",
@@ -231,6 +294,7 @@ impl Metrics {
             lazy_mounts,
             handovers,
             resent_requests,
+            fuse_requests,
             errors,
         }
     }
@@ -302,6 +366,10 @@ impl Metrics {
         self.resent_requests.inc();
     }
 
+    pub fn fuse_request(&self, op: FuseOp) {
+        self.fuse_requests[op as usize].inc();
+    }
+
     pub fn error(&self, kind: ErrorKind) {
         self.errors
             .get_or_create(&KindLabel {
@@ -352,6 +420,9 @@ mod tests {
         metrics.handover();
         metrics.resent_request();
         metrics.resent_request();
+        metrics.fuse_request(FuseOp::Lookup);
+        metrics.fuse_request(FuseOp::Lookup);
+        metrics.fuse_request(FuseOp::Read);
         metrics.range_request(Duration::from_millis(3));
         let text = metrics.encode();
         let expect = [
@@ -368,6 +439,9 @@ mod tests {
             ("pronto_lazy_mounts", 1.0),
             ("pronto_handovers_total", 1.0),
             ("pronto_resent_requests_total", 2.0),
+            ("pronto_fuse_requests_total{op=\"lookup\"}", 2.0),
+            ("pronto_fuse_requests_total{op=\"read\"}", 1.0),
+            ("pronto_fuse_requests_total{op=\"open\"}", 0.0),
             ("pronto_errors_total{kind=\"verification\"}", 1.0),
             ("pronto_range_request_duration_seconds_count", 1.0),
             (

@@ -143,6 +143,22 @@ pub enum Command {
     /// nodes start unmodified images lazily.
     #[command(subcommand)]
     Index(IndexCommand),
+    /// Convert an image into its chunked form, registry to registry: each
+    /// layer stays a tar+gzip layer that any runtime unpacks to the same
+    /// tree, with file data in chunks and an eStargz table of contents,
+    /// so Pronto reads it lazily with no index and fetches a chunk shared
+    /// by images once. Pushed by digest, read back, then tagged.
+    Convert {
+        /// The image to convert.
+        source: String,
+        /// Where to push the converted image (a tag).
+        target: String,
+        #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+        platform: String,
+        /// Uncompressed bytes per chunk of a file (at least 64KiB).
+        #[arg(long, default_value = "1MiB", value_parser = parse_span_size)]
+        chunk_size: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -888,3 +888,59 @@ fn programs_run_from_local_files() {
         );
     }
 }
+
+#[test]
+fn a_converted_image_unpacks_as_its_source_and_mounts_lazily_without_an_index() {
+    require!(&[NEEDS, &[Prereq::Containerd, Prereq::Runc]].concat());
+    let pushed = push_edge_image();
+    let node = Node::new();
+    let converted = pushed
+        .reference
+        .replace("mount/edge:v1", "mount/edge-chunked:v1");
+    let said = node.ok(&[
+        "convert",
+        &pushed.reference,
+        &converted,
+        "--chunk-size",
+        "64KiB",
+    ]);
+    assert!(said.contains("@sha256:"), "{said}");
+
+    // containerd's own unpack (overlayfs) of the source and of the
+    // converted image: the same tree, so nodes without Pronto run it.
+    let containerd = Containerd::start_with(ContainerdOptions {
+        plain_http_registries: vec![pushed.registry.host()],
+        ..Default::default()
+    })
+    .unwrap();
+    let unpacked = |reference: &str| {
+        containerd.pull(reference, "overlayfs").unwrap();
+        let dir = containerd
+            .root_dir()
+            .parent()
+            .unwrap()
+            .join(format!("image-mount-{}", rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        containerd
+            .ctr_ok(&["images", "mount", reference, dir.to_str().unwrap()])
+            .unwrap();
+        let tree = without_dir_link_counts(snapshot(&dir, SnapshotOptions::default()).unwrap());
+        let _ = containerd.ctr_ok(&["images", "unmount", dir.to_str().unwrap()]);
+        tree
+    };
+    let source = unpacked(&pushed.reference);
+    let differences = diff(&source, &unpacked(&converted));
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+
+    // Pronto mounts every layer lazily through its TOC, with no index.
+    let mounted = node.mount(&converted, &[]);
+    let log = mounted.log();
+    assert!(
+        log.contains("2 of 2 layers lazy") && log.contains("tables of contents"),
+        "{log}"
+    );
+    let actual =
+        without_dir_link_counts(snapshot(&mounted.dir, SnapshotOptions::default()).unwrap());
+    let differences = diff(&source, &actual);
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}

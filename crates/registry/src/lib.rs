@@ -29,7 +29,8 @@ pub use digest::{sha256_digest, verify_digest};
 pub use error::{RegistryError, Target};
 pub use hosts::{Endpoint, HostSettings, Hosts, HostsError};
 pub use manifest::{
-    MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Manifest, ManifestKind, Platform, ResolvedImage,
+    MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Manifest, ManifestKind, OCI_MANIFEST, Platform,
+    ResolvedImage,
 };
 pub use oci_spec::distribution::Reference;
 pub use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};

@@ -10,7 +10,7 @@ use std::time::Duration;
 use pronto_catalog::Subject;
 use pronto_catalog::profiles::{find_profiles, push_profile};
 use pronto_fs::profile::{Profile, ProfileStore, Recorder, resolve};
-use pronto_fs::{IndexedLayer, LayerSource, ReadObserver};
+use pronto_fs::{LazyLayer, ReadObserver};
 use pronto_registry::{RegistryClient, Repository};
 
 #[derive(Debug, Clone)]
@@ -124,7 +124,7 @@ impl Profiles {
         self: &Arc<Self>,
         repository: &Repository,
         manifest: &str,
-        layer: &Arc<IndexedLayer>,
+        layer: &Arc<dyn LazyLayer>,
     ) -> (Option<Arc<dyn ReadObserver>>, ProfileUse) {
         let local = self.profile(manifest);
         let mut used = ProfileUse::default();
@@ -141,7 +141,7 @@ impl Profiles {
                     None => profiles.find_in_registry(&repository, &manifest).await,
                 };
                 if let Some(profile) = profile {
-                    profiles.prefetch(&manifest, &profile, &layer).await;
+                    profiles.prefetch(&manifest, &profile, layer.as_ref()).await;
                 }
             });
         }
@@ -162,7 +162,7 @@ impl Profiles {
     }
 
     /// Fetches `layer`'s ranges of `profile`.
-    async fn prefetch(&self, manifest: &str, profile: &Profile, layer: &IndexedLayer) {
+    async fn prefetch(&self, manifest: &str, profile: &Profile, layer: &dyn LazyLayer) {
         let wanted = profile.wanted(layer.digest());
         let (ranges, dropped) = resolve(layer, &wanted);
         if dropped > 0 {
@@ -288,6 +288,7 @@ impl Profiles {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&manifest)
             .map(|(_, repository)| repository);
+        let (longest_gap, last_read) = recorder.timing();
         let Some(profile) = recorder.finish() else {
             tracing::debug!(manifest, "the start read nothing lazily: no profile");
             return;
@@ -299,6 +300,8 @@ impl Profiles {
                     starts = merged.starts,
                     ranges = merged.layers.iter().map(|l| l.ranges.len()).sum::<usize>(),
                     bytes = merged.bytes(),
+                    longest_gap_ms = longest_gap.as_millis() as u64,
+                    last_read_ms = last_read.as_millis() as u64,
                     "startup profile recorded"
                 );
                 if self.options.push
@@ -344,7 +347,7 @@ pub async fn push(
 #[derive(Debug)]
 struct LayerObserver {
     recorder: Arc<Recorder>,
-    layer: Arc<IndexedLayer>,
+    layer: Arc<dyn LazyLayer>,
 }
 
 impl ReadObserver for LayerObserver {

@@ -1,6 +1,7 @@
 //! Remote layers: the lazy half of the snapshotter. When containerd
-//! prepares a layer snapshot (`containerd.io/snapshot.ref`) and the image
-//! has a Pronto index, the layer is mounted through FUSE, recorded as a
+//! prepares a layer snapshot (`containerd.io/snapshot.ref`) and the layer
+//! is chunked (eStargz, its TOC named in the manifest) or the image has a
+//! Pronto index, the layer is mounted through FUSE, recorded as a
 //! committed snapshot, and containerd is told it already exists.
 
 use std::collections::{BTreeMap, HashMap};
@@ -14,10 +15,10 @@ use pronto_catalog::{
     verify_prefix,
 };
 use pronto_fs::{
-    FuseMount, IndexedLayer, LayerSource, MountOptions, Negotiated, NodeContext, Scheduler, Tree,
-    TreeMode, lazy_layer, mounts,
+    FuseMount, LazyLayer, MountOptions, Negotiated, NodeContext, OpenError, Scheduler, Tree,
+    TreeMode, chunked_layer, fetch_toc, lazy_layer, mounts,
 };
-use pronto_registry::{Reference, RegistryClient, Repository, parse_reference};
+use pronto_registry::{ManifestKind, Reference, RegistryClient, Repository, parse_reference};
 use pronto_store::ContentCache;
 
 use crate::keeper::{FUSE_PREFIX, Holders};
@@ -86,6 +87,12 @@ impl Fallback {
     }
 }
 
+/// A manifest's chunked layers: layer digest → (TOC digest, blob size).
+type ChunkedLayers = HashMap<String, (String, u64)>;
+
+/// One manifest's chunked layers: being read, or read.
+type ChunkedLookup = tokio::sync::OnceCell<Result<Arc<ChunkedLayers>, String>>;
+
 /// One image's index-set lookup: in flight, or done and remembered.
 struct IndexLookup {
     started: Instant,
@@ -119,18 +126,52 @@ impl IndexLookup {
 }
 
 struct OpenLayer {
-    layer: Arc<IndexedLayer>,
+    layer: Arc<dyn LazyLayer>,
     shutdown: tokio::sync::watch::Sender<bool>,
-    /// The verified index prefix the layer was opened from, and where it
-    /// is listed: what a later daemon needs to serve it again.
-    prefix: Vec<u8>,
-    set: IndexSet,
-    layer_ref: LayerIndexRef,
+    /// How it was opened, and the verified bytes it was opened from (the
+    /// index prefix or the TOC): what a later daemon needs to serve it
+    /// again without the registry.
+    opened: Opened,
+    bytes: Vec<u8>,
+}
+
+/// How a lazy layer was opened.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Opened {
+    /// Through a Pronto index: the set that lists it and its entry there.
+    Index {
+        set: IndexSet,
+        layer_ref: LayerIndexRef,
+    },
+    /// Through a chunked layer's own TOC (eStargz).
+    Chunked { chunked: ChunkedRecord },
+}
+
+/// What reopening a chunked layer needs besides its TOC.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct ChunkedRecord {
+    /// From the manifest's layer annotation.
+    toc_digest: String,
+    toc_offset: u64,
+    /// Size of the layer blob.
+    size: u64,
+}
+
+impl Opened {
+    /// The file of the mount's record directory holding the verified bytes.
+    fn file_name(&self) -> &'static str {
+        match self {
+            Opened::Index { .. } => "prefix",
+            Opened::Chunked { .. } => "toc",
+        }
+    }
 }
 
 /// What a live mount's directory under `<root>/mounts/<id>/` records, so
 /// that a later daemon can take its connection over without the registry:
-/// `mount.json` (this), `prefix` (the index prefix) and `opens` (how the
+/// `mount.json` (this), `prefix` (the index prefix) or `toc` (a chunked
+/// layer's TOC), and `opens` (how the
 /// kernel has each inode open).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct MountRecord {
@@ -138,8 +179,8 @@ struct MountRecord {
     /// The mount's device in the mount table: the same connection.
     device: String,
     remote: RemoteLayer,
-    set: IndexSet,
-    layer_ref: LayerIndexRef,
+    #[serde(flatten)]
+    opened: Opened,
     negotiated: Negotiated,
     /// When the layer was mounted (seconds since the epoch).
     since: u64,
@@ -158,7 +199,7 @@ struct Serving {
 /// A live lazy mount.
 struct Mounted {
     image_ref: String,
-    layer: Arc<IndexedLayer>,
+    layer: Arc<dyn LazyLayer>,
     /// What the image's startup profile does for it.
     profile: ProfileUse,
     dir: PathBuf,
@@ -194,6 +235,8 @@ pub struct Remote {
     scheduler: Arc<Scheduler>,
     mounted: Mutex<HashMap<u64, Mounted>>,
     sets: Mutex<HashMap<String, Arc<IndexLookup>>>,
+    /// Chunked layers by manifest digest.
+    manifests: Mutex<HashMap<String, Arc<ChunkedLookup>>>,
     /// Holds every mount's connection while the daemon restarts; with
     /// it, mounts are recorded under `records`.
     keeper: Option<Arc<Holders>>,
@@ -238,6 +281,7 @@ impl Remote {
             scheduler: Arc::default(),
             mounted: Mutex::new(HashMap::new()),
             sets: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(HashMap::new()),
         }
     }
 
@@ -368,7 +412,7 @@ impl Remote {
         let (id, dir) = local
             .reserve()
             .map_err(|e| (Fallback::MountFailed, e.to_string()))?;
-        let inodes = indexed.layer.index().meta().entries.len() as i64;
+        let inodes = indexed.layer.entries().len() as i64;
         if let Err(e) = self.mount_at(id, &dir, &remote, indexed) {
             local.abandon(id);
             return Err((Fallback::MountFailed, e));
@@ -394,12 +438,29 @@ impl Remote {
         }
     }
 
-    /// Opens a layer through its index (fetching the index prefix), with
-    /// the sender that shuts its pending reads down.
+    /// Opens a layer through its own TOC when it is chunked, or else
+    /// through its image's index (fetching the index prefix), with the
+    /// sender that shuts its pending reads down.
     async fn open_layer(&self, remote: &RemoteLayer) -> Result<OpenLayer, (Fallback, String)> {
         let reference = parse_reference(&remote.image_ref)
             .map_err(|e| (Fallback::NoImageLabels, e.to_string()))?;
         let repository = Repository::of(&reference);
+        match self
+            .chunked_layers(&repository, &remote.manifest_digest)
+            .await
+        {
+            Ok(chunked) => {
+                if let Some((toc_digest, size)) = chunked.get(&remote.layer_digest) {
+                    return self
+                        .open_chunked(&repository, remote, toc_digest, *size)
+                        .await;
+                }
+            }
+            Err(e) => tracing::debug!(
+                manifest = remote.manifest_digest,
+                "cannot read the manifest's layer annotations; looking for an index: {e}"
+            ),
+        }
         let found = self
             .index_set(&reference, &remote.manifest_digest)
             .await
@@ -446,9 +507,134 @@ impl Remote {
         Ok(OpenLayer {
             layer: layer.shared(),
             shutdown: shutdown_tx,
-            prefix,
-            set: set.clone(),
-            layer_ref: layer_ref.clone(),
+            opened: Opened::Index {
+                set: set.clone(),
+                layer_ref: layer_ref.clone(),
+            },
+            bytes: prefix,
+        })
+    }
+
+    /// The chunked (eStargz) layers of manifest `manifest`: layer digest →
+    /// (TOC digest, blob size), from the manifest's layer annotations. A
+    /// manifest never changes: it is asked for once per daemon, however
+    /// many layers are prepared at once.
+    async fn chunked_layers(
+        &self,
+        repository: &Repository,
+        manifest: &str,
+    ) -> Result<Arc<ChunkedLayers>, String> {
+        let cell = {
+            let mut manifests = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
+            if manifests.len() > MAX_REMEMBERED_SETS {
+                manifests.clear();
+            }
+            manifests.entry(manifest.to_owned()).or_default().clone()
+        };
+        let found = cell
+            .get_or_init(|| async {
+                let fetched = self
+                    .client
+                    .manifest(repository, manifest)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let ManifestKind::Image(image) = fetched.kind else {
+                    return Ok(Arc::default());
+                };
+                Ok(Arc::new(
+                    image
+                        .layers()
+                        .iter()
+                        .filter_map(|layer| {
+                            let toc = layer
+                                .annotations()
+                                .as_ref()?
+                                .get(pronto_toc::TOC_DIGEST_ANNOTATION)?;
+                            Some((layer.digest().to_string(), (toc.clone(), layer.size())))
+                        })
+                        .collect(),
+                ))
+            })
+            .await
+            .clone();
+        if found.is_err() {
+            self.manifests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(manifest);
+        }
+        found
+    }
+
+    /// Opens a chunked layer through its own TOC: two range requests (the
+    /// footer, then the TOC), no index needed.
+    async fn open_chunked(
+        &self,
+        repository: &Repository,
+        remote: &RemoteLayer,
+        toc_digest: &str,
+        size: u64,
+    ) -> Result<OpenLayer, (Fallback, String)> {
+        let refused = |e: OpenError| match e {
+            OpenError::Layer { .. } => (Fallback::IndexRefused, e.to_string()),
+            other => (Fallback::IndexUnavailable, other.to_string()),
+        };
+        let (json, toc_offset) = fetch_toc(
+            &self.client,
+            repository,
+            &remote.layer_digest,
+            size,
+            toc_digest,
+        )
+        .await
+        .map_err(refused)?;
+        let opened = Opened::Chunked {
+            chunked: ChunkedRecord {
+                toc_digest: toc_digest.to_owned(),
+                toc_offset,
+                size,
+            },
+        };
+        let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let layer = self
+            .reopen(repository, remote, &opened, &json, shutdown)
+            .map_err(|e| (Fallback::IndexRefused, e))?;
+        Ok(OpenLayer {
+            layer,
+            shutdown: shutdown_tx,
+            opened,
+            bytes: json,
+        })
+    }
+
+    /// The layer `opened` describes, from its verified bytes (checked
+    /// again: they may come from a record on disk).
+    fn reopen(
+        &self,
+        repository: &Repository,
+        remote: &RemoteLayer,
+        opened: &Opened,
+        bytes: &[u8],
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Arc<dyn LazyLayer>, String> {
+        let node = self.node_context(shutdown);
+        Ok(match opened {
+            Opened::Index { set, layer_ref } => {
+                let index = verify_prefix(set, layer_ref, bytes)
+                    .map_err(|e| format!("the index prefix: {e}"))?;
+                lazy_layer(&node, repository, set, layer_ref, index).shared()
+            }
+            Opened::Chunked { chunked } => chunked_layer(
+                &node,
+                repository,
+                &remote.layer_digest,
+                chunked.size,
+                &chunked.toc_digest,
+                bytes,
+                chunked.toc_offset,
+            )
+            .map_err(|e| e.to_string())?
+            .shared(),
         })
     }
 
@@ -553,12 +739,11 @@ impl Remote {
         let OpenLayer {
             layer,
             shutdown,
-            prefix,
-            set,
-            layer_ref,
+            opened,
+            bytes,
         } = opened;
         let tree = Tree::build(&[layer.entries()], TreeMode::OverlayLower);
-        let source: Arc<dyn LayerSource> = layer.clone();
+        let source = layer.clone().as_source();
         let mut options = MountOptions::new(
             format!("pronto:{}@{}", remote.image_ref, remote.layer_digest),
             self.runtime.clone(),
@@ -588,13 +773,12 @@ impl Remote {
                 dir: dir.to_owned(),
                 device: mounts::pronto_mount_device(dir).unwrap_or_default(),
                 remote: remote.clone(),
-                set,
-                layer_ref,
+                opened,
                 negotiated: mount.channel().negotiated(),
                 since,
                 handovers: 0,
             };
-            let kept = write_record(&record_dir, &record, Some(&prefix))
+            let kept = write_record(&record_dir, &record, Some(&bytes))
                 .and_then(|()| keeper.keep(&format!("{FUSE_PREFIX}{id}"), mount.channel().fd()));
             if let Err(e) = kept {
                 tracing::warn!(
@@ -626,14 +810,16 @@ impl Remote {
         id: u64,
         dir: &Path,
         remote: &RemoteLayer,
-        layer: Arc<IndexedLayer>,
+        layer: Arc<dyn LazyLayer>,
         profile: ProfileUse,
         serving: Serving,
     ) {
         // A new mount: its container is about to start reading.
         self.scheduler.active();
         if self.options.background {
-            layer.start_background_fetch(self.options.background_rate);
+            layer
+                .clone()
+                .start_background_fetch(self.options.background_rate);
         }
         metrics().lazy_mount_added();
         self.lock_mounted().insert(
@@ -730,23 +916,21 @@ impl Remote {
             Some(device) if device == record.device => {}
             _ => return Err(format!("{} is no longer mounted", record.dir.display())),
         }
-        let prefix = std::fs::read(record_dir.join("prefix"))
-            .map_err(|e| format!("no index prefix: {e}"))?;
-        let index = verify_prefix(&record.set, &record.layer_ref, &prefix)
-            .map_err(|e| format!("the recorded index prefix: {e}"))?;
+        let name = record.opened.file_name();
+        let bytes = std::fs::read(record_dir.join(name)).map_err(|e| format!("no {name}: {e}"))?;
         let reference = parse_reference(&record.remote.image_ref).map_err(|e| e.to_string())?;
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
-        let node = self.node_context(shutdown);
-        let layer = lazy_layer(
-            &node,
-            &Repository::of(&reference),
-            &record.set,
-            &record.layer_ref,
-            index,
-        )
-        .shared();
+        let layer = self
+            .reopen(
+                &Repository::of(&reference),
+                &record.remote,
+                &record.opened,
+                &bytes,
+                shutdown,
+            )
+            .map_err(|e| format!("recorded: {e}"))?;
         let tree = Tree::build(&[layer.entries()], TreeMode::OverlayLower);
-        let source: Arc<dyn LayerSource> = layer.clone();
+        let source = layer.clone().as_source();
         let mut options = MountOptions::new(String::new(), self.runtime.clone());
         options.opens_file = Some(record_dir.join("opens"));
         let mount = FuseMount::adopt(
@@ -898,7 +1082,7 @@ impl Remote {
                 .or_default()
                 .push(LayerStatus {
                     digest: layer.digest().to_owned(),
-                    size: layer.index().meta().layer.size,
+                    size: layer.size(),
                     local_bytes: layer.local_bytes(),
                     fetched_on_demand: stats.layer_bytes.load(Ordering::Relaxed),
                     fetched_in_background: stats.background_bytes.load(Ordering::Relaxed),
@@ -935,16 +1119,16 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Writes a mount's record (and its index prefix) into `dir`, each file
+/// Writes a mount's record (and the bytes it was opened from) into `dir`, each file
 /// whole or not at all.
-fn write_record(dir: &Path, record: &MountRecord, prefix: Option<&[u8]>) -> std::io::Result<()> {
+fn write_record(dir: &Path, record: &MountRecord, bytes: Option<&[u8]>) -> std::io::Result<()> {
     let write = |name: &str, bytes: &[u8]| {
         let tmp = dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, bytes)?;
         std::fs::rename(&tmp, dir.join(name))
     };
-    if let Some(prefix) = prefix {
-        write("prefix", prefix)?;
+    if let Some(bytes) = bytes {
+        write(record.opened.file_name(), bytes)?;
     }
     write(
         "mount.json",

@@ -34,6 +34,8 @@ pub enum Prereq {
     /// `buildah`, which builds images from a Containerfile without a
     /// daemon.
     Buildah,
+    /// stargz-snapshotter's `ctr-remote`, which converts images to eStargz.
+    CtrRemote,
     /// `systemd-analyze`, to check unit files.
     SystemdAnalyze,
 }
@@ -64,6 +66,7 @@ impl Prereq {
             Prereq::Debootstrap => on_path("debootstrap"),
             Prereq::ContainerdSuite => on_path("go") && Path::new(CONTAINERD_SUITE).is_dir(),
             Prereq::Buildah => on_path("buildah"),
+            Prereq::CtrRemote => on_path("ctr-remote"),
             Prereq::ChartTemplates => {
                 on_path("go")
                     && Path::new("/usr/share/gocode/src/github.com/Masterminds/sprig").is_dir()
@@ -90,6 +93,7 @@ impl Prereq {
             Prereq::Debootstrap => "debootstrap is not installed (apt-get install debootstrap)",
             Prereq::SystemdAnalyze => "systemd-analyze is missing (apt-get install systemd)",
             Prereq::Buildah => "buildah is not installed (apt-get install buildah)",
+            Prereq::CtrRemote => "ctr-remote is not installed (apt-get install stargz-snapshotter)",
             Prereq::ChartTemplates => {
                 "Go or Helm's template libraries are missing (apt-get install golang-go \
                  golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev)"

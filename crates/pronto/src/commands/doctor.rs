@@ -325,6 +325,28 @@ async fn image(config: &Config, reference: &str, platform: &str) -> Vec<Check> {
             return checks;
         }
     };
+    let chunked = resolved
+        .image
+        .layers()
+        .iter()
+        .filter(|l| {
+            l.annotations()
+                .as_ref()
+                .is_some_and(|a| a.contains_key(pronto_toc::TOC_DIGEST_ANNOTATION))
+        })
+        .count();
+    if chunked > 0 {
+        checks.push(Check::pass(
+            "index",
+            format!(
+                "{chunked} of {} layers are chunked (eStargz): read lazily through their own tables of contents",
+                resolved.image.layers().len()
+            ),
+        ));
+        if chunked == resolved.image.layers().len() {
+            return checks;
+        }
+    }
     let trust = config.index.trust();
     let bind_hint = format!("pronto index create {reference} --bind");
     checks.push(

@@ -3,6 +3,7 @@
 
 mod cache;
 mod config;
+mod convert;
 mod doctor;
 pub(crate) mod image;
 mod index;
@@ -33,6 +34,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Config(cmd) => config::run(cmd, &loaded),
         Command::Image(cmd) => image::run(cmd, &loaded.config),
         Command::Index(cmd) => index::run(cmd, &loaded.config),
+        Command::Convert {
+            source,
+            target,
+            platform,
+            chunk_size,
+        } => convert::run(
+            &convert::ConvertRequest {
+                source: &source,
+                target: &target,
+                platform: &platform,
+                chunk_size,
+            },
+            &loaded.config,
+        ),
         Command::Mount {
             reference,
             dir,

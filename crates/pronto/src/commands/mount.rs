@@ -87,9 +87,10 @@ pub fn run(
         opened.image.manifest.digest,
         dir.display(),
         opened.modes.len(),
-        match &opened.index_set {
-            Some(set) => format!(", index {} ({})", set.manifest_digest, set.location),
-            None => ", no index: every layer was fetched whole".to_owned(),
+        match (&opened.index_set, lazy) {
+            (Some(set), _) => format!(", index {} ({})", set.manifest_digest, set.location),
+            (None, 0) => ", no index: every layer was fetched whole".to_owned(),
+            (None, _) => ", chunked layers read through their own tables of contents".to_owned(),
         }
     );
     if config.fetch.background {
