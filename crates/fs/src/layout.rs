@@ -64,6 +64,12 @@ pub trait Layout: Send + Sync + std::fmt::Debug {
     /// window (empty when it needs none).
     fn decode_span(&self, i: usize, input: &[u8], window: &[u8]) -> Result<Vec<u8>, String>;
 
+    /// How many blob bytes an on-demand read may fetch at least, taking
+    /// the missing spans after the ones it needs (0: only those).
+    fn min_fetch(&self) -> u64 {
+        0
+    }
+
     /// Where span `i`'s window lies in the index blob, if it needs one.
     fn window_range(&self, _i: usize) -> Option<Range<u64>> {
         None
@@ -265,6 +271,13 @@ impl Layout for ChunkedLayout {
     fn span_output(&self, i: usize) -> Range<u64> {
         let span = &self.spans[i];
         span.start..span.start + span.len
+    }
+
+    /// Chunks are as small as the files they hold: a read fetches its
+    /// neighbours too, up to 512 KiB, as the seekable index's spans do
+    /// where many files begin.
+    fn min_fetch(&self) -> u64 {
+        512 << 10
     }
 
     /// The chunk's content digest alone: the same bytes in any layer of

@@ -173,7 +173,7 @@ pub fn toc_json(member: &[u8], expected: &str, limits: &Limits) -> Result<Vec<u8
     let unreadable = |e: std::io::Error| TocError::Unreadable(e.to_string());
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(member));
     let mut entries = archive.entries().map_err(unreadable)?;
-    let mut entry = entries
+    let entry = entries
         .next()
         .ok_or_else(|| TocError::Unreadable("the TOC tar is empty".into()))?
         .map_err(unreadable)?;
@@ -191,8 +191,13 @@ pub fn toc_json(member: &[u8], expected: &str, limits: &Limits) -> Result<Vec<u8
             limits.max_toc_json
         )));
     }
-    let mut json = Vec::with_capacity(entry.size() as usize);
-    entry.read_to_end(&mut json).map_err(unreadable)?;
+    // Grown as bytes arrive: a header may claim a size its data does not
+    // have.
+    let mut json = Vec::new();
+    entry
+        .take(limits.max_toc_json)
+        .read_to_end(&mut json)
+        .map_err(unreadable)?;
     let found = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
     if found != expected {
         return Err(TocError::DigestMismatch {

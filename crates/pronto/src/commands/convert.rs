@@ -97,8 +97,7 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
             move || chunk_layer(&blob, compression, &out, &options, &digest)
         })
         .await??;
-        let pushed = client
-            .push_blob(&repository, std::fs::read(&out)?.into())
+        let pushed = push_layer(client, &repository, &out, &converted.digest)
             .await
             .with_context(|| format!("push the chunked form of layer {digest}"))?;
         if pushed != converted.digest {
@@ -183,6 +182,27 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
         (written as f64 / total.max(1) as f64 - 1.0) * 100.0,
     );
     Ok(())
+}
+
+/// Uploads the layer at `path` (digest `digest`) unless the repository has
+/// it; a big one in parts, so that no single request outlasts the
+/// registry client's timeouts on a slow link.
+async fn push_layer(
+    client: &RegistryClient,
+    repository: &Repository,
+    path: &Path,
+    digest: &str,
+) -> Result<String> {
+    const PART: usize = 16 << 20;
+    if client.blob_exists(repository, digest).await? {
+        return Ok(digest.to_owned());
+    }
+    let bytes = bytes::Bytes::from(std::fs::read(path)?);
+    Ok(if bytes.len() > PART {
+        client.push_blob_chunked(repository, bytes, PART).await?
+    } else {
+        client.push_blob(repository, bytes).await?
+    })
 }
 
 /// Decompresses the layer blob at `blob` and writes its chunked form to
