@@ -418,6 +418,13 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        // Mounts outlive a stopped daemon (the keeper holds them): the
+        // images go first, so that the daemon unmounts their layers.
+        if self.serve.is_some()
+            && let Err(e) = self.remove_images()
+        {
+            eprintln!("cannot remove the benchmark's images: {e:#}");
+        }
         self.stop_serve();
         if self.shaped {
             let _ = Command::new("tc")

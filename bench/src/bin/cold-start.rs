@@ -198,6 +198,8 @@ fn main() -> Result<()> {
             });
         }
     }
+    // The daemon unmounts the layers of the images removed.
+    stack.remove_images()?;
     stack.stop_serve();
 
     let table = markdown(&cells, &workloads, &link, repeat);

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::error::CatalogError;
 use crate::{EMPTY_CONFIG_DIGEST, EMPTY_CONFIG_MEDIA_TYPE};
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub use pronto_registry::OCI_MANIFEST;
 
 /// The image manifest an index set belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
