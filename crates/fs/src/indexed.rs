@@ -1261,11 +1261,7 @@ mod tests {
         let index = LayerIndex::parse(&index_bytes).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(ContentCache::open(dir.path(), 1 << 30).unwrap());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = test_runtime();
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let blob = Counted::new(blob);
         let index_blob = Counted::new(index_bytes);
@@ -1355,11 +1351,7 @@ mod tests {
     fn node() -> Node {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(ContentCache::open(dir.path(), 1 << 30).unwrap());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = test_runtime();
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         Node {
             runtime,
@@ -1450,6 +1442,15 @@ mod tests {
         let err = layer.read(entry, 70_000, 1000).unwrap_err();
         assert!(err.to_string().contains("chunk 1"), "{err}");
         assert!(!layer.ready(entry, 70_000, 1000));
+    }
+
+    /// The runtime a test's layers read on.
+    fn test_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     fn weights_entry(layer: &IndexedLayer) -> usize {

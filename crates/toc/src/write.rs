@@ -258,7 +258,9 @@ impl<W: Write> Members<W> {
         if end <= start {
             return Ok(());
         }
-        let mut buf = vec![0u8; 1 << 20];
+        // Most calls copy one header (512 bytes to a few KiB): the buffer
+        // is no larger than what is copied.
+        let mut buf = vec![0u8; (end - start).min(1 << 20) as usize];
         let mut at = start;
         while at < end {
             let n = (end - at).min(buf.len() as u64) as usize;
