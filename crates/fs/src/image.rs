@@ -15,6 +15,7 @@ use pronto_registry::{
     ParallelFetch, Platform, RegistryClient, Repository, ResolvedImage, parse_reference,
 };
 use pronto_store::ContentCache;
+use pronto_toc::{Compression, TocRef};
 
 use crate::indexed::{BlobReader, IndexOrigin, IndexedLayer, LocalBlob, RegistryBlob};
 use crate::layout::ChunkedLayout;
@@ -129,24 +130,20 @@ pub async fn open_image(
         let indexed = index_set
             .as_ref()
             .and_then(|set| set.layer(&digest).map(|r| (set, r.clone())));
-        let toc_digest = descriptor
+        let toc = descriptor
             .annotations()
             .as_ref()
-            .and_then(|a| a.get(pronto_toc::TOC_DIGEST_ANNOTATION));
-        let layer = match (indexed, toc_digest) {
-            (_, Some(toc_digest)) => {
+            .and_then(|a| pronto_toc::TocRef::of(descriptor.media_type().as_ref(), a));
+        let toc = toc.transpose().map_err(|e| OpenError::Layer {
+            image: image.repository.to_string(),
+            layer: digest.clone(),
+            problem: e.to_string(),
+        })?;
+        let layer = match (indexed, toc) {
+            (_, Some(toc)) => {
                 modes.push(LayerMode::Lazy);
-                let (json, toc_offset) =
-                    fetch_toc(node.client, &image.repository, &digest, size, toc_digest).await?;
-                chunked_layer(
-                    node,
-                    &image.repository,
-                    &digest,
-                    size,
-                    toc_digest,
-                    &json,
-                    toc_offset,
-                )?
+                let toc = fetch_toc(node.client, &image.repository, &digest, size, &toc).await?;
+                chunked_layer(node, &image.repository, &digest, size, &toc)?
             }
             (Some((set, layer_ref)), None) => {
                 modes.push(LayerMode::Lazy);
@@ -176,53 +173,93 @@ pub async fn open_image(
     })
 }
 
-/// Fetches a chunked (eStargz) layer's table of contents with two range
-/// requests, the footer and then the TOC, and checks it against
-/// `toc_digest` (from the manifest's layer annotation). Returns the TOC's
-/// JSON and where its member starts in the blob.
+/// A chunked layer's table of contents, fetched and checked against the
+/// digests its manifest names.
+#[derive(Debug, Clone)]
+pub struct ChunkedToc {
+    /// How the chunks are compressed.
+    pub compression: Compression,
+    /// The TOC's JSON.
+    pub json: Vec<u8>,
+    /// `sha256:<hex>` of [`Self::json`].
+    pub json_digest: String,
+    /// Where the chunks end: the start of the TOC's member or frame.
+    pub chunks_end: u64,
+}
+
+/// Fetches a chunked layer's table of contents and checks it against the
+/// digests of `toc` (from the manifest's layer annotations): for eStargz
+/// two range requests, the footer and then the TOC; for zstd:chunked one,
+/// as the annotations say where it lies.
 pub async fn fetch_toc(
     client: &RegistryClient,
     repository: &Repository,
     digest: &str,
     size: u64,
-    toc_digest: &str,
-) -> Result<(Vec<u8>, u64), OpenError> {
+    toc: &TocRef,
+) -> Result<ChunkedToc, OpenError> {
     let bad = |problem: String| OpenError::Layer {
         image: repository.to_string(),
         layer: digest.to_owned(),
         problem,
     };
+    let limits = pronto_toc::Limits::default();
+    if let Some(zstd) = &toc.zstd {
+        if zstd.range.end > size || zstd.range.end - zstd.range.start > limits.max_toc_compressed {
+            return Err(bad(format!(
+                "its zstd:chunked manifest at {:?} is past the {size}-byte blob or over the limit of {} bytes",
+                zstd.range, limits.max_toc_compressed
+            )));
+        }
+        let frame = client
+            .blob_range(repository, digest, zstd.range.clone(), size)
+            .await?;
+        let (json, json_digest) =
+            pronto_toc::zstd_toc_json(&frame, zstd, toc.json_digest.as_deref(), &limits)
+                .map_err(|e| bad(e.to_string()))?;
+        return Ok(ChunkedToc {
+            compression: toc.compression,
+            json,
+            json_digest,
+            chunks_end: pronto_toc::zstd_chunks_end(zstd),
+        });
+    }
+    let Some(toc_digest) = toc.json_digest.as_deref() else {
+        return Err(bad("no digest vouches for its TOC".into()));
+    };
     let tail_len = pronto_toc::FOOTER_SIZE.min(size);
     let tail = client
         .blob_range(repository, digest, size - tail_len..size, size)
         .await?;
-    let toc = pronto_toc::parse_footer(&tail, size).map_err(|e| bad(e.to_string()))?;
-    let limits = pronto_toc::Limits::default();
-    if toc.end - toc.start > limits.max_toc_compressed {
+    let place = pronto_toc::parse_footer(&tail, size).map_err(|e| bad(e.to_string()))?;
+    if place.end - place.start > limits.max_toc_compressed {
         return Err(bad(format!(
             "its TOC is {} bytes, over the limit of {}",
-            toc.end - toc.start,
+            place.end - place.start,
             limits.max_toc_compressed
         )));
     }
     let member = client
-        .blob_range(repository, digest, toc.clone(), size)
+        .blob_range(repository, digest, place.clone(), size)
         .await?;
     let json =
         pronto_toc::toc_json(&member, toc_digest, &limits).map_err(|e| bad(e.to_string()))?;
-    Ok((json, toc.start))
+    Ok(ChunkedToc {
+        compression: toc.compression,
+        json,
+        json_digest: toc_digest.to_owned(),
+        chunks_end: place.start,
+    })
 }
 
-/// A lazy chunked layer over its TOC's JSON, checked against `toc_digest`
+/// A lazy chunked layer over its TOC's JSON, checked against its digest
 /// once more (it may come from a mount record on disk).
 pub fn chunked_layer(
     node: &NodeContext<'_>,
     repository: &Repository,
     digest: &str,
     size: u64,
-    toc_digest: &str,
-    json: &[u8],
-    toc_offset: u64,
+    toc: &ChunkedToc,
 ) -> Result<IndexedLayer, OpenError> {
     use sha2::Digest as _;
     let bad = |problem: String| OpenError::Layer {
@@ -230,15 +267,16 @@ pub fn chunked_layer(
         layer: digest.to_owned(),
         problem,
     };
-    let found = format!("sha256:{}", hex::encode(sha2::Sha256::digest(json)));
-    if found != toc_digest {
+    let found = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&toc.json)));
+    if found != toc.json_digest {
         return Err(bad(format!(
-            "its TOC hashes to {found}, the manifest names {toc_digest}"
+            "its TOC hashes to {found}, not {}",
+            toc.json_digest
         )));
     }
-    let toc = pronto_toc::parse_toc(json, toc_offset, &pronto_toc::Limits::default())
+    let parsed = pronto_toc::parse_toc(&toc.json, toc.chunks_end, &pronto_toc::Limits::default())
         .map_err(|e| bad(e.to_string()))?;
-    let layout = ChunkedLayout::new(digest, size, toc).map_err(bad)?;
+    let layout = ChunkedLayout::new(digest, size, parsed, toc.compression).map_err(bad)?;
     let layer_blob: Box<dyn BlobReader> = Box::new(RegistryBlob {
         client: node.client.clone(),
         repository: repository.clone(),

@@ -13,9 +13,10 @@
 //! - [`IndexLayout`], the seekable index over an unmodified layer: the
 //!   stream is the layer's tar, spans start at deflate checkpoints and may
 //!   need a 32 KiB window from the index blob;
-//! - [`ChunkedLayout`], a chunked layer's table of contents (eStargz): the
-//!   stream is every regular file's data one after another, and each span
-//!   is one chunk, its own gzip member, cached under its content digest, so
+//! - [`ChunkedLayout`], a chunked layer's table of contents (eStargz or
+//!   zstd:chunked): the stream is every regular file's data one after
+//!   another, and each span is one chunk, its own gzip member or zstd
+//!   frame, cached under its content digest, so
 //!   a chunk any layer of any image already brought is never fetched again.
 
 use std::io::Read;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use pronto_index::LayerIndex;
 use pronto_layer::{Entry, EntryKind};
 use pronto_store::CacheKey;
-use pronto_toc::Toc;
+use pronto_toc::{Compression, Toc};
 use sha2::{Digest, Sha256};
 
 /// How a layer's entries map onto spans of its blob. Offsets of the
@@ -188,12 +189,18 @@ pub struct ChunkedLayout {
     entries: Vec<Entry>,
     spans: Vec<ChunkSpan>,
     span_size: u64,
+    compression: Compression,
 }
 
 impl ChunkedLayout {
     /// The layout of the layer blob `digest` of `size` bytes, from its
-    /// checked TOC.
-    pub fn new(digest: &str, size: u64, toc: Toc) -> Result<Self, String> {
+    /// checked TOC; its chunks are compressed with `compression`.
+    pub fn new(
+        digest: &str,
+        size: u64,
+        toc: Toc,
+        compression: Compression,
+    ) -> Result<Self, String> {
         if toc.toc_offset > size {
             return Err(format!(
                 "the TOC starts at byte {}, past the {size}-byte layer",
@@ -228,6 +235,7 @@ impl ChunkedLayout {
             entries,
             spans,
             span_size,
+            compression,
         })
     }
 }
@@ -292,8 +300,9 @@ impl Layout for ChunkedLayout {
     fn decode_span(&self, i: usize, input: &[u8], _window: &[u8]) -> Result<Vec<u8>, String> {
         let span = &self.spans[i];
         let mut data = vec![0u8; span.len as usize];
-        flate2::read::GzDecoder::new(input)
-            .read_exact(&mut data)
+        self.compression
+            .decoder(input)
+            .and_then(|mut decoder| decoder.read_exact(&mut data))
             .map_err(|e| format!("chunk {i} does not decompress to {} bytes: {e}", span.len))?;
         if <[u8; 32]>::from(Sha256::digest(&data)) != span.digest {
             return Err(format!(

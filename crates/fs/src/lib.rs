@@ -23,8 +23,8 @@ mod tree;
 
 pub use fuse::{FuseMount, MountOptions, PASSTHROUGH_SEEN, ReadObserver};
 pub use image::{
-    LayerMode, NodeContext, OpenError, OpenedImage, chunked_layer, fetch_toc, lazy_layer,
-    open_image, open_lazy_layer, open_whole_layer,
+    ChunkedToc, LayerMode, NodeContext, OpenError, OpenedImage, chunked_layer, fetch_toc,
+    lazy_layer, open_image, open_lazy_layer, open_whole_layer,
 };
 pub use indexed::{
     BlobReader, DEFAULT_READ_AHEAD, IndexOrigin, IndexedLayer, LayerFetchStats, LocalBlob,

@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 gz.finish()?
             }
             LayerCompression::None => tar,
+            LayerCompression::Zstd => unreachable!("zstd layers are not indexed"),
         };
         let layer = LayerToIndex {
             digest: format!("sha256:{}", sha256_hex(&blob)),

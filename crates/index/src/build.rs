@@ -200,6 +200,12 @@ fn scan_counting(
             let (spans, total) = stream.finish();
             (entries, spans, total, 0)
         }
+        LayerCompression::Zstd => {
+            return Err(IndexError::Unsupported {
+                digest: layer.digest.clone(),
+                problem: "zstd layers have no seekable index; `pronto convert --compression zstd` makes them lazy (zstd:chunked)".into(),
+            });
+        }
     };
     let (digest, size) = blob.finish();
     if digest != layer.digest || size != layer.size {

@@ -51,14 +51,9 @@ pub(crate) fn deflate(bytes: &[u8]) -> Vec<u8> {
 }
 
 /// Reads a whole tar stream from a layer blob (for comparisons in tests
-/// and tools): gunzips when `compression` says so.
+/// and tools): decompresses as `compression` says.
 pub fn decompress_layer(blob: &[u8], compression: LayerCompression) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    match compression {
-        LayerCompression::None => out.extend_from_slice(blob),
-        LayerCompression::Gzip => {
-            flate2::read::GzDecoder::new(blob).read_to_end(&mut out)?;
-        }
-    }
+    compression.decoder(blob)?.read_to_end(&mut out)?;
     Ok(out)
 }

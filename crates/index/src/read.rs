@@ -181,6 +181,7 @@ impl LayerIndex {
                 Ok(out)
             }
             (LayerCompression::Gzip, None) => Err(span_error("it has no checkpoint".into())),
+            (LayerCompression::Zstd, _) => Err(span_error("zstd layers are not indexed".into())),
         }
     }
 

@@ -64,6 +64,9 @@ fn validate_spans(meta: &IndexMeta) -> Result<(), IndexError> {
     if first.uncompressed_start != 0 || first.compressed_start != 0 {
         return bad("the first span does not start at byte 0".into());
     }
+    if layer.compression == LayerCompression::Zstd {
+        return bad("it claims a zstd layer, and zstd layers are not indexed".into());
+    }
     let gzip = layer.compression == LayerCompression::Gzip;
     for (i, span) in meta.spans.iter().enumerate() {
         let next_start = meta

@@ -16,11 +16,21 @@ pub enum Compression {
     /// A plain tar.
     None,
     Gzip,
+    /// Zstandard frames, as `tar+zstd` layers and zstd:chunked have.
+    Zstd,
 }
 
-/// Layer media types Pronto reads, with their compression. zstd layers
-/// and foreign formats are not among them: they fall back to containerd.
+/// Layer media types Pronto reads, with their compression. Foreign
+/// formats are not among them: they fall back to containerd.
 const MEDIA_TYPES: &[(&str, Compression)] = &[
+    (
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        Compression::Zstd,
+    ),
+    (
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        Compression::Zstd,
+    ),
     (
         "application/vnd.oci.image.layer.v1.tar+gzip",
         Compression::Gzip,
@@ -56,6 +66,19 @@ impl Compression {
             .iter()
             .find(|(known, _)| *known == media_type)
             .map(|(_, compression)| *compression)
+    }
+
+    /// A reader of the uncompressed stream of `blob`: every member or
+    /// frame, one after another.
+    pub fn decoder<'a>(
+        self,
+        blob: impl std::io::Read + 'a,
+    ) -> std::io::Result<Box<dyn std::io::Read + 'a>> {
+        Ok(match self {
+            Compression::None => Box::new(blob),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(blob)?),
+        })
     }
 }
 
@@ -126,7 +149,7 @@ mod tests {
         );
         assert_eq!(
             Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd"),
-            None
+            Some(Compression::Zstd)
         );
         assert_eq!(Compression::from_media_type("text/plain"), None);
     }

@@ -143,22 +143,45 @@ pub enum Command {
     /// nodes start unmodified images lazily.
     #[command(subcommand)]
     Index(IndexCommand),
-    /// Convert an image into its chunked form, registry to registry: each
-    /// layer stays a tar+gzip layer that any runtime unpacks to the same
-    /// tree, with file data in chunks and an eStargz table of contents,
-    /// so Pronto reads it lazily with no index and fetches a chunk shared
-    /// by images once. Pushed by digest, read back, then tagged.
+    /// Convert an image into its chunked form, registry to registry, every
+    /// platform of a multi-platform image: each layer stays a tar+gzip
+    /// (eStargz) or tar+zstd (zstd:chunked) layer that any runtime unpacks
+    /// to the same tree, with file data in content-defined chunks and a
+    /// table of contents, so Pronto reads it lazily with no index and
+    /// fetches a chunk shared by images once. Pushed by digest, read back,
+    /// then tagged.
     Convert {
         /// The image to convert.
         source: String,
         /// Where to push the converted image (a tag).
         target: String,
-        #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
-        platform: String,
-        /// Uncompressed bytes per chunk of a file (at least 64KiB).
-        #[arg(long, default_value = "1MiB", value_parser = parse_span_size)]
+        /// Convert this platform only (default: every platform).
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
+        /// The average uncompressed size of a chunk of a file (64KiB to
+        /// 4MiB).
+        #[arg(long, default_value = "1MiB", value_parser = parse_chunk_size)]
         chunk_size: u64,
+        /// How chunks are compressed: gzip (eStargz) or zstd (zstd:chunked).
+        #[arg(long, value_enum, default_value_t = ChunkCompression::Gzip)]
+        compression: ChunkCompression,
     },
+}
+
+/// How `pronto convert` compresses chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChunkCompression {
+    Gzip,
+    Zstd,
+}
+
+impl From<ChunkCompression> for pronto_layer::Compression {
+    fn from(c: ChunkCompression) -> Self {
+        match c {
+            ChunkCompression::Gzip => pronto_layer::Compression::Gzip,
+            ChunkCompression::Zstd => pronto_layer::Compression::Zstd,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +393,14 @@ pub enum IndexCommand {
 /// Parses sizes such as `4194304`, `4MiB`, `512k`, `1G`.
 /// A span size: a size of at least 64 KiB, checked before anything is
 /// downloaded.
+fn parse_chunk_size(text: &str) -> Result<u64, String> {
+    let size = parse_size(text)?;
+    if !(64 * 1024..=4 << 20).contains(&size) {
+        return Err(format!("{text} is outside 64KiB to 4MiB"));
+    }
+    Ok(size)
+}
+
 fn parse_span_size(text: &str) -> Result<u64, String> {
     let size = parse_size(text)?;
     if size < 64 * 1024 {

@@ -894,20 +894,29 @@ fn a_converted_image_unpacks_as_its_source_and_mounts_lazily_without_an_index() 
     require!(&[NEEDS, &[Prereq::Containerd, Prereq::Runc]].concat());
     let pushed = push_edge_image();
     let node = Node::new();
-    let converted = pushed
-        .reference
-        .replace("mount/edge:v1", "mount/edge-chunked:v1");
-    let said = node.ok(&[
-        "convert",
-        &pushed.reference,
-        &converted,
-        "--chunk-size",
-        "64KiB",
-    ]);
-    assert!(said.contains("@sha256:"), "{said}");
+    // Both chunked forms: eStargz (gzip) and zstd:chunked.
+    let forms: Vec<(String, &str)> = ["gzip", "zstd"]
+        .iter()
+        .map(|compression| {
+            let converted = pushed
+                .reference
+                .replace("mount/edge:v1", &format!("mount/edge-{compression}:v1"));
+            let said = node.ok(&[
+                "convert",
+                &pushed.reference,
+                &converted,
+                "--chunk-size",
+                "64KiB",
+                "--compression",
+                compression,
+            ]);
+            assert!(said.contains("@sha256:"), "{said}");
+            (converted, *compression)
+        })
+        .collect();
 
     // containerd's own unpack (overlayfs) of the source and of the
-    // converted image: the same tree, so nodes without Pronto run it.
+    // converted images: the same tree, so nodes without Pronto run them.
     let containerd = Containerd::start_with(ContainerdOptions {
         plain_http_registries: vec![pushed.registry.host()],
         ..Default::default()
@@ -929,18 +938,95 @@ fn a_converted_image_unpacks_as_its_source_and_mounts_lazily_without_an_index() 
         tree
     };
     let source = unpacked(&pushed.reference);
-    let differences = diff(&source, &unpacked(&converted));
-    assert!(differences.is_empty(), "{}", differences.join("\n"));
+    for (converted, compression) in &forms {
+        let differences = diff(&source, &unpacked(converted));
+        assert!(
+            differences.is_empty(),
+            "{compression}: {}",
+            differences.join("\n")
+        );
 
-    // Pronto mounts every layer lazily through its TOC, with no index.
-    let mounted = node.mount(&converted, &[]);
-    let log = mounted.log();
-    assert!(
-        log.contains("2 of 2 layers lazy") && log.contains("tables of contents"),
-        "{log}"
-    );
-    let actual =
-        without_dir_link_counts(snapshot(&mounted.dir, SnapshotOptions::default()).unwrap());
-    let differences = diff(&source, &actual);
-    assert!(differences.is_empty(), "{}", differences.join("\n"));
+        // Pronto mounts every layer lazily through its TOC, with no index.
+        let mounted = node.mount(converted, &[]);
+        let log = mounted.log();
+        assert!(
+            log.contains("2 of 2 layers lazy") && log.contains("tables of contents"),
+            "{compression}: {log}"
+        );
+        let actual =
+            without_dir_link_counts(snapshot(&mounted.dir, SnapshotOptions::default()).unwrap());
+        let differences = diff(&source, &actual);
+        assert!(
+            differences.is_empty(),
+            "{compression}: {}",
+            differences.join("\n")
+        );
+    }
+}
+
+#[test]
+fn every_platform_of_a_multi_platform_image_is_converted() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(work.path()).unwrap();
+    let build = |arch: &str| {
+        ImageBuilder::new()
+            .platform(pronto_testbed::image::Platform::new("linux", arch))
+            .layer(Layer::new().file("arch", arch))
+            .layer(Layer::new().file("data", Content::random(4, 300_000)))
+            .entrypoint(&["/bin/app"])
+            .build(&layout)
+            .unwrap()
+    };
+    let (amd, arm) = (build("amd64"), build("arm64"));
+    layout.tag_multi_platform("v1", &[amd, arm]).unwrap();
+    let registry = Registry::start().unwrap();
+    let reference = registry.push(&layout, "v1", "mount/multi:v1").unwrap();
+    let node = Node::new();
+    let target = reference.replace("mount/multi:v1", "mount/multi-zstd:v1");
+    let said = node.ok(&["convert", &reference, &target, "--compression", "zstd"]);
+    assert!(said.contains("2 platforms, 4 layers"), "{said}");
+
+    for arch in ["amd64", "arm64"] {
+        let platform = format!("linux/{arch}");
+        let report: serde_json::Value = serde_json::from_str(&node.ok(&[
+            "image",
+            "inspect",
+            &target,
+            "--platform",
+            &platform,
+            "--json",
+        ]))
+        .unwrap();
+        assert_eq!(
+            report["index"]["platforms"],
+            serde_json::json!(["linux/amd64", "linux/arm64"])
+        );
+        assert_eq!(report["config"]["architecture"], arch);
+        assert_eq!(
+            report["config"]["entrypoint"],
+            serde_json::json!(["/bin/app"])
+        );
+        for layer in report["layers"].as_array().unwrap() {
+            assert_eq!(
+                layer["media_type"], "application/vnd.oci.image.layer.v1.tar+zstd",
+                "{report}"
+            );
+        }
+        // Lazily, through the zstd:chunked TOCs, each platform's own files.
+        let mounted = node.mount(&target, &["--platform", &platform]);
+        assert!(
+            mounted.log().contains("2 of 2 layers lazy"),
+            "{}",
+            mounted.log()
+        );
+        assert_eq!(
+            std::fs::read_to_string(mounted.dir.join("arch")).unwrap(),
+            arch
+        );
+        assert!(
+            std::fs::read(mounted.dir.join("data")).unwrap()
+                == Content::random(4, 300_000).to_vec().unwrap()
+        );
+    }
 }

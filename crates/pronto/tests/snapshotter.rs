@@ -1702,11 +1702,10 @@ fn a_converted_image_starts_lazily_without_an_index_and_its_mounts_survive_a_res
 }
 
 #[test]
-fn an_estargz_image_made_by_ctr_remote_starts_lazily_without_an_index() {
+fn estargz_and_zstd_chunked_images_made_by_ctr_remote_start_lazily_without_an_index() {
     require!(&[NEEDS, &[Prereq::CtrRemote]].concat());
     let stack = Stack::start();
     let (reference, image) = stack.push_model_image("estargz/model", false);
-    let converted = reference.replace("estargz/model", "estargz/model-esgz");
     // As a user converts an image with stargz-snapshotter's tool.
     let ctr_remote = |args: &[&str]| {
         let out = Command::new("ctr-remote")
@@ -1724,34 +1723,69 @@ fn an_estargz_image_made_by_ctr_remote_starts_lazily_without_an_index() {
         );
     };
     ctr_remote(&["images", "pull", "--plain-http", &reference]);
-    ctr_remote(&[
-        "images",
-        "convert",
-        "--estargz",
-        "--oci",
-        &reference,
-        &converted,
-    ]);
-    ctr_remote(&["images", "push", "--plain-http", &converted]);
+    for (name, flags) in [
+        ("esgz", &["--estargz"][..]),
+        ("zstdchunked", &["--zstdchunked"][..]),
+    ] {
+        let converted = reference.replace("estargz/model", &format!("estargz/model-{name}"));
+        let mut args = vec!["images", "convert"];
+        args.extend(flags);
+        args.extend(["--oci", &reference, &converted]);
+        ctr_remote(&args);
+        ctr_remote(&["images", "push", "--plain-http", &converted]);
 
-    stack.relay.reset();
-    let pulled = stack.pronto_pull(&converted);
+        stack.relay.reset();
+        let pulled = stack.pronto_pull(&converted);
+        assert!(
+            pulled.contains("2 layers lazy"),
+            "{name}: {pulled}\n{}",
+            tail(&stack.serve_log(), 20)
+        );
+        let out = stack.run(&converted, &["sha256sum", "/model/weights.bin"]);
+        assert!(
+            stdout(&out).starts_with(&model_sha256()),
+            "{name}: {}",
+            stdout(&out)
+        );
+        // The whole model was read, nothing else: verified chunk by chunk.
+        let fetched = stack.relay.bytes_down();
+        assert!(
+            fetched < image.layers_size() + image.layers_size() / 10,
+            "{name}: {fetched} bytes for a {}-byte image",
+            image.layers_size()
+        );
+    }
+}
+
+#[test]
+fn a_plain_zstd_image_is_pulled_whole_in_parallel_and_runs() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh", "cat", "sha256sum"]).compression(Compression::Zstd(3)))
+        .layer(
+            Layer::new()
+                .compression(Compression::Zstd(3))
+                .dir("model")
+                .file("model/weights.bin", MODEL),
+        )
+        .build(&stack.layout)
+        .unwrap();
+    let reference = stack.push(&image, "zstd/model");
+    let pulled = stack.pronto_pull(&reference);
+    let log = stack.serve_log();
     assert!(
-        pulled.contains("2 layers lazy"),
+        log.matches("layer fetched in parallel and unpacked")
+            .count()
+            >= 2,
         "{pulled}\n{}",
-        tail(&stack.serve_log(), 20)
+        tail(&log, 30)
     );
-    let out = stack.run(&converted, &["sha256sum", "/model/weights.bin"]);
+    assert!(!log.contains(CONTAINERD_PULLS), "{}", tail(&log, 30));
+    let out = stack.run(&reference, &["sha256sum", "/model/weights.bin"]);
     assert!(
         stdout(&out).starts_with(&model_sha256()),
         "{}",
         stdout(&out)
-    );
-    // The whole model was read, nothing else: verified chunk by chunk.
-    let fetched = stack.relay.bytes_down();
-    assert!(
-        fetched < image.layers_size() + image.layers_size() / 10,
-        "{fetched} bytes for a {}-byte image",
-        image.layers_size()
     );
 }

@@ -29,7 +29,7 @@ pub use digest::{sha256_digest, verify_digest};
 pub use error::{RegistryError, Target};
 pub use hosts::{Endpoint, HostSettings, Hosts, HostsError};
 pub use manifest::{
-    MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Manifest, ManifestKind, OCI_MANIFEST, Platform,
+    MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Manifest, ManifestKind, OCI_INDEX, OCI_MANIFEST, Platform,
     ResolvedImage,
 };
 pub use oci_spec::distribution::Reference;

@@ -15,8 +15,8 @@ use pronto_catalog::{
     verify_prefix,
 };
 use pronto_fs::{
-    FuseMount, LazyLayer, MountOptions, Negotiated, NodeContext, OpenError, Scheduler, Tree,
-    TreeMode, chunked_layer, fetch_toc, lazy_layer, mounts,
+    ChunkedToc, FuseMount, LazyLayer, MountOptions, Negotiated, NodeContext, OpenError, Scheduler,
+    Tree, TreeMode, chunked_layer, fetch_toc, lazy_layer, mounts,
 };
 use pronto_registry::{ManifestKind, Reference, RegistryClient, Repository, parse_reference};
 use pronto_store::ContentCache;
@@ -88,7 +88,7 @@ impl Fallback {
 }
 
 /// A manifest's chunked layers: layer digest → (TOC digest, blob size).
-type ChunkedLayers = HashMap<String, (String, u64)>;
+type ChunkedLayers = HashMap<String, (Result<pronto_toc::TocRef, String>, u64)>;
 
 /// One manifest's chunked layers: being read, or read.
 type ChunkedLookup = tokio::sync::OnceCell<Result<Arc<ChunkedLayers>, String>>;
@@ -144,18 +144,27 @@ enum Opened {
         set: IndexSet,
         layer_ref: LayerIndexRef,
     },
-    /// Through a chunked layer's own TOC (eStargz).
+    /// Through a chunked layer's own TOC (eStargz or zstd:chunked).
     Chunked { chunked: ChunkedRecord },
 }
 
 /// What reopening a chunked layer needs besides its TOC.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct ChunkedRecord {
-    /// From the manifest's layer annotation.
+    /// `sha256:<hex>` of the TOC's JSON, as checked against the manifest.
     toc_digest: String,
+    /// Where the chunks end.
     toc_offset: u64,
     /// Size of the layer blob.
     size: u64,
+    /// How the chunks are compressed (records before zstd:chunked have
+    /// none: gzip).
+    #[serde(default = "gzip")]
+    compression: pronto_toc::Compression,
+}
+
+fn gzip() -> pronto_toc::Compression {
+    pronto_toc::Compression::Gzip
 }
 
 impl Opened {
@@ -449,13 +458,18 @@ impl Remote {
             .chunked_layers(&repository, &remote.manifest_digest)
             .await
         {
-            Ok(chunked) => {
-                if let Some((toc_digest, size)) = chunked.get(&remote.layer_digest) {
-                    return self
-                        .open_chunked(&repository, remote, toc_digest, *size)
-                        .await;
+            Ok(chunked) => match chunked.get(&remote.layer_digest) {
+                Some((Ok(toc), size)) => {
+                    return self.open_chunked(&repository, remote, toc, *size).await;
                 }
-            }
+                Some((Err(e), _)) => {
+                    return Err((
+                        Fallback::IndexRefused,
+                        format!("layer {}: {e}", remote.layer_digest),
+                    ));
+                }
+                None => {}
+            },
             Err(e) => tracing::debug!(
                 manifest = remote.manifest_digest,
                 "cannot read the manifest's layer annotations; looking for an index: {e}"
@@ -546,11 +560,12 @@ impl Remote {
                         .layers()
                         .iter()
                         .filter_map(|layer| {
-                            let toc = layer
-                                .annotations()
-                                .as_ref()?
-                                .get(pronto_toc::TOC_DIGEST_ANNOTATION)?;
-                            Some((layer.digest().to_string(), (toc.clone(), layer.size())))
+                            let toc = pronto_toc::TocRef::of(
+                                layer.media_type().as_ref(),
+                                layer.annotations().as_ref()?,
+                            )?
+                            .map_err(|e| e.to_string());
+                            Some((layer.digest().to_string(), (toc, layer.size())))
                         })
                         .collect(),
                 ))
@@ -566,44 +581,39 @@ impl Remote {
         found
     }
 
-    /// Opens a chunked layer through its own TOC: two range requests (the
-    /// footer, then the TOC), no index needed.
+    /// Opens a chunked layer through its own TOC: one or two range
+    /// requests, no index needed.
     async fn open_chunked(
         &self,
         repository: &Repository,
         remote: &RemoteLayer,
-        toc_digest: &str,
+        toc: &pronto_toc::TocRef,
         size: u64,
     ) -> Result<OpenLayer, (Fallback, String)> {
         let refused = |e: OpenError| match e {
             OpenError::Layer { .. } => (Fallback::IndexRefused, e.to_string()),
             other => (Fallback::IndexUnavailable, other.to_string()),
         };
-        let (json, toc_offset) = fetch_toc(
-            &self.client,
-            repository,
-            &remote.layer_digest,
-            size,
-            toc_digest,
-        )
-        .await
-        .map_err(refused)?;
+        let fetched = fetch_toc(&self.client, repository, &remote.layer_digest, size, toc)
+            .await
+            .map_err(refused)?;
         let opened = Opened::Chunked {
             chunked: ChunkedRecord {
-                toc_digest: toc_digest.to_owned(),
-                toc_offset,
+                toc_digest: fetched.json_digest,
+                toc_offset: fetched.chunks_end,
                 size,
+                compression: fetched.compression,
             },
         };
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let layer = self
-            .reopen(repository, remote, &opened, &json, shutdown)
+            .reopen(repository, remote, &opened, &fetched.json, shutdown)
             .map_err(|e| (Fallback::IndexRefused, e))?;
         Ok(OpenLayer {
             layer,
             shutdown: shutdown_tx,
             opened,
-            bytes: json,
+            bytes: fetched.json,
         })
     }
 
@@ -629,9 +639,12 @@ impl Remote {
                 repository,
                 &remote.layer_digest,
                 chunked.size,
-                &chunked.toc_digest,
-                bytes,
-                chunked.toc_offset,
+                &ChunkedToc {
+                    compression: chunked.compression,
+                    json: bytes.to_vec(),
+                    json_digest: chunked.toc_digest.clone(),
+                    chunks_end: chunked.toc_offset,
+                },
             )
             .map_err(|e| e.to_string())?
             .shared(),

@@ -66,10 +66,9 @@ pub fn unpack(
     dir: &Path,
     min_free: u64,
 ) -> Result<Unpacked, UnpackError> {
-    let input: Box<dyn Read> = match compression {
-        Compression::None => Box::new(blob),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
-    };
+    let input = compression
+        .decoder(blob)
+        .map_err(|e| UnpackError::Read(format!("cannot start decompressing: {e}")))?;
     let mut hashing = HashingReader {
         inner: input,
         hasher: Sha256::new(),

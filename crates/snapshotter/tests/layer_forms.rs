@@ -1,8 +1,10 @@
 //! One layer, two forms: the lazy tree a FUSE mount serves for an overlay
-//! lower directory (from the layer's index) and the directory the parallel
-//! pull unpacks must be the same tree — same entries, types, modes,
-//! owners, sizes, link targets, devices, link counts and overlay markers —
-//! for every kind of layer, whiteouts and odd markers included.
+//! lower directory (from the layer's index, or from a chunked layer's TOC)
+//! and the directory the parallel pull unpacks must be the same tree —
+//! same entries, types, modes, owners, sizes, link targets, devices, link
+//! counts and overlay markers — for every kind of layer and compression
+//! (tar, gzip, zstd, eStargz, zstd:chunked), whiteouts and odd markers
+//! included.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -146,28 +148,32 @@ fn unpacked_tree(root: &Path) -> BTreeMap<String, Attrs> {
 fn the_lazy_tree_and_the_unpacked_directory_are_the_same() {
     require!(&[Prereq::Root]);
     for (what, layer) in layers() {
-        for compression in [Compression::Gzip(6), Compression::None] {
-            let layer = layer.clone().compression(compression);
-            let mut blob = Vec::new();
-            let digests = layer.write(&mut blob).unwrap();
-            let format = match compression {
-                Compression::None => LayerCompression::None,
-                Compression::Gzip(_) => LayerCompression::Gzip,
-            };
-            let target = LayerToIndex {
-                digest: digests.digest,
-                size: digests.size,
-                compression: format,
-            };
-            let mut index_blob = Vec::new();
-            build_index(blob.as_slice(), &target, 64 * 1024, &mut index_blob).unwrap();
-            let index = LayerIndex::parse(&index_blob).unwrap();
-            let tree = Tree::build(&[&index.meta().entries], TreeMode::OverlayLower);
+        for form in [
+            Form::Indexed(Compression::Gzip(6)),
+            Form::Indexed(Compression::None),
+            Form::Chunked(LayerCompression::Gzip),
+            Form::Chunked(LayerCompression::Zstd),
+        ] {
+            let (blob, format, entries) = form.of(&layer);
+            let tree = Tree::build(&[&entries], TreeMode::OverlayLower);
 
             let dir = tempfile::tempdir().unwrap();
             let unpacked = dir.path().join("layer");
             std::fs::create_dir(&unpacked).unwrap();
             unpack(blob.as_slice(), format, &unpacked, 0).unwrap();
+            // A plain zstd layer unpacks to the same directory.
+            if form == Form::Chunked(LayerCompression::Zstd) {
+                let mut plain = Vec::new();
+                layer
+                    .clone()
+                    .compression(Compression::Zstd(3))
+                    .write(&mut plain)
+                    .unwrap();
+                let again = dir.path().join("plain");
+                std::fs::create_dir(&again).unwrap();
+                unpack(plain.as_slice(), LayerCompression::Zstd, &again, 0).unwrap();
+                assert_eq!(unpacked_tree(&again), unpacked_tree(&unpacked), "{what}");
+            }
 
             let (lazy, unpacked) = (lazy_tree(&tree), unpacked_tree(&unpacked));
             if what.starts_with("whiteouts") {
@@ -183,8 +189,68 @@ fn the_lazy_tree_and_the_unpacked_directory_are_the_same() {
                 assert_eq!(
                     Some(attrs),
                     unpacked.get(path),
-                    "{what} ({compression:?}): {path:?}"
+                    "{what} ({form:?}): {path:?}"
                 );
+            }
+        }
+    }
+}
+
+/// How a test layer reaches both forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// Written with this compression and indexed.
+    Indexed(Compression),
+    /// Converted to a chunked layer with this compression; its entries
+    /// come from its TOC.
+    Chunked(LayerCompression),
+}
+
+impl Form {
+    /// The layer's blob in this form, its compression and its entries.
+    fn of(self, layer: &Layer) -> (Vec<u8>, LayerCompression, Vec<pronto_index::Entry>) {
+        match self {
+            Form::Indexed(compression) => {
+                let mut blob = Vec::new();
+                let digests = layer
+                    .clone()
+                    .compression(compression)
+                    .write(&mut blob)
+                    .unwrap();
+                let format = LayerCompression::from_media_type(compression.media_type())
+                    .expect("a layer media type");
+                let target = LayerToIndex {
+                    digest: digests.digest,
+                    size: digests.size,
+                    compression: format,
+                };
+                let mut index_blob = Vec::new();
+                build_index(blob.as_slice(), &target, 64 * 1024, &mut index_blob).unwrap();
+                let index = LayerIndex::parse(&index_blob).unwrap();
+                (blob, format, index.meta().entries.clone())
+            }
+            Form::Chunked(compression) => {
+                use std::io::Write as _;
+                let mut tar = tempfile::tempfile().unwrap();
+                let mut plain = Vec::new();
+                layer
+                    .clone()
+                    .compression(Compression::None)
+                    .write(&mut plain)
+                    .unwrap();
+                tar.write_all(&plain).unwrap();
+                let options = pronto_toc::WriteOptions {
+                    compression,
+                    ..Default::default()
+                };
+                let mut blob = Vec::new();
+                let converted = pronto_toc::write_chunked(&tar, &mut blob, &options).unwrap();
+                let annotations = converted.annotations.iter().cloned().collect();
+                let toc = pronto_toc::TocRef::of(converted.media_type, &annotations)
+                    .unwrap()
+                    .unwrap();
+                let toc = pronto_toc::blob_toc(&blob, &toc, &Default::default()).unwrap();
+                (blob, compression, toc.entries)
             }
         }
     }

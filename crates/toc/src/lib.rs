@@ -1,17 +1,23 @@
 //! Tables of contents of chunked layers, parsed and checked before anything
 //! trusts them.
 //!
-//! A chunked layer is a valid `tar+gzip` layer whose file data is cut into
-//! chunks, each compressed as its own gzip member, with a table of
-//! contents (TOC) that says where every chunk lies in the blob and what its
-//! uncompressed bytes hash to. The format read here is eStargz, what
-//! BuildKit, `ctr-remote` and stargz-snapshotter write: the TOC is a JSON
-//! document (`stargz.index.json`) in a tar in a gzip member near the end of
-//! the blob, found through a 51-byte footer (47 bytes in the legacy stargz
-//! form). The image manifest names the SHA-256 of the TOC's JSON in the
-//! layer annotation [`TOC_DIGEST_ANNOTATION`]; that digest, signed into the
-//! manifest digest, is what makes the TOC and every chunk digest in it
-//! trustworthy.
+//! A chunked layer is a valid `tar+gzip` or `tar+zstd` layer whose file
+//! data is cut into chunks, each compressed as its own gzip member or zstd
+//! frame, with a table of contents (TOC) that says where every chunk lies
+//! in the blob and what its uncompressed bytes hash to. Two forms of one
+//! TOC document (CRFS's JSON) are read:
+//! - eStargz, what BuildKit, `ctr-remote` and stargz-snapshotter write: the
+//!   TOC (`stargz.index.json`) is in a tar in a gzip member near the end of
+//!   the blob, found through a 51-byte footer (47 bytes in the legacy
+//!   stargz form); the image manifest names the SHA-256 of the TOC's JSON
+//!   in the layer annotation [`TOC_DIGEST_ANNOTATION`];
+//! - zstd:chunked, what Podman, Buildah and `ctr-remote --zstdchunked`
+//!   write: the TOC (the "manifest") is one zstd frame in a skippable
+//!   frame near the end of the blob; layer annotations name where it lies
+//!   and the SHA-256 of its compressed bytes ([`ZstdManifest`]).
+//!
+//! Those digests, signed into the manifest digest, are what make the TOC
+//! and every chunk digest in it trustworthy.
 //!
 //! Only what the filesystem needs leaves this crate: the entries as
 //! [`pronto_layer::Entry`] and per regular file its [`Chunk`]s. Every
@@ -23,6 +29,7 @@ use std::io::Read;
 use std::ops::Range;
 
 use base64::Engine as _;
+pub use pronto_layer::Compression;
 use pronto_layer::{Entry, EntryKind, EntryLimits};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -42,6 +49,214 @@ pub const FOOTER_SIZE: u64 = 51;
 /// Size of the legacy stargz footer.
 pub const LEGACY_FOOTER_SIZE: u64 = 47;
 
+/// Layer annotations of zstd:chunked naming the SHA-256 of the compressed
+/// manifest (the TOC): containers/storage's current name, then the one
+/// stargz-snapshotter writes.
+pub const ZSTD_CHECKSUM_ANNOTATIONS: [&str; 2] = [
+    "io.github.containers.zstd-chunked.manifest-checksum",
+    "io.containers.zstd-chunked.manifest-checksum",
+];
+
+/// Layer annotations of zstd:chunked naming where the manifest lies:
+/// `offset:compressed:uncompressed:type`.
+pub const ZSTD_POSITION_ANNOTATIONS: [&str; 2] = [
+    "io.github.containers.zstd-chunked.manifest-position",
+    "io.containers.zstd-chunked.manifest-position",
+];
+
+/// The manifest type of zstd:chunked whose document is the CRFS TOC.
+const ZSTD_MANIFEST_TYPE_TOC: u64 = 1;
+
+/// Magic number of a zstd skippable frame (the first of sixteen).
+const ZSTD_SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
+
+/// Where a chunked layer's TOC is and what vouches for it, read from the
+/// layer's descriptor in the image manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TocRef {
+    /// How the layer's chunks are compressed: gzip (eStargz) or zstd.
+    pub compression: Compression,
+    /// `sha256:<hex>` of the TOC's JSON, if the manifest names it.
+    pub json_digest: Option<String>,
+    /// Where a zstd:chunked layer's TOC lies, with its checksum.
+    pub zstd: Option<ZstdManifest>,
+}
+
+/// The zstd:chunked manifest annotations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZstdManifest {
+    /// The compressed manifest's bytes in the blob (one zstd frame).
+    pub range: Range<u64>,
+    /// Its size uncompressed.
+    pub uncompressed: u64,
+    /// `sha256:<hex>` of the compressed bytes, if the manifest names it.
+    pub checksum: Option<String>,
+}
+
+impl TocRef {
+    /// The TOC reference of a layer of `media_type` with `annotations`:
+    /// `None` when the layer is not chunked; an error when it claims to be
+    /// but nothing vouches for its TOC or its annotations are malformed.
+    pub fn of(
+        media_type: &str,
+        annotations: &HashMap<String, String>,
+    ) -> Option<Result<Self, TocError>> {
+        let compression = Compression::from_media_type(media_type)?;
+        let json_digest = annotations.get(TOC_DIGEST_ANNOTATION).cloned();
+        match compression {
+            Compression::Gzip => Some(Ok(Self {
+                compression,
+                json_digest: Some(json_digest?),
+                zstd: None,
+            })),
+            Compression::Zstd => {
+                let position = ZSTD_POSITION_ANNOTATIONS
+                    .iter()
+                    .find_map(|name| annotations.get(*name))?;
+                let checksum = ZSTD_CHECKSUM_ANNOTATIONS
+                    .iter()
+                    .find_map(|name| annotations.get(*name))
+                    .cloned();
+                Some(zstd_manifest(position, checksum).and_then(|zstd| {
+                    if zstd.checksum.is_none() && json_digest.is_none() {
+                        return Err(TocError::Annotation(
+                            "no digest vouches for the zstd:chunked manifest".into(),
+                        ));
+                    }
+                    Ok(Self {
+                        compression,
+                        json_digest,
+                        zstd: Some(zstd),
+                    })
+                }))
+            }
+            Compression::None => None,
+        }
+    }
+}
+
+/// The zstd:chunked manifest position annotation, parsed.
+fn zstd_manifest(position: &str, checksum: Option<String>) -> Result<ZstdManifest, TocError> {
+    let bad = || {
+        TocError::Annotation(format!(
+            "the zstd:chunked manifest position {position:?} is not offset:length:length:1"
+        ))
+    };
+    let fields: Vec<u64> = position
+        .split(':')
+        .map(|f| f.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let &[offset, compressed, uncompressed, kind] = fields.as_slice() else {
+        return Err(bad());
+    };
+    if kind != ZSTD_MANIFEST_TYPE_TOC || compressed == 0 {
+        return Err(bad());
+    }
+    let end = offset.checked_add(compressed).ok_or_else(bad)?;
+    Ok(ZstdManifest {
+        range: offset..end,
+        uncompressed,
+        checksum,
+    })
+}
+
+/// The TOC's JSON from a zstd:chunked manifest frame (the bytes at
+/// `manifest.range`), checked against the checksum and, when the manifest
+/// names one, the JSON digest. Returns the JSON and its digest.
+pub fn zstd_toc_json(
+    frame: &[u8],
+    manifest: &ZstdManifest,
+    json_digest: Option<&str>,
+    limits: &Limits,
+) -> Result<(Vec<u8>, String), TocError> {
+    if frame.len() as u64 > limits.max_toc_compressed || manifest.uncompressed > limits.max_toc_json
+    {
+        return Err(TocError::Unreadable(format!(
+            "the TOC is {} bytes ({} uncompressed), over the limits of {} and {}",
+            frame.len(),
+            manifest.uncompressed,
+            limits.max_toc_compressed,
+            limits.max_toc_json
+        )));
+    }
+    if let Some(expected) = &manifest.checksum {
+        let found = format!("sha256:{}", hex::encode(Sha256::digest(frame)));
+        if &found != expected {
+            return Err(TocError::DigestMismatch {
+                expected: expected.clone(),
+                found,
+            });
+        }
+    }
+    let unreadable = |e: std::io::Error| TocError::Unreadable(e.to_string());
+    // One byte more than promised is read, to catch a frame that says
+    // otherwise.
+    let mut json = Vec::new();
+    Compression::Zstd
+        .decoder(frame)
+        .map_err(unreadable)?
+        .take(manifest.uncompressed + 1)
+        .read_to_end(&mut json)
+        .map_err(unreadable)?;
+    if json.len() as u64 != manifest.uncompressed {
+        return Err(TocError::Unreadable(format!(
+            "the TOC decompresses to {}{} bytes, its annotation says {}",
+            if json.len() as u64 > manifest.uncompressed {
+                "more than "
+            } else {
+                ""
+            },
+            json.len().min(manifest.uncompressed as usize),
+            manifest.uncompressed
+        )));
+    }
+    let found = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
+    if let Some(expected) = json_digest
+        && found != expected
+    {
+        return Err(TocError::DigestMismatch {
+            expected: expected.to_owned(),
+            found,
+        });
+    }
+    Ok((json, found))
+}
+
+/// Where the chunks of a zstd:chunked layer end: at the skippable frame
+/// holding its manifest.
+pub fn zstd_chunks_end(manifest: &ZstdManifest) -> u64 {
+    manifest.range.start.saturating_sub(8)
+}
+
+/// The checked TOC of a whole layer blob in memory (tools and tests; nodes
+/// fetch only the TOC's bytes).
+pub fn blob_toc(blob: &[u8], toc: &TocRef, limits: &Limits) -> Result<Toc, TocError> {
+    let slice = |range: Range<u64>| {
+        blob.get(range.start as usize..range.end as usize)
+            .ok_or_else(|| TocError::Footer(format!("{range:?} is past the blob's end")))
+    };
+    let (json, end) = match (&toc.zstd, &toc.json_digest) {
+        (Some(zstd), _) => {
+            let (json, _) = zstd_toc_json(
+                slice(zstd.range.clone())?,
+                zstd,
+                toc.json_digest.as_deref(),
+                limits,
+            )?;
+            (json, zstd_chunks_end(zstd))
+        }
+        (None, Some(digest)) => {
+            let place = parse_footer(blob, blob.len() as u64)?;
+            (
+                toc_json(slice(place.clone())?, digest, limits)?,
+                place.start,
+            )
+        }
+        (None, None) => return Err(TocError::Annotation("no digest vouches for the TOC".into())),
+    };
+    parse_toc(&json, end, limits)
+}
+
 /// Why a chunked layer's TOC cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TocError {
@@ -53,6 +268,8 @@ pub enum TocError {
     DigestMismatch { expected: String, found: String },
     #[error("the TOC is malformed: {0}")]
     Malformed(String),
+    #[error("the layer's chunked-format annotations cannot be used: {0}")]
+    Annotation(String),
 }
 
 /// Bounds on a TOC, so that a hostile layer cannot make the daemon
@@ -257,6 +474,12 @@ struct JsonEntry {
     chunk_size: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     chunk_digest: String,
+    /// zstd:chunked: where the entry's frames end.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    end_offset: u64,
+    /// zstd:chunked: `zeros` for a hole with no data in the blob.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    chunk_type: String,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -413,7 +636,14 @@ pub fn parse_toc(json: &[u8], toc_offset: u64, limits: &Limits) -> Result<Toc, T
                 entries[file].path
             )));
         }
-        chunks[file][chunk].blob.end = end;
+        // zstd:chunked says where a chunk's frames end; the tar header
+        // frames after it need not be fetched.
+        let stated = chunks[file][chunk].blob.end;
+        chunks[file][chunk].blob.end = if stated > start && stated < end {
+            stated
+        } else {
+            end
+        };
     }
     Ok(Toc {
         entries,
@@ -423,7 +653,7 @@ pub fn parse_toc(json: &[u8], toc_offset: u64, limits: &Limits) -> Result<Toc, T
 }
 
 /// The chunk `json` describes in a file of `size` bytes (its member's end
-/// is set later).
+/// is set later; `blob.end` is what the TOC says, if anything).
 fn chunk_of(json: &JsonEntry, size: u64, limits: &Limits) -> Result<Chunk, TocError> {
     let bad = |problem: String| TocError::Malformed(problem);
     if json.chunk_offset >= size {
@@ -443,8 +673,20 @@ fn chunk_of(json: &JsonEntry, size: u64, limits: &Limits) -> Result<Chunk, TocEr
             json.name, limits.max_chunk
         )));
     }
-    let digest = json
-        .chunk_digest
+    if !json.chunk_type.is_empty() {
+        return Err(bad(format!(
+            "a chunk of {:?} has chunk type {:?}, which Pronto does not read",
+            json.name, json.chunk_type
+        )));
+    }
+    // zstd:chunked names only the file's digest when one chunk holds it.
+    let whole = json.chunk_offset == 0 && len == size;
+    let digest = if json.chunk_digest.is_empty() && whole {
+        &json.digest
+    } else {
+        &json.chunk_digest
+    };
+    let digest = digest
         .strip_prefix("sha256:")
         .and_then(|h| hex::decode(h).ok())
         .and_then(|d| <[u8; 32]>::try_from(d).ok())
@@ -457,7 +699,7 @@ fn chunk_of(json: &JsonEntry, size: u64, limits: &Limits) -> Result<Chunk, TocEr
     Ok(Chunk {
         file_offset: json.chunk_offset,
         len,
-        blob: json.offset..json.offset,
+        blob: json.offset..json.end_offset,
         digest,
     })
 }
@@ -476,6 +718,15 @@ fn modtime(text: &str) -> Option<(i64, u32)> {
 mod write;
 
 pub use write::{Converted, WriteOptions, write_chunked};
+
+/// A zstd skippable frame holding `payload`.
+fn skippable_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(payload.len() + 8);
+    frame.extend_from_slice(&ZSTD_SKIPPABLE_MAGIC.to_le_bytes());
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
 
 #[cfg(test)]
 mod tests;

@@ -82,7 +82,15 @@ fn convert(options: &WriteOptions) -> (Vec<u8>, Converted, Vec<u8>, Files) {
 fn small_chunks() -> WriteOptions {
     WriteOptions {
         chunk_size: 64 << 10,
-        level: 6,
+        compression: Compression::Gzip,
+        level: None,
+    }
+}
+
+fn zstd_chunks() -> WriteOptions {
+    WriteOptions {
+        compression: Compression::Zstd,
+        ..small_chunks()
     }
 }
 
@@ -95,26 +103,66 @@ fn read_toc(blob: &[u8], digest: &str) -> Result<Toc, TocError> {
     parse_toc(&json, toc.start, &Limits::default())
 }
 
+/// The annotations `converted` gives its layer.
+fn annotations(converted: &Converted) -> HashMap<String, String> {
+    converted.annotations.iter().cloned().collect()
+}
+
+/// The TOC of a converted layer of either compression, found as a node
+/// finds it: through the manifest's annotations.
+fn read_converted(blob: &[u8], converted: &Converted) -> Result<Toc, TocError> {
+    let toc =
+        TocRef::of(converted.media_type, &annotations(converted)).expect("a chunked layer")?;
+    if let Some(zstd) = &toc.zstd {
+        let frame = &blob[zstd.range.start as usize..zstd.range.end as usize];
+        let (_, digest) = zstd_toc_json(frame, zstd, None, &Limits::default())?;
+        assert_eq!(digest, converted.toc_digest);
+    }
+    blob_toc(blob, &toc, &Limits::default())
+}
+
+/// The uncompressed stream of a whole layer.
+fn decompress(blob: &[u8], compression: Compression) -> Vec<u8> {
+    let mut stream = Vec::new();
+    compression
+        .decoder(blob)
+        .unwrap()
+        .read_to_end(&mut stream)
+        .unwrap();
+    stream
+}
+
 #[test]
 fn a_converted_layer_unpacks_to_the_source_tar_byte_for_byte() {
-    let (blob, converted, source, _) = convert(&small_chunks());
+    for options in [small_chunks(), zstd_chunks()] {
+        unpacks_to_the_source(&options);
+    }
+}
+
+fn unpacks_to_the_source(options: &WriteOptions) {
+    let (blob, converted, source, _) = convert(options);
+    assert_eq!(
+        Compression::from_media_type(converted.media_type),
+        Some(options.compression)
+    );
     assert_eq!(converted.size, blob.len() as u64);
     assert_eq!(
         converted.digest,
         format!("sha256:{}", hex::encode(Sha256::digest(&blob)))
     );
-    let mut stream = Vec::new();
-    flate2::read::MultiGzDecoder::new(blob.as_slice())
-        .read_to_end(&mut stream)
-        .unwrap();
+    let stream = decompress(&blob, options.compression);
     assert_eq!(converted.uncompressed_size, stream.len() as u64);
     assert_eq!(
         converted.diff_id,
         format!("sha256:{}", hex::encode(Sha256::digest(&stream)))
     );
-    // The source tar, then only the TOC's tar: an extractor stops at the
+    // The source tar, then only the TOC's tar (gzip) or nothing (zstd,
+    // whose TOC is in a skippable frame): an extractor stops at the
     // source's end-of-archive marker and never sees the TOC.
     assert_eq!(&stream[..source.len()], source.as_slice());
+    if options.compression == Compression::Zstd {
+        assert_eq!(stream.len(), source.len());
+    }
     let mut names = Vec::new();
     for item in tar::Archive::new(stream.as_slice()).entries().unwrap() {
         names.push(item.unwrap().path().unwrap().display().to_string());
@@ -124,8 +172,14 @@ fn a_converted_layer_unpacks_to_the_source_tar_byte_for_byte() {
 
 #[test]
 fn every_chunk_is_found_through_the_toc_and_matches_its_digest() {
-    let (blob, converted, _, files) = convert(&small_chunks());
-    let toc = read_toc(&blob, &converted.toc_digest).unwrap();
+    for options in [small_chunks(), zstd_chunks()] {
+        chunks_match(&options);
+    }
+}
+
+fn chunks_match(options: &WriteOptions) {
+    let (blob, converted, _, files) = convert(options);
+    let toc = read_converted(&blob, &converted).unwrap();
     for (path, data) in &files {
         let i = toc
             .entries
@@ -139,7 +193,10 @@ fn every_chunk_is_found_through_the_toc_and_matches_its_digest() {
         for chunk in &toc.chunks[i] {
             let member = &blob[chunk.blob.start as usize..chunk.blob.end as usize];
             let mut bytes = vec![0u8; chunk.len as usize];
-            flate2::read::GzDecoder::new(member)
+            options
+                .compression
+                .decoder(member)
+                .unwrap()
                 .read_exact(&mut bytes)
                 .unwrap();
             assert_eq!(<[u8; 32]>::from(Sha256::digest(&bytes)), chunk.digest);
@@ -153,7 +210,12 @@ fn every_chunk_is_found_through_the_toc_and_matches_its_digest() {
         .iter()
         .position(|e| e.path == "app/lib/big.bin")
         .unwrap();
-    assert_eq!(toc.chunks[big].len(), 5, "300,000 bytes in 64 KiB chunks");
+    // Content-defined: 16 to 256 KiB, 64 KiB on average.
+    let chunks = &toc.chunks[big];
+    assert!(chunks.len() >= 2, "{chunks:?}");
+    for chunk in &chunks[..chunks.len() - 1] {
+        assert!((16 << 10..=256 << 10).contains(&chunk.len), "{chunk:?}");
+    }
     let by_path = |p: &str| toc.entries.iter().find(|e| e.path == p).unwrap();
     assert_eq!(by_path("app/small.txt").uname, "app");
     assert_eq!(by_path("app/small.txt").uid, 1000);
@@ -241,11 +303,14 @@ fn hostile_tocs_are_refused_with_the_entry_named() {
         (
             "no SHA-256 chunk digest",
             Box::new(|t| {
-                entry_named(t, "app/small.txt")
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("chunkDigest");
+                let entry = entry_named(t, "app/small.txt").as_object_mut().unwrap();
+                entry.remove("chunkDigest");
+                entry.remove("digest");
             }),
+        ),
+        (
+            "chunk type \"zeros\"",
+            Box::new(|t| entry_named(t, "app/small.txt")["chunkType"] = "zeros".into()),
         ),
         (
             "blob order",
@@ -273,4 +338,91 @@ fn hostile_tocs_are_refused_with_the_entry_named() {
         let err = edited(edit).expect_err(want).to_string();
         assert!(err.contains(want), "{want}: {err}");
     }
+}
+
+#[test]
+fn a_file_digest_stands_for_its_one_chunk_as_zstd_chunked_writes_it() {
+    let toc = edited(|t| {
+        for entry in t["entries"].as_array_mut().unwrap() {
+            if entry["type"] == "reg" && entry.get("chunkSize").is_none() {
+                entry.as_object_mut().unwrap().remove("chunkDigest");
+            }
+        }
+    })
+    .unwrap();
+    let small = toc
+        .entries
+        .iter()
+        .position(|e| e.path == "app/small.txt")
+        .unwrap();
+    assert_eq!(
+        toc.chunks[small][0].digest,
+        <[u8; 32]>::from(Sha256::digest(b"hello\n"))
+    );
+}
+
+#[test]
+fn a_zstd_toc_that_its_annotations_do_not_vouch_for_is_refused() {
+    let (blob, converted, _, _) = convert(&zstd_chunks());
+    let mut tampered = annotations(&converted);
+    for name in ZSTD_CHECKSUM_ANNOTATIONS {
+        if let Some(value) = tampered.get_mut(name) {
+            *value = format!("sha256:{}", "1".repeat(64));
+        }
+    }
+    let toc = TocRef::of(converted.media_type, &tampered)
+        .unwrap()
+        .unwrap();
+    let zstd = toc.zstd.as_ref().unwrap();
+    let frame = &blob[zstd.range.start as usize..zstd.range.end as usize];
+    assert!(matches!(
+        zstd_toc_json(frame, zstd, None, &Limits::default()),
+        Err(TocError::DigestMismatch { .. })
+    ));
+    // A size the frame does not have.
+    let mut wrong = zstd.clone();
+    wrong.uncompressed -= 1;
+    wrong.checksum = None;
+    let err = zstd_toc_json(frame, &wrong, None, &Limits::default()).unwrap_err();
+    assert!(err.to_string().contains("its annotation says"), "{err}");
+    // Nothing vouches for it at all.
+    let mut bare = annotations(&converted);
+    bare.retain(|k, _| !k.contains("checksum") && k != TOC_DIGEST_ANNOTATION);
+    assert!(matches!(
+        TocRef::of(converted.media_type, &bare),
+        Some(Err(TocError::Annotation(_)))
+    ));
+    // A plain zstd layer is not chunked.
+    assert!(TocRef::of(converted.media_type, &HashMap::new()).is_none());
+}
+
+#[test]
+fn an_edit_inside_a_big_file_keeps_its_other_chunks() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut data = vec![0u8; 4 << 20];
+    rng.fill(data.as_mut_slice());
+    let mut edited = data.clone();
+    // Sixty bytes inserted near the start shift everything after them.
+    edited.splice(100_000..100_000, [9u8; 60]);
+    let digests = |data: &[u8]| -> std::collections::HashSet<[u8; 32]> {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        builder.append_data(&mut h, "model.bin", data).unwrap();
+        let mut tar = tempfile::NamedTempFile::new().unwrap();
+        tar.write_all(&builder.into_inner().unwrap()).unwrap();
+        let mut blob = Vec::new();
+        let converted = write_chunked(tar.as_file(), &mut blob, &small_chunks()).unwrap();
+        let toc = read_converted(&blob, &converted).unwrap();
+        toc.chunks.iter().flatten().map(|c| c.digest).collect()
+    };
+    let (before, after) = (digests(&data), digests(&edited));
+    let kept = before.intersection(&after).count();
+    assert!(
+        kept + 3 >= before.len(),
+        "{kept} of {} chunks kept after a 60-byte insertion",
+        before.len()
+    );
 }

@@ -1,42 +1,59 @@
 //! Writing chunked layers: a tar stream becomes a `tar+gzip` layer whose
 //! file data is cut into chunks, each its own gzip member, followed by an
-//! eStargz TOC and footer.
+//! eStargz TOC and footer; or a `tar+zstd` layer whose chunks are zstd
+//! frames, followed by the same TOC in a skippable frame (zstd:chunked, as
+//! stargz-snapshotter writes it).
 //!
-//! The uncompressed stream is the source tar byte for byte, then the TOC's
-//! own small tar. Tar readers stop at the source's end-of-archive marker,
-//! so containerd, Docker and Podman unpack exactly the source tree (eStargz
-//! as BuildKit writes it would add a `stargz.index.json` file to the
-//! tree); readers of eStargz find the TOC through the footer, wherever it
-//! lies.
+//! The uncompressed stream is the source tar byte for byte, then (gzip
+//! only) the TOC's own small tar. Tar readers stop at the source's
+//! end-of-archive marker, so containerd, Docker and Podman unpack exactly
+//! the source tree (eStargz as BuildKit writes it would add a
+//! `stargz.index.json` file to the tree); readers of eStargz find the TOC
+//! through the footer, wherever it lies. zstd decoders skip skippable
+//! frames.
+//!
+//! Files are cut where their content says (FastCDC, around
+//! [`WriteOptions::chunk_size`] bytes), not at fixed offsets: a file that
+//! changes in one place keeps its other chunks, and so their digests, and a
+//! node that has them does not fetch them again.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 
-use flate2::Compression;
 use flate2::write::GzEncoder;
-use pronto_layer::EntryKind;
+use pronto_layer::{Compression, EntryKind};
 use sha2::{Digest, Sha256};
 
-use crate::{JsonEntry, JsonToc, TOC_TAR_NAME};
+use crate::{
+    JsonEntry, JsonToc, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
+    ZSTD_CHECKSUM_ANNOTATIONS, ZSTD_MANIFEST_TYPE_TOC, ZSTD_POSITION_ANNOTATIONS,
+};
 
 /// How a chunked layer is written.
 #[derive(Debug, Clone, Copy)]
 pub struct WriteOptions {
-    /// Uncompressed bytes per chunk of a regular file (the last chunk of a
-    /// file may be shorter).
+    /// The average uncompressed size of a chunk of a regular file; chunks
+    /// are a quarter to four times this.
     pub chunk_size: u64,
-    /// gzip level, 0–9.
-    pub level: u32,
+    /// gzip (eStargz) or zstd (zstd:chunked).
+    pub compression: Compression,
+    /// The compression level: gzip 0–9, zstd 1–19; `None` is the
+    /// format's usual default (6, 3).
+    pub level: Option<u32>,
 }
 
 impl Default for WriteOptions {
     fn default() -> Self {
         Self {
-            chunk_size: 4 << 20,
-            level: 6,
+            chunk_size: 1 << 20,
+            compression: Compression::Gzip,
+            level: None,
         }
     }
 }
+
+/// The magic number ending a zstd:chunked footer ("GNUlInUx").
+const ZSTD_FOOTER_MAGIC: &[u8; 8] = b"GNUlInUx";
 
 /// What [`write_chunked`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +67,11 @@ pub struct Converted {
     /// `sha256:<hex>` of the TOC's JSON, for the manifest's layer
     /// annotation [`crate::TOC_DIGEST_ANNOTATION`].
     pub toc_digest: String,
+    /// The layer annotations the image manifest needs for readers to find
+    /// and trust the TOC.
+    pub annotations: Vec<(String, String)>,
+    /// The layer's media type.
+    pub media_type: &'static str,
 }
 
 /// Writes the chunked form of the uncompressed tar in `tar` to `out`.
@@ -59,8 +81,21 @@ pub fn write_chunked(
     options: &WriteOptions,
 ) -> io::Result<Converted> {
     let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
-    let chunk_size = options.chunk_size.max(1);
-    let mut members = Members::new(out, Compression::new(options.level.min(9)));
+    let cuts = Cuts::around(options.chunk_size);
+    let (compression, media_type) = match options.compression {
+        Compression::Gzip => (
+            Codec::Gzip(flate2::Compression::new(options.level.unwrap_or(6).min(9))),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        ),
+        Compression::Zstd => (
+            Codec::Zstd(options.level.unwrap_or(3).clamp(1, 19) as i32),
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
+        Compression::None => {
+            return Err(invalid("a chunked layer is compressed".into()));
+        }
+    };
+    let mut members = Members::new(out, compression);
     let mut toc: Vec<JsonEntry> = Vec::new();
     let mut pos = 0u64;
     let mut reader = tar;
@@ -89,10 +124,14 @@ pub fn write_chunked(
         let mut file_digest = Sha256::new();
         let first = toc.len();
         let mut written = 0u64;
-        while written < size {
-            let len = chunk_size.min(size - written);
-            let mut chunk = vec![0u8; len as usize];
-            tar.read_exact_at(&mut chunk, data_start + written)?;
+        let data = FileRange {
+            file: tar,
+            at: data_start,
+            end: data_start + size,
+        };
+        for chunk in fastcdc::v2020::StreamCDC::new(data, cuts.min, cuts.average, cuts.max) {
+            let chunk = chunk.map_err(|e| io::Error::other(e.to_string()))?.data;
+            let len = chunk.len() as u64;
             members.close()?;
             let offset = members.offset();
             members.write_tar(&chunk)?;
@@ -114,6 +153,12 @@ pub fn write_chunked(
             toc.push(chunk_entry);
             written += len;
         }
+        if written != size {
+            return Err(invalid(format!(
+                "{}: {written} of its {size} bytes were read",
+                entry.path
+            )));
+        }
         toc[first].digest = format!("sha256:{}", hex::encode(file_digest.finalize()));
     }
     // The last entry's padding and the end-of-archive marker.
@@ -126,24 +171,147 @@ pub fn write_chunked(
         entries: toc,
     })
     .map_err(|e| invalid(e.to_string()))?;
+    let toc_digest = format!("sha256:{}", hex::encode(Sha256::digest(&toc_json)));
     let toc_offset = members.offset();
-    let mut toc_tar = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_ustar();
-    header.set_size(toc_json.len() as u64);
-    header.set_mode(0o644);
-    header.set_entry_type(tar::EntryType::Regular);
-    toc_tar.append_data(&mut header, TOC_TAR_NAME, toc_json.as_slice())?;
-    members.write_tar(&toc_tar.into_inner()?)?;
-    members.close()?;
-    members.write_raw(&footer(toc_offset))?;
+    let mut annotations = vec![(TOC_DIGEST_ANNOTATION.to_owned(), toc_digest.clone())];
+    match members.codec {
+        Codec::Gzip(_) => {
+            let mut toc_tar = tar::Builder::new(Vec::new());
+            let mut header = tar::Header::new_ustar();
+            header.set_size(toc_json.len() as u64);
+            header.set_mode(0o644);
+            header.set_entry_type(tar::EntryType::Regular);
+            toc_tar.append_data(&mut header, TOC_TAR_NAME, toc_json.as_slice())?;
+            members.write_tar(&toc_tar.into_inner()?)?;
+            members.close()?;
+            members.write_raw(&footer(toc_offset))?;
+        }
+        Codec::Zstd(level) => {
+            // The TOC is compressed, but not part of the layer's stream.
+            let compressed = zstd::bulk::compress(&toc_json, level)?;
+            let start = toc_offset + 8;
+            members.write_raw(&crate::skippable_frame(&compressed))?;
+            let mut footer = Vec::with_capacity(40);
+            for n in [
+                start,
+                compressed.len() as u64,
+                toc_json.len() as u64,
+                ZSTD_MANIFEST_TYPE_TOC,
+            ] {
+                footer.extend_from_slice(&n.to_le_bytes());
+            }
+            footer.extend_from_slice(ZSTD_FOOTER_MAGIC);
+            members.write_raw(&crate::skippable_frame(&footer))?;
+            // The names stargz-snapshotter writes: containers/storage's
+            // newer names promise tar-split data, which these layers do
+            // not carry.
+            annotations.push((
+                ZSTD_CHECKSUM_ANNOTATIONS[1].to_owned(),
+                format!("sha256:{}", hex::encode(Sha256::digest(&compressed))),
+            ));
+            annotations.push((
+                ZSTD_POSITION_ANNOTATIONS[1].to_owned(),
+                format!(
+                    "{start}:{}:{}:{ZSTD_MANIFEST_TYPE_TOC}",
+                    compressed.len(),
+                    toc_json.len()
+                ),
+            ));
+        }
+    }
     let (digest, size, diff_id, uncompressed_size) = members.finish()?;
+    annotations.push((
+        UNCOMPRESSED_SIZE_ANNOTATION.to_owned(),
+        uncompressed_size.to_string(),
+    ));
     Ok(Converted {
         digest,
         size,
         diff_id,
         uncompressed_size,
-        toc_digest: format!("sha256:{}", hex::encode(Sha256::digest(&toc_json))),
+        toc_digest,
+        annotations,
+        media_type,
     })
+}
+
+/// FastCDC's bounds around an average chunk size, within what its 2020
+/// variant accepts.
+struct Cuts {
+    min: u32,
+    average: u32,
+    max: u32,
+}
+
+impl Cuts {
+    fn around(average: u64) -> Self {
+        use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MINIMUM_MIN};
+        let average = (average.min(u64::from(AVERAGE_MAX)) as u32).max(AVERAGE_MIN);
+        Self {
+            min: (average / 4).max(MINIMUM_MIN),
+            average,
+            max: average.saturating_mul(4).min(MAXIMUM_MAX),
+        }
+    }
+}
+
+/// Bytes `at..end` of a file, read by position.
+struct FileRange<'a> {
+    file: &'a std::fs::File,
+    at: u64,
+    end: u64,
+}
+
+impl Read for FileRange<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.end - self.at).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..n], self.at)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// How members are compressed.
+#[derive(Debug, Clone, Copy)]
+enum Codec {
+    Gzip(flate2::Compression),
+    /// zstd level.
+    Zstd(i32),
+}
+
+/// One member or frame being written.
+enum Member {
+    Gzip(GzEncoder<Vec<u8>>),
+    Zstd(zstd::Encoder<'static, Vec<u8>>),
+}
+
+impl Member {
+    fn new(codec: Codec) -> io::Result<Self> {
+        Ok(match codec {
+            Codec::Gzip(level) => Member::Gzip(GzEncoder::new(Vec::new(), level)),
+            Codec::Zstd(level) => Member::Zstd(zstd::Encoder::new(Vec::new(), level)?),
+        })
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Member::Gzip(e) => e.write_all(bytes),
+            Member::Zstd(e) => e.write_all(bytes),
+        }
+    }
+
+    fn finish(self) -> io::Result<Vec<u8>> {
+        match self {
+            Member::Gzip(e) => e.finish(),
+            Member::Zstd(e) => e.finish(),
+        }
+    }
 }
 
 /// The TOC entry of `entry` (chunk fields are filled by the caller).
@@ -210,27 +378,27 @@ fn footer(toc_offset: u64) -> Vec<u8> {
     footer
 }
 
-/// The blob being written: gzip members one after another, with the
-/// digests of the blob and of the uncompressed stream.
+/// The blob being written: gzip members or zstd frames one after another,
+/// with the digests of the blob and of the uncompressed stream.
 struct Members<W> {
     out: W,
     written: u64,
     blob: Sha256,
     diff: Sha256,
     uncompressed: u64,
-    level: Compression,
-    member: Option<GzEncoder<Vec<u8>>>,
+    codec: Codec,
+    member: Option<Member>,
 }
 
 impl<W: Write> Members<W> {
-    fn new(out: W, level: Compression) -> Self {
+    fn new(out: W, codec: Codec) -> Self {
         Self {
             out,
             written: 0,
             blob: Sha256::new(),
             diff: Sha256::new(),
             uncompressed: 0,
-            level,
+            codec,
             member: None,
         }
     }
@@ -243,10 +411,10 @@ impl<W: Write> Members<W> {
     /// Appends uncompressed bytes to the open member, opening one if none
     /// is.
     fn write_tar(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let level = self.level;
-        let member = self
-            .member
-            .get_or_insert_with(|| GzEncoder::new(Vec::new(), level));
+        let member = match &mut self.member {
+            Some(member) => member,
+            None => self.member.insert(Member::new(self.codec)?),
+        };
         member.write_all(bytes)?;
         self.diff.update(bytes);
         self.uncompressed += bytes.len() as u64;

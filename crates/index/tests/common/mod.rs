@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use pronto_index::{BuiltIndex, LayerCompression, LayerToIndex, build_index};
-use pronto_testbed::{Compression, Layer};
+use pronto_testbed::Layer;
 
 /// A layer blob and its index blob.
 pub struct Built {
@@ -18,10 +18,8 @@ pub struct Built {
 pub fn build(layer: &Layer, span_size: u64) -> Built {
     let mut blob = Vec::new();
     let digests = layer.write(&mut blob).unwrap();
-    let compression = match layer.compression {
-        Compression::None => LayerCompression::None,
-        Compression::Gzip(_) => LayerCompression::Gzip,
-    };
+    let compression = LayerCompression::from_media_type(layer.compression.media_type())
+        .expect("a layer media type");
     let target = LayerToIndex {
         digest: digests.digest,
         size: digests.size,

@@ -1,9 +1,11 @@
 //! `pronto convert SRC DST`: an image becomes its chunked form, registry
-//! to registry. Every layer stays a valid `tar+gzip` layer that unpacks to
-//! the source's tree (containerd's default snapshotter, Docker and Podman
-//! run it); inside, file data is cut into chunks with an eStargz table of
-//! contents, so nodes with Pronto read it lazily without an index, and
-//! chunks shared by layers and images are fetched once per node.
+//! to registry, every platform of a multi-platform image. Every layer
+//! stays a valid `tar+gzip` (eStargz) or `tar+zstd` (zstd:chunked) layer
+//! that unpacks to the source's tree (containerd's default snapshotter,
+//! Docker and Podman run it); inside, file data is cut into chunks with a
+//! table of contents, so nodes with Pronto read it lazily without an
+//! index, and chunks shared by layers and images are fetched once per
+//! node.
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -11,17 +13,16 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use pronto_layer::Compression;
-use pronto_registry::{OCI_MANIFEST, ParallelFetch, Platform, RegistryClient, Repository};
-use pronto_toc::{
-    TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION, WriteOptions, write_chunked,
+use pronto_registry::{
+    ManifestKind, OCI_INDEX, OCI_MANIFEST, ParallelFetch, Platform, RegistryClient, Repository,
 };
+use pronto_toc::{WriteOptions, write_chunked};
 use serde_json::{Map, Value, json};
 
 use crate::commands::image::registry_client;
 use crate::config::Config;
 use crate::text::{human_size, stderr_is_terminal};
 
-const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
 /// What `pronto convert` was asked.
@@ -29,8 +30,12 @@ const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub struct ConvertRequest<'a> {
     pub source: &'a str,
     pub target: &'a str,
-    pub platform: &'a str,
+    /// One platform only; `None`: every platform of a multi-platform
+    /// image.
+    pub platform: Option<&'a str>,
     pub chunk_size: u64,
+    /// gzip or zstd.
+    pub compression: Compression,
 }
 
 pub fn run(request: &ConvertRequest<'_>, config: &Config) -> Result<()> {
@@ -39,8 +44,16 @@ pub fn run(request: &ConvertRequest<'_>, config: &Config) -> Result<()> {
     runtime.block_on(convert(&client, request))
 }
 
+/// One converted image manifest.
+struct ConvertedImage {
+    digest: String,
+    size: usize,
+    source_size: u64,
+    written: u64,
+    layers: usize,
+}
+
 async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Result<()> {
-    let platform: Platform = request.platform.parse().map_err(|e: String| anyhow!(e))?;
     let source = pronto_registry::parse_reference(request.source)?;
     let target = pronto_registry::parse_reference(request.target)?;
     let tag = match (target.digest(), target.tag()) {
@@ -48,16 +61,184 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
         (None, Some(tag)) => tag.to_owned(),
         (None, None) => "latest".to_owned(),
     };
-    let image = client
-        .resolve(&source, &platform)
-        .await
-        .with_context(|| format!("resolve {}", request.source))?;
     let repository = Repository::of(&target);
-    let work = tempfile::tempdir().context("create a working directory")?;
     let options = WriteOptions {
         chunk_size: request.chunk_size,
-        ..Default::default()
+        compression: request.compression,
+        level: None,
     };
+    let source_repository = Repository::of(&source);
+    let wanted = source
+        .digest()
+        .or(source.tag())
+        .unwrap_or("latest")
+        .to_owned();
+    let top = client
+        .manifest(&source_repository, &wanted)
+        .await
+        .with_context(|| format!("read {}", request.source))?;
+    let (platforms, index) = match (&top.kind, request.platform) {
+        (ManifestKind::Index(index), None) => {
+            let mut platforms = Vec::new();
+            for entry in index.manifests() {
+                let Some(p) = entry.platform() else {
+                    println!("{}: no platform, left out", entry.digest());
+                    continue;
+                };
+                if p.os().to_string() == "unknown" {
+                    // BuildKit's attestations: nothing to run.
+                    println!(
+                        "{}: platform unknown (an attestation), left out",
+                        entry.digest()
+                    );
+                    continue;
+                }
+                let mut platform = format!("{}/{}", p.os(), p.architecture());
+                if let Some(variant) = p.variant() {
+                    platform = format!("{platform}/{variant}");
+                }
+                platforms.push((platform, Some(entry.clone())));
+            }
+            if platforms.is_empty() {
+                bail!(
+                    "{}: the image index lists no platform to convert",
+                    request.source
+                );
+            }
+            (platforms, Some(index.clone()))
+        }
+        (_, Some(platform)) => (vec![(platform.to_owned(), None)], None),
+        (ManifestKind::Image(_), None) => (vec![(String::new(), None)], None),
+    };
+    let mut converted = Vec::new();
+    for (platform, _) in &platforms {
+        let image = if platform.is_empty() {
+            // A single-platform image: whatever platform it is.
+            let own = own_platform(client, &source).await?;
+            client
+                .resolve(&source, &own)
+                .await
+                .with_context(|| format!("resolve {}", request.source))?
+        } else {
+            let wanted: Platform = platform.parse().map_err(|e: String| anyhow!(e))?;
+            client
+                .resolve(&source, &wanted)
+                .await
+                .with_context(|| format!("resolve {} for {platform}", request.source))?
+        };
+        let one = convert_image(client, &image, &repository, &options)
+            .await
+            .with_context(|| match platform.as_str() {
+                "" => request.source.to_owned(),
+                p => format!("{} ({p})", request.source),
+            })?;
+        converted.push(one);
+    }
+    let (digest, media_type, bytes) = match index {
+        Some(index) => {
+            let manifests: Vec<Value> = platforms
+                .iter()
+                .zip(&converted)
+                .map(|((_, entry), image)| {
+                    let entry = entry.as_ref().expect("index entries have descriptors");
+                    let mut descriptor = json!({
+                        "mediaType": OCI_MANIFEST,
+                        "digest": image.digest,
+                        "size": image.size,
+                        "platform": entry.platform(),
+                    });
+                    if let Some(annotations) = entry.annotations() {
+                        descriptor["annotations"] = json!(annotations);
+                    }
+                    descriptor
+                })
+                .collect();
+            let mut document = json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": manifests,
+            });
+            if let Some(annotations) = index.annotations() {
+                document["annotations"] = json!(annotations);
+            }
+            let bytes = bytes::Bytes::from(serde_json::to_vec(&document)?);
+            let digest = pronto_registry::sha256_digest(&bytes);
+            client
+                .push_manifest(&repository, &digest, OCI_INDEX, bytes.clone())
+                .await
+                .context("push the image index")?;
+            (digest, OCI_INDEX, bytes)
+        }
+        None => {
+            let image = &converted[0];
+            let manifest = client
+                .manifest(&repository, &image.digest)
+                .await
+                .context("read the converted manifest back")?;
+            (image.digest.clone(), OCI_MANIFEST, manifest.bytes)
+        }
+    };
+    // Every manifest was pushed by digest and read back; only now is the
+    // tag moved: a conversion that fails leaves no tag pointing at it.
+    client
+        .push_manifest(&repository, &tag, media_type, bytes)
+        .await
+        .with_context(|| format!("tag the converted image {tag}"))?;
+    let total: u64 = converted.iter().map(|c| c.source_size).sum();
+    let written: u64 = converted.iter().map(|c| c.written).sum();
+    let layers: usize = converted.iter().map(|c| c.layers).sum();
+    println!(
+        "{} → {}@{digest}: {} platform{}, {layers} layers, {} → {} ({:+.1}%)",
+        request.source,
+        request.target,
+        converted.len(),
+        if converted.len() == 1 { "" } else { "s" },
+        human_size(total),
+        human_size(written),
+        (written as f64 / total.max(1) as f64 - 1.0) * 100.0,
+    );
+    Ok(())
+}
+
+/// The platform a single-platform image's config names.
+async fn own_platform(
+    client: &RegistryClient,
+    source: &pronto_registry::Reference,
+) -> Result<Platform> {
+    let repository = Repository::of(source);
+    let wanted = source.digest().or(source.tag()).unwrap_or("latest");
+    let manifest = client.manifest(&repository, wanted).await?;
+    let ManifestKind::Image(image) = manifest.kind else {
+        bail!("{wanted} is not an image manifest");
+    };
+    let config_digest = image.config().digest().to_string();
+    let config: Value = serde_json::from_slice(
+        &client
+            .blob(
+                &repository,
+                &config_digest,
+                pronto_registry::MAX_CONFIG_SIZE,
+            )
+            .await?,
+    )
+    .context("the image config")?;
+    let field = |name: &str| config[name].as_str().unwrap_or_default().to_owned();
+    Ok(Platform {
+        os: field("os"),
+        architecture: field("architecture"),
+        variant: config["variant"].as_str().map(str::to_owned),
+    })
+}
+
+/// Converts one image manifest's layers, pushes them and its config and
+/// manifest by digest, and reads it back.
+async fn convert_image(
+    client: &RegistryClient,
+    image: &pronto_registry::ResolvedImage,
+    repository: &Repository,
+    options: &WriteOptions,
+) -> Result<ConvertedImage> {
+    let work = tempfile::tempdir().context("create a working directory")?;
     let layers = image.image.layers();
     let total: u64 = layers.iter().map(|l| l.size()).sum();
     let progress = if stderr_is_terminal() {
@@ -78,7 +259,7 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
         progress.set_message(format!("layer {}/{}", i + 1, layers.len()));
         let media_type = layer.media_type().to_string();
         let compression = Compression::from_media_type(&media_type).ok_or_else(|| {
-            anyhow!("layer {digest}: media type {media_type} cannot be converted (tar and tar+gzip layers can)")
+            anyhow!("layer {digest}: media type {media_type} cannot be converted (tar, tar+gzip and tar+zstd layers can)")
         })?;
         let blob = work.path().join(format!("source-{i}"));
         client
@@ -93,11 +274,12 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
             .with_context(|| format!("fetch layer {digest}"))?;
         let out = work.path().join(format!("chunked-{i}"));
         let converted = tokio::task::spawn_blocking({
-            let (blob, out, digest) = (blob.clone(), out.clone(), digest.clone());
+            let (blob, out, digest, options) =
+                (blob.clone(), out.clone(), digest.clone(), *options);
             move || chunk_layer(&blob, compression, &out, &options, &digest)
         })
         .await??;
-        let pushed = push_layer(client, &repository, &out, &converted.digest)
+        let pushed = push_layer(client, repository, &out, &converted.digest)
             .await
             .with_context(|| format!("push the chunked form of layer {digest}"))?;
         if pushed != converted.digest {
@@ -115,16 +297,11 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
                     .collect()
             })
             .unwrap_or_default();
-        annotations.insert(
-            TOC_DIGEST_ANNOTATION.into(),
-            converted.toc_digest.clone().into(),
-        );
-        annotations.insert(
-            UNCOMPRESSED_SIZE_ANNOTATION.into(),
-            converted.uncompressed_size.to_string().into(),
-        );
+        for (key, value) in &converted.annotations {
+            annotations.insert(key.clone(), value.clone().into());
+        }
         descriptors.push(json!({
-            "mediaType": OCI_LAYER_GZIP,
+            "mediaType": converted.media_type,
             "digest": converted.digest,
             "size": converted.size,
             "annotations": annotations,
@@ -145,7 +322,7 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
     let config_bytes = serde_json::to_vec(&config)?;
     let config_size = config_bytes.len();
     let config_digest = client
-        .push_blob(&repository, config_bytes.into())
+        .push_blob(repository, config_bytes.into())
         .await
         .context("push the config")?;
     let mut manifest = json!({
@@ -159,29 +336,20 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
     }
     let manifest_bytes = bytes::Bytes::from(serde_json::to_vec(&manifest)?);
     let digest = pronto_registry::sha256_digest(&manifest_bytes);
-    // Pushed by digest, read back, and only then tagged: a conversion that
-    // fails leaves no tag pointing at it.
     client
-        .push_manifest(&repository, &digest, OCI_MANIFEST, manifest_bytes.clone())
+        .push_manifest(repository, &digest, OCI_MANIFEST, manifest_bytes.clone())
         .await
         .context("push the manifest")?;
-    verify(client, &repository, &digest)
+    verify(client, repository, &digest)
         .await
         .context("read the converted image back")?;
-    client
-        .push_manifest(&repository, &tag, OCI_MANIFEST, manifest_bytes)
-        .await
-        .with_context(|| format!("tag the converted image {tag}"))?;
-    println!(
-        "{} → {}@{digest}: {} layers, {} → {} ({:+.1}%)",
-        request.source,
-        request.target,
-        layers.len(),
-        human_size(total),
-        human_size(written),
-        (written as f64 / total.max(1) as f64 - 1.0) * 100.0,
-    );
-    Ok(())
+    Ok(ConvertedImage {
+        digest,
+        size: manifest_bytes.len(),
+        source_size: total,
+        written,
+        layers: layers.len(),
+    })
 }
 
 /// Uploads the layer at `path` (digest `digest`) unless the repository has
@@ -218,15 +386,8 @@ fn chunk_layer(
     {
         let source = std::fs::File::open(blob)?;
         let mut tar = BufWriter::new(std::fs::File::create(&tar_path)?);
-        match compression {
-            Compression::Gzip => {
-                std::io::copy(&mut flate2::read::MultiGzDecoder::new(source), &mut tar)
-                    .with_context(|| format!("layer {digest} does not decompress"))?;
-            }
-            Compression::None => {
-                std::io::copy(&mut &source, &mut tar)?;
-            }
-        }
+        std::io::copy(&mut compression.decoder(source)?, &mut tar)
+            .with_context(|| format!("layer {digest} does not decompress"))?;
         tar.flush()?;
     }
     let tar = std::fs::File::open(&tar_path)?;
@@ -239,29 +400,33 @@ fn chunk_layer(
     Ok(converted)
 }
 
-/// Reads the image `digest` back: the manifest, and every layer's TOC
-/// through its footer, checked against the manifest's annotations.
+/// Reads the image `digest` back: the manifest, and every layer's TOC,
+/// found and checked as a node would through the manifest's annotations.
 async fn verify(client: &RegistryClient, repository: &Repository, digest: &str) -> Result<()> {
     let manifest = client.manifest(repository, digest).await?;
-    let pronto_registry::ManifestKind::Image(image) = manifest.kind else {
+    let ManifestKind::Image(image) = manifest.kind else {
         bail!("{digest} is not an image manifest");
     };
     for layer in image.layers() {
-        let toc_digest = layer
+        let toc = layer
             .annotations()
             .as_ref()
-            .and_then(|a| a.get(TOC_DIGEST_ANNOTATION))
-            .ok_or_else(|| anyhow!("layer {} has no TOC annotation", layer.digest()))?;
-        let (json, toc_offset) = pronto_fs::fetch_toc(
+            .and_then(|a| pronto_toc::TocRef::of(layer.media_type().as_ref(), a))
+            .ok_or_else(|| anyhow!("layer {} has no TOC annotations", layer.digest()))??;
+        let fetched = pronto_fs::fetch_toc(
             client,
             repository,
             layer.digest().as_ref(),
             layer.size(),
-            toc_digest,
+            &toc,
         )
         .await?;
-        pronto_toc::parse_toc(&json, toc_offset, &pronto_toc::Limits::default())
-            .with_context(|| format!("layer {}", layer.digest()))?;
+        pronto_toc::parse_toc(
+            &fetched.json,
+            fetched.chunks_end,
+            &pronto_toc::Limits::default(),
+        )
+        .with_context(|| format!("layer {}", layer.digest()))?;
     }
     Ok(())
 }

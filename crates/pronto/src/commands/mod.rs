@@ -39,12 +39,14 @@ pub fn run(cli: Cli) -> Result<()> {
             target,
             platform,
             chunk_size,
+            compression,
         } => convert::run(
             &convert::ConvertRequest {
                 source: &source,
                 target: &target,
-                platform: &platform,
+                platform: platform.as_deref(),
                 chunk_size,
+                compression: compression.into(),
             },
             &loaded.config,
         ),

@@ -139,6 +139,8 @@ pub enum Compression {
     /// gzip at this level, 0–9 (`…tar+gzip`). Registries mostly hold
     /// level 6, the default of Docker and BuildKit.
     Gzip(u32),
+    /// zstd at this level, 1–19 (`…tar+zstd`), one frame.
+    Zstd(i32),
 }
 
 impl Compression {
@@ -152,6 +154,7 @@ impl Compression {
         match self {
             Compression::None => "application/vnd.oci.image.layer.v1.tar",
             Compression::Gzip(_) => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd(_) => "application/vnd.oci.image.layer.v1.tar+zstd",
         }
     }
 }
@@ -407,6 +410,20 @@ impl Layer {
                     uncompressed_size,
                 })
             }
+            Compression::Zstd(level) => {
+                let zstd = zstd::Encoder::new(Digested::new(out), level)?;
+                let (zstd, diff_id, uncompressed_size) =
+                    self.write_tar(Digested::new(zstd))?.finish();
+                let compressed = zstd.finish().context("finish the zstd frame")?;
+                let (mut out, digest, size) = compressed.finish();
+                out.flush()?;
+                Ok(LayerDigests {
+                    digest,
+                    size,
+                    diff_id,
+                    uncompressed_size,
+                })
+            }
         }
     }
 
@@ -528,6 +545,7 @@ mod tests {
                     .unwrap();
                 out
             }
+            Compression::Zstd(_) => zstd::decode_all(blob.as_slice()).unwrap(),
         };
         assert_eq!(digests.diff_id, super::super::digest::sha256(&tar_bytes));
         let mut archive = tar::Archive::new(tar_bytes.as_slice());
@@ -553,6 +571,7 @@ mod tests {
         for (long_names, compression) in [
             (LongNames::Pax, Compression::Gzip(1)),
             (LongNames::Gnu, Compression::None),
+            (LongNames::Pax, Compression::Zstd(3)),
         ] {
             let layer = Layer::new()
                 .compression(compression)

@@ -5,7 +5,7 @@
 use std::io::Write;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args().nth(1).ok_or("usage: fuzz_seed DIR")?;
+    let dir = std::env::args().nth(1).ok_or("usage: toc_fuzz_seed DIR")?;
     std::fs::create_dir_all(&dir)?;
     let mut builder = tar::Builder::new(Vec::new());
     for (path, len) in [("app/small", 10usize), ("app/big", 200_000)] {
@@ -20,7 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut blob = Vec::new();
     let options = pronto_toc::WriteOptions {
         chunk_size: 64 << 10,
-        level: 1,
+        level: Some(1),
+        ..Default::default()
     };
     let converted = pronto_toc::write_chunked(&tar, &mut blob, &options)?;
     let range = pronto_toc::parse_footer(&blob, blob.len() as u64)?;
