@@ -1702,6 +1702,59 @@ fn a_converted_image_starts_lazily_without_an_index_and_its_mounts_survive_a_res
 }
 
 #[test]
+fn the_next_version_of_a_converted_image_fetches_only_what_changed() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    let (v1, image) = stack.push_model_image("dedup/app", false);
+    // Version 2: the same weights with 100 bytes inserted in the middle,
+    // and a new version file.
+    let mut weights = MODEL.to_vec().unwrap();
+    weights.splice(50 << 20..50 << 20, [7u8; 100]);
+    let expected = hex::encode(Sha256::digest(&weights));
+    let next = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh", "cat", "sha256sum", "sleep", "head"]))
+        .layer(
+            Layer::new()
+                .compression(Compression::Gzip(6))
+                .dir("model")
+                .file("model/config.json", "{\"ready\": 2}\n")
+                .file("model/weights.bin", weights),
+        )
+        .build(&stack.layout)
+        .unwrap();
+    let v2 = stack.push(&next, "dedup/app-next");
+    let (c1, c2) = (
+        v1.replace("dedup/app", "dedup/app-chunked"),
+        v2.replace("dedup/app-next", "dedup/app-chunked-next"),
+    );
+    stack.pronto_ok(&["convert", &v1, &c1, "--compression", "zstd"]);
+    stack.pronto_ok(&["convert", &v2, &c2, "--compression", "zstd"]);
+
+    stack.relay.reset();
+    stack.pronto_pull(&c1);
+    let out = stack.run(&c1, &["sha256sum", "/model/weights.bin"]);
+    assert!(stdout(&out).starts_with(&model_sha256()), "{}", stdout(&out));
+    let first = stack.relay.bytes_down();
+    let model_len = MODEL.len().unwrap();
+    assert!(first > model_len, "{first} bytes for the first version");
+
+    // The registry's byte count for the second version: its changed
+    // chunks, its TOC and its manifest, not its weights again.
+    stack.relay.reset();
+    let pulled = stack.pronto_pull(&c2);
+    assert!(pulled.contains("lazy"), "{pulled}");
+    let out = stack.run(&c2, &["sha256sum", "/model/weights.bin"]);
+    assert!(stdout(&out).starts_with(&expected), "{}", stdout(&out));
+    let second = stack.relay.bytes_down();
+    assert!(
+        second < model_len / 20,
+        "{second} bytes fetched for the second version (the first took {first}; {} in the image):\n{}",
+        image.layers_size(),
+        tail(&stack.serve_log(), 20)
+    );
+}
+
+#[test]
 fn estargz_and_zstd_chunked_images_made_by_ctr_remote_start_lazily_without_an_index() {
     require!(&[NEEDS, &[Prereq::CtrRemote]].concat());
     let stack = Stack::start();
