@@ -1439,6 +1439,47 @@ mod tests {
     }
 
     #[test]
+    fn small_files_share_spans_that_the_same_files_elsewhere_share_too() {
+        let node = node();
+        let files: Vec<(String, Vec<u8>)> = (0..200u64)
+            .map(|i| {
+                let data = Content::random(100 + i, 1000 + (i * 37) % 3000)
+                    .to_vec()
+                    .unwrap();
+                (format!("lib/m{i:03}.py"), data)
+            })
+            .collect();
+        let named: Vec<(&str, Vec<u8>)> =
+            files.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+        let (v1, _) = chunked(&named, &node, |_, _| {});
+        let spans = v1.layout.span_count();
+        assert!(
+            spans * 4 < files.len(),
+            "{spans} spans for {} small files",
+            files.len()
+        );
+        for (path, data) in &files {
+            let entry = entry_of(&v1, path);
+            assert!(v1.read(entry, 0, data.len()).unwrap() == *data, "{path}");
+        }
+        // One file changed in the middle: the other runs keep their keys,
+        // so only the run around the change is fetched.
+        let mut changed = named.clone();
+        changed[100].1 = b"changed\n".to_vec();
+        let (v2, v2_blob) = chunked(&changed, &node, |_, _| {});
+        for (path, data) in &changed {
+            let entry = entry_of(&v2, path);
+            assert!(v2.read(entry, 0, data.len()).unwrap() == *data, "{path}");
+        }
+        let served = v2_blob.served.load(Ordering::SeqCst);
+        let total: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+        assert!(
+            served * 4 < total,
+            "{served} of {total} bytes fetched again after one file changed"
+        );
+    }
+
+    #[test]
     fn a_tampered_chunk_is_refused_and_nothing_of_it_is_served() {
         let node = node();
         let data = Content::random(12, 200_000).to_vec().unwrap();

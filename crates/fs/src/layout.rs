@@ -16,8 +16,9 @@
 //! - [`ChunkedLayout`], a chunked layer's table of contents (eStargz or
 //!   zstd:chunked): the stream is every regular file's data one after
 //!   another, and each span is one chunk, its own gzip member or zstd
-//!   frame, cached under its content digest, so
-//!   a chunk any layer of any image already brought is never fetched again.
+//!   frame, cached under its content digest, so a chunk any layer of any
+//!   image already brought is never fetched again. Small files are the
+//!   exception: runs of them share a span (see [`ChunkedLayout`]).
 
 use std::io::Read;
 use std::ops::Range;
@@ -171,7 +172,7 @@ impl Layout for IndexLayout {
     }
 }
 
-/// One chunk as a span.
+/// One chunk of a chunked layer.
 #[derive(Debug, Clone)]
 struct ChunkSpan {
     /// Where the chunk starts in the stream.
@@ -181,13 +182,30 @@ struct ChunkSpan {
     digest: [u8; 32],
 }
 
+/// Files of at most this many bytes, one chunk each, share spans.
+const SMALL_FILE: u64 = 64 << 10;
+
+/// A span of small files ends at this many bytes of output at most.
+const SMALL_SPAN: u64 = 128 << 10;
+
 /// A chunked layer's table of contents as a layout.
+///
+/// A span is one chunk, except for small files (one chunk of at most
+/// [`SMALL_FILE`] bytes each): a run of them in blob order is one span, so
+/// that a start that reads hundreds of small files stores tens of cache
+/// entries rather than hundreds, each written and synced on its own. A run
+/// ends where a chunk's digest says (its first byte a multiple of 16, one
+/// chunk in 16 on average), at [`SMALL_SPAN`] bytes, and at any other
+/// chunk: the same files in another layer or image form the same runs,
+/// after a change as before it but around it, and so the same cache keys.
 #[derive(Debug)]
 pub struct ChunkedLayout {
     digest: String,
     size: u64,
     entries: Vec<Entry>,
-    spans: Vec<ChunkSpan>,
+    chunks: Vec<ChunkSpan>,
+    /// Per span, its chunks.
+    spans: Vec<Range<usize>>,
     span_size: u64,
     compression: Compression,
 }
@@ -212,31 +230,59 @@ impl ChunkedLayout {
             chunks,
             ..
         } = toc;
-        let mut spans = Vec::new();
+        let mut all = Vec::new();
+        let mut spans: Vec<Range<usize>> = Vec::new();
+        // The run of small files being gathered, and its output bytes.
+        let mut run: Option<(usize, u64)> = None;
         let mut stream = 0u64;
         for (entry, chunks) in entries.iter_mut().zip(chunks) {
             entry.offset = stream;
+            let small = chunks.len() == 1 && entry.size <= SMALL_FILE;
             for chunk in chunks {
-                spans.push(ChunkSpan {
+                let i = all.len();
+                all.push(ChunkSpan {
                     start: stream + chunk.file_offset,
                     len: chunk.len,
                     blob: chunk.blob,
                     digest: chunk.digest,
                 });
+                if !small {
+                    if let Some((first, _)) = run.take() {
+                        spans.push(first..i);
+                    }
+                    spans.push(i..i + 1);
+                    continue;
+                }
+                let (first, bytes) = run.get_or_insert((i, 0));
+                *bytes += chunk.len;
+                if chunk.digest[0] % 16 == 0 || *bytes >= SMALL_SPAN {
+                    spans.push(*first..i + 1);
+                    run = None;
+                }
             }
             if entry.kind == EntryKind::File {
                 stream += entry.size;
             }
         }
-        let span_size = spans.iter().map(|s| s.len).max().unwrap_or(0).max(64 << 10);
+        if let Some((first, _)) = run {
+            spans.push(first..all.len());
+        }
+        let span_size = all.iter().map(|s| s.len).max().unwrap_or(0).max(64 << 10);
         Ok(Self {
             digest: digest.to_owned(),
             size,
             entries,
+            chunks: all,
             spans,
             span_size,
             compression,
         })
+    }
+
+    /// The first and last chunk of span `i`.
+    fn ends(&self, i: usize) -> (&ChunkSpan, &ChunkSpan) {
+        let span = &self.spans[i];
+        (&self.chunks[span.start], &self.chunks[span.end - 1])
     }
 }
 
@@ -265,20 +311,24 @@ impl Layout for ChunkedLayout {
         if range.start >= range.end {
             return 0..0;
         }
-        let first = self
+        let first = self.spans.partition_point(|s| {
+            let last = &self.chunks[s.end - 1];
+            last.start + last.len <= range.start
+        });
+        let last = self
             .spans
-            .partition_point(|s| s.start + s.len <= range.start);
-        let last = self.spans.partition_point(|s| s.start < range.end);
+            .partition_point(|s| self.chunks[s.start].start < range.end);
         first..last.max(first)
     }
 
     fn span_input(&self, i: usize) -> Range<u64> {
-        self.spans[i].blob.clone()
+        let (first, last) = self.ends(i);
+        first.blob.start..last.blob.end
     }
 
     fn span_output(&self, i: usize) -> Range<u64> {
-        let span = &self.spans[i];
-        span.start..span.start + span.len
+        let (first, last) = self.ends(i);
+        first.start..last.start + last.len
     }
 
     /// Chunks are as small as the files they hold: a read fetches its
@@ -289,26 +339,47 @@ impl Layout for ChunkedLayout {
     }
 
     /// The chunk's content digest alone: the same bytes in any layer of
-    /// any image are one cache entry, fetched once.
+    /// any image are one cache entry, fetched once. A run of small files:
+    /// their digests in order.
     fn span_key(&self, i: usize) -> CacheKey {
+        let chunks = &self.chunks[self.spans[i].clone()];
         let mut hasher = Sha256::new();
-        hasher.update(b"pronto chunk v1");
-        hasher.update(self.spans[i].digest);
+        if let [chunk] = chunks {
+            hasher.update(b"pronto chunk v1");
+            hasher.update(chunk.digest);
+        } else {
+            hasher.update(b"pronto chunks v1");
+            for chunk in chunks {
+                hasher.update(chunk.digest);
+            }
+        }
         hasher.finalize().into()
     }
 
     fn decode_span(&self, i: usize, input: &[u8], _window: &[u8]) -> Result<Vec<u8>, String> {
-        let span = &self.spans[i];
-        let mut data = vec![0u8; span.len as usize];
-        self.compression
-            .decoder(input)
-            .and_then(|mut decoder| decoder.read_exact(&mut data))
-            .map_err(|e| format!("chunk {i} does not decompress to {} bytes: {e}", span.len))?;
-        if <[u8; 32]>::from(Sha256::digest(&data)) != span.digest {
-            return Err(format!(
-                "chunk {i} does not match its digest sha256:{}",
-                hex::encode(span.digest)
-            ));
+        let base = self.span_input(i).start;
+        let output = self.span_output(i);
+        let mut data = vec![0u8; (output.end - output.start) as usize];
+        let mut at = 0;
+        for j in self.spans[i].clone() {
+            let chunk = &self.chunks[j];
+            let bytes = input
+                .get((chunk.blob.start - base) as usize..(chunk.blob.end - base) as usize)
+                .ok_or_else(|| format!("chunk {j} lies outside the bytes fetched"))?;
+            let out = &mut data[at..at + chunk.len as usize];
+            self.compression
+                .decoder(bytes)
+                .and_then(|mut decoder| decoder.read_exact(out))
+                .map_err(|e| {
+                    format!("chunk {j} does not decompress to {} bytes: {e}", chunk.len)
+                })?;
+            if <[u8; 32]>::from(Sha256::digest(&*out)) != chunk.digest {
+                return Err(format!(
+                    "chunk {j} does not match its digest sha256:{}",
+                    hex::encode(chunk.digest)
+                ));
+            }
+            at += chunk.len as usize;
         }
         Ok(data)
     }

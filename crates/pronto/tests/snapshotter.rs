@@ -1733,7 +1733,11 @@ fn the_next_version_of_a_converted_image_fetches_only_what_changed() {
     stack.relay.reset();
     stack.pronto_pull(&c1);
     let out = stack.run(&c1, &["sha256sum", "/model/weights.bin"]);
-    assert!(stdout(&out).starts_with(&model_sha256()), "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with(&model_sha256()),
+        "{}",
+        stdout(&out)
+    );
     let first = stack.relay.bytes_down();
     let model_len = MODEL.len().unwrap();
     assert!(first > model_len, "{first} bytes for the first version");
