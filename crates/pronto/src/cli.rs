@@ -166,6 +166,27 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = ChunkCompression::Gzip)]
         compression: ChunkCompression,
     },
+    /// Pack a directory into a one-layer image in the chunked form, pushed
+    /// to a registry (as `nydusify pack` does): files, directories,
+    /// symlinks, hard links, devices, modes, owners, times and extended
+    /// attributes as they are. Pushed by digest, read back, then tagged.
+    Pack {
+        /// The directory to pack.
+        dir: std::path::PathBuf,
+        /// Where to push the image (a tag).
+        #[arg(long)]
+        target: String,
+        /// The platform the image says it is for (default: this machine's).
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
+        /// The average uncompressed size of a chunk of a file (64KiB to
+        /// 4MiB).
+        #[arg(long, default_value = "1MiB", value_parser = parse_chunk_size)]
+        chunk_size: u64,
+        /// How chunks are compressed: gzip (eStargz) or zstd (zstd:chunked).
+        #[arg(long, value_enum, default_value_t = ChunkCompression::Gzip)]
+        compression: ChunkCompression,
+    },
 }
 
 /// How `pronto convert` compresses chunks.

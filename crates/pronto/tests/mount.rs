@@ -1030,3 +1030,76 @@ fn every_platform_of_a_multi_platform_image_is_converted() {
         );
     }
 }
+
+#[test]
+fn a_packed_directory_mounts_lazily_as_the_directory_it_was() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("model");
+    std::fs::create_dir_all(dir.join("weights/shards")).unwrap();
+    std::fs::write(dir.join("config.json"), "{\"layers\": 2}\n").unwrap();
+    std::fs::write(dir.join("empty"), "").unwrap();
+    let big = Content::random(21, 3 << 20).to_vec().unwrap();
+    std::fs::write(dir.join("weights/shards/0.bin"), &big).unwrap();
+    std::fs::hard_link(
+        dir.join("weights/shards/0.bin"),
+        dir.join("weights/latest.bin"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("shards/0.bin", dir.join("weights/link")).unwrap();
+    std::fs::write(dir.join("run.sh"), "#!/bin/sh\n").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(dir.join("config.json"), Some(1000), Some(1001)).unwrap();
+    xattr::set(dir.join("config.json"), "user.origin", b"pack").unwrap();
+    nix::unistd::mkfifo(
+        &dir.join("pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+
+    let registry = Registry::start().unwrap();
+    let node = Node::new();
+    let target = format!("{}/packed/model:v1", registry.host());
+    let said = node.ok(&[
+        "pack",
+        dir.to_str().unwrap(),
+        "--target",
+        &target,
+        "--compression",
+        "zstd",
+    ]);
+    assert!(
+        said.contains("@sha256:") && said.contains("9 entries"),
+        "{said}"
+    );
+
+    let mounted = node.mount(&target, &[]);
+    assert!(
+        mounted.log().contains("1 of 1 layers lazy"),
+        "{}",
+        mounted.log()
+    );
+    let expected = without_dir_link_counts(snapshot(&dir, SnapshotOptions::default()).unwrap());
+    let actual =
+        without_dir_link_counts(snapshot(&mounted.dir, SnapshotOptions::default()).unwrap());
+    let differences = diff(&expected, &actual);
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+
+    // Not a directory: a clear error, nothing pushed.
+    let out = node
+        .pronto(&[
+            "pack",
+            dir.join("config.json").to_str().unwrap(),
+            "--target",
+            &format!("{}/packed/bad:v1", registry.host()),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

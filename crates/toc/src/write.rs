@@ -124,13 +124,8 @@ pub fn write_chunked(
         let mut file_digest = Sha256::new();
         let first = toc.len();
         let mut written = 0u64;
-        let data = FileRange {
-            file: tar,
-            at: data_start,
-            end: data_start + size,
-        };
-        for chunk in fastcdc::v2020::StreamCDC::new(data, cuts.min, cuts.average, cuts.max) {
-            let chunk = chunk.map_err(|e| io::Error::other(e.to_string()))?.data;
+        for chunk in cuts.chunks(tar, data_start, size) {
+            let chunk = chunk?;
             let len = chunk.len() as u64;
             members.close()?;
             let offset = members.offset();
@@ -252,6 +247,48 @@ impl Cuts {
             average,
             max: average.saturating_mul(4).min(MAXIMUM_MAX),
         }
+    }
+}
+
+impl Cuts {
+    /// The chunks of the `size` bytes at `start` of `file`. A file that
+    /// fits in a few chunks is read whole and cut in memory; a bigger one
+    /// is streamed, never held whole.
+    fn chunks<'a>(
+        &self,
+        file: &'a std::fs::File,
+        start: u64,
+        size: u64,
+    ) -> Box<dyn Iterator<Item = io::Result<Vec<u8>>> + 'a> {
+        if size <= u64::from(self.max) * 4 {
+            let mut data = vec![0u8; size as usize];
+            if let Err(e) = file.read_exact_at(&mut data, start) {
+                return Box::new(std::iter::once(Err(e)));
+            }
+            if size <= u64::from(self.min) {
+                return Box::new(std::iter::once(Ok(data)));
+            }
+            let cuts: Vec<(usize, usize)> =
+                fastcdc::v2020::FastCDC::new(&data, self.min, self.average, self.max)
+                    .map(|c| (c.offset, c.length))
+                    .collect();
+            return Box::new(
+                cuts.into_iter()
+                    .map(move |(offset, length)| Ok(data[offset..offset + length].to_vec())),
+            );
+        }
+        let data = FileRange {
+            file,
+            at: start,
+            end: start + size,
+        };
+        Box::new(
+            fastcdc::v2020::StreamCDC::new(data, self.min, self.average, self.max).map(|chunk| {
+                chunk
+                    .map(|c| c.data)
+                    .map_err(|e| io::Error::other(e.to_string()))
+            }),
+        )
     }
 }
 

@@ -23,7 +23,7 @@ use crate::commands::image::registry_client;
 use crate::config::Config;
 use crate::text::{human_size, stderr_is_terminal};
 
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub(crate) const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
 /// What `pronto convert` was asked.
 #[derive(Debug)]
@@ -355,7 +355,7 @@ async fn convert_image(
 /// Uploads the layer at `path` (digest `digest`) unless the repository has
 /// it; a big one in parts, so that no single request outlasts the
 /// registry client's timeouts on a slow link.
-async fn push_layer(
+pub(crate) async fn push_layer(
     client: &RegistryClient,
     repository: &Repository,
     path: &Path,
@@ -402,7 +402,11 @@ fn chunk_layer(
 
 /// Reads the image `digest` back: the manifest, and every layer's TOC,
 /// found and checked as a node would through the manifest's annotations.
-async fn verify(client: &RegistryClient, repository: &Repository, digest: &str) -> Result<()> {
+pub(crate) async fn verify(
+    client: &RegistryClient,
+    repository: &Repository,
+    digest: &str,
+) -> Result<()> {
     let manifest = client.manifest(repository, digest).await?;
     let ManifestKind::Image(image) = manifest.kind else {
         bail!("{digest} is not an image manifest");

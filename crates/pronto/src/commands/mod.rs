@@ -9,6 +9,7 @@ pub(crate) mod image;
 mod index;
 mod mount;
 mod node;
+mod pack;
 mod profile;
 mod pull;
 mod serve;
@@ -43,6 +44,22 @@ pub fn run(cli: Cli) -> Result<()> {
         } => convert::run(
             &convert::ConvertRequest {
                 source: &source,
+                target: &target,
+                platform: platform.as_deref(),
+                chunk_size,
+                compression: compression.into(),
+            },
+            &loaded.config,
+        ),
+        Command::Pack {
+            dir,
+            target,
+            platform,
+            chunk_size,
+            compression,
+        } => pack::run(
+            &pack::PackRequest {
+                dir: &dir,
                 target: &target,
                 platform: platform.as_deref(),
                 chunk_size,
