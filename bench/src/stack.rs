@@ -54,6 +54,9 @@ pub enum System {
     /// `pronto pull` of the image converted by `pronto convert` (chunked,
     /// eStargz TOC, no index), then `ctr run --snapshotter pronto`.
     ProntoConverted,
+    /// As `ProntoConverted`, converted with `--compression zstd`
+    /// (zstd:chunked).
+    ProntoConvertedZstd,
 }
 
 impl System {
@@ -64,6 +67,7 @@ impl System {
             System::ProntoParallel => "Pronto parallel pull",
             System::ProntoProfile => "Pronto lazy + profile",
             System::ProntoConverted => "Pronto converted",
+            System::ProntoConvertedZstd => "Pronto converted zstd",
         }
     }
 
@@ -75,6 +79,7 @@ impl System {
             System::ProntoParallel => "parallel",
             System::ProntoProfile => "profile",
             System::ProntoConverted => "converted",
+            System::ProntoConvertedZstd => "converted-zstd",
         }
     }
 }
@@ -374,7 +379,8 @@ impl Stack {
             System::ProntoLazy
             | System::ProntoParallel
             | System::ProntoProfile
-            | System::ProntoConverted => {
+            | System::ProntoConverted
+            | System::ProntoConvertedZstd => {
                 let node = self.node(&self.pull_settings)?;
                 let pulled = node.output(&[
                     "pull",

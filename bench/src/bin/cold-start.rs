@@ -79,11 +79,12 @@ struct Cell {
     samples: Vec<Sample>,
 }
 
-const SYSTEMS: [System; 5] = [
+const SYSTEMS: [System; 6] = [
     System::Containerd,
     System::ProntoLazy,
     System::ProntoProfile,
     System::ProntoConverted,
+    System::ProntoConvertedZstd,
     System::ProntoParallel,
 ];
 
@@ -134,15 +135,27 @@ fn main() -> Result<()> {
         }
         stack.pronto(&create)?;
         let chunked = plain.replace("/plain/", "/chunked/");
-        if systems.contains(&System::ProntoConverted) {
+        let chunked_zstd = plain.replace("/plain/", "/chunked-zstd/");
+        for (system, target, compression) in [
+            (System::ProntoConverted, &chunked, "gzip"),
+            (System::ProntoConvertedZstd, &chunked_zstd, "zstd"),
+        ] {
+            if !systems.contains(&system) {
+                continue;
+            }
             let started = std::time::Instant::now();
             // Converted once, as a CI step would, straight from the
             // registry: not through the measured link.
-            let said =
-                stack.pronto(&["convert", &stack.direct(&plain), &stack.direct(&chunked)])?;
+            let said = stack.pronto(&[
+                "convert",
+                &stack.direct(&plain),
+                &stack.direct(target),
+                "--compression",
+                compression,
+            ])?;
             let took = started.elapsed().as_secs_f64();
             println!(
-                "converted in {took:.1} s ({:.0} MiB/s of compressed input, one process): {}",
+                "converted ({compression}) in {took:.1} s ({:.1} MiB/s of compressed input, one process on one core): {}",
                 workload.image.layers_size() as f64 / (1 << 20) as f64 / took,
                 said.trim()
             );
@@ -153,6 +166,7 @@ fn main() -> Result<()> {
                 System::ProntoLazy | System::ProntoProfile => &indexed,
                 System::Containerd | System::ProntoParallel => &plain,
                 System::ProntoConverted => &chunked,
+                System::ProntoConvertedZstd => &chunked_zstd,
             };
             if system == System::ProntoProfile {
                 stack

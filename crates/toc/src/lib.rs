@@ -715,7 +715,10 @@ fn modtime(text: &str) -> Option<(i64, u32)> {
     Some((time.unix_timestamp(), time.nanosecond()))
 }
 
+mod dir;
 mod write;
+
+pub use dir::{PackError, Packed, tar_of_dir};
 
 pub use write::{Converted, WriteOptions, write_chunked};
 

@@ -3,10 +3,8 @@
 //! `nydusify pack` does for Nydus). The layer is a valid `tar+gzip` or
 //! `tar+zstd` layer, so any runtime unpacks it; Pronto reads it lazily.
 
-use std::collections::HashMap;
-use std::io::{BufWriter, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::io::{BufWriter, Write};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use pronto_layer::Compression;
@@ -63,10 +61,10 @@ async fn pack(client: &RegistryClient, request: &PackRequest<'_>) -> Result<()> 
     let dir = request.dir.to_owned();
     let (converted, packed) = tokio::task::spawn_blocking({
         let (tar_path, out) = (tar_path.clone(), out.clone());
-        move || -> Result<(pronto_toc::Converted, Packed)> {
+        move || -> Result<(pronto_toc::Converted, pronto_toc::Packed)> {
             let packed = {
                 let mut tar = BufWriter::new(std::fs::File::create(&tar_path)?);
-                let packed = write_tar(&dir, &mut tar)?;
+                let packed = pronto_toc::tar_of_dir(&dir, &mut tar)?;
                 tar.flush()?;
                 packed
             };
@@ -168,153 +166,5 @@ fn host_platform() -> Platform {
         os: "linux".into(),
         architecture: architecture.into(),
         variant: None,
-    }
-}
-
-/// What [`write_tar`] put in the tar.
-#[derive(Debug, Default)]
-struct Packed {
-    entries: u64,
-    /// Bytes of regular files.
-    bytes: u64,
-    /// Paths left out (sockets).
-    skipped: Vec<String>,
-}
-
-/// Writes the tree under `root` as a tar (names relative to it, in name
-/// order, so the same tree gives the same layer): directories, regular
-/// files, symlinks, hard links (as links to the first name), devices and
-/// FIFOs with their modes, owners, times and extended attributes.
-fn write_tar(root: &Path, out: impl Write) -> Result<Packed> {
-    let mut builder = tar::Builder::new(out);
-    builder.follow_symlinks(false);
-    let mut packed = Packed::default();
-    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let path = root.join(&rel);
-        let mut names: Vec<_> = std::fs::read_dir(&path)
-            .with_context(|| format!("read {}", path.display()))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<std::io::Result<_>>()
-            .with_context(|| format!("read {}", path.display()))?;
-        names.sort();
-        // Subdirectories are walked after this directory's other entries,
-        // in name order (pushed in reverse).
-        let mut dirs = Vec::new();
-        for name in names {
-            let rel = rel.join(&name);
-            let path = root.join(&rel);
-            let meta = std::fs::symlink_metadata(&path)
-                .with_context(|| format!("read {}", path.display()))?;
-            let kind = meta.file_type();
-            if kind.is_socket() {
-                packed.skipped.push(rel.display().to_string());
-                continue;
-            }
-            let mut header = tar::Header::new_gnu();
-            header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
-            append_xattrs(&mut builder, &path, kind.is_symlink())?;
-            let failed = || format!("pack {}", path.display());
-            packed.entries += 1;
-            if kind.is_dir() {
-                header.set_entry_type(tar::EntryType::Directory);
-                header.set_size(0);
-                builder
-                    .append_data(&mut header, &rel, std::io::empty())
-                    .with_context(failed)?;
-                dirs.push(rel);
-            } else if kind.is_symlink() {
-                let target = std::fs::read_link(&path).with_context(failed)?;
-                header.set_size(0);
-                builder
-                    .append_link(&mut header, &rel, &target)
-                    .with_context(failed)?;
-            } else if kind.is_file() {
-                if meta.nlink() > 1 {
-                    if let Some(first) = links.get(&(meta.dev(), meta.ino())) {
-                        header.set_entry_type(tar::EntryType::Link);
-                        header.set_size(0);
-                        builder
-                            .append_link(&mut header, &rel, first)
-                            .with_context(failed)?;
-                        continue;
-                    }
-                    links.insert((meta.dev(), meta.ino()), rel.clone());
-                }
-                let file = std::fs::File::open(&path).with_context(failed)?;
-                let data = Exactly {
-                    inner: file.take(meta.len()),
-                    left: meta.len(),
-                };
-                builder
-                    .append_data(&mut header, &rel, data)
-                    .with_context(failed)?;
-                packed.bytes += meta.len();
-            } else {
-                // Devices and FIFOs: the header says it all.
-                let rdev = meta.rdev();
-                if kind.is_char_device() || kind.is_block_device() {
-                    header.set_device_major(nix::sys::stat::major(rdev) as u32)?;
-                    header.set_device_minor(nix::sys::stat::minor(rdev) as u32)?;
-                }
-                header.set_size(0);
-                builder
-                    .append_data(&mut header, &rel, std::io::empty())
-                    .with_context(failed)?;
-            }
-        }
-        stack.extend(dirs.into_iter().rev());
-    }
-    builder.into_inner().context("finish the tar")?;
-    Ok(packed)
-}
-
-/// Extended attributes a layer carries: user, trusted and file
-/// capabilities (SELinux labels and ACLs belong to the node).
-fn append_xattrs(builder: &mut tar::Builder<impl Write>, path: &Path, symlink: bool) -> Result<()> {
-    if symlink {
-        return Ok(());
-    }
-    let mut records = Vec::new();
-    let names = xattr::list(path).with_context(|| format!("list xattrs of {}", path.display()))?;
-    for name in names {
-        let Some(text) = name.to_str() else { continue };
-        if !(text.starts_with("user.")
-            || text.starts_with("trusted.")
-            || text == "security.capability")
-        {
-            continue;
-        }
-        if let Some(value) = xattr::get(path, &name)
-            .with_context(|| format!("read xattr {text} of {}", path.display()))?
-        {
-            records.push((format!("SCHILY.xattr.{text}"), value));
-        }
-    }
-    if !records.is_empty() {
-        builder.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
-    }
-    Ok(())
-}
-
-/// A file's bytes, exactly as many as it had when its header was written:
-/// a file that shrinks while it is packed is an error, not a corrupt tar.
-struct Exactly<R> {
-    inner: R,
-    left: u64,
-}
-
-impl<R: Read> Read for Exactly<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n == 0 && self.left > 0 && !buf.is_empty() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the file shrank while it was packed",
-            ));
-        }
-        self.left -= n as u64;
-        Ok(n)
     }
 }
