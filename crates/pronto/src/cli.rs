@@ -158,13 +158,8 @@ pub enum Command {
         /// Convert this platform only (default: every platform).
         #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
         platform: Option<String>,
-        /// The average uncompressed size of a chunk of a file (64KiB to
-        /// 4MiB).
-        #[arg(long, default_value = "1MiB", value_parser = parse_chunk_size)]
-        chunk_size: u64,
-        /// How chunks are compressed: gzip (eStargz) or zstd (zstd:chunked).
-        #[arg(long, value_enum, default_value_t = ChunkCompression::Gzip)]
-        compression: ChunkCompression,
+        #[command(flatten)]
+        chunks: ChunkArgs,
     },
     /// Pack a directory into a one-layer image in the chunked form, pushed
     /// to a registry (as `nydusify pack` does): files, directories,
@@ -179,14 +174,31 @@ pub enum Command {
         /// The platform the image says it is for (default: this machine's).
         #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
         platform: Option<String>,
-        /// The average uncompressed size of a chunk of a file (64KiB to
-        /// 4MiB).
-        #[arg(long, default_value = "1MiB", value_parser = parse_chunk_size)]
-        chunk_size: u64,
-        /// How chunks are compressed: gzip (eStargz) or zstd (zstd:chunked).
-        #[arg(long, value_enum, default_value_t = ChunkCompression::Gzip)]
-        compression: ChunkCompression,
+        #[command(flatten)]
+        chunks: ChunkArgs,
     },
+}
+
+/// How `pronto convert` and `pronto pack` cut and compress chunks.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct ChunkArgs {
+    /// The average uncompressed size of a chunk of a file (64KiB to 4MiB).
+    #[arg(long, default_value = "1MiB", value_parser = parse_chunk_size)]
+    pub chunk_size: u64,
+    /// How chunks are compressed: gzip (eStargz) or zstd (zstd:chunked).
+    #[arg(long, value_enum, default_value_t = ChunkCompression::Gzip)]
+    pub compression: ChunkCompression,
+}
+
+impl ChunkArgs {
+    /// The options of the chunked layer writer.
+    pub fn options(self) -> pronto_toc::WriteOptions {
+        pronto_toc::WriteOptions {
+            chunk_size: self.chunk_size,
+            compression: self.compression.into(),
+            level: None,
+        }
+    }
 }
 
 /// How `pronto convert` compresses chunks.

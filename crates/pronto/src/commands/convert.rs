@@ -33,9 +33,7 @@ pub struct ConvertRequest<'a> {
     /// One platform only; `None`: every platform of a multi-platform
     /// image.
     pub platform: Option<&'a str>,
-    pub chunk_size: u64,
-    /// gzip or zstd.
-    pub compression: Compression,
+    pub options: WriteOptions,
 }
 
 pub fn run(request: &ConvertRequest<'_>, config: &Config) -> Result<()> {
@@ -55,18 +53,8 @@ struct ConvertedImage {
 
 async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Result<()> {
     let source = pronto_registry::parse_reference(request.source)?;
-    let target = pronto_registry::parse_reference(request.target)?;
-    let tag = match (target.digest(), target.tag()) {
-        (Some(_), _) => bail!("{}: name the target by tag, not by digest", request.target),
-        (None, Some(tag)) => tag.to_owned(),
-        (None, None) => "latest".to_owned(),
-    };
-    let repository = Repository::of(&target);
-    let options = WriteOptions {
-        chunk_size: request.chunk_size,
-        compression: request.compression,
-        level: None,
-    };
+    let (repository, tag) = target_tag(request.target)?;
+    let options = request.options;
     let source_repository = Repository::of(&source);
     let wanted = source
         .digest()
@@ -198,6 +186,18 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
         (written as f64 / total.max(1) as f64 - 1.0) * 100.0,
     );
     Ok(())
+}
+
+/// The repository and tag an image is pushed to: a tag, not a digest
+/// (`latest` when the reference names neither).
+pub(crate) fn target_tag(target: &str) -> Result<(Repository, String)> {
+    let reference = pronto_registry::parse_reference(target)?;
+    let tag = match (reference.digest(), reference.tag()) {
+        (Some(_), _) => bail!("{target}: name the target by tag, not by digest"),
+        (None, Some(tag)) => tag.to_owned(),
+        (None, None) => "latest".to_owned(),
+    };
+    Ok((Repository::of(&reference), tag))
 }
 
 /// The platform a single-platform image's config names.

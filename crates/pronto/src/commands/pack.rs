@@ -7,12 +7,11 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use pronto_layer::Compression;
-use pronto_registry::{OCI_MANIFEST, Platform, RegistryClient, Repository};
+use pronto_registry::{OCI_MANIFEST, Platform, RegistryClient};
 use pronto_toc::{WriteOptions, write_chunked};
 use serde_json::{Map, Value, json};
 
-use crate::commands::convert::{OCI_CONFIG, push_layer, verify};
+use crate::commands::convert::{OCI_CONFIG, push_layer, target_tag, verify};
 use crate::commands::image::registry_client;
 use crate::config::Config;
 use crate::text::human_size;
@@ -23,8 +22,7 @@ pub struct PackRequest<'a> {
     pub dir: &'a Path,
     pub target: &'a str,
     pub platform: Option<&'a str>,
-    pub chunk_size: u64,
-    pub compression: Compression,
+    pub options: WriteOptions,
 }
 
 pub fn run(request: &PackRequest<'_>, config: &Config) -> Result<()> {
@@ -43,21 +41,11 @@ async fn pack(client: &RegistryClient, request: &PackRequest<'_>) -> Result<()> 
         Some(text) => text.parse().map_err(|e: String| anyhow::anyhow!(e))?,
         None => host_platform(),
     };
-    let target = pronto_registry::parse_reference(request.target)?;
-    let tag = match (target.digest(), target.tag()) {
-        (Some(_), _) => bail!("{}: name the target by tag, not by digest", request.target),
-        (None, Some(tag)) => tag.to_owned(),
-        (None, None) => "latest".to_owned(),
-    };
-    let repository = Repository::of(&target);
+    let (repository, tag) = target_tag(request.target)?;
     let work = tempfile::tempdir().context("create a working directory")?;
     let tar_path = work.path().join("layer.tar");
     let out = work.path().join("layer");
-    let options = WriteOptions {
-        chunk_size: request.chunk_size,
-        compression: request.compression,
-        level: None,
-    };
+    let options = request.options;
     let dir = request.dir.to_owned();
     let (converted, packed) = tokio::task::spawn_blocking({
         let (tar_path, out) = (tar_path.clone(), out.clone());

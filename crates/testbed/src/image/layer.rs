@@ -397,34 +397,34 @@ impl Layer {
                     size,
                 })
             }
-            Compression::Gzip(level) => {
-                let gz = GzEncoder::new(Digested::new(out), flate2::Compression::new(level));
-                let (gz, diff_id, uncompressed_size) = self.write_tar(Digested::new(gz))?.finish();
-                let compressed = gz.finish().context("finish the gzip stream")?;
-                let (mut out, digest, size) = compressed.finish();
-                out.flush()?;
-                Ok(LayerDigests {
-                    digest,
-                    size,
-                    diff_id,
-                    uncompressed_size,
-                })
-            }
-            Compression::Zstd(level) => {
-                let zstd = zstd::Encoder::new(Digested::new(out), level)?;
-                let (zstd, diff_id, uncompressed_size) =
-                    self.write_tar(Digested::new(zstd))?.finish();
-                let compressed = zstd.finish().context("finish the zstd frame")?;
-                let (mut out, digest, size) = compressed.finish();
-                out.flush()?;
-                Ok(LayerDigests {
-                    digest,
-                    size,
-                    diff_id,
-                    uncompressed_size,
-                })
-            }
+            Compression::Gzip(level) => self.write_compressed(
+                GzEncoder::new(Digested::new(out), flate2::Compression::new(level)),
+                |gz| gz.finish().context("finish the gzip stream"),
+            ),
+            Compression::Zstd(level) => self
+                .write_compressed(zstd::Encoder::new(Digested::new(out), level)?, |zstd| {
+                    zstd.finish().context("finish the zstd frame")
+                }),
         }
+    }
+
+    /// Writes the tar through `encoder` (over the digested output) and
+    /// `finish`es it.
+    fn write_compressed<W: Write, E: Write>(
+        &self,
+        encoder: E,
+        finish: impl FnOnce(E) -> Result<Digested<W>>,
+    ) -> Result<LayerDigests> {
+        let (encoder, diff_id, uncompressed_size) =
+            self.write_tar(Digested::new(encoder))?.finish();
+        let (mut out, digest, size) = finish(encoder)?.finish();
+        out.flush()?;
+        Ok(LayerDigests {
+            digest,
+            size,
+            diff_id,
+            uncompressed_size,
+        })
     }
 
     /// Writes the tar stream (with its end-of-archive blocks) into `out`.
