@@ -336,10 +336,10 @@ impl Layout for ChunkedLayout {
     }
 
     /// Chunks are as small as the files they hold: a read fetches its
-    /// neighbours too, up to 512 KiB, as the seekable index's spans do
+    /// neighbours too, up to 256 KiB, as the seekable index's spans do
     /// where many files begin.
     fn min_fetch(&self) -> u64 {
-        512 << 10
+        256 << 10
     }
 
     /// The chunk's content digest alone: the same bytes in any layer of
