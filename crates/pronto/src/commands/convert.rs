@@ -45,7 +45,8 @@ pub fn run(request: &ConvertRequest<'_>, config: &Config) -> Result<()> {
 /// One converted image manifest.
 struct ConvertedImage {
     digest: String,
-    size: usize,
+    /// The manifest as pushed.
+    bytes: bytes::Bytes,
     source_size: u64,
     written: u64,
     layers: usize,
@@ -102,9 +103,7 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
     for (platform, _) in &platforms {
         let image = if platform.is_empty() {
             // A single-platform image: whatever platform it is.
-            let own = own_platform(client, &source).await?;
-            client
-                .resolve(&source, &own)
+            single_image(client, &source_repository, &top)
                 .await
                 .with_context(|| format!("resolve {}", request.source))?
         } else {
@@ -132,7 +131,7 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
                     let mut descriptor = json!({
                         "mediaType": OCI_MANIFEST,
                         "digest": image.digest,
-                        "size": image.size,
+                        "size": image.bytes.len(),
                         "platform": entry.platform(),
                     });
                     if let Some(annotations) = entry.annotations() {
@@ -159,11 +158,7 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
         }
         None => {
             let image = &converted[0];
-            let manifest = client
-                .manifest(&repository, &image.digest)
-                .await
-                .context("read the converted manifest back")?;
-            (image.digest.clone(), OCI_MANIFEST, manifest.bytes)
+            (image.digest.clone(), OCI_MANIFEST, image.bytes.clone())
         }
     };
     // Every manifest was pushed by digest and read back; only now is the
@@ -200,33 +195,27 @@ pub(crate) fn target_tag(target: &str) -> Result<(Repository, String)> {
     Ok((Repository::of(&reference), tag))
 }
 
-/// The platform a single-platform image's config names.
-async fn own_platform(
+/// The single-platform image `top` (already fetched), with its config.
+async fn single_image(
     client: &RegistryClient,
-    source: &pronto_registry::Reference,
-) -> Result<Platform> {
-    let repository = Repository::of(source);
-    let wanted = source.digest().or(source.tag()).unwrap_or("latest");
-    let manifest = client.manifest(&repository, wanted).await?;
-    let ManifestKind::Image(image) = manifest.kind else {
-        bail!("{wanted} is not an image manifest");
+    repository: &Repository,
+    top: &pronto_registry::Manifest,
+) -> Result<pronto_registry::ResolvedImage> {
+    let ManifestKind::Image(image) = &top.kind else {
+        bail!("{} is not an image manifest", top.digest);
     };
     let config_digest = image.config().digest().to_string();
-    let config: Value = serde_json::from_slice(
-        &client
-            .blob(
-                &repository,
-                &config_digest,
-                pronto_registry::MAX_CONFIG_SIZE,
-            )
-            .await?,
-    )
-    .context("the image config")?;
-    let field = |name: &str| config[name].as_str().unwrap_or_default().to_owned();
-    Ok(Platform {
-        os: field("os"),
-        architecture: field("architecture"),
-        variant: config["variant"].as_str().map(str::to_owned),
+    let config_bytes = client
+        .blob(repository, &config_digest, pronto_registry::MAX_CONFIG_SIZE)
+        .await?;
+    let config = serde_json::from_slice(&config_bytes).context("the image config")?;
+    Ok(pronto_registry::ResolvedImage {
+        repository: repository.clone(),
+        index: None,
+        manifest: top.clone(),
+        image: (**image).clone(),
+        config,
+        config_bytes,
     })
 }
 
@@ -279,33 +268,10 @@ async fn convert_image(
             move || chunk_layer(&blob, compression, &out, &options, &digest)
         })
         .await??;
-        let pushed = push_layer(client, repository, &out, &converted.digest)
+        push_layer(client, repository, &out, &converted.digest)
             .await
             .with_context(|| format!("push the chunked form of layer {digest}"))?;
-        if pushed != converted.digest {
-            bail!(
-                "layer {digest}: the registry stored {pushed}, Pronto wrote {}",
-                converted.digest
-            );
-        }
-        let mut annotations: Map<String, Value> = layer
-            .annotations()
-            .as_ref()
-            .map(|a| {
-                a.iter()
-                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for (key, value) in &converted.annotations {
-            annotations.insert(key.clone(), value.clone().into());
-        }
-        descriptors.push(json!({
-            "mediaType": converted.media_type,
-            "digest": converted.digest,
-            "size": converted.size,
-            "annotations": annotations,
-        }));
+        descriptors.push(layer_descriptor(&converted, layer.annotations().as_ref()));
         diff_ids.push(Value::String(converted.diff_id));
         written += converted.size;
         progress.inc(layer.size());
@@ -319,7 +285,56 @@ async fn convert_image(
     let mut config: Value =
         serde_json::from_slice(&image.config_bytes).context("the source image's config")?;
     config["rootfs"]["diff_ids"] = Value::Array(diff_ids);
-    let config_bytes = serde_json::to_vec(&config)?;
+    let (digest, bytes) = push_image(
+        client,
+        repository,
+        &config,
+        descriptors,
+        image.image.annotations().as_ref(),
+    )
+    .await?;
+    Ok(ConvertedImage {
+        digest,
+        bytes,
+        source_size: total,
+        written,
+        layers: layers.len(),
+    })
+}
+
+/// The manifest's descriptor of a chunked layer: `source` annotations
+/// (the layer's before conversion, if any) and those the TOC needs.
+pub(crate) fn layer_descriptor(
+    converted: &pronto_toc::Converted,
+    source: Option<&std::collections::HashMap<String, String>>,
+) -> Value {
+    let mut annotations: Map<String, Value> = source
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    for (key, value) in &converted.annotations {
+        annotations.insert(key.clone(), value.clone().into());
+    }
+    json!({
+        "mediaType": converted.media_type,
+        "digest": converted.digest,
+        "size": converted.size,
+        "annotations": annotations,
+    })
+}
+
+/// Pushes `config` and an image manifest over `layers` (already pushed)
+/// by digest, then reads the image back as a node would. Returns the
+/// manifest's digest and bytes; nothing is tagged.
+pub(crate) async fn push_image(
+    client: &RegistryClient,
+    repository: &Repository,
+    config: &Value,
+    layers: Vec<Value>,
+    annotations: Option<&std::collections::HashMap<String, String>>,
+) -> Result<(String, bytes::Bytes)> {
+    let config_bytes = serde_json::to_vec(config)?;
     let config_size = config_bytes.len();
     let config_digest = client
         .push_blob(repository, config_bytes.into())
@@ -329,27 +344,21 @@ async fn convert_image(
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": descriptors,
+        "layers": layers,
     });
-    if let Some(annotations) = image.image.annotations() {
+    if let Some(annotations) = annotations {
         manifest["annotations"] = json!(annotations);
     }
-    let manifest_bytes = bytes::Bytes::from(serde_json::to_vec(&manifest)?);
-    let digest = pronto_registry::sha256_digest(&manifest_bytes);
+    let bytes = bytes::Bytes::from(serde_json::to_vec(&manifest)?);
+    let digest = pronto_registry::sha256_digest(&bytes);
     client
-        .push_manifest(repository, &digest, OCI_MANIFEST, manifest_bytes.clone())
+        .push_manifest(repository, &digest, OCI_MANIFEST, bytes.clone())
         .await
         .context("push the manifest")?;
     verify(client, repository, &digest)
         .await
-        .context("read the converted image back")?;
-    Ok(ConvertedImage {
-        digest,
-        size: manifest_bytes.len(),
-        source_size: total,
-        written,
-        layers: layers.len(),
-    })
+        .context("read the image back")?;
+    Ok((digest, bytes))
 }
 
 /// Uploads the layer at `path` (digest `digest`) unless the repository has
@@ -360,17 +369,21 @@ pub(crate) async fn push_layer(
     repository: &Repository,
     path: &Path,
     digest: &str,
-) -> Result<String> {
+) -> Result<()> {
     const PART: usize = 16 << 20;
     if client.blob_exists(repository, digest).await? {
-        return Ok(digest.to_owned());
+        return Ok(());
     }
     let bytes = bytes::Bytes::from(std::fs::read(path)?);
-    Ok(if bytes.len() > PART {
+    let pushed = if bytes.len() > PART {
         client.push_blob_chunked(repository, bytes, PART).await?
     } else {
         client.push_blob(repository, bytes).await?
-    })
+    };
+    if pushed != digest {
+        bail!("the registry stored {pushed}, Pronto wrote {digest}");
+    }
+    Ok(())
 }
 
 /// Decompresses the layer blob at `blob` and writes its chunked form to

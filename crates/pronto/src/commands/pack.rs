@@ -9,9 +9,9 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use pronto_registry::{OCI_MANIFEST, Platform, RegistryClient};
 use pronto_toc::{WriteOptions, write_chunked};
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
-use crate::commands::convert::{OCI_CONFIG, push_layer, target_tag, verify};
+use crate::commands::convert::{layer_descriptor, push_image, push_layer, target_tag};
 use crate::commands::image::registry_client;
 use crate::config::Config;
 use crate::text::human_size;
@@ -65,15 +65,9 @@ async fn pack(client: &RegistryClient, request: &PackRequest<'_>) -> Result<()> 
     })
     .await??;
     let _ = std::fs::remove_file(&tar_path);
-    let pushed = push_layer(client, &repository, &out, &converted.digest)
+    push_layer(client, &repository, &out, &converted.digest)
         .await
         .context("push the layer")?;
-    if pushed != converted.digest {
-        bail!(
-            "the registry stored {pushed}, Pronto wrote {}",
-            converted.digest
-        );
-    }
     let created = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .context("format the time")?;
@@ -93,37 +87,8 @@ async fn pack(client: &RegistryClient, request: &PackRequest<'_>) -> Result<()> 
     if let Some(variant) = &platform.variant {
         config["variant"] = variant.clone().into();
     }
-    let config_bytes = serde_json::to_vec(&config)?;
-    let config_size = config_bytes.len();
-    let config_digest = client
-        .push_blob(&repository, config_bytes.into())
-        .await
-        .context("push the config")?;
-    let annotations: Map<String, Value> = converted
-        .annotations
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": config_size},
-        "layers": [{
-            "mediaType": converted.media_type,
-            "digest": converted.digest,
-            "size": converted.size,
-            "annotations": annotations,
-        }],
-    });
-    let bytes = bytes::Bytes::from(serde_json::to_vec(&manifest)?);
-    let digest = pronto_registry::sha256_digest(&bytes);
-    client
-        .push_manifest(&repository, &digest, OCI_MANIFEST, bytes.clone())
-        .await
-        .context("push the manifest")?;
-    verify(client, &repository, &digest)
-        .await
-        .context("read the packed image back")?;
+    let layer = layer_descriptor(&converted, None);
+    let (digest, bytes) = push_image(client, &repository, &config, vec![layer], None).await?;
     client
         .push_manifest(&repository, &tag, OCI_MANIFEST, bytes)
         .await
