@@ -87,7 +87,8 @@ impl Fallback {
     }
 }
 
-/// A manifest's chunked layers: layer digest → (TOC digest, blob size).
+/// A manifest's chunked layers: layer digest → (where its TOC is and what
+/// vouches for it, or why its annotations cannot be used; blob size).
 type ChunkedLayers = HashMap<String, (Result<pronto_toc::TocRef, String>, u64)>;
 
 /// One manifest's chunked layers: being read, or read.
