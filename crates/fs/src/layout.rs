@@ -178,26 +178,24 @@ struct ChunkSpan {
     /// Where the chunk starts in the stream.
     start: u64,
     len: u64,
+    /// Its member (or frame) in the blob, and where in what that
+    /// decompresses to the chunk starts.
     blob: Range<u64>,
+    inner: u64,
     digest: [u8; 32],
 }
-
-/// Files of at most this many bytes, one chunk each, share spans.
-const SMALL_FILE: u64 = 64 << 10;
-
-/// A span of small files ends at this many bytes of output at most.
-const SMALL_SPAN: u64 = 128 << 10;
 
 /// A chunked layer's table of contents as a layout.
 ///
 /// A span is one chunk, except for small files (one chunk of at most
-/// [`SMALL_FILE`] bytes each): a run of them in blob order is one span, so
-/// that a start that reads hundreds of small files stores tens of cache
-/// entries rather than hundreds, each written and synced on its own. A run
-/// ends where a chunk's digest says (its first byte a multiple of 16, one
-/// chunk in 16 on average), at [`SMALL_SPAN`] bytes, and at any other
+/// [`pronto_toc::SMALL_FILE`] bytes each): a run of them in blob order is
+/// one span, so that a start that reads hundreds of small files stores tens
+/// of cache entries rather than hundreds, each written and synced on its
+/// own. A run ends where [`pronto_toc::ends_run`] says, and at any other
 /// chunk: the same files in another layer or image form the same runs,
 /// after a change as before it but around it, and so the same cache keys.
+/// Layers Pronto writes in gzip hold each run in one member. Chunks that
+/// share a member (eStargz's `innerOffset`) are always in one span.
 #[derive(Debug)]
 pub struct ChunkedLayout {
     digest: String,
@@ -231,41 +229,40 @@ impl ChunkedLayout {
             ..
         } = toc;
         let mut all = Vec::new();
-        let mut spans: Vec<Range<usize>> = Vec::new();
-        // The run of small files being gathered, and its output bytes.
-        let mut run: Option<(usize, u64)> = None;
+        // Per chunk, whether it holds a small file.
+        let mut small = Vec::new();
         let mut stream = 0u64;
         for (entry, chunks) in entries.iter_mut().zip(chunks) {
             entry.offset = stream;
-            let small = chunks.len() == 1 && entry.size <= SMALL_FILE;
+            let one = chunks.len() == 1 && entry.size <= pronto_toc::SMALL_FILE;
             for chunk in chunks {
-                let i = all.len();
                 all.push(ChunkSpan {
                     start: stream + chunk.file_offset,
                     len: chunk.len,
                     blob: chunk.blob,
+                    inner: chunk.inner,
                     digest: chunk.digest,
                 });
-                if !small {
-                    if let Some((first, _)) = run.take() {
-                        spans.push(first..i);
-                    }
-                    spans.push(i..i + 1);
-                    continue;
-                }
-                let (first, bytes) = run.get_or_insert((i, 0));
-                *bytes += chunk.len;
-                if chunk.digest[0] % 16 == 0 || *bytes >= SMALL_SPAN {
-                    spans.push(*first..i + 1);
-                    run = None;
-                }
+                small.push(one);
             }
             if entry.kind == EntryKind::File {
                 stream += entry.size;
             }
         }
-        if let Some((first, _)) = run {
-            spans.push(first..all.len());
+        let mut spans: Vec<Range<usize>> = Vec::new();
+        let (mut first, mut run) = (0, 0u64);
+        for i in 0..all.len() {
+            run += all[i].len;
+            let Some(next) = all.get(i + 1) else {
+                spans.push(first..i + 1);
+                break;
+            };
+            let ends = next.blob.start != all[i].blob.start
+                && (!small[i] || !small[i + 1] || pronto_toc::ends_run(&all[i].digest, run));
+            if ends {
+                spans.push(first..i + 1);
+                (first, run) = (i + 1, 0);
+            }
         }
         // The mean, not the largest: read-ahead counts spans, and
         // content-defined chunks of one file range from a quarter to four
@@ -365,18 +362,34 @@ impl Layout for ChunkedLayout {
         let output = self.span_output(i);
         let mut data = vec![0u8; (output.end - output.start) as usize];
         let mut at = 0;
+        // The member being decompressed, and how far.
+        let mut open: Option<(u64, Box<dyn Read + '_>, u64)> = None;
         for j in self.spans[i].clone() {
             let chunk = &self.chunks[j];
-            let bytes = input
-                .get((chunk.blob.start - base) as usize..(chunk.blob.end - base) as usize)
-                .ok_or_else(|| format!("chunk {j} lies outside the bytes fetched"))?;
+            let failed = |e: std::io::Error| {
+                format!("chunk {j} does not decompress to {} bytes: {e}", chunk.len)
+            };
+            if open
+                .as_ref()
+                .is_none_or(|(start, ..)| *start != chunk.blob.start)
+            {
+                let bytes = input
+                    .get((chunk.blob.start - base) as usize..(chunk.blob.end - base) as usize)
+                    .ok_or_else(|| format!("chunk {j} lies outside the bytes fetched"))?;
+                let decoder = self.compression.decoder(bytes).map_err(failed)?;
+                open = Some((chunk.blob.start, decoder, 0));
+            }
+            let (_, decoder, read) = open.as_mut().expect("opened above");
+            if chunk.inner < *read {
+                return Err(format!(
+                    "chunk {j} starts before the chunk ahead of it ends"
+                ));
+            }
+            std::io::copy(&mut decoder.take(chunk.inner - *read), &mut std::io::sink())
+                .map_err(failed)?;
             let out = &mut data[at..at + chunk.len as usize];
-            self.compression
-                .decoder(bytes)
-                .and_then(|mut decoder| decoder.read_exact(out))
-                .map_err(|e| {
-                    format!("chunk {j} does not decompress to {} bytes: {e}", chunk.len)
-                })?;
+            decoder.read_exact(out).map_err(failed)?;
+            *read = chunk.inner + chunk.len;
             if <[u8; 32]>::from(Sha256::digest(&*out)) != chunk.digest {
                 return Err(format!(
                     "chunk {j} does not match its digest sha256:{}",

@@ -67,6 +67,23 @@ pub const ZSTD_POSITION_ANNOTATIONS: [&str; 2] = [
 /// The manifest type of zstd:chunked whose document is the CRFS TOC.
 const ZSTD_MANIFEST_TYPE_TOC: u64 = 1;
 
+/// Regular files of at most this many bytes, held in one chunk, are small:
+/// a run of them shares one gzip member when Pronto writes a layer, and one
+/// span and cache entry when Pronto reads one.
+pub const SMALL_FILE: u64 = 64 << 10;
+
+/// A run of small files holds this many bytes of file data at most.
+pub const SMALL_RUN: u64 = 128 << 10;
+
+/// Whether a run of small files ends after a chunk with SHA-256 `digest`,
+/// the run then holding `run_bytes` of file data. Where runs end depends on
+/// the files alone (one chunk in 16 ends one, on average), so the same
+/// files form the same runs in every layer and image, and around a change
+/// as before it.
+pub fn ends_run(digest: &[u8; 32], run_bytes: u64) -> bool {
+    digest[0] % 16 == 0 || run_bytes >= SMALL_RUN
+}
+
 /// Magic number of a zstd skippable frame (the first of sixteen).
 const ZSTD_SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
 
@@ -306,9 +323,12 @@ pub struct Chunk {
     /// Uncompressed length.
     pub len: u64,
     /// The bytes of the blob to fetch for it: from the start of its gzip
-    /// member to the start of the next member holding data (or the TOC).
-    /// The first `len` bytes this decompresses to are the chunk.
+    /// member (or zstd frame) to the start of the next member holding data
+    /// (or the TOC). Chunks of several small files may share a member.
     pub blob: Range<u64>,
+    /// Where the chunk starts in what `blob` decompresses to (eStargz's
+    /// `innerOffset`): 0 unless it shares its member with chunks before it.
+    pub inner: u64,
     /// SHA-256 of the chunk's uncompressed bytes.
     pub digest: [u8; 32],
 }
@@ -469,6 +489,8 @@ struct JsonEntry {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     digest: String,
     #[serde(default, skip_serializing_if = "is_zero")]
+    inner_offset: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     chunk_offset: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     chunk_size: u64,
@@ -622,14 +644,29 @@ pub fn parse_toc(json: &[u8], toc_offset: u64, limits: &Limits) -> Result<Toc, T
             )));
         }
     }
-    // Each member ends where the next one holding data begins.
+    // Each member ends where the next one holding data begins; chunks
+    // sharing a member follow each other in it.
     for w in 0..order.len() {
         let (file, chunk) = order[w];
-        let start = chunks[file][chunk].blob.start;
-        let end = match order.get(w + 1) {
-            Some(&(f, c)) => chunks[f][c].blob.start,
-            None => toc_offset,
-        };
+        let this = &chunks[file][chunk];
+        let (start, inner, len) = (this.blob.start, this.inner, this.len);
+        let next = order
+            .get(w + 1)
+            .map(|&(f, c)| &chunks[f][c])
+            .filter(|next| next.blob.start == start);
+        if let Some(next) = next {
+            if next.inner < inner + len {
+                return Err(bad(format!(
+                    "the chunks of {:?} and {:?} overlap in their member",
+                    entries[file].path,
+                    entries[order[w + 1].0].path
+                )));
+            }
+            continue;
+        }
+        let end = order
+            .get(w + 1)
+            .map_or(toc_offset, |&(f, c)| chunks[f][c].blob.start);
         if end <= start {
             return Err(bad(format!(
                 "the chunks of {:?} are not in blob order before the TOC",
@@ -638,12 +675,19 @@ pub fn parse_toc(json: &[u8], toc_offset: u64, limits: &Limits) -> Result<Toc, T
         }
         // zstd:chunked says where a chunk's frames end; the tar header
         // frames after it need not be fetched.
-        let stated = chunks[file][chunk].blob.end;
-        chunks[file][chunk].blob.end = if stated > start && stated < end {
+        let stated = this.blob.end;
+        let end = if stated > start && stated < end && inner == 0 {
             stated
         } else {
             end
         };
+        // Every chunk of the member ends where the member does.
+        for &(f, c) in order[..=w].iter().rev() {
+            if chunks[f][c].blob.start != start {
+                break;
+            }
+            chunks[f][c].blob.end = end;
+        }
     }
     Ok(Toc {
         entries,
@@ -673,6 +717,13 @@ fn chunk_of(json: &JsonEntry, size: u64, limits: &Limits) -> Result<Chunk, TocEr
             json.name, limits.max_chunk
         )));
     }
+    // What a reader decompresses to reach the chunk is bounded too.
+    if json.inner_offset > limits.max_chunk {
+        return Err(bad(format!(
+            "a chunk of {:?} starts {} bytes into its member, over the limit of {}",
+            json.name, json.inner_offset, limits.max_chunk
+        )));
+    }
     if !json.chunk_type.is_empty() {
         return Err(bad(format!(
             "a chunk of {:?} has chunk type {:?}, which Pronto does not read",
@@ -700,6 +751,7 @@ fn chunk_of(json: &JsonEntry, size: u64, limits: &Limits) -> Result<Chunk, TocEr
         file_offset: json.chunk_offset,
         len,
         blob: json.offset..json.end_offset,
+        inner: json.inner_offset,
         digest,
     })
 }

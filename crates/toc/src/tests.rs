@@ -191,14 +191,7 @@ fn chunks_match(options: &WriteOptions) {
         assert_eq!(entry.size, data.len() as u64, "{path}");
         let mut read = Vec::new();
         for chunk in &toc.chunks[i] {
-            let member = &blob[chunk.blob.start as usize..chunk.blob.end as usize];
-            let mut bytes = vec![0u8; chunk.len as usize];
-            options
-                .compression
-                .decoder(member)
-                .unwrap()
-                .read_exact(&mut bytes)
-                .unwrap();
+            let bytes = read_chunk(&blob, chunk, options.compression);
             assert_eq!(<[u8; 32]>::from(Sha256::digest(&bytes)), chunk.digest);
             assert_eq!(chunk.file_offset, read.len() as u64);
             read.extend_from_slice(&bytes);
@@ -228,6 +221,66 @@ fn chunks_match(options: &WriteOptions) {
         by_path("app/tagged").xattrs,
         vec![("user.kind".to_owned(), b"model".to_vec())]
     );
+}
+
+/// The bytes of `chunk`, decompressed from its member alone.
+fn read_chunk(blob: &[u8], chunk: &Chunk, compression: Compression) -> Vec<u8> {
+    let member = &blob[chunk.blob.start as usize..chunk.blob.end as usize];
+    let mut decoder = compression.decoder(member).unwrap();
+    let mut bytes = vec![0u8; chunk.inner as usize];
+    decoder.read_exact(&mut bytes).unwrap();
+    bytes.resize(chunk.len as usize, 0);
+    decoder.read_exact(&mut bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn runs_of_small_files_share_a_gzip_member_but_not_a_zstd_frame() {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut files = Vec::new();
+    for i in 0..64u32 {
+        // Bytes that do not compress, as a file's own would not.
+        let data: Vec<u8> = (0u32..)
+            .flat_map(|n| Sha256::digest([i.to_le_bytes(), n.to_le_bytes()].concat()))
+            .take(1000 + i as usize * 37)
+            .collect();
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        let path = format!("lib/m{i:02}.py");
+        builder.append_data(&mut h, &path, data.as_slice()).unwrap();
+        files.push((path, data));
+    }
+    let mut tar = tempfile::NamedTempFile::new().unwrap();
+    tar.write_all(&builder.into_inner().unwrap()).unwrap();
+    for compression in [Compression::Gzip, Compression::Zstd] {
+        let mut blob = Vec::new();
+        let options = WriteOptions {
+            compression,
+            ..WriteOptions::default()
+        };
+        let converted = write_chunked(tar.as_file(), &mut blob, &options).unwrap();
+        let toc = read_converted(&blob, &converted).unwrap();
+        let mut members = std::collections::BTreeSet::new();
+        for (path, data) in &files {
+            let i = toc.entries.iter().position(|e| &e.path == path).unwrap();
+            let [chunk] = toc.chunks[i].as_slice() else {
+                panic!("{path}: {:?}", toc.chunks[i]);
+            };
+            assert!(read_chunk(&blob, chunk, compression) == *data, "{path}");
+            members.insert(chunk.blob.start);
+        }
+        match compression {
+            // A run ends after one file in 16 on average.
+            Compression::Gzip => assert!(
+                members.len() > 1 && members.len() * 4 < files.len(),
+                "{} members for {} small files",
+                members.len(),
+                files.len()
+            ),
+            _ => assert_eq!(members.len(), files.len()),
+        }
+    }
 }
 
 #[test]
@@ -333,6 +386,20 @@ fn hostile_tocs_are_refused_with_the_entry_named() {
             }),
         ),
         ("version", Box::new(|t| t["version"] = 2.into())),
+        (
+            "overlap in their member",
+            Box::new(|t| {
+                let long = format!("app/lib/{}.py", "n".repeat(150));
+                let before = entry_named(t, &long).clone();
+                let tagged = entry_named(t, "app/tagged");
+                tagged["offset"] = before["offset"].clone();
+                tagged["innerOffset"] = before.get("innerOffset").cloned().unwrap_or(0.into());
+            }),
+        ),
+        (
+            "bytes into its member, over the limit",
+            Box::new(|t| entry_named(t, "app/small.txt")["innerOffset"] = (1u64 << 40).into()),
+        ),
     ];
     for (want, edit) in cases {
         let err = edited(edit).expect_err(want).to_string();

@@ -25,8 +25,9 @@ use pronto_layer::{Compression, EntryKind};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    JsonEntry, JsonToc, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
-    ZSTD_CHECKSUM_ANNOTATIONS, ZSTD_MANIFEST_TYPE_TOC, ZSTD_POSITION_ANNOTATIONS,
+    JsonEntry, JsonToc, SMALL_FILE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME,
+    UNCOMPRESSED_SIZE_ANNOTATION, ZSTD_CHECKSUM_ANNOTATIONS, ZSTD_MANIFEST_TYPE_TOC,
+    ZSTD_POSITION_ANNOTATIONS,
 };
 
 /// How a chunked layer is written.
@@ -98,6 +99,8 @@ pub fn write_chunked(
     let mut members = Members::new(out, compression);
     let mut toc: Vec<JsonEntry> = Vec::new();
     let mut pos = 0u64;
+    // The file bytes of the run of small files whose member is open.
+    let mut run: Option<u64> = None;
     let mut reader = tar;
     io::Seek::seek(&mut reader, io::SeekFrom::Start(0))?;
     let mut archive = tar::Archive::new(&mut reader);
@@ -124,13 +127,31 @@ pub fn write_chunked(
         let mut file_digest = Sha256::new();
         let first = toc.len();
         let mut written = 0u64;
-        for chunk in cuts.chunks(tar, data_start, size) {
+        let mut chunks = cuts.chunks(tar, data_start, size);
+        // A small file's chunks are cut first, to know whether it is one.
+        let cut: Vec<io::Result<Vec<u8>>> = if size <= SMALL_FILE {
+            chunks.by_ref().collect()
+        } else {
+            Vec::new()
+        };
+        let small = cut.len() == 1 && members.groups();
+        for chunk in cut.into_iter().chain(chunks) {
             let chunk = chunk?;
             let len = chunk.len() as u64;
-            members.close()?;
+            let digest: [u8; 32] = Sha256::digest(&chunk).into();
+            if !small || run.is_none() {
+                members.close()?;
+            }
             let offset = members.offset();
+            let inner = members.open_bytes();
             members.write_tar(&chunk)?;
             file_digest.update(&chunk);
+            run = if small {
+                let bytes = run.unwrap_or(0) + len;
+                (!crate::ends_run(&digest, bytes)).then_some(bytes)
+            } else {
+                None
+            };
             let mut chunk_entry = if written == 0 {
                 std::mem::take(&mut json)
             } else {
@@ -141,10 +162,11 @@ pub fn write_chunked(
                 }
             };
             chunk_entry.offset = offset;
+            chunk_entry.inner_offset = inner;
             chunk_entry.chunk_offset = written;
             // Zero means "to the end of the file".
             chunk_entry.chunk_size = if written + len < size { len } else { 0 };
-            chunk_entry.chunk_digest = format!("sha256:{}", hex::encode(Sha256::digest(&chunk)));
+            chunk_entry.chunk_digest = format!("sha256:{}", hex::encode(digest));
             toc.push(chunk_entry);
             written += len;
         }
@@ -161,7 +183,7 @@ pub fn write_chunked(
     members.copy_tar(tar, pos, end)?;
     members.close()?;
 
-    let toc_json = serde_json::to_vec_pretty(&JsonToc {
+    let toc_json = serde_json::to_vec(&JsonToc {
         version: 1,
         entries: toc,
     })
@@ -425,6 +447,8 @@ struct Members<W> {
     uncompressed: u64,
     codec: Codec,
     member: Option<Member>,
+    /// Uncompressed bytes in the open member.
+    open: u64,
 }
 
 impl<W: Write> Members<W> {
@@ -437,7 +461,19 @@ impl<W: Write> Members<W> {
             uncompressed: 0,
             codec,
             member: None,
+            open: 0,
         }
+    }
+
+    /// Whether small files share members: gzip only, as eStargz's
+    /// `innerOffset` allows; zstd:chunked readers know no such offset.
+    fn groups(&self) -> bool {
+        matches!(self.codec, Codec::Gzip(_))
+    }
+
+    /// Uncompressed bytes written to the open member so far.
+    fn open_bytes(&self) -> u64 {
+        self.open
     }
 
     /// Where the next member starts (when none is open).
@@ -453,6 +489,7 @@ impl<W: Write> Members<W> {
             None => self.member.insert(Member::new(self.codec)?),
         };
         member.write_all(bytes)?;
+        self.open += bytes.len() as u64;
         self.diff.update(bytes);
         self.uncompressed += bytes.len() as u64;
         Ok(())
@@ -479,6 +516,7 @@ impl<W: Write> Members<W> {
     /// Ends the open member, if any.
     fn close(&mut self) -> io::Result<()> {
         if let Some(member) = self.member.take() {
+            self.open = 0;
             let bytes = member.finish()?;
             self.write_raw(&bytes)?;
         }
