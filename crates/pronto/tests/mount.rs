@@ -894,6 +894,45 @@ fn a_converted_image_unpacks_as_its_source_and_mounts_lazily_without_an_index() 
     require!(&[NEEDS, &[Prereq::Containerd, Prereq::Runc]].concat());
     let pushed = push_edge_image();
     let node = Node::new();
+    // A startup profile of the source on this node: the files it names
+    // come first in each layer, where order cannot change the tree
+    // (`data/opaque/new` is under an opaque marker of its layer: it stays).
+    let ranges = |paths: &[&str]| {
+        paths
+            .iter()
+            .map(|p| pronto_fs::profile::FileRange {
+                path: (*p).into(),
+                offset: 0,
+                len: 1,
+                seen: 1,
+            })
+            .collect()
+    };
+    let first = [
+        vec!["data/small/d0002/f000250", "data/big", "etc/hosts"],
+        vec![
+            "data/opaque/new",
+            "data/deep/a/b/c/d/e/f/g/leaf",
+            "data/model",
+        ],
+    ];
+    pronto_fs::profile::ProfileStore::new(node.node.root().join("profiles"))
+        .save(&pronto_fs::profile::Profile {
+            version: pronto_fs::profile::PROFILE_VERSION,
+            manifest: pushed.image.manifest_digest.clone(),
+            starts: 1,
+            layers: pushed
+                .image
+                .layers
+                .iter()
+                .zip(&first)
+                .map(|(layer, paths)| pronto_fs::profile::LayerProfile {
+                    digest: layer.digest.clone(),
+                    ranges: ranges(paths),
+                })
+                .collect(),
+        })
+        .unwrap();
     // Both chunked forms: eStargz (gzip) and zstd:chunked.
     let forms: Vec<(String, &str)> = ["gzip", "zstd"]
         .iter()
@@ -910,7 +949,13 @@ fn a_converted_image_unpacks_as_its_source_and_mounts_lazily_without_an_index() 
                 "--compression",
                 compression,
             ]);
-            assert!(said.contains("@sha256:"), "{said}");
+            assert!(
+                said.contains("5 files placed first; carried over as sha256:"),
+                "{said}"
+            );
+            let files = layer_files(&pushed.registry, &said);
+            assert_eq!(files[0][..3], first[0], "{compression}");
+            assert_eq!(files[1][..2], first[1][1..], "{compression}");
             (converted, *compression)
         })
         .collect();
@@ -962,6 +1007,41 @@ fn a_converted_image_unpacks_as_its_source_and_mounts_lazily_without_an_index() 
             differences.join("\n")
         );
     }
+}
+
+/// The regular files of each layer of the image `said` names
+/// (`…@sha256:<hex>`), in their order in the layer, read from the
+/// registry's storage.
+fn layer_files(registry: &Registry, said: &str) -> Vec<Vec<String>> {
+    let at = said.find("@sha256:").expect("a digest") + 1;
+    let blob = |digest: &str| {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        std::fs::read(registry.storage_dir().join(format!(
+            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        )))
+        .unwrap()
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(&blob(&said[at..at + 71])).unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|layer| {
+            let compression =
+                pronto_layer::Compression::from_media_type(layer["mediaType"].as_str().unwrap())
+                    .unwrap();
+            let bytes = blob(layer["digest"].as_str().unwrap());
+            let mut archive = tar::Archive::new(compression.decoder(bytes.as_slice()).unwrap());
+            archive
+                .entries()
+                .unwrap()
+                .map(|e| e.unwrap())
+                .filter(|e| e.header().entry_type() == tar::EntryType::Regular)
+                .map(|e| e.path().unwrap().to_string_lossy().into_owned())
+                .collect()
+        })
+        .collect()
 }
 
 #[test]

@@ -199,28 +199,13 @@ impl Profiles {
             .clone();
         let found = cell
             .get_or_init(|| async {
-                let documents = match find_profiles(&self.client, repository, manifest).await {
-                    Ok(documents) => documents,
+                let merged = match registry_profile(&self.client, repository, manifest).await {
+                    Ok(merged) => merged,
                     Err(e) => {
                         tracing::debug!(manifest, "no startup profile from the registry: {e}");
                         return None;
                     }
                 };
-                let mut merged: Option<Profile> = None;
-                for document in documents {
-                    match Profile::parse(&document, manifest) {
-                        Ok(profile) => {
-                            merged = Some(match merged {
-                                Some(m) => m.merge(&profile),
-                                None => profile,
-                            })
-                        }
-                        Err(e) => tracing::warn!(
-                            manifest,
-                            "a startup profile in the registry is not used: {e}"
-                        ),
-                    }
-                }
                 let profile = merged?;
                 tracing::info!(
                     manifest,
@@ -326,6 +311,32 @@ impl Profiles {
             Err(e) => tracing::warn!(manifest, "cannot store the startup profile: {e}"),
         }
     }
+}
+
+/// The startup profiles of image manifest `manifest` among its referrers
+/// in `repository`, checked and merged into one; unusable ones are skipped
+/// with a warning. `None` when there is none.
+pub async fn registry_profile(
+    client: &RegistryClient,
+    repository: &Repository,
+    manifest: &str,
+) -> Result<Option<Profile>, pronto_catalog::CatalogError> {
+    let mut merged: Option<Profile> = None;
+    for document in find_profiles(client, repository, manifest).await? {
+        match Profile::parse(&document, manifest) {
+            Ok(profile) => {
+                merged = Some(match merged {
+                    Some(m) => m.merge(&profile),
+                    None => profile,
+                })
+            }
+            Err(e) => tracing::warn!(
+                manifest,
+                "a startup profile in the registry is not used: {e}"
+            ),
+        }
+    }
+    Ok(merged)
 }
 
 /// Pushes `profile` to `repository` as a referrer of its image manifest.

@@ -768,9 +768,11 @@ fn modtime(text: &str) -> Option<(i64, u32)> {
 }
 
 mod dir;
+mod order;
 mod write;
 
 pub use dir::{PackError, Packed, tar_of_dir};
+pub use order::startup_first;
 
 pub use write::{Converted, WriteOptions, write_chunked};
 

@@ -493,3 +493,104 @@ fn an_edit_inside_a_big_file_keeps_its_other_chunks() {
         before.len()
     );
 }
+
+/// The paths and bytes of every entry of a tar, in order.
+fn tar_items(tar: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut archive = tar::Archive::new(tar);
+    archive
+        .entries()
+        .unwrap()
+        .map(|item| {
+            let mut item = item.unwrap();
+            let path = item.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            item.read_to_end(&mut data).unwrap();
+            (path, data)
+        })
+        .collect()
+}
+
+#[test]
+fn startup_files_move_to_the_front_only_where_order_cannot_change_the_tree() {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(if kind == tar::EntryType::Directory {
+            0o750
+        } else {
+            0o644
+        });
+        h.set_size(data.len() as u64);
+        if kind == tar::EntryType::Link {
+            builder
+                .append_link(&mut h, path, "app/lib/main.py")
+                .unwrap();
+        } else {
+            builder.append_data(&mut h, path, data).unwrap();
+        }
+    };
+    use tar::EntryType::{Directory, Link, Regular};
+    add("app/", Directory, b"");
+    add("app/README", Regular, b"read me");
+    add("app/lib/", Directory, b"");
+    add("app/lib/main.py", Regular, b"print('hi')");
+    add("app/lib/alias.py", Link, b"");
+    add("app/old/", Directory, b"");
+    add("app/old/.wh.gone.py", Regular, b"");
+    add("app/old/gone.py", Regular, b"back again");
+    add("app/twice", Regular, b"first");
+    add("app/twice", Regular, b"second");
+    add(
+        &format!("app/{}", "long".repeat(40)),
+        Regular,
+        b"a long name",
+    );
+    let source = builder.into_inner().unwrap();
+    let mut tar = tempfile::NamedTempFile::new().unwrap();
+    tar.write_all(&source).unwrap();
+    let first: Vec<String> = [
+        format!("app/{}", "long".repeat(40)),
+        "app/lib/main.py".into(),
+        "app/old/gone.py".into(),
+        "app/twice".into(),
+        "app/lib/alias.py".into(),
+        "app/missing".into(),
+        "app/lib/main.py".into(),
+    ]
+    .into();
+    let mut out = Vec::new();
+    let moved = startup_first(tar.as_file(), &mut out, &first).unwrap();
+    assert_eq!(moved, 2);
+    let before = tar_items(&source);
+    let after = tar_items(&out);
+    let paths: Vec<&str> = after.iter().map(|(p, _)| p.as_str()).collect();
+    let long = format!("app/{}", "long".repeat(40));
+    assert_eq!(
+        paths,
+        [
+            "app/",
+            long.as_str(),
+            "app/lib/",
+            "app/lib/main.py",
+            "app/README",
+            "app/lib/alias.py",
+            "app/old/",
+            "app/old/.wh.gone.py",
+            "app/old/gone.py",
+            "app/twice",
+            "app/twice",
+        ]
+    );
+    // The same entries, byte for byte, and the same size.
+    let mut sorted_before = before.clone();
+    let mut sorted_after = after.clone();
+    sorted_before.sort();
+    sorted_after.sort();
+    assert_eq!(sorted_before, sorted_after);
+    assert_eq!(out.len(), source.len());
+    // Nothing named: the tar is unchanged.
+    let mut same = Vec::new();
+    assert_eq!(startup_first(tar.as_file(), &mut same, &[]).unwrap(), 0);
+    assert!(same == source);
+}

@@ -497,20 +497,7 @@ impl<W: Write> Members<W> {
 
     /// [`Self::write_tar`] of bytes `start..end` of `tar`.
     fn copy_tar(&mut self, tar: &std::fs::File, start: u64, end: u64) -> io::Result<()> {
-        if end <= start {
-            return Ok(());
-        }
-        // Most calls copy one header (512 bytes to a few KiB): the buffer
-        // is no larger than what is copied.
-        let mut buf = vec![0u8; (end - start).min(1 << 20) as usize];
-        let mut at = start;
-        while at < end {
-            let n = (end - at).min(buf.len() as u64) as usize;
-            tar.read_exact_at(&mut buf[..n], at)?;
-            self.write_tar(&buf[..n])?;
-            at += n as u64;
-        }
-        Ok(())
+        crate::order::each_part(tar, start..end, |part| self.write_tar(part))
     }
 
     /// Ends the open member, if any.

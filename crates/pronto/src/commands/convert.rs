@@ -5,13 +5,17 @@
 //! Docker and Podman run it); inside, file data is cut into chunks with a
 //! table of contents, so nodes with Pronto read it lazily without an
 //! index, and chunks shared by layers and images are fetched once per
-//! node.
+//! node. When the source image has a startup profile (this node's, or one
+//! among its referrers in the registry), the files it names are placed
+//! first in each layer, and the profile is carried over to the converted
+//! image.
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use pronto_fs::profile::{LayerProfile, Profile, ProfileStore};
 use pronto_layer::Compression;
 use pronto_registry::{
     ManifestKind, OCI_INDEX, OCI_MANIFEST, ParallelFetch, Platform, RegistryClient, Repository,
@@ -39,7 +43,8 @@ pub struct ConvertRequest<'a> {
 pub fn run(request: &ConvertRequest<'_>, config: &Config) -> Result<()> {
     let runtime = super::runtime()?;
     let client = registry_client(config)?;
-    runtime.block_on(convert(&client, request))
+    let profiles = ProfileStore::new(config.profiles_dir());
+    runtime.block_on(convert(&client, request, &profiles))
 }
 
 /// One converted image manifest.
@@ -52,7 +57,11 @@ struct ConvertedImage {
     layers: usize,
 }
 
-async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Result<()> {
+async fn convert(
+    client: &RegistryClient,
+    request: &ConvertRequest<'_>,
+    profiles: &ProfileStore,
+) -> Result<()> {
     let source = pronto_registry::parse_reference(request.source)?;
     let (repository, tag) = target_tag(request.target)?;
     let options = request.options;
@@ -113,7 +122,8 @@ async fn convert(client: &RegistryClient, request: &ConvertRequest<'_>) -> Resul
                 .await
                 .with_context(|| format!("resolve {} for {platform}", request.source))?
         };
-        let one = convert_image(client, &image, &repository, &options)
+        let profile = startup_profile(client, &image, profiles).await;
+        let one = convert_image(client, &image, &repository, &options, profile.as_ref())
             .await
             .with_context(|| match platform.as_str() {
                 "" => request.source.to_owned(),
@@ -219,13 +229,47 @@ async fn single_image(
     })
 }
 
+/// The startup profile of the source image: this node's and those among
+/// its referrers in the registry, merged. `None` when there is none.
+async fn startup_profile(
+    client: &RegistryClient,
+    image: &pronto_registry::ResolvedImage,
+    profiles: &ProfileStore,
+) -> Option<Profile> {
+    let manifest = image.manifest.digest.to_string();
+    let local = match profiles.load(&manifest) {
+        Ok(local) => local,
+        Err(e) => {
+            println!("{manifest}: this node's startup profile is not used: {e}");
+            None
+        }
+    };
+    let remote =
+        match pronto_snapshotter::profiles::registry_profile(client, &image.repository, &manifest)
+            .await
+        {
+            Ok(remote) => remote,
+            Err(e) => {
+                println!("{manifest}: no startup profile from the registry: {e}");
+                None
+            }
+        };
+    match (local, remote) {
+        (Some(local), Some(remote)) => Some(local.merge(&remote)),
+        (local, remote) => local.or(remote),
+    }
+}
+
 /// Converts one image manifest's layers, pushes them and its config and
-/// manifest by digest, and reads it back.
+/// manifest by digest, and reads it back. With a startup `profile`, the
+/// files it names come first in each layer, and the profile, its layers
+/// renamed, is pushed as a referrer of the converted image.
 async fn convert_image(
     client: &RegistryClient,
     image: &pronto_registry::ResolvedImage,
     repository: &Repository,
     options: &WriteOptions,
+    profile: Option<&Profile>,
 ) -> Result<ConvertedImage> {
     let work = tempfile::tempdir().context("create a working directory")?;
     let layers = image.image.layers();
@@ -243,6 +287,9 @@ async fn convert_image(
     let mut descriptors = Vec::new();
     let mut diff_ids = Vec::new();
     let mut written = 0u64;
+    let mut placed = 0;
+    // Source layer digest to converted layer digest.
+    let mut renamed: Vec<(String, String)> = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
         let digest = layer.digest().to_string();
         progress.set_message(format!("layer {}/{}", i + 1, layers.len()));
@@ -262,12 +309,20 @@ async fn convert_image(
             .await
             .with_context(|| format!("fetch layer {digest}"))?;
         let out = work.path().join(format!("chunked-{i}"));
-        let converted = tokio::task::spawn_blocking({
+        let mut first: Vec<String> = Vec::new();
+        for range in profile.map(|p| p.wanted(&digest)).unwrap_or_default() {
+            if !first.contains(&range.path) {
+                first.push(range.path);
+            }
+        }
+        let (converted, moved) = tokio::task::spawn_blocking({
             let (blob, out, digest, options) =
                 (blob.clone(), out.clone(), digest.clone(), *options);
-            move || chunk_layer(&blob, compression, &out, &options, &digest)
+            move || chunk_layer(&blob, compression, &out, &options, &digest, &first)
         })
         .await??;
+        placed += moved;
+        renamed.push((digest.clone(), converted.digest.clone()));
         push_layer(client, repository, &out, &converted.digest)
             .await
             .with_context(|| format!("push the chunked form of layer {digest}"))?;
@@ -293,6 +348,30 @@ async fn convert_image(
         image.image.annotations().as_ref(),
     )
     .await?;
+    if let Some(profile) = profile {
+        let carried = Profile {
+            manifest: digest.clone(),
+            layers: profile
+                .layers
+                .iter()
+                .filter_map(|l| {
+                    let (_, to) = renamed.iter().find(|(from, _)| *from == l.digest)?;
+                    Some(LayerProfile {
+                        digest: to.clone(),
+                        ranges: l.ranges.clone(),
+                    })
+                })
+                .collect(),
+            ..profile.clone()
+        };
+        let pushed = pronto_snapshotter::profiles::push(client, repository, &carried)
+            .await
+            .context("push the startup profile of the converted image")?;
+        println!(
+            "{}: startup profile ({} start(s)): {placed} files placed first; carried over as {pushed}",
+            image.manifest.digest, profile.starts
+        );
+    }
     Ok(ConvertedImage {
         digest,
         bytes,
@@ -387,14 +466,16 @@ pub(crate) async fn push_layer(
 }
 
 /// Decompresses the layer blob at `blob` and writes its chunked form to
-/// `out`.
+/// `out`, the regular files named in `first` placed first. Returns what
+/// was written and how many files were placed first.
 fn chunk_layer(
     blob: &Path,
     compression: Compression,
     out: &Path,
     options: &WriteOptions,
     digest: &str,
-) -> Result<pronto_toc::Converted> {
+    first: &[String],
+) -> Result<(pronto_toc::Converted, usize)> {
     let tar_path = out.with_extension("tar");
     {
         let source = std::fs::File::open(blob)?;
@@ -403,6 +484,15 @@ fn chunk_layer(
             .with_context(|| format!("layer {digest} does not decompress"))?;
         tar.flush()?;
     }
+    let mut moved = 0;
+    if !first.is_empty() {
+        let ordered_path = out.with_extension("ordered.tar");
+        let mut ordered = BufWriter::new(std::fs::File::create(&ordered_path)?);
+        moved = pronto_toc::startup_first(&std::fs::File::open(&tar_path)?, &mut ordered, first)
+            .with_context(|| format!("layer {digest} is not a tar Pronto can convert"))?;
+        ordered.flush()?;
+        std::fs::rename(&ordered_path, &tar_path)?;
+    }
     let tar = std::fs::File::open(&tar_path)?;
     let mut writer = BufWriter::new(std::fs::File::create(out)?);
     let converted = write_chunked(&tar, &mut writer, options)
@@ -410,7 +500,7 @@ fn chunk_layer(
     writer.flush()?;
     drop(tar);
     let _ = std::fs::remove_file(&tar_path);
-    Ok(converted)
+    Ok((converted, moved))
 }
 
 /// Reads the image `digest` back: the manifest, and every layer's TOC,
