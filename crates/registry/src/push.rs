@@ -68,32 +68,65 @@ impl RegistryClient {
         Ok(digest)
     }
 
-    /// Uploads `bytes` in PATCH requests of `chunk_size` bytes, then
-    /// commits the upload with its digest.
-    pub async fn push_blob_chunked(
+    /// Uploads the file at `path`, whose digest is `digest`, in PATCH
+    /// requests of `part_size` bytes (one PUT when it is no bigger), then
+    /// commits the upload with its digest, which the registry checks. One
+    /// part is in memory at a time, so a layer of any size can be pushed,
+    /// and no request outlasts the client's timeouts on a slow link.
+    pub async fn push_blob_file(
         &self,
         repo: &Repository,
-        bytes: Bytes,
-        chunk_size: usize,
-    ) -> Result<String> {
-        let digest = sha256_digest(&bytes);
-        let target = Target::new(repo, format!("chunked upload of blob {digest}"));
+        path: &std::path::Path,
+        digest: &str,
+        part_size: usize,
+    ) -> Result<()> {
+        let target = Target::new(repo, format!("upload of blob {digest}"));
+        let read = |start: u64, len: usize| {
+            let (path, target) = (path.to_owned(), target.clone());
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut part = vec![0u8; len];
+                    std::fs::File::open(&path)
+                        .and_then(|file| file.read_exact_at(&mut part, start))
+                        .map(|()| Bytes::from(part))
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|read| read)
+                .map_err(|source| RegistryError::Write { target, source })
+            }
+        };
+        let size = std::fs::metadata(path)
+            .map_err(|source| RegistryError::Write {
+                target: target.clone(),
+                source,
+            })?
+            .len();
+        let part_size = part_size.max(1) as u64;
         let mut location = self.start_upload(repo, &target).await?;
-        for (i, chunk) in bytes.chunks(chunk_size.max(1)).enumerate() {
-            let start = i * chunk_size.max(1);
-            let end = start + chunk.len() - 1;
-            let patch = Request::push(Method::PATCH, location.clone())
-                .header("content-type", "application/octet-stream")
-                .header("content-range", format!("{start}-{end}"))
-                .with_body(bytes.slice(start..=end));
-            let fetched = self.fetch(repo, &target, &patch, 1 << 20).await?;
-            let fetched = expect_status(&target, fetched, &[StatusCode::ACCEPTED])?;
-            location = self.location(repo, &target, &fetched.headers)?;
+        let mut put = Request::push(Method::PUT, location.with_query("digest", digest))
+            .header("content-type", "application/octet-stream");
+        if size <= part_size {
+            put = put.with_body(read(0, size as usize).await?);
+        } else {
+            let mut start = 0;
+            while start < size {
+                let len = (size - start).min(part_size);
+                let patch = Request::push(Method::PATCH, location.clone())
+                    .header("content-type", "application/octet-stream")
+                    .header("content-range", format!("{start}-{}", start + len - 1))
+                    .with_body(read(start, len as usize).await?);
+                let fetched = self.fetch(repo, &target, &patch, 1 << 20).await?;
+                let fetched = expect_status(&target, fetched, &[StatusCode::ACCEPTED])?;
+                location = self.location(repo, &target, &fetched.headers)?;
+                start += len;
+            }
+            put = Request::push(Method::PUT, location.with_query("digest", digest));
         }
-        let put = Request::push(Method::PUT, location.with_query("digest", &digest));
         let fetched = self.fetch(repo, &target, &put, 1 << 20).await?;
         expect_status(&target, fetched, &[StatusCode::CREATED])?;
-        Ok(digest)
+        Ok(())
     }
 
     /// Asks the registry to link blob `digest` from repository `from` into

@@ -377,12 +377,21 @@ async fn pushes_blobs_whole_in_chunks_and_by_mount() {
         client.blob(&repo, &whole, 1 << 20).await.unwrap(),
         data.slice(..1000)
     );
-    let chunked = client
-        .push_blob_chunked(&repo, data.clone(), 64 * 1024)
+    // From a file, in parts; the registry checks the digest it is given.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &data).unwrap();
+    let chunked = sha256_digest(&data);
+    client
+        .push_blob_file(&repo, file.path(), &chunked, 64 * 1024)
         .await
         .unwrap();
-    assert_eq!(chunked, sha256_digest(&data));
     assert_eq!(client.blob(&repo, &chunked, 1 << 20).await.unwrap(), data);
+    let wrong = sha256_digest(b"something else");
+    let err = client
+        .push_blob_file(&repo, file.path(), &wrong, 64 * 1024)
+        .await
+        .unwrap_err();
+    assert!(!client.blob_exists(&repo, &wrong).await.unwrap(), "{err}");
 
     assert!(!client.blob_exists(&other, &chunked).await.unwrap());
     assert!(client.mount_blob(&other, "push/a", &chunked).await.unwrap());

@@ -441,8 +441,8 @@ pub(crate) async fn push_image(
 }
 
 /// Uploads the layer at `path` (digest `digest`) unless the repository has
-/// it; a big one in parts, so that no single request outlasts the
-/// registry client's timeouts on a slow link.
+/// it, in parts of 16 MiB read from the file one at a time; the registry
+/// checks the digest.
 pub(crate) async fn push_layer(
     client: &RegistryClient,
     repository: &Repository,
@@ -453,15 +453,9 @@ pub(crate) async fn push_layer(
     if client.blob_exists(repository, digest).await? {
         return Ok(());
     }
-    let bytes = bytes::Bytes::from(std::fs::read(path)?);
-    let pushed = if bytes.len() > PART {
-        client.push_blob_chunked(repository, bytes, PART).await?
-    } else {
-        client.push_blob(repository, bytes).await?
-    };
-    if pushed != digest {
-        bail!("the registry stored {pushed}, Pronto wrote {digest}");
-    }
+    client
+        .push_blob_file(repository, path, digest, PART)
+        .await?;
     Ok(())
 }
 
