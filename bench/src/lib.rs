@@ -40,6 +40,21 @@ pub fn summary(samples: &[Duration]) -> (Duration, Duration, Duration) {
     (median, sorted[0], sorted[sorted.len() - 1])
 }
 
+/// Replaces the text between the markers of `section` in the markdown file
+/// `path`: `<!-- SECTION results: written by bench/run -->` and
+/// `<!-- end of SECTION results -->`.
+pub fn write_markdown(path: &std::path::Path, section: &str, table: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let begin_marker = format!("<!-- {section} results: written by bench/run -->");
+    let end_marker = format!("<!-- end of {section} results -->");
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let (Some(begin), Some(end)) = (text.find(&begin_marker), text.find(&end_marker)) else {
+        anyhow::bail!("{} has no {section} markers", path.display());
+    };
+    let updated = format!("{}{begin_marker}\n{table}{}", &text[..begin], &text[end..]);
+    std::fs::write(path, updated).with_context(|| format!("write {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use pronto_bench::stack::{Link, Sample, Stack, System};
-use pronto_bench::{machine, summary};
+use pronto_bench::{machine, summary, write_markdown};
 use pronto_testbed::{ImageBuilder, Layer};
 use serde_json::json;
 
@@ -426,16 +426,4 @@ fn write_json(path: &std::path::Path, cells: &[Cell], link: &Link, repeat: usize
     }
     std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
         .with_context(|| format!("write {}", path.display()))
-}
-
-/// Replaces the text between the markers of `section` in `path`.
-fn write_markdown(path: &std::path::Path, section: &str, table: &str) -> Result<()> {
-    let begin_marker = format!("<!-- {section} results: written by bench/run -->");
-    let end_marker = format!("<!-- end of {section} results -->");
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    let (Some(begin), Some(end)) = (text.find(&begin_marker), text.find(&end_marker)) else {
-        anyhow::bail!("{} has no {section} markers", path.display());
-    };
-    let updated = format!("{}{begin_marker}\n{table}{}", &text[..begin], &text[end..]);
-    std::fs::write(path, updated).with_context(|| format!("write {}", path.display()))
 }
