@@ -112,6 +112,15 @@ fn main() {
                 .codec_path("tonic_prost::ProstCodec")
                 .build(),
         )
+        .method(
+            Method::builder()
+                .name("warm")
+                .route_name("Warm")
+                .input_type("crate::status::WarmRequest")
+                .output_type("crate::status::WarmResponse")
+                .codec_path("tonic_prost::ProstCodec")
+                .build(),
+        )
         .build();
     Builder::new()
         .build_client(true)

@@ -15,6 +15,7 @@ mod records;
 mod session;
 
 pub use pull::{LayerOutcome, Phase, PullError, PullOptions, PullReport, chain_ids, pull};
+pub use records::{image_target, remove_image};
 pub use session::validate_namespace;
 
 /// A name no other call of this process (or another) uses.

@@ -89,7 +89,11 @@ pub enum LayerOutcome {
 #[derive(Debug, Clone)]
 pub struct PullReport {
     pub name: String,
+    /// The digest the image record names: the index of a multi-platform
+    /// image, else the image manifest.
     pub target: String,
+    /// The image manifest pulled (the platform's).
+    pub manifest: String,
     pub layers: Vec<(String, LayerOutcome)>,
     pub bytes_fetched: u64,
     /// Where the time went, in order: resolving the reference, the
@@ -242,6 +246,7 @@ impl Pull<'_> {
                 .unwrap_or(&self.image.manifest)
                 .digest
                 .clone(),
+            manifest: self.image.manifest.digest.clone(),
             layers: Vec::new(),
             bytes_fetched: 0,
             phases: Vec::new(),

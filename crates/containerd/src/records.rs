@@ -129,3 +129,52 @@ async fn put_image(session: &Session, name: &str, target: &Manifest) -> Result<(
         Err(s) => Err(containerd(format!("create image {name}"))(s)),
     }
 }
+
+/// The digest image record `name` of `namespace` points at, if it exists.
+pub async fn image_target(
+    address: &std::path::Path,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<String>, PullError> {
+    use containerd_client::services::v1::GetImageRequest;
+    let session = Session::connect(address, namespace).await?;
+    let mut images = ImagesClient::new(session.channel.clone());
+    match images
+        .get(session.request(GetImageRequest {
+            name: name.to_owned(),
+        }))
+        .await
+    {
+        Ok(found) => Ok(found
+            .into_inner()
+            .image
+            .and_then(|i| i.target)
+            .map(|t| t.digest)),
+        Err(s) if s.code() == Code::NotFound => Ok(None),
+        Err(s) => Err(containerd(format!("get image {name}"))(s)),
+    }
+}
+
+/// Removes image record `name` of `namespace` (gone already is fine);
+/// containerd's garbage collector then frees what only it held.
+pub async fn remove_image(
+    address: &std::path::Path,
+    namespace: &str,
+    name: &str,
+) -> Result<(), PullError> {
+    use containerd_client::services::v1::DeleteImageRequest;
+    let session = Session::connect(address, namespace).await?;
+    let mut images = ImagesClient::new(session.channel.clone());
+    match images
+        .delete(session.request(DeleteImageRequest {
+            name: name.to_owned(),
+            sync: false,
+            target: None,
+        }))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == Code::NotFound => Ok(()),
+        Err(s) => Err(containerd(format!("remove image {name}"))(s)),
+    }
+}

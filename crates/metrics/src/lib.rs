@@ -168,6 +168,20 @@ pub struct Metrics {
     /// the family once so that counting takes no lock.
     fuse_requests: Vec<Counter>,
     errors: Family<KindLabel, Counter>,
+    warm_events: Family<SourceLabel, Counter>,
+    warm_lag: Histogram,
+    warm_failures: Counter,
+    warm_images: Family<StateLabel, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
 }
 
 impl Default for Metrics {
@@ -279,7 +293,36 @@ impl Metrics {
             "Failures by kind: registry, verification, read, cache, background_fetch, parallel_pull, snapshot_api.",
             errors.clone(),
         );
+        let warm_events = Family::default();
+        registry.register(
+            "warm_events",
+            "Reasons to warm an image, by source: join (the daemon started), push (a registry notification through the warm hub), poll (tag polling found a new digest), refresh (a warm image was removed or evicted), manual (`pronto warm`).",
+            warm_events.clone(),
+        );
+        // 0.1 s to ~1.8 h.
+        let warm_lag = Histogram::new(exponential_buckets(0.1, 2.0, 16));
+        registry.register(
+            "warm_lag_seconds",
+            "From a push the registry notified to the new digest being warm on this node.",
+            warm_lag.clone(),
+        );
+        let warm_failures = Counter::default();
+        registry.register(
+            "warm_failures",
+            "Warm attempts that failed (the daemon's log and `pronto status` say why).",
+            warm_failures.clone(),
+        );
+        let warm_images = Family::default();
+        registry.register(
+            "warm_images",
+            "Images of the warm set by state: warm, warming, failed, waiting.",
+            warm_images.clone(),
+        );
         Self {
+            warm_events,
+            warm_lag,
+            warm_failures,
+            warm_images,
             registry,
             registry_bytes,
             range_requests,
@@ -305,6 +348,31 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// A reason to warm an image arrived from `source`.
+    pub fn warm_event(&self, source: &'static str) {
+        self.warm_events
+            .get_or_create(&SourceLabel { source })
+            .inc();
+    }
+
+    /// An image became warm `lag` after the push that announced it.
+    pub fn warm_lag(&self, lag: Duration) {
+        self.warm_lag.observe(lag.as_secs_f64());
+    }
+
+    pub fn warm_failed(&self) {
+        self.warm_failures.inc();
+    }
+
+    /// How many images of the warm set are in each state.
+    pub fn warm_states(&self, counts: &[(&'static str, i64)]) {
+        for (state, count) in counts {
+            self.warm_images
+                .get_or_create(&StateLabel { state })
+                .set(*count);
+        }
     }
 
     pub fn registry_received(&self, bytes: u64) {

@@ -177,6 +177,31 @@ pub enum Command {
         #[command(flatten)]
         chunks: ChunkArgs,
     },
+    /// Warm an image on this node now, through the running `pronto serve`:
+    /// pulled lazily into containerd's namespace (`[warm] namespace`) and
+    /// its startup set fetched (`--mode full`: every byte). Waits until it
+    /// is warm and says what was fetched.
+    Warm {
+        /// The image, by tag or digest.
+        reference: String,
+        /// `lazy` (the startup set) or `full` (every byte).
+        #[arg(long, default_value = "lazy", value_parser = ["lazy", "full"])]
+        mode: String,
+    },
+    /// Take a registry's push notifications (its `notifications` webhook)
+    /// and pass them on to the node daemons that follow this hub
+    /// (`[warm] hub`), so that pushed images are warm on every node within
+    /// seconds (see docs/warming.md).
+    WarmHub {
+        /// Where to listen, HOST:PORT.
+        #[arg(long, default_value = "0.0.0.0:8090")]
+        listen: std::net::SocketAddr,
+        /// A file holding the token the registry must send as
+        /// `Authorization: Bearer TOKEN`; without one, any notification
+        /// is taken.
+        #[arg(long)]
+        token_file: Option<std::path::PathBuf>,
+    },
 }
 
 /// How `pronto convert` and `pronto pack` cut and compress chunks.

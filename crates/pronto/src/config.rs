@@ -67,6 +67,118 @@ pub struct Config {
     pub cri: CriConfig,
     /// Startup profiles.
     pub profile: ProfileConfig,
+    /// Images this node warms before pods ask for them.
+    pub warm: WarmConfig,
+}
+
+/// The `[warm]` table: images made ready on this node ahead of their pods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WarmConfig {
+    /// The warm set: references by tag or digest, each a string (lazy) or
+    /// a table `{ image = "...", mode = "lazy" | "full" }`.
+    pub images: Vec<WarmImage>,
+    /// containerd's socket; images are pulled into `namespace` (kubelet's
+    /// is `k8s.io`) with Pronto's snapshotter.
+    pub containerd_address: PathBuf,
+    pub namespace: String,
+    /// The platform pulled, e.g. `linux/amd64`.
+    pub platform: String,
+    /// Without a startup profile, a lazy warm fetches the image's smallest
+    /// files up to this many bytes.
+    pub startup_bytes: String,
+    /// Images warmed at once.
+    pub concurrency: usize,
+    /// Range requests per layer while warming.
+    pub parallel: usize,
+    /// A warm started by a push or a poll waits a random time up to this
+    /// long first, so that many nodes do not ask the registry at once.
+    pub jitter: String,
+    /// How often each tag is checked for a new digest (a conditional
+    /// request); `"0s"` turns polling off (push notifications only).
+    pub poll_interval: String,
+    /// How often the warm set is checked against containerd: an image
+    /// removed or evicted (kubelet's image GC) is warmed again.
+    pub check_interval: String,
+    /// URL of the `pronto warm-hub` to take push notifications from;
+    /// empty for none.
+    pub hub: String,
+    /// Remove the previous digest of a tag from containerd once the new
+    /// one is warm (running containers keep what they use).
+    pub release_previous: bool,
+}
+
+/// One image of the warm set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WarmImage {
+    Reference(String),
+    Table {
+        image: String,
+        #[serde(default = "lazy")]
+        mode: String,
+    },
+}
+
+fn lazy() -> String {
+    "lazy".to_owned()
+}
+
+impl WarmImage {
+    pub fn reference(&self) -> &str {
+        match self {
+            WarmImage::Reference(image) | WarmImage::Table { image, .. } => image,
+        }
+    }
+
+    pub fn mode(&self) -> &str {
+        match self {
+            WarmImage::Reference(_) => "lazy",
+            WarmImage::Table { mode, .. } => mode,
+        }
+    }
+}
+
+impl Default for WarmConfig {
+    fn default() -> Self {
+        Self {
+            images: Vec::new(),
+            containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
+            namespace: "k8s.io".to_owned(),
+            platform: "linux/amd64".to_owned(),
+            startup_bytes: "32MiB".to_owned(),
+            concurrency: 2,
+            parallel: 8,
+            jitter: "2s".to_owned(),
+            poll_interval: "0s".to_owned(),
+            check_interval: "1m".to_owned(),
+            hub: String::new(),
+            release_previous: true,
+        }
+    }
+}
+
+impl WarmConfig {
+    fn duration(text: &str) -> std::time::Duration {
+        humantime::parse_duration(text).unwrap_or_default()
+    }
+
+    pub fn jitter(&self) -> std::time::Duration {
+        Self::duration(&self.jitter)
+    }
+
+    /// `None`: polling is off.
+    pub fn poll_interval(&self) -> Option<std::time::Duration> {
+        Some(Self::duration(&self.poll_interval)).filter(|d| !d.is_zero())
+    }
+
+    pub fn check_interval(&self) -> std::time::Duration {
+        Self::duration(&self.check_interval).max(std::time::Duration::from_secs(1))
+    }
+
+    pub fn startup_bytes(&self) -> u64 {
+        crate::cli::parse_size(&self.startup_bytes).unwrap_or(32 << 20)
+    }
 }
 
 /// The `[profile]` table.
@@ -170,6 +282,7 @@ impl Default for Config {
             cri_address: String::new(),
             cri: CriConfig::default(),
             profile: ProfileConfig::default(),
+            warm: WarmConfig::default(),
         }
     }
 }
@@ -489,6 +602,73 @@ impl Config {
         Ok(config)
     }
 
+    fn validate_warm(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, problem| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            problem,
+        };
+        let warm = &self.warm;
+        for image in &warm.images {
+            if let Err(e) = pronto_registry::parse_reference(image.reference()) {
+                return Err(invalid(
+                    "warm.images",
+                    format!("{:?}: {e}", image.reference()),
+                ));
+            }
+            if !matches!(image.mode(), "lazy" | "full") {
+                return Err(invalid(
+                    "warm.images",
+                    format!(
+                        "{}: mode {:?} is neither \"lazy\" nor \"full\"",
+                        image.reference(),
+                        image.mode()
+                    ),
+                ));
+            }
+        }
+        for (key, text) in [
+            ("warm.jitter", &warm.jitter),
+            ("warm.poll_interval", &warm.poll_interval),
+            ("warm.check_interval", &warm.check_interval),
+        ] {
+            if let Err(e) = humantime::parse_duration(text) {
+                return Err(invalid(key, format!("{e}, e.g. \"30s\"")));
+            }
+        }
+        if let Err(problem) = crate::cli::parse_size(&warm.startup_bytes) {
+            return Err(invalid("warm.startup_bytes", problem));
+        }
+        if let Err(e) = warm.platform.parse::<pronto_registry::Platform>() {
+            return Err(invalid("warm.platform", e));
+        }
+        if warm.concurrency == 0 || warm.parallel == 0 {
+            return Err(invalid(
+                "warm.concurrency",
+                "warm.concurrency and warm.parallel must be at least 1".into(),
+            ));
+        }
+        if !warm.hub.is_empty()
+            && !warm.hub.starts_with("http://")
+            && !warm.hub.starts_with("https://")
+        {
+            return Err(invalid(
+                "warm.hub",
+                format!("{:?} is not an http:// or https:// URL", warm.hub),
+            ));
+        }
+        if !warm.containerd_address.is_absolute() {
+            return Err(invalid(
+                "warm.containerd_address",
+                format!(
+                    "must be an absolute path, not {:?}",
+                    warm.containerd_address
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key, problem| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -609,6 +789,7 @@ impl Config {
                 return Err(invalid("index.trust", problem));
             }
         }
+        self.validate_warm(path)?;
         if self.registry.max_concurrent_per_registry == 0 {
             return Err(invalid(
                 "registry.max_concurrent_per_registry",

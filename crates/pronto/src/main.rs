@@ -9,6 +9,8 @@ mod config;
 mod kube;
 mod metrics_endpoint;
 mod text;
+mod warm;
+mod warm_hub;
 
 use std::process::ExitCode;
 

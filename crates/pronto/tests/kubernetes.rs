@@ -626,6 +626,8 @@ fn validate(value: &serde_json::Value) {
         "Role" => round_trip::<rbac::Role>(value),
         "RoleBinding" => round_trip::<rbac::RoleBinding>(value),
         "DaemonSet" => round_trip::<apps::DaemonSet>(value),
+        "Deployment" => round_trip::<apps::Deployment>(value),
+        "Service" => round_trip::<core::Service>(value),
         kind => panic!("unexpected kind {kind}"),
     };
     assert_eq!(&back, value, "not as the Kubernetes API reads it");
@@ -657,7 +659,7 @@ fn the_manifests_and_the_chart_render_and_validate_against_the_kubernetes_api() 
     let custom = work.path().join("values.yaml");
     std::fs::write(
         &custom,
-        "nodeSelector: {pool: gpu}\nroot: /data/pronto\nextraConfig: |\n  [fetch]\n  background = false\n",
+        "nodeSelector: {pool: gpu}\nroot: /data/pronto\nextraConfig: |\n  [fetch]\n  background = false\nwarm:\n  images: [registry.example/app:v1, {image: registry.example/model:v2, mode: full}]\n  hub: {enabled: true, tokenSecret: hub-token}\n",
     )
     .unwrap();
     for values in [None, Some(custom.as_path())] {
@@ -693,9 +695,29 @@ fn the_manifests_and_the_chart_render_and_validate_against_the_kubernetes_api() 
             .unwrap();
         assert!(out.status.success(), "{config}\n{}", text(&out));
 
+        if values.is_some() {
+            assert!(
+                config.contains("hub = \"http://pronto-warm-hub.pronto-system:8090\"")
+                    && config
+                        .contains("{ image = \"registry.example/model:v2\", mode = \"full\" }"),
+                "{config}"
+            );
+            find("Service", "pronto-warm-hub");
+        } else {
+            assert!(!config.contains("[warm]"), "{config}");
+        }
+        let workloads: &[(&str, &str)] = if values.is_some() {
+            &[
+                ("DaemonSet", "pronto"),
+                ("DaemonSet", "pronto-keeper"),
+                ("Deployment", "pronto-warm-hub"),
+            ]
+        } else {
+            &[("DaemonSet", "pronto"), ("DaemonSet", "pronto-keeper")]
+        };
         // Every container's arguments are ones `pronto` takes.
-        for daemonset in ["pronto", "pronto-keeper"] {
-            let spec = &find("DaemonSet", daemonset)["spec"]["template"]["spec"];
+        for (kind, name) in workloads {
+            let spec = &find(kind, name)["spec"]["template"]["spec"];
             let containers = spec["containers"].as_array().unwrap().iter();
             let init = spec["initContainers"].as_array().into_iter().flatten();
             for container in containers.chain(init) {

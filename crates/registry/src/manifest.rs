@@ -155,6 +155,42 @@ impl RegistryClient {
         parse_manifest(&target, digest, header_type, fetched.body)
     }
 
+    /// The digest tag `tag` of `repo` names now, asked with a HEAD request
+    /// (no manifest body), conditional on `known` (the digest seen last):
+    /// `Ok(None)` when the registry answers 304 Not Modified, or does not
+    /// say (no `Docker-Content-Digest`). What tag polling asks.
+    pub async fn tag_digest(
+        &self,
+        repo: &Repository,
+        tag: &str,
+        known: Option<&str>,
+    ) -> Result<Option<String>> {
+        let target = Target::new(repo, format!("manifest {tag}"));
+        let mut request = Request::get(self.url(repo, &format!("manifests/{tag}"))).header(
+            "accept",
+            [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST].join(", "),
+        );
+        request.method = reqwest::Method::HEAD;
+        if let Some(known) = known {
+            request = request.header("if-none-match", format!("\"{known}\""));
+        }
+        let fetched = self.fetch(repo, &target, &request, 0).await?;
+        let fetched = expect_status(
+            &target,
+            fetched,
+            &[StatusCode::OK, StatusCode::NOT_MODIFIED],
+        )?;
+        if fetched.status == StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        Ok(fetched
+            .headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .filter(|d| d.starts_with("sha256:") && d.len() == 71)
+            .map(str::to_owned))
+    }
+
     /// Resolves `reference` to the image for `platform`: follows an index
     /// to the matching manifest, verifies every document by digest, and
     /// fetches the config.

@@ -35,7 +35,7 @@ use std::path::Path;
 
 pub use local::LocalSnapshots;
 pub use profiles::{ProfileOptions, Profiles};
-pub use remote::{Fallback, Remote, RemoteOptions};
+pub use remote::{Fallback, Remote, RemoteOptions, WarmSet, Warmed};
 pub use service::Snapshotter;
 pub use status::StatusService;
 pub use whole::{PullSettings, WholeLayers};

@@ -106,7 +106,7 @@ impl Profiles {
     /// The usable profile of `manifest`, read from the store at every
     /// mount (it is small, and `pronto profile rm` or a new recording may
     /// have changed it). A bad one is logged and treated as none.
-    fn profile(&self, manifest: &str) -> Option<Profile> {
+    pub(crate) fn profile(&self, manifest: &str) -> Option<Profile> {
         match self.store.load(manifest) {
             Ok(profile) => profile,
             Err(e) => {
@@ -189,7 +189,11 @@ impl Profiles {
     /// The profile of `manifest` among its referrers in `repository`
     /// (every one found, checked and merged), kept on the node. `None`
     /// when there is none or none is usable; the next mount asks again.
-    async fn find_in_registry(&self, repository: &Repository, manifest: &str) -> Option<Profile> {
+    pub(crate) async fn find_in_registry(
+        &self,
+        repository: &Repository,
+        manifest: &str,
+    ) -> Option<Profile> {
         let cell = self
             .lookups
             .lock()

@@ -215,9 +215,34 @@ struct Mounted {
     dir: PathBuf,
     since: u64,
     handovers: u32,
+    /// The background fetch waits until a container uses the layer (the
+    /// image was pulled to warm the node).
+    background_waits: bool,
     shutdown: tokio::sync::watch::Sender<bool>,
     /// The task serving the mount; it ends when the mount goes.
     _serving: tokio::task::JoinHandle<()>,
+}
+
+/// What warming makes local of a lazily pulled image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmSet {
+    /// What its containers read at start: its startup profile's ranges,
+    /// or, without a profile, its smallest files up to `without_profile`
+    /// bytes.
+    Startup { without_profile: u64 },
+    /// Every byte.
+    Everything,
+}
+
+/// What [`Remote::warm`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Warmed {
+    /// Bytes made local.
+    pub bytes: u64,
+    /// Lazily mounted layers found.
+    pub layers: usize,
+    /// A startup profile chose the ranges.
+    pub by_profile: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +278,9 @@ pub struct Remote {
     records: PathBuf,
     /// Startup profiles: recorded and prefetched when set.
     profiles: Option<Arc<Profiles>>,
+    /// Images (by the name pulled) whose new mounts start no background
+    /// fetch until a container uses them: images pulled to warm the node.
+    warm_images: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -290,6 +318,7 @@ impl Remote {
             options,
             scheduler: Arc::default(),
             mounted: Mutex::new(HashMap::new()),
+            warm_images: Mutex::new(std::collections::HashSet::new()),
             sets: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
         }
@@ -830,7 +859,13 @@ impl Remote {
     ) {
         // A new mount: its container is about to start reading.
         self.scheduler.active();
-        if self.options.background {
+        let background_waits = self.options.background
+            && self
+                .warm_images
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&remote.image_ref);
+        if self.options.background && !background_waits {
             layer
                 .clone()
                 .start_background_fetch(self.options.background_rate);
@@ -845,6 +880,7 @@ impl Remote {
                 dir: dir.to_owned(),
                 since: serving.since,
                 handovers: serving.handovers,
+                background_waits,
                 shutdown: serving.shutdown,
                 _serving: serving.serving,
             },
@@ -1008,6 +1044,35 @@ impl Remote {
         }
     }
 
+    /// Layers of image `name` (as pulled) mounted from now on fetch the
+    /// rest of their data only once a container uses them: warming the
+    /// node costs the startup set, not the image.
+    pub fn background_waits_for_use(&self, name: &str) {
+        self.warm_images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned());
+    }
+
+    /// A container uses the remote snapshot `id`: its background fetch
+    /// starts if it was waiting for that.
+    pub fn in_use(&self, id: u64) {
+        let mut mounted = self.lock_mounted();
+        if let Some(m) = mounted.get_mut(&id)
+            && m.background_waits
+        {
+            m.background_waits = false;
+            tracing::info!(
+                layer = m.layer.digest(),
+                image = m.image_ref,
+                "a container uses the warmed layer: background fetch starts"
+            );
+            m.layer
+                .clone()
+                .start_background_fetch(self.options.background_rate);
+        }
+    }
+
     /// Makes sure the remote snapshot `id` is served by this process.
     pub async fn ensure_mounted(
         &self,
@@ -1076,6 +1141,94 @@ impl Remote {
         self.lock_mounted().contains_key(&id)
     }
 
+    /// Makes the `set` of image `manifest` (in `repository`) local ahead
+    /// of its containers, from its lazily mounted layers `layers`
+    /// (digests): what warming a node fetches once the image is pulled.
+    /// At most `parallel` range requests per layer.
+    pub async fn warm(
+        &self,
+        repository: &Repository,
+        manifest: &str,
+        layers: &[String],
+        set: WarmSet,
+        parallel: usize,
+    ) -> Warmed {
+        let mounted: Vec<Arc<dyn LazyLayer>> = {
+            let all = self.lock_mounted();
+            let mut found: Vec<Arc<dyn LazyLayer>> = Vec::new();
+            for digest in layers {
+                if let Some(m) = all.values().find(|m| m.layer.digest() == digest) {
+                    found.push(m.layer.clone());
+                }
+            }
+            found
+        };
+        let profile = match (&self.profiles, set) {
+            (Some(profiles), WarmSet::Startup { .. }) => match profiles.profile(manifest) {
+                Some(profile) => Some(profile),
+                None => profiles.find_in_registry(repository, manifest).await,
+            },
+            _ => None,
+        };
+        // Per layer, the ranges to fetch: (entry, offset, length).
+        let mut wanted: Vec<Vec<(usize, u64, u64)>> = vec![Vec::new(); mounted.len()];
+        match (set, &profile) {
+            (WarmSet::Everything, _) => {
+                for (ranges, layer) in wanted.iter_mut().zip(&mounted) {
+                    for (i, entry) in layer.entries().iter().enumerate() {
+                        if entry.size > 0 {
+                            ranges.push((i, 0, entry.size));
+                        }
+                    }
+                }
+            }
+            (WarmSet::Startup { .. }, Some(profile)) => {
+                for (ranges, layer) in wanted.iter_mut().zip(&mounted) {
+                    let (resolved, _) = pronto_fs::profile::resolve(
+                        layer.as_ref(),
+                        &profile.wanted(layer.digest()),
+                    );
+                    *ranges = resolved;
+                }
+            }
+            (WarmSet::Startup { without_profile }, None) => {
+                // No profile: the smallest files first, up to the budget.
+                // A start pays a round trip per small file it opens;
+                // big files are read ahead at link speed.
+                let mut files: Vec<(u64, usize, usize)> = Vec::new();
+                for (l, layer) in mounted.iter().enumerate() {
+                    for (i, entry) in layer.entries().iter().enumerate() {
+                        if entry.size > 0 {
+                            files.push((entry.size, l, i));
+                        }
+                    }
+                }
+                files.sort_unstable();
+                let mut left = without_profile;
+                for (size, l, i) in files {
+                    if size > left {
+                        break;
+                    }
+                    left -= size;
+                    wanted[l].push((i, 0, size));
+                }
+            }
+        }
+        let fetches = mounted
+            .iter()
+            .zip(&wanted)
+            .map(|(layer, ranges)| layer.prefetch(ranges, parallel.max(1)));
+        let bytes = futures_util::future::join_all(fetches)
+            .await
+            .into_iter()
+            .sum();
+        Warmed {
+            bytes,
+            layers: mounted.len(),
+            by_profile: profile.is_some(),
+        }
+    }
+
     /// What is mounted lazily, by image, and how much of it is local.
     pub fn status(&self) -> Vec<ImageStatus> {
         let mut images: BTreeMap<String, Vec<LayerStatus>> = BTreeMap::new();
@@ -1086,6 +1239,8 @@ impl Remote {
                 "complete"
             } else if stats.background_failed.load(Ordering::SeqCst) {
                 "failed"
+            } else if mounted.background_waits {
+                "waiting for a container"
             } else if self.options.background {
                 "running"
             } else {

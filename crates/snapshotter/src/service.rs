@@ -96,8 +96,9 @@ fn api_mounts(mounts: Vec<Mount>) -> Vec<ApiMount> {
 
 impl Snapshotter {
     /// Makes sure every remote layer below `parent` is mounted, so that an
-    /// overlay never stacks on an empty directory.
-    async fn ensure_lowers(&self, parent: &str) -> Result<(), Status> {
+    /// overlay never stacks on an empty directory. `in_use`: a container
+    /// (or a view) is made of them, not a layer being unpacked.
+    async fn ensure_lowers(&self, parent: &str, in_use: bool) -> Result<(), Status> {
         let Some(remote) = &self.remote else {
             return Ok(());
         };
@@ -120,6 +121,9 @@ impl Snapshotter {
                         )))
                     })?;
             }
+            if in_use && record.remote.is_some() {
+                remote.in_use(record.id);
+            }
             next = record.parent;
         }
         Ok(())
@@ -132,7 +136,9 @@ impl Snapshotter {
         parent: String,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<ApiMount>, Status> {
-        self.ensure_lowers(&parent).await?;
+        // A layer being unpacked names its target; a container does not.
+        let in_use = !labels.contains_key(LABEL_TARGET);
+        self.ensure_lowers(&parent, in_use).await?;
         let local = self.local.clone();
         let mounts = blocking(move || local.create(kind, &key, &parent, labels)).await?;
         Ok(api_mounts(mounts))
@@ -151,13 +157,13 @@ impl Snapshotter {
         };
         if let Some(existing) = self.local.get(target)? {
             if existing.kind == Kind::Committed && existing.parent == parent {
-                self.ensure_lowers(target).await?;
+                self.ensure_lowers(target, false).await?;
                 return Ok(true);
             }
             return Ok(false);
         }
         // Mounting may fetch index prefixes: parents must be there first.
-        self.ensure_lowers(parent).await?;
+        self.ensure_lowers(parent, false).await?;
         let whole = self.whole.as_ref();
         match make_layer(remote.as_ref(), whole, &self.local, target, parent, labels).await {
             Outcome::Made => Ok(true),
@@ -203,7 +209,8 @@ impl Snapshots for Snapshotter {
     ) -> Result<Response<api::MountsResponse>, Status> {
         let key = request.into_inner().key;
         if let Some(record) = self.local.get(&key)? {
-            self.ensure_lowers(&record.parent).await?;
+            let in_use = !record.labels.contains_key(LABEL_TARGET);
+            self.ensure_lowers(&record.parent, in_use).await?;
         }
         let local = self.local.clone();
         let mounts = blocking(move || local.mounts(&key)).await?;

@@ -10,6 +10,8 @@ use tonic::{Request, Response, Status};
 
 use crate::remote::Remote;
 
+pub use tonic::async_trait;
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StatusRequest {}
 
@@ -25,6 +27,66 @@ pub struct StatusResponse {
     /// Layers not served lazily since the daemon started, by reason.
     #[prost(message, repeated, tag = "4")]
     pub fallbacks: Vec<FallbackCount>,
+    /// The node's warm set (`[warm]`, and images warmed by hand).
+    #[prost(message, repeated, tag = "5")]
+    pub warm: Vec<WarmStatus>,
+}
+
+/// An image of the node's warm set.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WarmStatus {
+    /// As configured (a tag or a digest).
+    #[prost(string, tag = "1")]
+    pub reference: String,
+    /// `lazy` or `full`.
+    #[prost(string, tag = "2")]
+    pub mode: String,
+    /// `warm`, `warming`, `failed` or `waiting` (not tried yet).
+    #[prost(string, tag = "3")]
+    pub state: String,
+    /// The manifest digest warm, or being warmed.
+    #[prost(string, tag = "4")]
+    pub digest: String,
+    /// Why the last attempt failed.
+    #[prost(string, tag = "5")]
+    pub reason: String,
+    /// From the registry's push notification to warm, when a push started
+    /// it; 0 otherwise.
+    #[prost(double, tag = "6")]
+    pub lag_seconds: f64,
+    /// Bytes the last warming made local (besides metadata).
+    #[prost(uint64, tag = "7")]
+    pub bytes: u64,
+    /// When it last became warm (seconds since the epoch).
+    #[prost(uint64, tag = "8")]
+    pub warmed_at: u64,
+    /// What started the last warming: join, push, poll, refresh, manual.
+    #[prost(string, tag = "9")]
+    pub source: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WarmRequest {
+    #[prost(string, tag = "1")]
+    pub reference: String,
+    /// `lazy` (default when empty) or `full`.
+    #[prost(string, tag = "2")]
+    pub mode: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WarmResponse {
+    #[prost(message, optional, tag = "1")]
+    pub status: Option<WarmStatus>,
+}
+
+/// The daemon's warming, as the status service reports and triggers it.
+#[tonic::async_trait]
+pub trait Warmer: Send + Sync + 'static {
+    /// Every image of the warm set.
+    fn states(&self) -> Vec<WarmStatus>;
+    /// Warms `reference` now (`mode`: lazy or full) and says how it ended.
+    async fn warm_now(&self, reference: String, mode: String) -> Result<WarmStatus, String>;
 }
 
 /// An image with lazily mounted layers, named as containerd's CRI named it.
@@ -89,10 +151,17 @@ pub struct FallbackCount {
 }
 
 /// The status service over the daemon's lazy layers and cache.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StatusService {
     pub remote: Arc<Remote>,
     pub cache: Arc<ContentCache>,
+    pub warm: Option<Arc<dyn Warmer>>,
+}
+
+impl std::fmt::Debug for StatusService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusService").finish_non_exhaustive()
+    }
 }
 
 impl StatusService {
@@ -111,6 +180,7 @@ impl StatusService {
                     count,
                 })
                 .collect(),
+            warm: self.warm.as_ref().map(|w| w.states()).unwrap_or_default(),
         }
     }
 }
@@ -123,6 +193,41 @@ impl crate::generated::status::status_server::Status for StatusService {
     ) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(self.snapshot()))
     }
+
+    async fn warm(&self, request: Request<WarmRequest>) -> Result<Response<WarmResponse>, Status> {
+        let Some(warm) = &self.warm else {
+            return Err(Status::unavailable("this daemon does not warm images"));
+        };
+        let WarmRequest { reference, mode } = request.into_inner();
+        match warm.warm_now(reference, mode).await {
+            Ok(status) => Ok(Response::new(WarmResponse {
+                status: Some(status),
+            })),
+            Err(problem) => Err(Status::invalid_argument(problem)),
+        }
+    }
+}
+
+/// Asks the daemon on unix socket `address` to warm `reference` now.
+pub async fn warm(
+    address: &std::path::Path,
+    reference: &str,
+    mode: &str,
+) -> Result<WarmStatus, String> {
+    let channel = containerd_client::connect(address)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", address.display()))?;
+    let mut client = crate::generated::status::status_client::StatusClient::new(channel);
+    client
+        .warm(WarmRequest {
+            reference: reference.to_owned(),
+            mode: mode.to_owned(),
+        })
+        .await
+        .map_err(|e| e.message().to_owned())?
+        .into_inner()
+        .status
+        .ok_or_else(|| "the daemon answered without a status".to_owned())
 }
 
 /// Asks the daemon on unix socket `address` for its status.

@@ -240,9 +240,7 @@ impl State {
         if self.min_free == 0 {
             return Ok(());
         }
-        let stat = nix::sys::statvfs::statvfs(&self.root)
-            .map_err(|e| write_error(&self.root)(e.into()))?;
-        let free = stat.blocks_available().saturating_mul(stat.fragment_size());
+        let free = free_space(&self.root).map_err(write_error(&self.root))?;
         if free < self.min_free {
             return Err(UnpackError::NoSpace {
                 path: self.root.clone(),
@@ -451,6 +449,13 @@ fn set_mtime(path: &Path, mtime: i64) -> Result<(), UnpackError> {
 
 fn libc_o_nofollow() -> i32 {
     nix::fcntl::OFlag::O_NOFOLLOW.bits()
+}
+
+/// Bytes an unprivileged writer may still write on the filesystem of
+/// `path`.
+pub fn free_space(path: &Path) -> std::io::Result<u64> {
+    let stat = nix::sys::statvfs::statvfs(path)?;
+    Ok(stat.blocks_available().saturating_mul(stat.fragment_size()))
 }
 
 #[cfg(test)]

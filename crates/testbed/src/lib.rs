@@ -33,6 +33,6 @@ pub use faults::{Fault, FaultProxy};
 pub use image::{Compression, Content, Entry, ImageBuilder, Layer, OciLayout};
 pub use node::{KeeperGuard, MountedImage, NodeConfig, ProntoNode};
 pub use prereq::Prereq;
-pub use registry::{Credentials, Registry, RegistryOptions};
+pub use registry::{Credentials, Notifications, Registry, RegistryOptions};
 pub use relay::{Relay, RelayOptions};
 pub use token::{TokenServer, TokenServerOptions};

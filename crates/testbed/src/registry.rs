@@ -48,6 +48,17 @@ pub struct RegistryOptions {
     /// Credentials skopeo pushes with when the registry needs them and
     /// `basic_auth` does not say (token auth).
     pub push_credentials: Option<Credentials>,
+    /// Send the registry's event notifications to this endpoint.
+    pub notifications: Option<Notifications>,
+}
+
+/// A `notifications` endpoint of the registry.
+#[derive(Debug, Clone)]
+pub struct Notifications {
+    /// Where events are POSTed.
+    pub url: String,
+    /// Sent as `Authorization: Bearer TOKEN` when set.
+    pub token: Option<String>,
 }
 
 /// Manifest format a push writes.
@@ -274,6 +285,18 @@ health:
         storage = storage.display(),
         port = addr.port(),
     );
+    if let Some(notifications) = &options.notifications {
+        // Failed deliveries are retried every second, in order.
+        yaml.push_str(&format!(
+            "notifications:\n  endpoints:\n    - name: pronto\n      url: {}\n      timeout: 2s\n      threshold: 3\n      backoff: 1s\n",
+            notifications.url
+        ));
+        if let Some(token) = &notifications.token {
+            yaml.push_str(&format!(
+                "      headers:\n        Authorization: [\"Bearer {token}\"]\n"
+            ));
+        }
+    }
     if options.basic_auth.is_some() {
         yaml.push_str(&format!(
             "auth:\n  htpasswd:\n    realm: pronto-test\n    path: {}\n",

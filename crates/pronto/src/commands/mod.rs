@@ -14,6 +14,7 @@ mod profile;
 mod pull;
 mod serve;
 mod status;
+mod warm;
 
 use anyhow::Result;
 
@@ -114,6 +115,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve => serve::run(&loaded.config, loaded.path.as_deref()),
         Command::Keeper { stop, socket } => serve::keeper(&loaded.config, stop, socket),
         Command::Status { json } => status::run(&loaded.config, json),
+        Command::Warm { reference, mode } => warm::run(&loaded.config, &reference, &mode),
+        Command::WarmHub { listen, token_file } => warm::hub(listen, token_file.as_deref()),
         Command::Umount { dir } => mount::unmount(&dir),
         Command::Cache(cmd) => cache::run(cmd, &loaded.config),
         Command::Node(cmd) => node::run(cmd, &loaded.config),

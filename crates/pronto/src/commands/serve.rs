@@ -20,6 +20,7 @@ use crate::commands::image::registry_client_with;
 use crate::commands::mount::open_cache;
 use crate::config::Config;
 use crate::metrics_endpoint;
+use crate::warm::WarmEngine;
 
 pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
     let runtime = super::runtime()?;
@@ -33,6 +34,7 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
     )?;
     let whole_client = client.clone();
     let profile_client = client.clone();
+    let warm_client = client.clone();
     let store = LocalIndexStore::open(&config.root)?;
     // Only one daemon can use a node's cache and snapshots: a second one
     // fails here, before it touches the keeper or the socket.
@@ -130,9 +132,17 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
         remote: Some(remote.clone()),
         whole,
     };
+    let warm = Arc::new(WarmEngine::new(
+        config.warm.clone(),
+        warm_client,
+        remote.clone(),
+        config.root.clone(),
+        config.pull.settings().min_free_space,
+    ));
     let status = StatusService {
         remote: remote.clone(),
         cache,
+        warm: Some(warm.clone()),
     };
     let metrics_address = config
         .metrics_socket()
@@ -153,6 +163,8 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
         // when containerd next uses them.
         let adopted = tokio::task::block_in_place(|| remote.adopt(&local, kept));
         tracing::info!(adopted, "lazy mounts taken over from the previous daemon");
+        // Node join: the warm set is warmed while containerd is served.
+        warm.start();
         tracing::info!(
             address = %config.address.display(),
             root = %config.root.display(),

@@ -28,6 +28,17 @@ fn to_json(status: &StatusResponse) -> Value {
         "fallbacks": status.fallbacks.iter()
             .map(|f| (f.reason.clone(), json!(f.count)))
             .collect::<serde_json::Map<_, _>>(),
+        "warm": status.warm.iter().map(|w| json!({
+            "reference": w.reference,
+            "mode": w.mode,
+            "state": w.state,
+            "digest": w.digest,
+            "reason": w.reason,
+            "lag_seconds": w.lag_seconds,
+            "bytes": w.bytes,
+            "warmed_at": w.warmed_at,
+            "source": w.source,
+        })).collect::<Vec<_>>(),
         "images": status.images.iter().map(|image| json!({
             "reference": image.reference,
             "layers": image.layers.iter().map(|layer| json!({
@@ -66,6 +77,27 @@ fn render(status: &StatusResponse) -> String {
             "not lazy since start: {} (the log names each layer)\n",
             counts.join(" ")
         ));
+    }
+    for w in &status.warm {
+        let mut line = format!("warm set: {} ({}): {}", w.reference, w.mode, w.state);
+        if !w.digest.is_empty() {
+            line.push_str(&format!(" at {}", w.digest));
+        }
+        if w.state == "warm" {
+            line.push_str(&format!(
+                ", {} fetched ahead ({})",
+                human_size(w.bytes),
+                w.source
+            ));
+            if w.lag_seconds > 0.0 {
+                line.push_str(&format!(", {:.1} s after the push", w.lag_seconds));
+            }
+        }
+        if !w.reason.is_empty() && w.state == "failed" {
+            line.push_str(&format!(": {}", w.reason));
+        }
+        out.push_str(&line);
+        out.push('\n');
     }
     if status.images.is_empty() {
         out.push_str("no layers are mounted lazily\n");
@@ -151,7 +183,7 @@ fn percent(part: u64, whole: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use pronto_snapshotter::status::{FallbackCount, ImageStatus, LayerStatus};
+    use pronto_snapshotter::status::{FallbackCount, ImageStatus, LayerStatus, WarmStatus};
 
     use super::*;
 
@@ -182,6 +214,25 @@ mod tests {
                 reason: "no-index".into(),
                 count: 2,
             }],
+            warm: vec![
+                WarmStatus {
+                    reference: "registry.example/ml/model:v1".into(),
+                    mode: "lazy".into(),
+                    state: "warm".into(),
+                    digest: format!("sha256:{}", "cd".repeat(32)),
+                    lag_seconds: 2.5,
+                    bytes: 12 << 20,
+                    source: "push".into(),
+                    ..Default::default()
+                },
+                WarmStatus {
+                    reference: "registry.example/ml/gone:v1".into(),
+                    mode: "full".into(),
+                    state: "failed".into(),
+                    reason: "manifest unknown".into(),
+                    ..Default::default()
+                },
+            ],
         }
     }
 
@@ -202,6 +253,18 @@ mod tests {
             text.contains("since 2026-12-03 00:00:00 UTC, handed over 2x"),
             "{text}"
         );
+        assert!(
+            text.contains("warm set: registry.example/ml/model:v1 (lazy): warm at sha256:cdcd"),
+            "{text}"
+        );
+        assert!(
+            text.contains("12.0 MiB fetched ahead (push), 2.5 s after the push"),
+            "{text}"
+        );
+        assert!(
+            text.contains("registry.example/ml/gone:v1 (full): failed: manifest unknown"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -214,6 +277,9 @@ mod tests {
         assert_eq!(layer["handovers"], 2);
         assert_eq!(layer["served_since"], 1_796_256_000u64);
         assert_eq!(value["cache"]["budget"], 20u64 << 30);
+        assert_eq!(value["warm"][0]["state"], "warm");
+        assert_eq!(value["warm"][0]["lag_seconds"], 2.5);
+        assert_eq!(value["warm"][1]["reason"], "manifest unknown");
     }
 
     #[test]
