@@ -423,3 +423,67 @@ fn an_image_is_warmed_by_hand_in_full() {
     let out = node.node.output(&["warm", "not a reference"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn a_pull_during_a_warm_shares_its_snapshots_and_fetches() {
+    require!(NEEDS);
+    let work = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(&work.path().join("layout")).unwrap();
+    let registry = Registry::start().unwrap();
+    let converter = ProntoNode::new(
+        &work.path().join("converter"),
+        Path::new(env!("CARGO_BIN_EXE_pronto")),
+        &NodeConfig::default(),
+    )
+    .unwrap();
+    publish(&registry, &layout, &converter, 4);
+    let hub = SocketAddr::from(([127, 0, 0, 1], free_loopback_port().unwrap()));
+    let snapshots = |node: &WarmNode| {
+        let out = node
+            .containerd
+            .ctr()
+            .args(["snapshots", "--snapshotter", "pronto", "ls"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+
+    // One node warms alone: what warming costs.
+    let alone = WarmNode::start(&registry, "warm/other:latest", hub, "1h");
+    alone.relay.reset();
+    alone
+        .node
+        .ok(&["warm", &alone.reference("warm/app:latest")]);
+    let warm_bytes = alone.relay.bytes_down();
+
+    // Another warms while a pull of the same image runs.
+    let racing = WarmNode::start(&registry, "warm/other:latest", hub, "1h");
+    let reference = racing.reference("warm/app:latest");
+    racing.relay.reset();
+    let address = racing.containerd.socket();
+    let mut pull = racing.node.command(&[
+        "pull",
+        "--address",
+        address.to_str().unwrap(),
+        "--namespace",
+        racing.containerd.namespace(),
+        &reference,
+    ]);
+    let pulling = pull
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    racing.node.ok(&["warm", &reference]);
+    let pulled = pulling.wait_with_output().unwrap();
+    assert!(pulled.status.success(), "{pulled:?}");
+    let both_bytes = racing.relay.bytes_down();
+    assert!(
+        both_bytes <= warm_bytes + warm_bytes / 4 + (256 << 10),
+        "warm and pull fetched {both_bytes} bytes; the warm alone {warm_bytes}\n{}",
+        racing.log_tail(30)
+    );
+    assert_eq!(snapshots(&racing), snapshots(&alone));
+    let out = racing.containerd.run(&reference, "pronto", &[]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ready"));
+}
