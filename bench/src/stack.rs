@@ -38,6 +38,21 @@ impl std::fmt::Display for Link {
     }
 }
 
+/// Bytes of the files under `dir` (not following symlinks).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Which system starts the container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum System {
@@ -51,6 +66,9 @@ pub enum System {
     /// As `ProntoLazy`, with the startup profile an earlier (unmeasured)
     /// start of the image recorded on the node.
     ProntoProfile,
+    /// `pronto warm` of the indexed image first (its startup set fetched
+    /// ahead, as a node warmed on push or join), then as `ProntoLazy`.
+    ProntoWarmed,
     /// `pronto pull` of the image converted by `pronto convert` (chunked,
     /// eStargz TOC, no index), then `ctr run --snapshotter pronto`.
     ProntoConverted,
@@ -68,6 +86,7 @@ impl System {
             System::ProntoProfile => "Pronto lazy + profile",
             System::ProntoConverted => "Pronto converted",
             System::ProntoConvertedZstd => "Pronto converted zstd",
+            System::ProntoWarmed => "Pronto warmed",
         }
     }
 
@@ -80,6 +99,7 @@ impl System {
             System::ProntoProfile => "profile",
             System::ProntoConverted => "converted",
             System::ProntoConvertedZstd => "converted-zstd",
+            System::ProntoWarmed => "warmed",
         }
     }
 }
@@ -94,6 +114,19 @@ pub struct Sample {
     pub fetched: u64,
     /// `pronto pull`'s own account of its time ("resolve 0.02s, …").
     pub phases: Option<String>,
+    /// For a warmed start: the warm before it.
+    pub warm: Option<WarmSample>,
+}
+
+/// What warming an image cost before a start.
+#[derive(Debug, Clone, Copy)]
+pub struct WarmSample {
+    pub took: Duration,
+    /// Bytes fetched from the registry while warming.
+    pub fetched: u64,
+    /// Bytes under Pronto's root after warming (node cache, indexes,
+    /// layers pulled whole, records).
+    pub disk: u64,
 }
 
 /// Fields drop in order: containerd (and its mounts) first, the work
@@ -192,7 +225,12 @@ impl Stack {
             address: Some(self.work.path().join("pronto.sock")),
             hosts_dir: Some(self.containerd.hosts_dir()),
             background: self.background,
-            extra: format!("[pull]\n{pull}\n"),
+            // `pronto warm` pulls through this stack's containerd.
+            extra: format!(
+                "[pull]\n{pull}\n[warm]\ncontainerd_address = {:?}\nnamespace = {:?}\n",
+                self.containerd.socket(),
+                self.containerd.namespace()
+            ),
             ..Default::default()
         };
         ProntoNode::new(&self.work.path().join("pronto"), &self.pronto, &config)
@@ -326,7 +364,20 @@ impl Stack {
     /// image's command until it exits; it must print `ready`.
     pub fn cold_start(&mut self, system: System, reference: &str) -> Result<Sample> {
         self.cold_keeping(system == System::ProntoProfile)?;
-        self.start_image(system, reference)
+        if system != System::ProntoWarmed {
+            return self.start_image(system, reference);
+        }
+        let started = Instant::now();
+        self.pronto(&["warm", reference])?;
+        let warm = WarmSample {
+            took: started.elapsed(),
+            fetched: self.relay.bytes_down(),
+            disk: dir_bytes(&self.work.path().join("pronto-root")),
+        };
+        self.relay.reset();
+        let mut sample = self.start_image(system, reference)?;
+        sample.warm = Some(warm);
+        Ok(sample)
     }
 
     /// Starts `reference` once, unmeasured, so that the node records its
@@ -380,7 +431,8 @@ impl Stack {
             | System::ProntoParallel
             | System::ProntoProfile
             | System::ProntoConverted
-            | System::ProntoConvertedZstd => {
+            | System::ProntoConvertedZstd
+            | System::ProntoWarmed => {
                 let node = self.node(&self.pull_settings)?;
                 let pulled = node.output(&[
                     "pull",
@@ -418,6 +470,7 @@ impl Stack {
             pulled,
             fetched: self.relay.bytes_down(),
             phases,
+            warm: None,
         })
     }
 }

@@ -79,9 +79,10 @@ struct Cell {
     samples: Vec<Sample>,
 }
 
-const SYSTEMS: [System; 6] = [
+const SYSTEMS: [System; 7] = [
     System::Containerd,
     System::ProntoLazy,
+    System::ProntoWarmed,
     System::ProntoProfile,
     System::ProntoConverted,
     System::ProntoConvertedZstd,
@@ -163,7 +164,7 @@ fn main() -> Result<()> {
         stack.start_serve("")?;
         for system in systems.iter().copied() {
             let reference = match system {
-                System::ProntoLazy | System::ProntoProfile => &indexed,
+                System::ProntoLazy | System::ProntoProfile | System::ProntoWarmed => &indexed,
                 System::Containerd | System::ProntoParallel => &plain,
                 System::ProntoConverted => &chunked,
                 System::ProntoConvertedZstd => &chunked_zstd,
@@ -381,6 +382,40 @@ fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) 
             fetched as f64 / (1 << 20) as f64,
             100.0 * fetched as f64 / workload.image.layers_size().max(1) as f64,
         ));
+    }
+    let warmed: Vec<String> = cells
+        .iter()
+        .filter_map(|c| {
+            let workload = workloads.iter().find(|w| w.name == c.image)?;
+            let warms: Vec<_> = c.samples.iter().filter_map(|s| s.warm).collect();
+            let median = |mut v: Vec<u64>| {
+                v.sort_unstable();
+                v[v.len() / 2]
+            };
+            if warms.is_empty() {
+                return None;
+            }
+            let (took, _, _) = summary(&warms.iter().map(|w| w.took).collect::<Vec<_>>());
+            let fetched = median(warms.iter().map(|w| w.fetched).collect());
+            let disk = median(warms.iter().map(|w| w.disk).collect());
+            let size = workload.image.layers_size().max(1) as f64;
+            Some(format!(
+                "- {}: `pronto warm` took {:.2} s and fetched {:.1} MiB; Pronto's root then held {:.1} MiB, {:.1}% of the image's {:.0} MiB",
+                c.image,
+                took.as_secs_f64(),
+                fetched as f64 / (1 << 20) as f64,
+                disk as f64 / (1 << 20) as f64,
+                100.0 * disk as f64 / size,
+                size / (1 << 20) as f64,
+            ))
+        })
+        .collect();
+    if !warmed.is_empty() {
+        out.push_str(
+            "\nBefore each \"Pronto warmed\" start, the node was warmed (median); the start's row counts what it fetched after:\n\n",
+        );
+        out.push_str(&warmed.join("\n"));
+        out.push('\n');
     }
     let phases: Vec<String> = cells
         .iter()
