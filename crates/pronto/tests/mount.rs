@@ -1009,6 +1009,42 @@ fn a_converted_image_unpacks_as_its_source_and_mounts_lazily_without_an_index() 
     }
 }
 
+#[test]
+fn a_conversion_that_fails_names_the_blob_and_tags_nothing() {
+    require!(NEEDS);
+    let pushed = push_edge_image();
+    let node = Node::new();
+    // A layer blob changed in the registry's storage, its size kept.
+    let layer = &pushed.image.layers[1].digest;
+    let hex = layer.strip_prefix("sha256:").unwrap();
+    let path = pushed.registry.storage_dir().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let target = pushed
+        .reference
+        .replace("mount/edge:v1", "mount/edge-bad:v1");
+    let out = node
+        .pronto(&["convert", &pushed.reference, &target])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(layer.as_str()), "{stderr}");
+    let tags = pushed
+        .registry
+        .storage_dir()
+        .join("docker/registry/v2/repositories/mount/edge-bad/_manifests/tags");
+    assert!(
+        std::fs::read_dir(&tags).map_or(true, |mut t| t.next().is_none()),
+        "a failed conversion tagged {target}"
+    );
+}
+
 /// The regular files of each layer of the image `said` names
 /// (`…@sha256:<hex>`), in their order in the layer, read from the
 /// registry's storage.

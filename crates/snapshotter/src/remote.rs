@@ -1192,9 +1192,13 @@ impl Remote {
                 }
             }
             (WarmSet::Startup { without_profile }, None) => {
-                // No profile: the smallest files first, up to the budget.
-                // A start pays a round trip per small file it opens;
-                // big files are read ahead at link speed.
+                // No profile: the smallest files first, until the budget
+                // of fetched bytes is spent. A start pays a round trip per
+                // small file it opens; big files are read ahead at link
+                // speed. Small files are spread over the layer, so each
+                // may cost a whole span: they go in small batches, and
+                // the budget is checked between them.
+                const BATCH: usize = 16;
                 let mut files: Vec<(u64, usize, usize)> = Vec::new();
                 for (l, layer) in mounted.iter().enumerate() {
                     for (i, entry) in layer.entries().iter().enumerate() {
@@ -1204,14 +1208,33 @@ impl Remote {
                     }
                 }
                 files.sort_unstable();
-                let mut left = without_profile;
-                for (size, l, i) in files {
-                    if size > left {
+                let mut bytes = 0;
+                let mut next = files.into_iter().peekable();
+                loop {
+                    let batch =
+                        next_small_batch(&mut next, without_profile.saturating_sub(bytes), BATCH);
+                    if batch.is_empty() {
                         break;
                     }
-                    left -= size;
-                    wanted[l].push((i, 0, size));
+                    let mut ranges: Vec<Vec<(usize, u64, u64)>> = vec![Vec::new(); mounted.len()];
+                    for (size, l, i) in batch {
+                        ranges[l].push((i, 0, size));
+                    }
+                    let fetches = mounted
+                        .iter()
+                        .zip(&ranges)
+                        .filter(|(_, r)| !r.is_empty())
+                        .map(|(layer, r)| layer.prefetch(r, parallel.max(1)));
+                    bytes += futures_util::future::join_all(fetches)
+                        .await
+                        .into_iter()
+                        .sum::<u64>();
                 }
+                return Warmed {
+                    bytes,
+                    layers: mounted.len(),
+                    by_profile: false,
+                };
             }
         }
         let fetches = mounted
@@ -1305,6 +1328,26 @@ fn write_record(dir: &Path, record: &MountRecord, bytes: Option<&[u8]>) -> std::
     )
 }
 
+/// The next batch of a warm without a startup profile: up to `most` of the
+/// smallest files left (`(size, layer, entry)`, sorted by size) whose sizes
+/// fit in `left` bytes. A file bigger than what is left ends the warm.
+fn next_small_batch(
+    files: &mut std::iter::Peekable<impl Iterator<Item = (u64, usize, usize)>>,
+    mut left: u64,
+    most: usize,
+) -> Vec<(u64, usize, usize)> {
+    let mut batch = Vec::new();
+    while batch.len() < most
+        && let Some(&(size, l, i)) = files.peek()
+        && size <= left
+    {
+        batch.push((size, l, i));
+        left -= size;
+        files.next();
+    }
+    batch
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1317,6 +1360,25 @@ mod tests {
             layers: Vec::new(),
             location: pronto_catalog::Location::Bound,
         }
+    }
+
+    #[test]
+    fn a_warm_without_profile_takes_small_files_that_fit_and_never_a_big_one() {
+        // Sorted by size: three scripts, then a 2 GiB weights file.
+        let files = vec![(10, 0, 1), (20, 0, 2), (30, 1, 0), (2 << 30, 1, 1)];
+        let mut next = files.into_iter().peekable();
+        assert_eq!(
+            next_small_batch(&mut next, 1 << 20, 2),
+            vec![(10, 0, 1), (20, 0, 2)],
+            "at most the batch size"
+        );
+        assert_eq!(next_small_batch(&mut next, 1 << 20, 2), vec![(30, 1, 0)]);
+        assert!(
+            next_small_batch(&mut next, 1 << 20, 2).is_empty(),
+            "the weights file is bigger than the budget"
+        );
+        let mut next = vec![(10, 0, 1), (20, 0, 2)].into_iter().peekable();
+        assert_eq!(next_small_batch(&mut next, 25, 16), vec![(10, 0, 1)]);
     }
 
     #[tokio::test]
