@@ -4,7 +4,11 @@
 pub mod chart;
 pub mod stack;
 
-use std::time::Duration;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
 
 /// One line naming the machine: CPU model, cores, memory, kernel.
 pub fn machine() -> String {
@@ -53,6 +57,47 @@ pub fn write_markdown(path: &std::path::Path, section: &str, table: &str) -> any
     };
     let updated = format!("{}{begin_marker}\n{table}{}", &text[..begin], &text[end..]);
     std::fs::write(path, updated).with_context(|| format!("write {}", path.display()))
+}
+
+/// Writes dirty pages and drops the page cache, dentries and inodes.
+pub fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// `stat` of every path below `dir`, as `find -exec stat` does: the time
+/// taken and the number of paths.
+pub fn walk(dir: &Path) -> Result<(Duration, usize)> {
+    let started = Instant::now();
+    let mut count = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
+            let path = entry?.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            count += 1;
+            if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    Ok((started.elapsed(), count))
+}
+
+/// Threads and resident memory (KiB) of a process, from
+/// `/proc/<pid>/status`.
+pub fn footprint(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("Threads:")?, field("VmRSS:")?))
 }
 
 #[cfg(test)]

@@ -131,6 +131,10 @@ pub struct Sample {
     pub phases: Option<String>,
     /// For a warmed start: the warm before it.
     pub warm: Option<WarmSample>,
+    /// Registry round trips of Pronto's start (`pronto pull`'s own and
+    /// those of `pronto serve` from the pull to `ready`): requests sent
+    /// while no other of the same process waited for its answer.
+    pub round_trips: Option<u64>,
 }
 
 /// What warming an image cost before a start.
@@ -395,6 +399,14 @@ impl Stack {
         Ok(sample)
     }
 
+    /// The round trips `pronto serve` has made since it started, from
+    /// `pronto status --json`; `None` without a daemon.
+    fn daemon_round_trips(&self) -> Option<u64> {
+        let text = self.pronto(&["status", "--json"]).ok()?;
+        let status: serde_json::Value = serde_json::from_str(&text).ok()?;
+        status["registry"]["round_trips"].as_u64()
+    }
+
     /// Starts `reference` once, unmeasured, so that the node records its
     /// startup profile (stored when the daemon stops at the next cold
     /// start, if not before).
@@ -435,6 +447,13 @@ impl Stack {
     /// pull, then run the image's command until it exits; it must print
     /// `ready`.
     pub fn start_image(&mut self, system: System, reference: &str) -> Result<Sample> {
+        let pronto = system != System::Containerd;
+        let daemon_before = if pronto {
+            self.daemon_round_trips()
+        } else {
+            None
+        };
+        let mut own_round_trips = None;
         let started = Instant::now();
         let mut phases = None;
         let snapshotter = match system {
@@ -470,6 +489,11 @@ impl Stack {
                     .lines()
                     .find_map(|l| l.strip_prefix("phases: "))
                     .map(str::to_owned);
+                own_round_trips = out
+                    .lines()
+                    .find_map(|l| l.strip_prefix("registry round trips: "))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|n| n.parse::<u64>().ok());
                 "pronto"
             }
         };
@@ -480,12 +504,18 @@ impl Stack {
         if !stdout.lines().any(|l| l.trim() == "ready") {
             bail!("{reference} did not print ready: {stdout}");
         }
+        let fetched = self.relay.bytes_down();
+        let round_trips = match (own_round_trips, daemon_before, self.daemon_round_trips()) {
+            (Some(own), Some(before), Some(after)) => Some(own + after.saturating_sub(before)),
+            _ => None,
+        };
         Ok(Sample {
             ready,
             pulled,
-            fetched: self.relay.bytes_down(),
+            fetched,
             phases,
             warm: None,
+            round_trips,
         })
     }
 }

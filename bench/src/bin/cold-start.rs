@@ -33,12 +33,13 @@ struct Args {
     /// Throughput cap of each registry connection, MiB/s; 0 for none.
     #[arg(long, default_value_t = 32)]
     per_connection_mib: u64,
-    /// Where the JSON results go.
-    #[arg(long, default_value = "bench/results/cold-start.json")]
-    json: PathBuf,
-    /// Where the chart goes.
-    #[arg(long, default_value = "docs/cold-start.png")]
-    chart: PathBuf,
+    /// Where the JSON results go (default: `bench/results/SECTION.json`).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where the chart goes (default: `docs/cold-start.png` for the section
+    /// `cold-start`, none for the others).
+    #[arg(long)]
+    chart: Option<PathBuf>,
     /// The markdown file whose cold-start section is replaced.
     #[arg(long, default_value = "docs/benchmarks.md")]
     markdown: PathBuf,
@@ -90,7 +91,14 @@ const SYSTEMS: [System; 7] = [
 ];
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // Each section keeps its own results and chart.
+    args.json
+        .get_or_insert_with(|| PathBuf::from(format!("bench/results/{}.json", args.section)));
+    if args.section == "cold-start" {
+        args.chart
+            .get_or_insert_with(|| PathBuf::from("docs/cold-start.png"));
+    }
     if args.replot {
         return replot(&args);
     }
@@ -191,6 +199,10 @@ fn main() -> Result<()> {
                         .as_ref()
                         .map(|p| format!("; pull phases: {p}"))
                         .unwrap_or_default()
+                        + &sample
+                            .round_trips
+                            .map(|n| format!("; {n} registry round trips"))
+                            .unwrap_or_default()
                 );
                 samples.push(sample);
                 if std::env::var_os("PRONTO_BENCH_WARM").is_some() && system != System::Containerd {
@@ -219,19 +231,21 @@ fn main() -> Result<()> {
 
     let table = markdown(&cells, &workloads, &link, repeat);
     println!("\n{table}");
-    write_json(&args.json, &cells, &link, repeat)?;
+    write_json(json_path(&args), &cells, &link, repeat)?;
     write_markdown(&args.markdown, &args.section, &table)?;
     let times: Vec<(&str, &str, Vec<Duration>)> = cells
         .iter()
         .map(|c| (c.image, c.system.name(), ready_times(c)))
         .collect();
-    chart(&args.chart, &times)?;
     println!(
-        "wrote {}, {} and {}",
-        args.json.display(),
-        args.markdown.display(),
-        args.chart.display()
+        "wrote {} and {}",
+        json_path(&args).display(),
+        args.markdown.display()
     );
+    if let Some(path) = &args.chart {
+        chart(path, &times)?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
 }
 
@@ -258,8 +272,8 @@ fn chart(path: &std::path::Path, cells: &[(&str, &str, Vec<Duration>)]) -> Resul
 
 /// Draws the chart from earlier JSON results.
 fn replot(args: &Args) -> Result<()> {
-    let text = std::fs::read_to_string(&args.json)
-        .with_context(|| format!("read {}", args.json.display()))?;
+    let text = std::fs::read_to_string(json_path(args))
+        .with_context(|| format!("read {}", json_path(args).display()))?;
     let doc: serde_json::Value = serde_json::from_str(&text)?;
     let results = doc["results"]
         .as_array()
@@ -284,8 +298,12 @@ fn replot(args: &Args) -> Result<()> {
         })
         .filter(|(_, _, times): &(&str, &str, Vec<Duration>)| !times.is_empty())
         .collect();
-    chart(&args.chart, &cells)?;
-    println!("wrote {}", args.chart.display());
+    let path = args
+        .chart
+        .as_deref()
+        .context("--replot draws the chart of the section cold-start, or --chart")?;
+    chart(path, &cells)?;
+    println!("wrote {}", path.display());
     Ok(())
 }
 
@@ -420,8 +438,17 @@ fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) 
     let phases: Vec<String> = cells
         .iter()
         .filter_map(|c| {
-            let phases = c.samples.iter().rev().find_map(|s| s.phases.as_ref())?;
-            Some(format!("- {}, {}: {phases}", c.image, c.system.name()))
+            let last = c.samples.iter().rev().find(|s| s.phases.is_some())?;
+            let phases = last.phases.as_ref()?;
+            let trips = last
+                .round_trips
+                .map(|n| format!("; {n} registry round trips from pull to ready"))
+                .unwrap_or_default();
+            Some(format!(
+                "- {}, {}: {phases}{trips}",
+                c.image,
+                c.system.name()
+            ))
         })
         .collect();
     if !phases.is_empty() {
@@ -443,6 +470,7 @@ fn write_json(path: &std::path::Path, cells: &[Cell], link: &Link, repeat: usize
                 "pull_seconds": cell.samples.iter().map(|s| s.pulled.as_secs_f64()).collect::<Vec<_>>(),
                 "fetched_bytes": cell.samples.iter().map(|s| s.fetched).collect::<Vec<_>>(),
                 "pull_phases": cell.samples.iter().map(|s| s.phases.clone()).collect::<Vec<_>>(),
+                "round_trips": cell.samples.iter().map(|s| s.round_trips).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -461,4 +489,8 @@ fn write_json(path: &std::path::Path, cells: &[Cell], link: &Link, repeat: usize
     }
     std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
         .with_context(|| format!("write {}", path.display()))
+}
+
+fn json_path(args: &Args) -> &std::path::Path {
+    args.json.as_deref().expect("set in main")
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use pronto_bench::machine;
 use pronto_bench::stack::{Link, Stack, System};
+use pronto_bench::{footprint, machine};
 use pronto_testbed::{Compression, Content, Entry, ImageBuilder, Layer};
 
 #[derive(Debug, Parser)]
@@ -29,21 +29,6 @@ struct Args {
     /// How long to keep starting and removing the image, minutes.
     #[arg(long, default_value_t = 10)]
     soak_minutes: u64,
-}
-
-/// Threads and resident memory (KiB) of a process.
-fn footprint(pid: u32) -> Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("read /proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))
-    };
-    Ok((field("Threads:")?, field("VmRSS:")?))
 }
 
 fn main() -> Result<()> {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use pronto_bench::{drop_caches, footprint, walk};
 use pronto_testbed::{Compression, Content, ImageBuilder, Layer, OciLayout, Registry};
 
 #[derive(Debug, Parser)]
@@ -83,12 +84,12 @@ fn main() -> Result<()> {
     let mut first = [0u8; 4096];
     std::io::Read::read_exact(&mut std::fs::File::open(mnt.join("big.bin"))?, &mut first)?;
     let ttfb = started.elapsed();
-    let rss_mounted = rss_kib(child.id());
+    let rss_mounted = footprint(child.id())?.1;
 
     // Metadata walk, cold, against overlayfs over the extracted layer.
     drop_caches();
     let (walk_pronto, count) = walk(&mnt.join("files"))?;
-    let rss_walked = rss_kib(child.id());
+    let rss_walked = footprint(child.id())?.1;
     let extracted = w.join("extracted");
     let empty = w.join("empty");
     let overlay = w.join("overlay");
@@ -199,11 +200,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn drop_caches() {
-    let _ = Command::new("sync").status();
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
-
 fn spawn_mount(pronto: &Path, w: &Path, reference: &str, mnt: &Path, log: &str) -> Result<Child> {
     let out = std::fs::File::create(w.join("mount.log"))?;
     Ok(Command::new(pronto)
@@ -244,23 +240,6 @@ fn stop_mount(pronto: &Path, w: &Path, mnt: &Path, mut child: Child) -> Result<(
     Ok(())
 }
 
-fn walk(dir: &Path) -> Result<(Duration, usize)> {
-    let started = Instant::now();
-    let mut count = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let path = entry?.path();
-            let meta = std::fs::symlink_metadata(&path)?;
-            count += 1;
-            if meta.is_dir() {
-                stack.push(path);
-            }
-        }
-    }
-    Ok((started.elapsed(), count))
-}
-
 fn read_all(path: &Path) -> Result<(Duration, u64)> {
     let started = Instant::now();
     let mut file = std::fs::File::open(path)?;
@@ -274,15 +253,4 @@ fn read_all(path: &Path) -> Result<(Duration, u64)> {
         total += n as u64;
     }
     Ok((started.elapsed(), total))
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }

@@ -152,6 +152,8 @@ struct KindLabel {
 pub struct Metrics {
     registry: Registry,
     registry_bytes: Counter,
+    registry_requests: Counter,
+    registry_round_trips: Counter,
     range_requests: Histogram,
     fetched_bytes: Family<PurposeLabel, Counter>,
     cache_hits: Counter,
@@ -199,6 +201,18 @@ impl Metrics {
             "registry_received_bytes",
             "Bytes of response bodies received from registries (manifests, indexes, layer data).",
             registry_bytes.clone(),
+        );
+        let registry_requests = Counter::default();
+        registry.register(
+            "registry_requests",
+            "Requests sent to registries (token requests included).",
+            registry_requests.clone(),
+        );
+        let registry_round_trips = Counter::default();
+        registry.register(
+            "registry_round_trips",
+            "Registry requests sent while no other request of the daemon was waiting for its answer: each begins a round trip nothing else hides. On a node starting one image, the round trips its start waited on one after another.",
+            registry_round_trips.clone(),
         );
         // 1 ms to ~33 s.
         let range_requests = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -325,6 +339,8 @@ impl Metrics {
             warm_images,
             registry,
             registry_bytes,
+            registry_requests,
+            registry_round_trips,
             range_requests,
             fetched_bytes,
             cache_hits,
@@ -377,6 +393,24 @@ impl Metrics {
 
     pub fn registry_received(&self, bytes: u64) {
         self.registry_bytes.inc_by(bytes);
+    }
+
+    /// A registry request was sent; `alone` when no other request of the
+    /// process was waiting for its answer.
+    pub fn registry_request(&self, alone: bool) {
+        self.registry_requests.inc();
+        if alone {
+            self.registry_round_trips.inc();
+        }
+    }
+
+    /// Registry requests sent so far, and how many of them were round
+    /// trips of their own (see [`Metrics::registry_request`]).
+    pub fn registry_requests(&self) -> (u64, u64) {
+        (
+            self.registry_requests.get(),
+            self.registry_round_trips.get(),
+        )
     }
 
     pub fn range_request(&self, took: Duration) {
@@ -492,9 +526,13 @@ mod tests {
         metrics.fuse_request(FuseOp::Lookup);
         metrics.fuse_request(FuseOp::Read);
         metrics.range_request(Duration::from_millis(3));
+        metrics.registry_request(true);
+        metrics.registry_request(false);
         let text = metrics.encode();
         let expect = [
             ("pronto_registry_received_bytes_total", 1000.0),
+            ("pronto_registry_requests_total", 2.0),
+            ("pronto_registry_round_trips_total", 1.0),
             ("pronto_fetched_bytes_total{purpose=\"on_demand\"}", 650.0),
             ("pronto_fetched_bytes_total{purpose=\"background\"}", 300.0),
             ("pronto_cache_hits_total", 3.0),

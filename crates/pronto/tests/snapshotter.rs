@@ -408,6 +408,18 @@ fn cri_pull_mounts_indexed_layers_lazily_and_the_container_runs() {
     stack.assert_new_container_reads_model(&reference);
 }
 
+/// The four numbers of `pronto pull`'s line "registry round trips: N here
+/// (M requests), K in pronto serve (L requests)".
+fn round_trips(pulled: &str) -> Vec<u64> {
+    pulled
+        .lines()
+        .find_map(|l| l.strip_prefix("registry round trips: "))
+        .unwrap_or_default()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
 /// The value of sample `series` (name and labels exactly as exported) in
 /// Prometheus text, if present.
 fn sample(text: &str, series: &str) -> Option<f64> {
@@ -494,6 +506,16 @@ fn metrics_and_status_account_for_what_the_registry_served() {
         on_demand + index + whole <= received(&text).unwrap(),
         "layer bytes are part of all bytes received:\n{text}"
     );
+    // Every request the registry answered Pronto is counted, and each
+    // round trip of its own is one of them.
+    let answered = stack.registry.access_log().unwrap()[before..]
+        .iter()
+        .filter(|entry| entry.user_agent.starts_with("pronto/"))
+        .count();
+    let requests = sample(&text, "pronto_registry_requests_total").unwrap();
+    let trips = sample(&text, "pronto_registry_round_trips_total").unwrap();
+    assert_eq!(requests, answered as f64, "{text}");
+    assert!(trips >= 1.0 && trips <= requests, "{text}");
     for (series, value) in [
         ("pronto_fallbacks_total{reason=\"layer-not-indexed\"}", 1.0),
         ("pronto_lazy_mounts", 1.0),
@@ -676,6 +698,14 @@ fn a_restarted_daemon_serves_existing_snapshots_again() {
     assert!(
         pulled.contains("lazy layers ") && pulled.contains("layers fetched whole by Pronto "),
         "each way a layer was made is timed: {pulled}"
+    );
+    // The round trips of the pull, here (the manifests) and in the daemon
+    // (the index and the layer fetched whole), each at most its requests.
+    let trips = round_trips(&pulled);
+    assert!(
+        matches!(trips.as_slice(), &[here, here_requests, daemon, daemon_requests]
+            if here >= 1 && here <= here_requests && daemon >= 1 && daemon <= daemon_requests),
+        "{trips:?}: {pulled}"
     );
     // A container that keeps running across the restart.
     let running = stack.start_container(&reference, &[], &["sleep", "600"]);

@@ -4,6 +4,7 @@
 //! [`RegistryClient::fetch`] and [`RegistryClient::open`].
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,29 @@ use crate::auth::{
 use crate::error::{RegistryError, Target};
 use crate::hosts::{Endpoint, Hosts};
 use crate::{Repository, Result};
+
+/// Requests of this process sent and not yet answered (response headers).
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+
+/// A request waiting for its answer, counted in the registry metrics: one
+/// sent while no other request of the process waits is a round trip of its
+/// own (`pronto_registry_round_trips_total`); one sent while others wait
+/// shares their time.
+struct Waiting;
+
+impl Waiting {
+    fn begin() -> Self {
+        let alone = WAITING.fetch_add(1, Ordering::SeqCst) == 0;
+        metrics().registry_request(alone);
+        Waiting
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// When and how often failed requests are tried again.
 #[derive(Debug, Clone)]
@@ -492,7 +516,10 @@ impl RegistryClient {
             builder = builder.body(body.clone());
         }
         let timeout = config.first_byte_timeout;
-        match tokio::time::timeout(timeout, builder.send()).await {
+        let waiting = Waiting::begin();
+        let answered = tokio::time::timeout(timeout, builder.send()).await;
+        drop(waiting);
+        match answered {
             Err(_) => Err(RegistryError::Timeout {
                 target: target.clone(),
                 phase: "response headers",
@@ -654,6 +681,7 @@ impl RegistryClient {
                 if let Some(creds) = &creds {
                     request = request.basic_auth(&creds.username, Some(&creds.password));
                 }
+                let waiting = Waiting::begin();
                 let response =
                     tokio::time::timeout(self.inner.config.first_byte_timeout, request.send())
                         .await
@@ -664,6 +692,7 @@ impl RegistryClient {
                                 e.without_url()
                             ))
                         })?;
+                drop(waiting);
                 let status = response.status();
                 if !status.is_success() {
                     return Err(auth_error(format!(

@@ -1230,6 +1230,26 @@ impl Remote {
                         .into_iter()
                         .sum::<u64>();
                 }
+                // What is left goes to the heads of the files too big to
+                // take whole: readers of big files (model weights, archives,
+                // databases) read their headers first.
+                let big: Vec<(u64, usize, usize)> = next.collect();
+                let heads = big_file_heads(&big, without_profile.saturating_sub(bytes));
+                if !heads.is_empty() {
+                    let mut ranges: Vec<Vec<(usize, u64, u64)>> = vec![Vec::new(); mounted.len()];
+                    for (l, i, len) in heads {
+                        ranges[l].push((i, 0, len));
+                    }
+                    let fetches = mounted
+                        .iter()
+                        .zip(&ranges)
+                        .filter(|(_, r)| !r.is_empty())
+                        .map(|(layer, r)| layer.prefetch(r, parallel.max(1)));
+                    bytes += futures_util::future::join_all(fetches)
+                        .await
+                        .into_iter()
+                        .sum::<u64>();
+                }
                 return Warmed {
                     bytes,
                     layers: mounted.len(),
@@ -1348,6 +1368,25 @@ fn next_small_batch(
     batch
 }
 
+/// The heads of big files (`(size, layer, entry)`, smallest first) a warm
+/// fetches with `left` bytes: an equal share each, at least
+/// [`MIN_HEAD`] (so the smallest files get theirs when there are many),
+/// as `(layer, entry, length)`.
+fn big_file_heads(big: &[(u64, usize, usize)], left: u64) -> Vec<(usize, usize, u64)> {
+    if big.is_empty() || left < MIN_HEAD {
+        return Vec::new();
+    }
+    let count = (left / MIN_HEAD).min(big.len() as u64);
+    let share = left / count;
+    big.iter()
+        .take(count as usize)
+        .map(|&(size, l, i)| (l, i, share.min(size)))
+        .collect()
+}
+
+/// The smallest head of a big file a warm fetches.
+const MIN_HEAD: u64 = 1 << 20;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1379,6 +1418,29 @@ mod tests {
         );
         let mut next = vec![(10, 0, 1), (20, 0, 2)].into_iter().peekable();
         assert_eq!(next_small_batch(&mut next, 25, 16), vec![(10, 0, 1)]);
+    }
+
+    #[test]
+    fn what_is_left_goes_to_the_heads_of_big_files() {
+        let gib = 1 << 30;
+        let big = [(3 << 20, 1, 5), (gib, 0, 1), (gib, 0, 2), (2 * gib, 1, 0)];
+        // 32 MiB over four files: 8 MiB each, at most the file.
+        assert_eq!(
+            big_file_heads(&big, 32 << 20),
+            vec![
+                (1, 5, 3 << 20),
+                (0, 1, 8 << 20),
+                (0, 2, 8 << 20),
+                (1, 0, 8 << 20)
+            ]
+        );
+        // 2 MiB: the two smallest get 1 MiB each.
+        assert_eq!(
+            big_file_heads(&big, 2 << 20),
+            vec![(1, 5, 1 << 20), (0, 1, 1 << 20)]
+        );
+        assert!(big_file_heads(&big, 1000).is_empty());
+        assert!(big_file_heads(&[], 32 << 20).is_empty());
     }
 
     #[tokio::test]

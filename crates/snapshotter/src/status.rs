@@ -30,6 +30,13 @@ pub struct StatusResponse {
     /// The node's warm set (`[warm]`, and images warmed by hand).
     #[prost(message, repeated, tag = "5")]
     pub warm: Vec<WarmStatus>,
+    /// Registry requests the daemon sent since it started.
+    #[prost(uint64, tag = "6")]
+    pub registry_requests: u64,
+    /// Of those, the ones sent while no other was waiting for its answer:
+    /// round trips of their own.
+    #[prost(uint64, tag = "7")]
+    pub registry_round_trips: u64,
 }
 
 /// An image of the node's warm set.
@@ -167,6 +174,8 @@ impl std::fmt::Debug for StatusService {
 impl StatusService {
     pub fn snapshot(&self) -> StatusResponse {
         let cache = self.cache.stats();
+        let (registry_requests, registry_round_trips) =
+            pronto_metrics::metrics().registry_requests();
         StatusResponse {
             images: self.remote.status(),
             cache_bytes: cache.bytes,
@@ -181,6 +190,8 @@ impl StatusService {
                 })
                 .collect(),
             warm: self.warm.as_ref().map(|w| w.states()).unwrap_or_default(),
+            registry_requests,
+            registry_round_trips,
         }
     }
 }

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use anyhow::{Result, anyhow};
 use pronto_containerd::{LayerOutcome, PullOptions, pull};
+use pronto_metrics::metrics;
 use pronto_registry::Platform;
+use pronto_snapshotter::status::query;
 
 use crate::commands::image::registry_client;
 use crate::config::Config;
@@ -30,17 +32,29 @@ pub fn run(
         platform,
         work_dir: config.root.join("pull"),
     };
+    // The daemon's registry counters before and after the pull: the
+    // round trips it made for the pull (the layers' indexes and mounts).
+    // A node starting one image at a time sees its own only.
+    let daemon_requests = || {
+        runtime
+            .block_on(query(&config.address))
+            .ok()
+            .map(|s| (s.registry_requests, s.registry_round_trips))
+    };
+    let daemon_before = daemon_requests();
     let started = Instant::now();
     let report = runtime.block_on(pull(&client, reference, &options, &|line| {
         eprintln!("{line}")
     }))?;
+    let elapsed = started.elapsed();
+    let daemon_after = daemon_requests();
     let count = |outcome| report.layers.iter().filter(|(_, o)| *o == outcome).count();
     println!(
         "pulled {} ({}) into namespace {} in {:.2}s: {} layers lazy, {} fetched whole by Pronto, {} unpacked by containerd, {} already present; {} fetched for unpacking",
         report.name,
         report.target,
         options.namespace,
-        started.elapsed().as_secs_f64(),
+        elapsed.as_secs_f64(),
         count(LayerOutcome::Remote),
         count(LayerOutcome::PulledByPronto),
         count(LayerOutcome::Unpacked),
@@ -53,5 +67,15 @@ pub fn run(
         .map(|(phase, spent)| format!("{} {:.2}s", phase.name(), spent.as_secs_f64()))
         .collect();
     println!("phases: {}", phases.join(", "));
+    let (requests, round_trips) = metrics().registry_requests();
+    let mut line = format!("registry round trips: {round_trips} here ({requests} requests)");
+    if let (Some(before), Some(after)) = (daemon_before, daemon_after) {
+        line.push_str(&format!(
+            ", {} in pronto serve ({} requests)",
+            after.1.saturating_sub(before.1),
+            after.0.saturating_sub(before.0)
+        ));
+    }
+    println!("{line}");
     Ok(())
 }

@@ -25,6 +25,10 @@ pub fn run(config: &Config, as_json: bool) -> Result<()> {
 fn to_json(status: &StatusResponse) -> Value {
     json!({
         "cache": {"bytes": status.cache_bytes, "budget": status.cache_budget},
+        "registry": {
+            "requests": status.registry_requests,
+            "round_trips": status.registry_round_trips,
+        },
         "fallbacks": status.fallbacks.iter()
             .map(|f| (f.reason.clone(), json!(f.count)))
             .collect::<serde_json::Map<_, _>>(),
@@ -67,6 +71,10 @@ fn render(status: &StatusResponse) -> String {
         human_size(status.cache_bytes),
         human_size(status.cache_budget)
     );
+    out.push_str(&format!(
+        "registry: {} requests since start, {} of them round trips of their own\n",
+        status.registry_requests, status.registry_round_trips
+    ));
     if !status.fallbacks.is_empty() {
         let counts: Vec<String> = status
             .fallbacks
@@ -233,6 +241,8 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            registry_requests: 40,
+            registry_round_trips: 9,
         }
     }
 
@@ -241,6 +251,10 @@ mod tests {
         let text = render(&sample());
         assert!(text.starts_with("cache: 30.0 MiB of 20.0 GiB\n"), "{text}");
         assert!(text.contains("not lazy since start: no-index=2"), "{text}");
+        assert!(
+            text.contains("registry: 40 requests since start, 9 of them round trips"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "registry.example/ml/model:v1\n  1 lazy layer, 25.0 MiB of 100.0 MiB local (25%)"
@@ -277,6 +291,7 @@ mod tests {
         assert_eq!(layer["handovers"], 2);
         assert_eq!(layer["served_since"], 1_796_256_000u64);
         assert_eq!(value["cache"]["budget"], 20u64 << 30);
+        assert_eq!(value["registry"]["round_trips"], 9);
         assert_eq!(value["warm"][0]["state"], "warm");
         assert_eq!(value["warm"][0]["lag_seconds"], 2.5);
         assert_eq!(value["warm"][1]["reason"], "manifest unknown");
