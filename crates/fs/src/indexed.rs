@@ -330,6 +330,27 @@ impl IndexedLayer {
         &self.stats
     }
 
+    /// Whether the layer's mount was told to shut down (unmounted).
+    fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Waits for the background fetch's turn on the node; an error when
+    /// the mount shuts down first, so that the fetch of an unmounted layer
+    /// stops (and lets go of the layer) instead of waiting for a quiet
+    /// node to fetch what nobody will read.
+    async fn background_turn(&self) -> Result<(), ReadError> {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            () = self.scheduler.background_turn() => {}
+            _ = shutdown.wait_for(|down| *down) => {}
+        }
+        if self.shutting_down() {
+            return Err(self.error("the mount is shutting down".into()));
+        }
+        Ok(())
+    }
+
     fn error(&self, problem: String) -> ReadError {
         ReadError {
             layer: self.layout.layer_digest().to_owned(),
@@ -790,7 +811,7 @@ impl IndexedLayer {
             if let Some(problem) = self.poisoned() {
                 return Err(self.error(format!("its index is poisoned: {problem}")));
             }
-            self.scheduler.background_turn().await;
+            self.background_turn().await?;
             let end = (offset + chunk).min(layer.size);
             let bytes = self
                 .layer
@@ -863,7 +884,7 @@ impl IndexedLayer {
             {
                 end += 1;
             }
-            self.scheduler.background_turn().await;
+            self.background_turn().await?;
             self.ensure_spans(next..end, Purpose::Background).await?;
             fetched += self.layout.span_input(end - 1).end - first;
             next = end;
@@ -932,6 +953,13 @@ impl IndexedLayer {
         let layer = self.clone();
         self.runtime.spawn(async move {
             if let Err(err) = layer.fetch_in_background(4 << 20, rate).await {
+                if layer.shutting_down() {
+                    tracing::debug!(
+                        layer = layer.digest(),
+                        "background fetch stopped: unmounted"
+                    );
+                    return;
+                }
                 metrics().error(ErrorKind::BackgroundFetch);
                 layer
                     .stats()
@@ -1246,6 +1274,11 @@ mod tests {
     /// One gzip layer holding `weights` (random bytes), indexed with
     /// 64 KiB spans.
     fn fixture(weights: u64, read_ahead: u64) -> Fixture {
+        fixture_under(weights, read_ahead, Arc::default())
+    }
+
+    /// [`fixture`] under the node scheduler `scheduler`.
+    fn fixture_under(weights: u64, read_ahead: u64, scheduler: Arc<Scheduler>) -> Fixture {
         let layer = Layer::new()
             .compression(Compression::FAST)
             .file("weights", Content::random(5, weights));
@@ -1274,6 +1307,7 @@ mod tests {
             shutdown,
         )
         .with_read_ahead(read_ahead)
+        .with_scheduler(scheduler)
         .shared();
         Fixture {
             _dir: dir,
@@ -1533,6 +1567,38 @@ mod tests {
         assert!(read[..] == want[4 * span as usize..6 * span as usize]);
         assert_eq!(f.index_blob.requests(), windows);
         drop(f.runtime);
+    }
+
+    #[test]
+    fn an_unmounted_layer_stops_its_background_fetch_and_lets_go_of_the_layer() {
+        let scheduler = Arc::new(Scheduler::new(1, Duration::from_millis(20)));
+        let f = fixture_under(1 << 20, 0, scheduler.clone());
+        // Another mount's read keeps the node busy: the fetch waits.
+        let busy = scheduler.foreground();
+        IndexedLayer::start_background_fetch(&f.layer, None);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            Arc::strong_count(&f.layer),
+            2,
+            "the waiting fetch holds the layer"
+        );
+        f._shutdown.send(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&f.layer) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            Arc::strong_count(&f.layer),
+            1,
+            "the fetch of an unmounted layer ended"
+        );
+        drop(busy);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            f.blob.requests(),
+            0,
+            "nothing fetched for an unmounted layer"
+        );
     }
 
     #[test]

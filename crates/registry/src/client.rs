@@ -32,9 +32,12 @@ static WAITING: AtomicUsize = AtomicUsize::new(0);
 struct Waiting;
 
 impl Waiting {
-    fn begin() -> Self {
+    /// Counts a request to `url` (with `range`, if any) as sent; logged at
+    /// debug level with whether it waits alone.
+    fn begin(method: &Method, url: &str, range: Option<&str>) -> Self {
         let alone = WAITING.fetch_add(1, Ordering::SeqCst) == 0;
         metrics().registry_request(alone);
+        tracing::debug!(%method, url, range, alone, "registry request");
         Waiting
     }
 }
@@ -501,7 +504,7 @@ impl RegistryClient {
             RequestUrl::Api(path) => format!("{}/v2/{}/{path}", endpoint.base_url, repo.name),
             RequestUrl::Absolute(url) => url.clone(),
         };
-        let mut builder = http.request(request.method.clone(), url);
+        let mut builder = http.request(request.method.clone(), &url);
         for (name, value) in &request.headers {
             builder = builder.header(*name, value);
         }
@@ -516,7 +519,12 @@ impl RegistryClient {
             builder = builder.body(body.clone());
         }
         let timeout = config.first_byte_timeout;
-        let waiting = Waiting::begin();
+        let range = request
+            .headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("range"))
+            .map(|(_, value)| value.as_str());
+        let waiting = Waiting::begin(&request.method, &url, range);
         let answered = tokio::time::timeout(timeout, builder.send()).await;
         drop(waiting);
         match answered {
@@ -681,7 +689,7 @@ impl RegistryClient {
                 if let Some(creds) = &creds {
                     request = request.basic_auth(&creds.username, Some(&creds.password));
                 }
-                let waiting = Waiting::begin();
+                let waiting = Waiting::begin(&Method::GET, &realm, None);
                 let response =
                     tokio::time::timeout(self.inner.config.first_byte_timeout, request.send())
                         .await
