@@ -1220,15 +1220,7 @@ impl Remote {
                     for (size, l, i) in batch {
                         ranges[l].push((i, 0, size));
                     }
-                    let fetches = mounted
-                        .iter()
-                        .zip(&ranges)
-                        .filter(|(_, r)| !r.is_empty())
-                        .map(|(layer, r)| layer.prefetch(r, parallel.max(1)));
-                    bytes += futures_util::future::join_all(fetches)
-                        .await
-                        .into_iter()
-                        .sum::<u64>();
+                    bytes += prefetch_layers(&mounted, &ranges, parallel).await;
                 }
                 // What is left goes to the heads of the files too big to
                 // take whole: readers of big files (model weights, archives,
@@ -1240,15 +1232,7 @@ impl Remote {
                     for (l, i, len) in heads {
                         ranges[l].push((i, 0, len));
                     }
-                    let fetches = mounted
-                        .iter()
-                        .zip(&ranges)
-                        .filter(|(_, r)| !r.is_empty())
-                        .map(|(layer, r)| layer.prefetch(r, parallel.max(1)));
-                    bytes += futures_util::future::join_all(fetches)
-                        .await
-                        .into_iter()
-                        .sum::<u64>();
+                    bytes += prefetch_layers(&mounted, &ranges, parallel).await;
                 }
                 return Warmed {
                     bytes,
@@ -1257,14 +1241,7 @@ impl Remote {
                 };
             }
         }
-        let fetches = mounted
-            .iter()
-            .zip(&wanted)
-            .map(|(layer, ranges)| layer.prefetch(ranges, parallel.max(1)));
-        let bytes = futures_util::future::join_all(fetches)
-            .await
-            .into_iter()
-            .sum();
+        let bytes = prefetch_layers(&mounted, &wanted, parallel).await;
         Warmed {
             bytes,
             layers: mounted.len(),
@@ -1346,6 +1323,25 @@ fn write_record(dir: &Path, record: &MountRecord, bytes: Option<&[u8]>) -> std::
         "mount.json",
         &serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?,
     )
+}
+
+/// Fetches `ranges[l]` (entry, offset, length) of each layer `l` of
+/// `layers` at once, at most `parallel` requests per layer; returns the
+/// bytes fetched.
+async fn prefetch_layers(
+    layers: &[Arc<dyn LazyLayer>],
+    ranges: &[Vec<(usize, u64, u64)>],
+    parallel: usize,
+) -> u64 {
+    let fetches = layers
+        .iter()
+        .zip(ranges)
+        .filter(|(_, r)| !r.is_empty())
+        .map(|(layer, r)| layer.prefetch(r, parallel.max(1)));
+    futures_util::future::join_all(fetches)
+        .await
+        .into_iter()
+        .sum()
 }
 
 /// The next batch of a warm without a startup profile: up to `most` of the
