@@ -110,8 +110,11 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let reference = stack.push("scale", "scale/big:v1")?;
     println!("pushed in {:.0} s", started.elapsed().as_secs_f64());
+    // The index is made from the registry itself, not through the relay
+    // (whose latency is added to every read of an upload as well).
+    let direct = format!("{}/scale/big:v1", stack.registry.host());
     let started = Instant::now();
-    stack.pronto(&["index", "create", &reference, "--bind"])?;
+    stack.pronto(&["index", "create", &direct, "--bind"])?;
     let created = started.elapsed();
     println!(
         "`pronto index create --bind` (download included): {:.0} s",
@@ -164,7 +167,7 @@ fn main() -> Result<()> {
         "\n| measurement | result |\n|---|---|\n\
          | image | {} files in {} directories, {:.1} GiB of data; layer {:.2} GiB gzip (level 2) |\n\
          | index creation, one core (local file, {} MiB spans) | {:.1} s, {:.0} MB/s of gzip; {spans} spans, index {:.1} MiB ({:.2}% of the layer) |\n\
-         | `pronto index create --bind` through the registry | {:.0} s |\n\
+         | `pronto index create --bind` from the registry on loopback (download, index, push) | {:.0} s |\n\
          | `Prepare` to mounted (pull phase \"lazy layers\", both layers' snapshots) | {mounting} |\n\
          | pull to ready (the container reads one file) | {:.2} s, {:.1} MiB fetched |\n\
          | daemon idle | {} threads, {:.1} MiB RSS |\n\

@@ -429,6 +429,47 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 }
 
 #[test]
+fn the_layers_of_an_image_ask_the_registry_for_its_startup_profile_once() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    let mut builder = ImageBuilder::new().layer(Layer::busybox(&["sh", "cat"]));
+    for i in 0..3 {
+        builder = builder.layer(
+            Layer::new()
+                .compression(Compression::FAST)
+                .file(&format!("data/part-{i}.bin"), Content::random(i, 12 << 20)),
+        );
+    }
+    let image = builder.build(&stack.layout).unwrap();
+    let reference = stack.push(&image, "profiles/layers");
+    stack.pronto_ok(&["index", "create", &reference, "--bind"]);
+    let before = stack.registry.access_log().unwrap().len();
+    let pulled = stack.pronto_pull(&reference);
+    assert!(pulled.contains("3 layers lazy"), "{pulled}");
+    // Each mount looks for a profile in the background; this registry has
+    // no referrers API, so a lookup is a referrers request and the tag
+    // schema's fallback. The first mount's lookup finds none; the others
+    // take its answer.
+    let asked = |part: &str| {
+        stack.registry.access_log().unwrap()[before..]
+            .iter()
+            .filter(|e| e.path.contains(part))
+            .count()
+    };
+    wait_until("a profile lookup", Duration::from_secs(10), || {
+        Ok(asked("/manifests/sha256-") > 0)
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let log: Vec<String> = stack.registry.access_log().unwrap()[before..]
+        .iter()
+        .map(|e| format!("{} {} {} {}", e.method, e.path, e.status, e.user_agent))
+        .collect();
+    assert_eq!(asked("/referrers/"), 1, "{log:#?}");
+    assert_eq!(asked("/manifests/sha256-"), 1, "{log:#?}");
+}
+
+#[test]
 fn metrics_and_status_account_for_what_the_registry_served() {
     require!(NEEDS);
     let stack = Stack::start();

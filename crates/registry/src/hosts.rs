@@ -195,14 +195,21 @@ impl Hosts {
     }
 
     /// Where to send a request: for pulls the mirrors in order, then the
-    /// upstream host; pushes go to the upstream host only.
+    /// upstream host; pushes go to the upstream host only. A URL listed
+    /// twice (a `[host]` that is also the `server`, as many hosts.toml
+    /// files have) is asked once: a 404 from it is its answer.
     pub fn endpoints(&self, registry: &str, push: bool) -> Vec<Endpoint> {
         let mut endpoints = if push {
             Vec::new()
         } else {
             self.mirrors.get(registry).cloned().unwrap_or_default()
         };
-        endpoints.push(self.upstream(registry));
+        let mut upstream = self.upstream(registry);
+        upstream.skip_verify |= endpoints
+            .iter()
+            .any(|e| e.base_url == upstream.base_url && e.skip_verify);
+        endpoints.retain(|e| e.base_url != upstream.base_url);
+        endpoints.push(upstream);
         endpoints
     }
 }
@@ -295,6 +302,24 @@ mod tests {
             hosts.endpoints("docker.io", false)[0].credentials_host,
             "127.0.0.1:5001"
         );
+    }
+
+    #[test]
+    fn a_host_that_is_also_the_server_is_asked_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = dir.path().join("127.0.0.1:5000");
+        std::fs::create_dir_all(&reg).unwrap();
+        std::fs::write(
+            reg.join("hosts.toml"),
+            "server = \"https://127.0.0.1:5000\"\n\n[host.\"https://127.0.0.1:5000\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n  skip_verify = true\n",
+        )
+        .unwrap();
+        let hosts = Hosts::load_dir(dir.path()).unwrap();
+        let pull = hosts.endpoints("127.0.0.1:5000", false);
+        assert_eq!(pull.len(), 1, "{pull:?}");
+        assert_eq!(pull[0].base_url, "https://127.0.0.1:5000");
+        assert!(pull[0].skip_verify, "the host's settings stay");
+        assert!(!pull[0].is_mirror);
     }
 
     #[test]

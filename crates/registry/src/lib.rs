@@ -18,7 +18,7 @@ mod push;
 mod referrers;
 
 pub use parallel::{ChunkSink, ParallelFetch, Resume};
-pub use push::PushedManifest;
+pub use push::{PushedManifest, UPLOAD_PART};
 pub use referrers::fallback_tag;
 
 pub use auth::{

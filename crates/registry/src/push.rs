@@ -20,6 +20,10 @@ pub struct PushedManifest {
     pub subject_accepted: bool,
 }
 
+/// The largest request body of a blob upload: bigger blobs go up in parts,
+/// so that no request outlasts the client's timeouts on a slow link.
+pub const UPLOAD_PART: usize = 16 << 20;
+
 impl Request {
     fn push(method: Method, url: RequestUrl) -> Self {
         Self {
@@ -51,20 +55,32 @@ impl RegistryClient {
         }
     }
 
-    /// Uploads `bytes` as one blob (POST, then one PUT) unless the
-    /// repository has it already. Returns its digest.
+    /// Uploads `bytes` as one blob unless the repository has it already,
+    /// in parts of [`UPLOAD_PART`] bytes (see [`Self::push_blob_file`]).
+    /// Returns its digest.
     pub async fn push_blob(&self, repo: &Repository, bytes: Bytes) -> Result<String> {
+        self.push_blob_in_parts(repo, bytes, UPLOAD_PART).await
+    }
+
+    /// [`Self::push_blob`] in parts of `part_size` bytes.
+    pub async fn push_blob_in_parts(
+        &self,
+        repo: &Repository,
+        bytes: Bytes,
+        part_size: usize,
+    ) -> Result<String> {
         let digest = sha256_digest(&bytes);
         if self.blob_exists(repo, &digest).await? {
             return Ok(digest);
         }
         let target = Target::new(repo, format!("upload of blob {digest}"));
-        let location = self.start_upload(repo, &target).await?;
-        let put = Request::push(Method::PUT, location.with_query("digest", &digest))
-            .header("content-type", "application/octet-stream")
-            .with_body(bytes);
-        let fetched = self.fetch(repo, &target, &put, 1 << 20).await?;
-        expect_status(&target, fetched, &[StatusCode::CREATED])?;
+        let size = bytes.len() as u64;
+        let read = |start: u64, len: usize| {
+            let part = bytes.slice(start as usize..start as usize + len);
+            async move { Ok(part) }
+        };
+        self.upload(repo, &target, size, &digest, part_size, read)
+            .await?;
         Ok(digest)
     }
 
@@ -103,8 +119,28 @@ impl RegistryClient {
                 source,
             })?
             .len();
+        self.upload(repo, &target, size, digest, part_size, read)
+            .await
+    }
+
+    /// One upload of `size` bytes whose digest is `digest`: POST, then
+    /// PATCH requests of `part_size` bytes that `read(start, len)` gives
+    /// (none when one part holds it all), then the PUT that commits it.
+    async fn upload<F, Fut>(
+        &self,
+        repo: &Repository,
+        target: &Target,
+        size: u64,
+        digest: &str,
+        part_size: usize,
+        read: F,
+    ) -> Result<()>
+    where
+        F: Fn(u64, usize) -> Fut,
+        Fut: std::future::Future<Output = Result<Bytes>>,
+    {
         let part_size = part_size.max(1) as u64;
-        let mut location = self.start_upload(repo, &target).await?;
+        let mut location = self.start_upload(repo, target).await?;
         let mut put = Request::push(Method::PUT, location.with_query("digest", digest))
             .header("content-type", "application/octet-stream");
         if size <= part_size {
@@ -117,15 +153,15 @@ impl RegistryClient {
                     .header("content-type", "application/octet-stream")
                     .header("content-range", format!("{start}-{}", start + len - 1))
                     .with_body(read(start, len as usize).await?);
-                let fetched = self.fetch(repo, &target, &patch, 1 << 20).await?;
-                let fetched = expect_status(&target, fetched, &[StatusCode::ACCEPTED])?;
-                location = self.location(repo, &target, &fetched.headers)?;
+                let fetched = self.fetch(repo, target, &patch, 1 << 20).await?;
+                let fetched = expect_status(target, fetched, &[StatusCode::ACCEPTED])?;
+                location = self.location(repo, target, &fetched.headers)?;
                 start += len;
             }
             put = Request::push(Method::PUT, location.with_query("digest", digest));
         }
-        let fetched = self.fetch(repo, &target, &put, 1 << 20).await?;
-        expect_status(&target, fetched, &[StatusCode::CREATED])?;
+        let fetched = self.fetch(repo, target, &put, 1 << 20).await?;
+        expect_status(target, fetched, &[StatusCode::CREATED])?;
         Ok(())
     }
 

@@ -377,6 +377,15 @@ async fn pushes_blobs_whole_in_chunks_and_by_mount() {
         client.blob(&repo, &whole, 1 << 20).await.unwrap(),
         data.slice(..1000)
     );
+    // From memory, in parts.
+    let parts = client
+        .push_blob_in_parts(&repo, data.slice(..200_000), 64 * 1024)
+        .await
+        .unwrap();
+    assert_eq!(
+        client.blob(&repo, &parts, 1 << 20).await.unwrap(),
+        data.slice(..200_000)
+    );
     // From a file, in parts; the registry checks the digest it is given.
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &data).unwrap();

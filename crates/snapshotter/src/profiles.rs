@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pronto_catalog::Subject;
 use pronto_catalog::profiles::{find_profiles, push_profile};
@@ -62,7 +62,18 @@ pub struct Profiles {
     /// Lookups of a manifest's profile in the registry in flight: the
     /// layers of one image mounted together ask once.
     lookups: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Option<Profile>>>>>,
+    /// Manifests whose registry lookup found no profile, and when: the
+    /// other layers of the image, mounted one after another, do not ask
+    /// again for [`MISS_KEPT`].
+    misses: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a registry lookup that found no profile stands: long enough
+/// for an image's layers to be prepared one after another (each mount
+/// would otherwise ask the registry again, two requests where the
+/// referrers API is missing), short enough that a profile pushed later is
+/// found by a later start.
+const MISS_KEPT: Duration = Duration::from_secs(60);
 
 /// What a profile does for one mounted layer, for `pronto status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -96,6 +107,7 @@ impl Profiles {
             runtime,
             recording: Mutex::default(),
             lookups: Mutex::default(),
+            misses: Mutex::default(),
         }
     }
 
@@ -188,19 +200,26 @@ impl Profiles {
 
     /// The profile of `manifest` among its referrers in `repository`
     /// (every one found, checked and merged), kept on the node. `None`
-    /// when there is none or none is usable; the next mount asks again.
+    /// when there is none or none is usable; asked again after
+    /// [`MISS_KEPT`].
     pub(crate) async fn find_in_registry(
         &self,
         repository: &Repository,
         manifest: &str,
     ) -> Option<Profile> {
-        let cell = self
-            .lookups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(manifest.to_owned())
-            .or_default()
-            .clone();
+        // A caller sees either the lookup in flight or its miss: both are
+        // looked at, and changed, under the lookups' lock.
+        let cell = {
+            let mut lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+            if self
+                .lock_misses()
+                .get(manifest)
+                .is_some_and(|at| at.elapsed() < MISS_KEPT)
+            {
+                return None;
+            }
+            lookups.entry(manifest.to_owned()).or_default().clone()
+        };
         let found = cell
             .get_or_init(|| async {
                 let merged = match registry_profile(&self.client, repository, manifest).await {
@@ -223,11 +242,18 @@ impl Profiles {
             })
             .await
             .clone();
-        self.lookups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(manifest);
+        let mut lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+        let mut misses = self.lock_misses();
+        misses.retain(|_, at| at.elapsed() < MISS_KEPT);
+        if found.is_none() {
+            misses.insert(manifest.to_owned(), Instant::now());
+        }
+        lookups.remove(manifest);
         found
+    }
+
+    fn lock_misses(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.misses.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The recording of `manifest`'s start in progress, begun now if none.

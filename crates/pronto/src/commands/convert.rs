@@ -441,20 +441,19 @@ pub(crate) async fn push_image(
 }
 
 /// Uploads the layer at `path` (digest `digest`) unless the repository has
-/// it, in parts of 16 MiB read from the file one at a time; the registry
-/// checks the digest.
+/// it, in parts of `UPLOAD_PART` (16 MiB) read from the file one at a
+/// time; the registry checks the digest.
 pub(crate) async fn push_layer(
     client: &RegistryClient,
     repository: &Repository,
     path: &Path,
     digest: &str,
 ) -> Result<()> {
-    const PART: usize = 16 << 20;
     if client.blob_exists(repository, digest).await? {
         return Ok(());
     }
     client
-        .push_blob_file(repository, path, digest, PART)
+        .push_blob_file(repository, path, digest, pronto_registry::UPLOAD_PART)
         .await?;
     Ok(())
 }
