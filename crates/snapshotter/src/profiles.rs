@@ -59,13 +59,17 @@ pub struct Profiles {
     runtime: tokio::runtime::Handle,
     /// Recordings in progress by manifest digest, with the repository.
     recording: Mutex<HashMap<String, (Arc<Recorder>, Repository)>>,
-    /// Lookups of a manifest's profile in the registry in flight: the
-    /// layers of one image mounted together ask once.
-    lookups: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Option<Profile>>>>>,
-    /// Manifests whose registry lookup found no profile, and when: the
-    /// other layers of the image, mounted one after another, do not ask
-    /// again for [`MISS_KEPT`].
-    misses: Mutex<HashMap<String, Instant>>,
+    /// Lookups of a manifest's profile in the registry, by manifest: in
+    /// flight (the layers of one image mounted together ask once), or
+    /// found missing, and when (the other layers of the image, mounted one
+    /// after another, do not ask again for [`MISS_KEPT`]).
+    lookups: Mutex<HashMap<String, Lookup>>,
+}
+
+#[derive(Debug, Clone)]
+enum Lookup {
+    InFlight(Arc<tokio::sync::OnceCell<Option<Profile>>>),
+    Missed(Instant),
 }
 
 /// How long a registry lookup that found no profile stands: long enough
@@ -107,7 +111,6 @@ impl Profiles {
             runtime,
             recording: Mutex::default(),
             lookups: Mutex::default(),
-            misses: Mutex::default(),
         }
     }
 
@@ -207,18 +210,17 @@ impl Profiles {
         repository: &Repository,
         manifest: &str,
     ) -> Option<Profile> {
-        // A caller sees either the lookup in flight or its miss: both are
-        // looked at, and changed, under the lookups' lock.
         let cell = {
-            let mut lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
-            if self
-                .lock_misses()
-                .get(manifest)
-                .is_some_and(|at| at.elapsed() < MISS_KEPT)
-            {
-                return None;
+            let mut lookups = self.lock_lookups();
+            match lookups.get(manifest) {
+                Some(Lookup::InFlight(cell)) => cell.clone(),
+                Some(Lookup::Missed(at)) if at.elapsed() < MISS_KEPT => return None,
+                _ => {
+                    let cell = Arc::default();
+                    lookups.insert(manifest.to_owned(), Lookup::InFlight(Arc::clone(&cell)));
+                    cell
+                }
             }
-            lookups.entry(manifest.to_owned()).or_default().clone()
         };
         let found = cell
             .get_or_init(|| async {
@@ -242,18 +244,18 @@ impl Profiles {
             })
             .await
             .clone();
-        let mut lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
-        let mut misses = self.lock_misses();
-        misses.retain(|_, at| at.elapsed() < MISS_KEPT);
+        let mut lookups = self.lock_lookups();
+        lookups.retain(|_, l| !matches!(l, Lookup::Missed(at) if at.elapsed() >= MISS_KEPT));
         if found.is_none() {
-            misses.insert(manifest.to_owned(), Instant::now());
+            lookups.insert(manifest.to_owned(), Lookup::Missed(Instant::now()));
+        } else {
+            lookups.remove(manifest);
         }
-        lookups.remove(manifest);
         found
     }
 
-    fn lock_misses(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.misses.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_lookups(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lookup>> {
+        self.lookups.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The recording of `manifest`'s start in progress, begun now if none.
