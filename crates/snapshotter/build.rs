@@ -121,6 +121,15 @@ fn main() {
                 .codec_path("tonic_prost::ProstCodec")
                 .build(),
         )
+        .method(
+            Method::builder()
+                .name("expect")
+                .route_name("Expect")
+                .input_type("crate::status::ExpectRequest")
+                .output_type("crate::status::ExpectResponse")
+                .codec_path("tonic_prost::ProstCodec")
+                .build(),
+        )
         .build();
     Builder::new()
         .build_client(true)

@@ -174,20 +174,37 @@ fn credentials_of(auth: &messages::AuthConfig) -> Option<Credentials> {
     })
 }
 
+/// Told the image of every `PullImage` kubelet sends, before containerd
+/// gets it: the snapshotter looks up what the image's layers need while
+/// containerd resolves it.
+pub type PullAnnounce = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// containerd's CRI image service, served again on Pronto's socket.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ImageServiceProxy {
     containerd: Channel,
     credentials: KubeletCredentials,
+    announce: Option<PullAnnounce>,
+}
+
+impl std::fmt::Debug for ImageServiceProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageServiceProxy").finish_non_exhaustive()
+    }
 }
 
 impl ImageServiceProxy {
     /// Forwards to containerd over `containerd` (a channel to its socket,
     /// connected lazily so that Pronto starts before containerd does).
-    pub fn new(containerd: Channel, credentials: KubeletCredentials) -> Self {
+    pub fn new(
+        containerd: Channel,
+        credentials: KubeletCredentials,
+        announce: Option<PullAnnounce>,
+    ) -> Self {
         Self {
             containerd,
             credentials,
+            announce,
         }
     }
 
@@ -203,7 +220,15 @@ impl ImageServiceProxy {
         request: tonic::Request<Bytes>,
     ) -> Result<tonic::Response<Bytes>, Status> {
         let remembered = if path.ends_with("/PullImage") {
-            self.remember_pull(request.get_ref())
+            let remembered = self.remember_pull(request.get_ref());
+            // After the credentials: the look-ups use them.
+            if let Some(announce) = &self.announce
+                && let Ok(pull) = messages::PullImageRequest::decode(request.get_ref().clone())
+                && let Some(image) = pull.image
+            {
+                announce(&image.image);
+            }
+            remembered
         } else {
             None
         };
@@ -270,6 +295,7 @@ pub async fn serve(
     listener: std::os::unix::net::UnixListener,
     containerd: &std::path::Path,
     credentials: KubeletCredentials,
+    announce: Option<PullAnnounce>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let containerd = containerd.to_path_buf();
@@ -281,7 +307,7 @@ pub async fn serve(
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
         }));
-    let (v1, v1alpha2) = ImageServiceProxy::new(channel, credentials).services();
+    let (v1, v1alpha2) = ImageServiceProxy::new(channel, credentials, announce).services();
     listener.set_nonblocking(true)?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(
         tokio::net::UnixListener::from_std(listener)?,
@@ -397,7 +423,7 @@ mod tests {
 
     fn proxy(ttl: Duration) -> ImageServiceProxy {
         let channel = tonic::transport::Endpoint::from_static("http://[::1]:1").connect_lazy();
-        ImageServiceProxy::new(channel, KubeletCredentials::new(ttl))
+        ImageServiceProxy::new(channel, KubeletCredentials::new(ttl), None)
     }
 
     #[tokio::test]

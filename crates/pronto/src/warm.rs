@@ -413,6 +413,12 @@ impl WarmEngine {
         // uses it, not now.
         self.remote.background_waits_for_use(&parsed.whole());
         tracing::info!(reference, source = source.as_str(), mode, "warming");
+        let (remote, image, platform) = (
+            self.remote.clone(),
+            reference.to_owned(),
+            self.platform.clone(),
+        );
+        tokio::spawn(async move { remote.expect(&image, &platform).await });
         let report = pronto_containerd::pull(
             &self.client,
             reference,

@@ -470,6 +470,93 @@ fn the_layers_of_an_image_ask_the_registry_for_its_startup_profile_once() {
 }
 
 #[test]
+fn a_pull_announced_ahead_finds_its_layers_opened_and_reads_each_document_once() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    let mut builder = ImageBuilder::new().layer(Layer::busybox(&["sh", "sha256sum"]));
+    for i in 0..3 {
+        builder = builder.layer(
+            Layer::new()
+                .compression(Compression::FAST)
+                .file(&format!("data/part-{i}.bin"), Content::random(i, 12 << 20)),
+        );
+    }
+    let image = builder.build(&stack.layout).unwrap();
+    let reference = stack.push(&image, "ahead/layers");
+    stack.pronto_ok(&["index", "create", &reference, "--bind"]);
+    let before = stack.registry.access_log().unwrap().len();
+    // What Pronto asked the registry for since `before`: (method, path).
+    let asked = || -> Vec<(String, String)> {
+        stack.registry.access_log().unwrap()[before..]
+            .iter()
+            .filter(|e| e.user_agent.starts_with("pronto/"))
+            .map(|e| (e.method.clone(), e.path.clone()))
+            .collect()
+    };
+    let known: Vec<&str> = image
+        .layers
+        .iter()
+        .map(|l| l.digest.as_str())
+        .chain([image.config_digest.as_str()])
+        .collect();
+    // Blobs that are neither a layer nor the config: the index blobs,
+    // read a prefix at a time.
+    let index_reads = || {
+        asked()
+            .into_iter()
+            .filter(|(m, p)| m == "GET" && p.contains("/blobs/"))
+            .filter(|(_, p)| !known.iter().any(|d| p.ends_with(d)))
+            .count()
+    };
+    // kubelet's pull through Pronto's CRI socket (and `pronto pull`)
+    // announces the image; the daemon opens its layers before any
+    // `Prepare` comes.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(pronto_snapshotter::status::expect(
+            &stack.work.path().join("pronto.sock"),
+            &reference,
+            "linux/amd64",
+        ))
+        .unwrap();
+    wait_until(
+        "the index prefixes fetched ahead",
+        Duration::from_secs(20),
+        || Ok(index_reads() == 3),
+    )
+    .unwrap();
+    // containerd's own pull now prepares the layers: each takes its
+    // prefix fetched ahead.
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    cri.pull_image(&reference).unwrap();
+    assert_eq!(
+        index_reads(),
+        3,
+        "a prefix was fetched twice: {:#?}",
+        asked()
+    );
+    // (Reads of the files may read the index blobs again, for windows.)
+    let out = stack.run(&reference, &["sha256sum", "/data/part-2.bin"]);
+    let expected = hex::encode(Sha256::digest(
+        Content::random(2, 12 << 20).to_vec().unwrap(),
+    ));
+    assert!(stdout(&out).starts_with(&expected), "{}", stdout(&out));
+    let log = asked();
+    let count = |path: String| log.iter().filter(|(m, p)| m == "GET" && *p == path).count();
+    let name = "/v2/ahead/layers";
+    assert_eq!(
+        count(format!("{name}/manifests/{}", image.manifest_digest)),
+        1,
+        "the daemon reads the image manifest once: {log:#?}"
+    );
+    assert_eq!(
+        count(format!("{name}/blobs/{}", image.config_digest)),
+        1,
+        "the daemon reads the config once: {log:#?}"
+    );
+}
+
+#[test]
 fn metrics_and_status_account_for_what_the_registry_served() {
     require!(NEEDS);
     let stack = Stack::start();

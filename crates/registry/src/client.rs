@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::auth::{
     Challenge, CredentialSource, Credentials, StaticCredentials, Token, TokenResponse,
 };
+use crate::documents::Documents;
 use crate::error::{RegistryError, Target};
 use crate::hosts::{Endpoint, Hosts};
 use crate::{Repository, Result};
@@ -130,6 +131,8 @@ struct Inner {
     /// request; a rejected login reads them again).
     basic: Mutex<HashMap<String, Credentials>>,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Manifests and small blobs fetched by digest.
+    documents: Documents,
 }
 
 /// Where a request goes: an API path below `/v2/<name>/`, sent to each
@@ -217,12 +220,18 @@ impl RegistryClient {
                 tokens: Mutex::new(HashMap::new()),
                 basic: Mutex::new(HashMap::new()),
                 limits: Mutex::new(HashMap::new()),
+                documents: Documents::default(),
             }),
         })
     }
 
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// Manifests and small blobs already fetched by digest.
+    pub(crate) fn documents(&self) -> &Documents {
+        &self.inner.documents
     }
 
     /// The API path `<path>` below `/v2/<name>/`, sent to whichever

@@ -9,6 +9,7 @@
 mod auth;
 mod client;
 mod digest;
+mod documents;
 mod error;
 pub mod feed;
 mod hosts;
@@ -30,7 +31,7 @@ pub use error::{RegistryError, Target};
 pub use hosts::{Endpoint, HostSettings, Hosts, HostsError};
 pub use manifest::{
     MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Manifest, ManifestKind, OCI_INDEX, OCI_MANIFEST, Platform,
-    ResolvedImage,
+    ResolvedImage, platform_manifest,
 };
 pub use oci_spec::distribution::Reference;
 pub use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};

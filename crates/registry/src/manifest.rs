@@ -14,6 +14,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::client::{Fetched, Request};
 use crate::digest::{StreamDigest, check_algorithm, mismatch, sha256_digest, verify_digest};
+use crate::documents::Kept;
 use crate::error::{RegistryError, Target};
 use crate::{Reference, RegistryClient, Repository, Result};
 
@@ -126,6 +127,9 @@ impl RegistryClient {
         let target = Target::new(repo, format!("manifest {reference}"));
         if reference.contains(':') {
             check_algorithm(&target, reference)?;
+            if let Some(Kept::Manifest(kept)) = self.documents().get(repo, reference) {
+                return Ok(kept);
+            }
         }
         let request = Request::get(self.url(repo, &format!("manifests/{reference}"))).header(
             "accept",
@@ -152,7 +156,10 @@ impl RegistryClient {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned());
-        parse_manifest(&target, digest, header_type, fetched.body)
+        let manifest = parse_manifest(&target, digest, header_type, fetched.body)?;
+        self.documents()
+            .put(repo, &manifest.digest, Kept::Manifest(manifest.clone()));
+        Ok(manifest)
     }
 
     /// The digest tag `tag` of `repo` names now, asked with a HEAD request
@@ -259,10 +266,17 @@ impl RegistryClient {
     pub async fn blob(&self, repo: &Repository, digest: &str, max_len: u64) -> Result<Bytes> {
         let target = Target::new(repo, format!("blob {digest}"));
         check_algorithm(&target, digest)?;
+        if let Some(Kept::Blob(kept)) = self.documents().get(repo, digest)
+            && kept.len() as u64 <= max_len
+        {
+            return Ok(kept);
+        }
         let request = Request::get(self.url(repo, &format!("blobs/{digest}")));
         let fetched = self.fetch(repo, &target, &request, max_len).await?;
         let fetched = expect_status(&target, fetched, &[StatusCode::OK])?;
         verify_digest(&target, digest, &fetched.body)?;
+        self.documents()
+            .put(repo, digest, Kept::Blob(fetched.body.clone()));
         Ok(fetched.body)
     }
 
@@ -476,6 +490,18 @@ fn check_content_range(
                 "Content-Range {value:?} does not match the request from byte {start} of {total}"
             ),
         }),
+    }
+}
+
+/// The image manifest `top` names for `platform`: `top` itself when it is
+/// an image manifest, else the entry of the image index for the platform.
+pub fn platform_manifest(repo: &Repository, top: &Manifest, platform: &Platform) -> Result<String> {
+    match &top.kind {
+        ManifestKind::Image(_) => Ok(top.digest.clone()),
+        ManifestKind::Index(index) => {
+            let target = Target::new(repo, format!("manifest {}", top.digest));
+            choose_platform(&target, index, platform)
+        }
     }
 }
 

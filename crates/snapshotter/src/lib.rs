@@ -6,6 +6,7 @@
 //! FUSE and reported to containerd as already there, so it neither
 //! downloads nor unpacks them (the remote-snapshotter handshake).
 
+mod ahead;
 mod choice;
 pub mod filter;
 pub mod keeper;

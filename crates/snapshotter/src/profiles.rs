@@ -176,6 +176,22 @@ impl Profiles {
         (Some(observer), used)
     }
 
+    /// Starts looking for the profile of image `manifest` in the registry,
+    /// when this node fetches profiles and has none for it: the image is
+    /// about to be mounted, and a mount finds the lookup done or in flight.
+    pub fn look_ahead(self: &Arc<Self>, repository: &Repository, manifest: &str) {
+        if !(self.options.prefetch && self.options.fetch)
+            || matches!(self.store.load(manifest), Ok(Some(_)))
+        {
+            return;
+        }
+        let (profiles, repository, manifest) =
+            (self.clone(), repository.clone(), manifest.to_owned());
+        self.runtime.spawn(async move {
+            profiles.find_in_registry(&repository, &manifest).await;
+        });
+    }
+
     /// Fetches `layer`'s ranges of `profile`.
     async fn prefetch(&self, manifest: &str, profile: &Profile, layer: &dyn LazyLayer) {
         let wanted = profile.wanted(layer.digest());

@@ -18,9 +18,13 @@ use pronto_fs::{
     ChunkedToc, FuseMount, LazyLayer, MountOptions, Negotiated, NodeContext, OpenError, Scheduler,
     Tree, TreeMode, chunked_layer, fetch_toc, lazy_layer, mounts,
 };
-use pronto_registry::{ManifestKind, Reference, RegistryClient, Repository, parse_reference};
+use pronto_registry::{
+    MAX_CONFIG_SIZE, Manifest, ManifestKind, Platform, Reference, RegistryClient, Repository,
+    parse_reference, platform_manifest,
+};
 use pronto_store::ContentCache;
 
+use crate::ahead::Ahead;
 use crate::keeper::{FUSE_PREFIX, Holders};
 use crate::local::{LocalSnapshots, RemoteLayer};
 use crate::profiles::{ProfileUse, Profiles};
@@ -28,7 +32,8 @@ use crate::status::{ImageStatus, LayerStatus};
 use pronto_metrics::metrics;
 
 use pronto_containerd::labels::{
-    LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_PRONTO_LAYER, LABEL_TARGET,
+    LABEL_IMAGE_LAYERS, LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_PRONTO_LAYER,
+    LABEL_TARGET,
 };
 
 /// How long "this image has no index" is remembered, so that the layers of
@@ -272,6 +277,10 @@ pub struct Remote {
     sets: Mutex<HashMap<String, Arc<IndexLookup>>>,
     /// Chunked layers by manifest digest.
     manifests: Mutex<HashMap<String, Arc<ChunkedLookup>>>,
+    /// Index prefixes (by repository and index blob) and TOCs (by
+    /// repository and layer) fetched ahead of their layers' `Prepare`.
+    prefixes: Ahead<Result<Vec<u8>, (Fallback, String)>>,
+    tocs: Ahead<Result<ChunkedToc, (Fallback, String)>>,
     /// Holds every mount's connection while the daemon restarts; with
     /// it, mounts are recorded under `records`.
     keeper: Option<Arc<Holders>>,
@@ -321,6 +330,8 @@ impl Remote {
             warm_images: Mutex::new(std::collections::HashSet::new()),
             sets: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
+            prefixes: Ahead::default(),
+            tocs: Ahead::default(),
         }
     }
 
@@ -429,7 +440,12 @@ impl Remote {
             manifest_digest: image.manifest.to_owned(),
             layer_digest: image.layer.to_owned(),
         };
-        let indexed = self.open_layer(&remote).await?;
+        // The layers containerd prepares after this one (this one first).
+        let above: Vec<&str> = labels
+            .get(LABEL_IMAGE_LAYERS)
+            .map(|l| l.split(',').filter(|d| !d.is_empty()).collect())
+            .unwrap_or_default();
+        let indexed = self.open_layer(&remote, &above).await?;
         // Database commits and mount(2) block: this worker thread is
         // handed over to them.
         tokio::task::block_in_place(|| {
@@ -479,17 +495,39 @@ impl Remote {
 
     /// Opens a layer through its own TOC when it is chunked, or else
     /// through its image's index (fetching the index prefix), with the
-    /// sender that shuts its pending reads down.
-    async fn open_layer(&self, remote: &RemoteLayer) -> Result<OpenLayer, (Fallback, String)> {
+    /// sender that shuts its pending reads down. What the layers `above`
+    /// (prepared next) need is fetched meanwhile.
+    async fn open_layer(
+        &self,
+        remote: &RemoteLayer,
+        above: &[&str],
+    ) -> Result<OpenLayer, (Fallback, String)> {
         let reference = parse_reference(&remote.image_ref)
             .map_err(|e| (Fallback::NoImageLabels, e.to_string()))?;
         let repository = Repository::of(&reference);
-        match self
-            .chunked_layers(&repository, &remote.manifest_digest)
-            .await
-        {
+        let manifest = remote.manifest_digest.as_str();
+        self.look_for_profile(&repository, manifest);
+        let above = above.iter().copied().filter(|l| *l != remote.layer_digest);
+        // The layer annotations and the index are looked up at once: a
+        // chunked layer needs no index, but waiting to learn that would
+        // cost the others a round trip.
+        let lookup = self.index_set(&reference, manifest, None);
+        let mut lookup = std::pin::pin!(lookup);
+        let mut found = None;
+        let chunked = {
+            let annotations = self.chunked_layers(&repository, manifest);
+            let mut annotations = std::pin::pin!(annotations);
+            loop {
+                tokio::select! {
+                    chunked = &mut annotations => break chunked,
+                    index = &mut lookup, if found.is_none() => found = Some(index),
+                }
+            }
+        };
+        match &chunked {
             Ok(chunked) => match chunked.get(&remote.layer_digest) {
                 Some((Ok(toc), size)) => {
+                    self.fetch_ahead(&repository, Some(chunked), None, above);
                     return self.open_chunked(&repository, remote, toc, *size).await;
                 }
                 Some((Err(e), _)) => {
@@ -501,14 +539,15 @@ impl Remote {
                 None => {}
             },
             Err(e) => tracing::debug!(
-                manifest = remote.manifest_digest,
+                manifest,
                 "cannot read the manifest's layer annotations; looking for an index: {e}"
             ),
         }
-        let found = self
-            .index_set(&reference, &remote.manifest_digest)
-            .await
-            .map_err(|e| (Fallback::IndexUnavailable, e))?;
+        let found = match found {
+            Some(found) => found,
+            None => lookup.await,
+        }
+        .map_err(|e| (Fallback::IndexUnavailable, e))?;
         let set = match found.set {
             Some(set) => set,
             None if !found.refused.is_empty() => {
@@ -524,6 +563,7 @@ impl Remote {
                 ));
             }
         };
+        self.fetch_ahead(&repository, chunked.as_deref().ok(), Some(&set), above);
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let node = self.node_context(shutdown);
         let Some(layer_ref) = set.layer(&remote.layer_digest) else {
@@ -535,18 +575,21 @@ impl Remote {
                 ),
             ));
         };
-        let unavailable =
-            |e: pronto_catalog::CatalogError| (Fallback::IndexUnavailable, e.to_string());
-        let prefix = prefix_bytes(
-            &self.client,
-            Some(&self.store),
-            &repository,
-            &set,
-            layer_ref,
-        )
-        .await
-        .map_err(unavailable)?;
-        let index = verify_prefix(&set, layer_ref, &prefix).map_err(unavailable)?;
+        let prefix = self
+            .prefixes
+            .take(
+                &format!("{repository}@{}", layer_ref.blob),
+                fetch_prefix(
+                    self.client.clone(),
+                    self.store.clone(),
+                    repository.clone(),
+                    set.clone(),
+                    layer_ref.clone(),
+                ),
+            )
+            .await?;
+        let index = verify_prefix(&set, layer_ref, &prefix)
+            .map_err(|e| (Fallback::IndexUnavailable, e.to_string()))?;
         let layer = lazy_layer(&node, &repository, &set, layer_ref, index);
         Ok(OpenLayer {
             layer: layer.shared(),
@@ -557,6 +600,118 @@ impl Remote {
             },
             bytes: prefix,
         })
+    }
+
+    /// Starts fetching what `layers` of an image need to be opened: the
+    /// TOCs of chunked ones, the index prefixes of those `set` covers.
+    fn fetch_ahead<'a>(
+        &self,
+        repository: &Repository,
+        chunked: Option<&ChunkedLayers>,
+        set: Option<&IndexSet>,
+        layers: impl Iterator<Item = &'a str>,
+    ) {
+        for layer in layers {
+            if let Some((Ok(toc), size)) = chunked.and_then(|c| c.get(layer)) {
+                let (client, repository) = (self.client.clone(), repository.clone());
+                let (layer, toc, size) = (layer.to_owned(), toc.clone(), *size);
+                self.tocs.start(
+                    &self.runtime,
+                    &format!("{repository}@{layer}"),
+                    async move { fetch_chunked_toc(&client, &repository, &layer, size, &toc).await },
+                );
+            } else if let Some(set) = set
+                && let Some(layer_ref) = set.layer(layer)
+                && set.location != pronto_catalog::Location::Local
+            {
+                self.prefixes.start(
+                    &self.runtime,
+                    &format!("{repository}@{}", layer_ref.blob),
+                    fetch_prefix(
+                        self.client.clone(),
+                        self.store.clone(),
+                        repository.clone(),
+                        set.clone(),
+                        layer_ref.clone(),
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Starts looking for the startup profile of image `manifest` in the
+    /// registry, when this node fetches profiles and has none for it.
+    fn look_for_profile(&self, repository: &Repository, manifest: &str) {
+        if let Some(profiles) = &self.profiles {
+            profiles.look_ahead(repository, manifest);
+        }
+    }
+
+    /// An image is about to be pulled (`pronto pull`, or kubelet's pull
+    /// through the CRI proxy): looks up its manifest, config, index and
+    /// startup profile, and fetches its layers' index prefixes and TOCs,
+    /// while the puller resolves it too. The `Prepare` calls that follow
+    /// find them ready. Failures only mean the `Prepare` calls look again.
+    pub async fn expect(&self, reference: &str, platform: &Platform) {
+        if let Err(e) = self.look_ahead(reference, platform).await {
+            tracing::debug!(reference, "looking ahead of a pull failed: {e}");
+        }
+    }
+
+    async fn look_ahead(&self, reference: &str, platform: &Platform) -> Result<(), String> {
+        let reference = parse_reference(reference).map_err(|e| e.to_string())?;
+        let repository = Repository::of(&reference);
+        let name = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let top = self
+            .client
+            .manifest(&repository, name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let manifest = platform_manifest(&repository, &top, platform).map_err(|e| e.to_string())?;
+        self.look_for_profile(&repository, &manifest);
+        let image = async {
+            let chunked = self.chunked_layers(&repository, &manifest).await;
+            // Read once: the annotations' lookup fetched it.
+            let fetched = self
+                .client
+                .manifest(&repository, &manifest)
+                .await
+                .map_err(|e| e.to_string())?;
+            let ManifestKind::Image(image) = fetched.kind else {
+                return Err(format!("{manifest} is not an image manifest"));
+            };
+            // Layers fetched whole need the config's diff IDs.
+            self.client
+                .blob(
+                    &repository,
+                    image.config().digest().as_ref(),
+                    MAX_CONFIG_SIZE,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((image, chunked))
+        };
+        let (image, found) = tokio::join!(image, self.index_set(&reference, &manifest, Some(top)));
+        let (image, chunked) = image?;
+        let mounted: std::collections::HashSet<String> = self
+            .lock_mounted()
+            .values()
+            .map(|m| m.layer.digest().to_owned())
+            .collect();
+        let layers: Vec<String> = image
+            .layers()
+            .iter()
+            .map(|l| l.digest().to_string())
+            .filter(|l| !mounted.contains(l))
+            .collect();
+        let set = found.ok().and_then(|f| f.set);
+        self.fetch_ahead(
+            &repository,
+            chunked.as_deref().ok(),
+            set.as_ref(),
+            layers.iter().map(String::as_str),
+        );
+        Ok(())
     }
 
     /// The chunked (eStargz) layers of manifest `manifest`: layer digest →
@@ -620,13 +775,13 @@ impl Remote {
         toc: &pronto_toc::TocRef,
         size: u64,
     ) -> Result<OpenLayer, (Fallback, String)> {
-        let refused = |e: OpenError| match e {
-            OpenError::Layer { .. } => (Fallback::IndexRefused, e.to_string()),
-            other => (Fallback::IndexUnavailable, other.to_string()),
-        };
-        let fetched = fetch_toc(&self.client, repository, &remote.layer_digest, size, toc)
-            .await
-            .map_err(refused)?;
+        let fetched = self
+            .tocs
+            .take(
+                &format!("{repository}@{}", remote.layer_digest),
+                fetch_chunked_toc(&self.client, repository, &remote.layer_digest, size, toc),
+            )
+            .await?;
         let opened = Opened::Chunked {
             chunked: ChunkedRecord {
                 toc_digest: fetched.json_digest,
@@ -704,16 +859,18 @@ impl Remote {
     ) -> Option<IndexSet> {
         let reference = parse_reference(labels.get(LABEL_IMAGE_REF)?).ok()?;
         let manifest = labels.get(LABEL_MANIFEST)?;
-        self.index_set(&reference, manifest).await.ok()?.set
+        self.index_set(&reference, manifest, None).await.ok()?.set
     }
 
     /// The index set this node uses for image manifest `manifest` of
     /// `reference`: remembered for a while once found, its absence for a
-    /// short while, and never once it is poisoned.
+    /// short while, and never once it is poisoned. `top` is the document
+    /// the reference names, when just fetched.
     pub(crate) async fn index_set(
         &self,
         reference: &Reference,
         manifest: &str,
+        top: Option<Manifest>,
     ) -> Result<TrustedIndex, String> {
         // The lock is held only to find or start a lookup, never across
         // the network: Prepares of other images go on, and those of the
@@ -737,7 +894,7 @@ impl Remote {
         };
         lookup
             .found
-            .get_or_init(|| self.look_up_index_set(reference, manifest))
+            .get_or_init(|| self.look_up_index_set(reference, manifest, top))
             .await
             .clone()
     }
@@ -748,16 +905,22 @@ impl Remote {
         &self,
         reference: &Reference,
         manifest: &str,
+        top: Option<Manifest>,
     ) -> Result<TrustedIndex, String> {
         let repository = Repository::of(reference);
         // Bound indexes are listed in the image index the reference names.
         let image_index = match reference.digest().or(reference.tag()) {
-            Some(name) if self.options.trust.accepts(pronto_catalog::Location::Bound) => Some(
-                self.client
-                    .manifest(&repository, name)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            ),
+            Some(name) if self.options.trust.accepts(pronto_catalog::Location::Bound) => {
+                match top {
+                    Some(top) => Some(top),
+                    None => Some(
+                        self.client
+                            .manifest(&repository, name)
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    ),
+                }
+            }
             _ => None,
         };
         find_trusted(
@@ -1093,7 +1256,7 @@ impl Remote {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))
         })?;
-        let layer = self.open_layer(remote).await.map_err(|(_, e)| e)?;
+        let layer = self.open_layer(remote, &[]).await.map_err(|(_, e)| e)?;
         if self.lock_mounted().contains_key(&id) {
             return Ok(());
         }
@@ -1300,6 +1463,37 @@ impl Remote {
             })
             .collect()
     }
+}
+
+/// Fetches the index prefix of `layer` (from the registry, or the local
+/// store for a local set), not yet verified.
+async fn fetch_prefix(
+    client: RegistryClient,
+    store: LocalIndexStore,
+    repository: Repository,
+    set: IndexSet,
+    layer: LayerIndexRef,
+) -> Result<Vec<u8>, (Fallback, String)> {
+    prefix_bytes(&client, Some(&store), &repository, &set, &layer)
+        .await
+        .map_err(|e| (Fallback::IndexUnavailable, e.to_string()))
+}
+
+/// Fetches a chunked layer's TOC; a TOC that does not match what the
+/// manifest says refuses the layer.
+async fn fetch_chunked_toc(
+    client: &RegistryClient,
+    repository: &Repository,
+    layer: &str,
+    size: u64,
+    toc: &pronto_toc::TocRef,
+) -> Result<ChunkedToc, (Fallback, String)> {
+    fetch_toc(client, repository, layer, size, toc)
+        .await
+        .map_err(|e| match e {
+            OpenError::Layer { .. } => (Fallback::IndexRefused, e.to_string()),
+            other => (Fallback::IndexUnavailable, other.to_string()),
+        })
 }
 
 fn unix_now() -> u64 {

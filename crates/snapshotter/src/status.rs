@@ -87,6 +87,24 @@ pub struct WarmResponse {
     pub status: Option<WarmStatus>,
 }
 
+/// An image about to be pulled: the daemon looks up what it needs to
+/// serve the image's layers (manifest, config, index, the layers' index
+/// prefixes, startup profile) while the puller resolves the image, so the
+/// `Prepare` calls that follow find it ready.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExpectRequest {
+    /// The reference being pulled (a tag or a digest).
+    #[prost(string, tag = "1")]
+    pub reference: String,
+    /// `os/arch[/variant]`; `linux/amd64` when empty.
+    #[prost(string, tag = "2")]
+    pub platform: String,
+}
+
+/// Sent at once: the look-ups go on in the daemon.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExpectResponse {}
+
 /// The daemon's warming, as the status service reports and triggers it.
 #[tonic::async_trait]
 pub trait Warmer: Send + Sync + 'static {
@@ -205,6 +223,26 @@ impl crate::generated::status::status_server::Status for StatusService {
         Ok(Response::new(self.snapshot()))
     }
 
+    async fn expect(
+        &self,
+        request: Request<ExpectRequest>,
+    ) -> Result<Response<ExpectResponse>, Status> {
+        let ExpectRequest {
+            reference,
+            platform,
+        } = request.into_inner();
+        let platform = if platform.is_empty() {
+            pronto_registry::Platform::default()
+        } else {
+            platform.parse().map_err(Status::invalid_argument)?
+        };
+        pronto_registry::parse_reference(&reference)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let remote = self.remote.clone();
+        tokio::spawn(async move { remote.expect(&reference, &platform).await });
+        Ok(Response::new(ExpectResponse {}))
+    }
+
     async fn warm(&self, request: Request<WarmRequest>) -> Result<Response<WarmResponse>, Status> {
         let Some(warm) = &self.warm else {
             return Err(Status::unavailable("this daemon does not warm images"));
@@ -217,6 +255,27 @@ impl crate::generated::status::status_server::Status for StatusService {
             Err(problem) => Err(Status::invalid_argument(problem)),
         }
     }
+}
+
+/// Tells the daemon on unix socket `address` that `reference` is about to
+/// be pulled for `platform`. The answer comes at once.
+pub async fn expect(
+    address: &std::path::Path,
+    reference: &str,
+    platform: &str,
+) -> Result<(), String> {
+    let channel = containerd_client::connect(address)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", address.display()))?;
+    let mut client = crate::generated::status::status_client::StatusClient::new(channel);
+    client
+        .expect(ExpectRequest {
+            reference: reference.to_owned(),
+            platform: platform.to_owned(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.message().to_owned())
 }
 
 /// Asks the daemon on unix socket `address` to warm `reference` now.

@@ -123,3 +123,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Profile(cmd) => profile::run(cmd, &loaded.config),
     }
 }
+
+/// The platform of this machine.
+pub(crate) fn host_platform() -> pronto_registry::Platform {
+    let architecture = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    pronto_registry::Platform {
+        os: "linux".into(),
+        architecture: architecture.into(),
+        variant: None,
+    }
+}

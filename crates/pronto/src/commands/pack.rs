@@ -39,7 +39,7 @@ async fn pack(client: &RegistryClient, request: &PackRequest<'_>) -> Result<()> 
     }
     let platform: Platform = match request.platform {
         Some(text) => text.parse().map_err(|e: String| anyhow::anyhow!(e))?,
-        None => host_platform(),
+        None => super::host_platform(),
     };
     let (repository, tag) = target_tag(request.target)?;
     let work = tempfile::tempdir().context("create a working directory")?;
@@ -105,19 +105,4 @@ async fn pack(client: &RegistryClient, request: &PackRequest<'_>) -> Result<()> 
         human_size(converted.size),
     );
     Ok(())
-}
-
-/// The platform of this machine.
-fn host_platform() -> Platform {
-    let architecture = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "powerpc64" => "ppc64le",
-        other => other,
-    };
-    Platform {
-        os: "linux".into(),
-        architecture: architecture.into(),
-        variant: None,
-    }
 }

@@ -8,7 +8,10 @@ use anyhow::{Result, anyhow};
 use pronto_containerd::{LayerOutcome, PullOptions, pull};
 use pronto_metrics::metrics;
 use pronto_registry::Platform;
-use pronto_snapshotter::status::query;
+use pronto_snapshotter::status::{expect, query};
+
+/// How long the daemon is given to take the pull's announcement.
+const EXPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 use crate::commands::image::registry_client;
 use crate::config::Config;
@@ -43,6 +46,18 @@ pub fn run(
     };
     let daemon_before = daemon_requests();
     let started = Instant::now();
+    // The daemon looks up what the image's layers need while this pull
+    // resolves the image; an older daemon that cannot is no matter.
+    let expected = runtime.block_on(async {
+        tokio::time::timeout(
+            EXPECT_TIMEOUT,
+            expect(&config.address, reference, &options.platform.to_string()),
+        )
+        .await
+    });
+    if let Ok(Err(e)) = expected {
+        tracing::debug!("the daemon did not look ahead of the pull: {e}");
+    }
     let report = runtime.block_on(pull(&client, reference, &options, &|line| {
         eprintln!("{line}")
     }))?;

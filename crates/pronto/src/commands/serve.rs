@@ -195,10 +195,20 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
         let cri = match (cri_listener, kubelet_credentials) {
             (Some(listener), Some(credentials)) => {
                 let stopped = stop.subscribe();
+                // kubelet's pulls are looked ahead of, as `pronto pull`'s.
+                let (remote, platform) = (remote.clone(), super::host_platform());
+                let handle = tokio::runtime::Handle::current();
+                let announce: pronto_containerd::cri::PullAnnounce =
+                    Arc::new(move |image: &str| {
+                        let (remote, image, platform) =
+                            (remote.clone(), image.to_owned(), platform.clone());
+                        handle.spawn(async move { remote.expect(&image, &platform).await });
+                    });
                 Some(tokio::spawn(serve_cri(
                     config.clone(),
                     listener,
                     credentials,
+                    announce,
                     stopped,
                 )))
             }
@@ -248,6 +258,7 @@ async fn serve_cri(
     config: Config,
     listener: std::os::unix::net::UnixListener,
     credentials: KubeletCredentials,
+    announce: pronto_containerd::cri::PullAnnounce,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     tracing::info!(
@@ -262,6 +273,7 @@ async fn serve_cri(
         listener,
         &config.cri.containerd_address,
         credentials,
+        Some(announce),
         stopped,
     )
     .await
