@@ -135,6 +135,10 @@ pub struct Sample {
     /// those of `pronto serve` from the pull to `ready`): requests sent
     /// while no other of the same process waited for its answer.
     pub round_trips: Option<u64>,
+    /// The same container started again at once, nothing to pull and its
+    /// data in the page cache: what a start costs on this machine besides
+    /// the registry (containerd, runc, the workload).
+    pub again: Duration,
 }
 
 /// What warming an image cost before a start.
@@ -509,6 +513,9 @@ impl Stack {
             (Some(own), Some(before), Some(after)) => Some(own + after.saturating_sub(before)),
             _ => None,
         };
+        let again = Instant::now();
+        self.containerd.run(reference, snapshotter, &[])?;
+        let again = again.elapsed();
         Ok(Sample {
             ready,
             pulled,
@@ -516,6 +523,7 @@ impl Stack {
             phases,
             warm: None,
             round_trips,
+            again,
         })
     }
 }

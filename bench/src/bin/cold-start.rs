@@ -188,11 +188,12 @@ fn main() -> Result<()> {
                     .cold_start(system, reference)
                     .with_context(|| format!("{} with {}", workload.name, system.name()))?;
                 println!(
-                    "  {:<22} run {}: ready in {:.2} s (pull {:.2} s), {:.1} MiB fetched{}",
+                    "  {:<22} run {}: ready in {:.2} s (pull {:.2} s; started again with the image local: {:.2} s), {:.1} MiB fetched{}",
                     system.name(),
                     run + 1,
                     sample.ready.as_secs_f64(),
                     sample.pulled.as_secs_f64(),
+                    sample.again.as_secs_f64(),
                     sample.fetched as f64 / (1 << 20) as f64,
                     sample
                         .phases
@@ -376,9 +377,9 @@ fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) 
         machine()
     );
     out.push_str(
-        "| image | system | pull to ready | of which pull | fetched from registry | share of image |\n",
+        "| image | system | pull to ready | of which pull | fetched from registry | share of image | started again, image local |\n",
     );
-    out.push_str("|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|\n");
     for cell in cells {
         let workload = workloads
             .iter()
@@ -389,8 +390,9 @@ fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) 
         fetched.sort_unstable();
         let fetched = fetched[fetched.len() / 2];
         let (pulled, _, _) = summary(&cell.samples.iter().map(|s| s.pulled).collect::<Vec<_>>());
+        let (again, _, _) = summary(&cell.samples.iter().map(|s| s.again).collect::<Vec<_>>());
         out.push_str(&format!(
-            "| {} | {} | {:.2} s ({:.2}–{:.2}) | {:.2} s | {:.1} MiB | {:.1}% |\n",
+            "| {} | {} | {:.2} s ({:.2}–{:.2}) | {:.2} s | {:.1} MiB | {:.1}% | {:.2} s |\n",
             cell.image,
             cell.system.name(),
             median.as_secs_f64(),
@@ -399,6 +401,7 @@ fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) 
             pulled.as_secs_f64(),
             fetched as f64 / (1 << 20) as f64,
             100.0 * fetched as f64 / workload.image.layers_size().max(1) as f64,
+            again.as_secs_f64(),
         ));
     }
     let warmed: Vec<String> = cells
@@ -471,6 +474,7 @@ fn write_json(path: &std::path::Path, cells: &[Cell], link: &Link, repeat: usize
                 "fetched_bytes": cell.samples.iter().map(|s| s.fetched).collect::<Vec<_>>(),
                 "pull_phases": cell.samples.iter().map(|s| s.phases.clone()).collect::<Vec<_>>(),
                 "round_trips": cell.samples.iter().map(|s| s.round_trips).collect::<Vec<_>>(),
+                "again_seconds": cell.samples.iter().map(|s| s.again.as_secs_f64()).collect::<Vec<_>>(),
             })
         })
         .collect();

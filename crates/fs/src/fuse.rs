@@ -481,7 +481,7 @@ impl ProntoFs {
                 if node.kind != NodeKind::Symlink {
                     return Err(Errno::EINVAL);
                 }
-                reply(&[&node.link])
+                reply(&[node.link()])
             }
             opcode::OPEN => {
                 let open: OpenIn = arg(body)?;
@@ -527,7 +527,7 @@ impl ProntoFs {
                 let wanted = name(&body[size_of::<GetxattrIn>()..])?;
                 let node = self.node(ino)?;
                 let (_, value) = node
-                    .xattrs
+                    .xattrs()
                     .iter()
                     .find(|(k, _)| k.as_bytes() == wanted.as_bytes())
                     .ok_or(Errno::ENODATA)?;
@@ -537,7 +537,7 @@ impl ProntoFs {
                 let get: GetxattrIn = arg(body)?;
                 let node = self.node(ino)?;
                 let mut names = Vec::new();
-                for (name, _) in &node.xattrs {
+                for (name, _) in node.xattrs() {
                     names.extend_from_slice(name.as_bytes());
                     names.push(0);
                 }
@@ -677,7 +677,7 @@ impl ProntoFs {
             return Err(Errno::EROFS);
         }
         let node = self.node(ino)?;
-        let Some((layer, entry)) = node.data else {
+        let Some((layer, entry)) = node.data() else {
             return Err(Errno::EINVAL);
         };
         self.layers[layer].active();
@@ -769,7 +769,7 @@ impl ProntoFs {
             open.handles.get(&read.fh).map(|f| (f.layer, f.entry))
         };
         // A handle of an earlier daemon: the inode says which file.
-        let Some((layer, entry)) = target.or_else(|| self.node(ino).ok().and_then(|n| n.data))
+        let Some((layer, entry)) = target.or_else(|| self.node(ino).ok().and_then(|n| n.data()))
         else {
             let _ = channel.reply_error(unique, Errno::EBADF);
             return;

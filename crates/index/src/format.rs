@@ -179,8 +179,14 @@ pub fn decode_prefix(prefix: &[u8], limits: &Limits) -> Result<IndexMeta, IndexE
             limits.max_meta_uncompressed
         )));
     }
-    let meta: IndexMeta = postcard::from_bytes(&raw)
+    let mut meta: IndexMeta = postcard::from_bytes(&raw)
         .map_err(|e| IndexError::Malformed(format!("the index metadata is malformed: {e}")))?;
+    drop(raw);
+    // serde grows long sequences by doubling (it does not trust their
+    // announced length): a big layer's tables would keep up to half
+    // their size as spare capacity for as long as the layer is mounted.
+    meta.entries.shrink_to_fit();
+    meta.spans.shrink_to_fit();
     crate::validate::validate(&meta, limits)?;
     Ok(meta)
 }

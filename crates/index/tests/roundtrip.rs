@@ -119,11 +119,11 @@ fn metadata_matches_the_tar_headers() {
             .unwrap_or_else(|| panic!("{path}"))
     };
     assert_eq!(find("big").size, 3 << 20);
-    assert_eq!(find("big").xattrs, [("user.k".to_owned(), b"v".to_vec())]);
+    assert_eq!(*find("big").xattrs, [("user.k".to_owned(), b"v".to_vec())]);
     assert_eq!(find("link").kind, EntryKind::Symlink);
-    assert_eq!(find("link").link, "big");
+    assert_eq!(&*find("link").link, "big");
     assert_eq!(find("hard").kind, EntryKind::Hardlink);
-    assert_eq!(find("hard").link, "big");
+    assert_eq!(&*find("hard").link, "big");
     assert_eq!(find(".wh.gone").kind, EntryKind::File);
     assert_eq!(find("deep/.wh..wh..opq").size, 0);
     let dev = find("dev/null");

@@ -181,8 +181,10 @@ pub struct Entry {
     pub mode: u32,
     pub uid: u64,
     pub gid: u64,
-    pub uname: String,
-    pub gname: String,
+    // Boxed strings and slices (the same on the wire as `String` and
+    // `Vec`): a layer's table holds one entry per file, often 100,000.
+    pub uname: Box<str>,
+    pub gname: Box<str>,
     /// Seconds since the epoch, and nanoseconds (from PAX `mtime`).
     pub mtime: i64,
     pub mtime_nsec: u32,
@@ -191,13 +193,13 @@ pub struct Entry {
     /// Where the file's data starts in the uncompressed tar stream.
     pub offset: u64,
     /// Symlink target, or the path a hardlink points to.
-    pub link: String,
+    pub link: Box<str>,
     pub dev_major: u32,
     pub dev_minor: u32,
     /// Extended attributes (`SCHILY.xattr.*` PAX records).
-    pub xattrs: Vec<(String, Vec<u8>)>,
+    pub xattrs: Box<[(String, Vec<u8>)]>,
     /// Other PAX records that Pronto does not interpret, kept verbatim.
-    pub pax: Vec<(String, Vec<u8>)>,
+    pub pax: Box<[(String, Vec<u8>)]>,
 }
 
 /// Bounds on what one entry may hold, so that a hostile table of contents
@@ -292,8 +294,8 @@ pub fn tar_entry<R: std::io::Read>(item: &mut tar::Entry<'_, R>) -> Result<Optio
         mode: header.mode().unwrap_or(0o644) & 0o7777,
         uid: header.uid().unwrap_or(0),
         gid: header.gid().unwrap_or(0),
-        uname: header.username().ok().flatten().unwrap_or("").to_owned(),
-        gname: header.groupname().ok().flatten().unwrap_or("").to_owned(),
+        uname: header.username().ok().flatten().unwrap_or("").into(),
+        gname: header.groupname().ok().flatten().unwrap_or("").into(),
         mtime: header.mtime().unwrap_or(0) as i64,
         mtime_nsec: 0,
         size: if kind == EntryKind::File {
@@ -302,29 +304,31 @@ pub fn tar_entry<R: std::io::Read>(item: &mut tar::Entry<'_, R>) -> Result<Optio
             0
         },
         offset: item.raw_file_position(),
-        link,
+        link: link.into(),
         dev_major: header.device_major().ok().flatten().unwrap_or(0),
         dev_minor: header.device_minor().ok().flatten().unwrap_or(0),
-        xattrs: Vec::new(),
-        pax: Vec::new(),
+        xattrs: Box::default(),
+        pax: Box::default(),
     };
+    let (mut xattrs, mut pax) = (Vec::new(), Vec::new());
     if let Ok(Some(records)) = item.pax_extensions() {
         for record in records {
             let record = record.map_err(|e| format!("malformed PAX record: {e}"))?;
             let Ok(key) = record.key() else { continue };
             let value = record.value_bytes().to_vec();
             if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                entry.xattrs.push((name.to_owned(), value));
+                xattrs.push((name.to_owned(), value));
             } else if key == "mtime" {
                 apply_pax_mtime(&mut entry, &value);
             } else if !matches!(
                 key,
                 "path" | "linkpath" | "size" | "uid" | "gid" | "uname" | "gname"
             ) {
-                entry.pax.push((key.to_owned(), value));
+                pax.push((key.to_owned(), value));
             }
         }
     }
+    (entry.xattrs, entry.pax) = (xattrs.into(), pax.into());
     if let Some(sparse) = entry.pax.iter().find(|(k, _)| k.starts_with("GNU.sparse")) {
         return Err(format!("sparse file {} ({})", entry.path, sparse.0));
     }

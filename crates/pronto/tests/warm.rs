@@ -306,7 +306,7 @@ fn a_push_warms_every_node_and_a_node_that_joins_later() {
             .containerd
             .run(&node.reference("warm/app:latest"), "pronto", &[])
             .unwrap();
-        assert!(String::from_utf8_lossy(&out.stdout).contains("ready"));
+        assert_ready(&out);
         let fetched = node.relay.bytes_down();
         assert!(
             fetched < image_size / 20,
@@ -413,7 +413,7 @@ fn an_image_is_warmed_by_hand_in_full() {
     assert!(entry["bytes"].as_u64().unwrap() > 24 << 20, "{entry}");
     node.relay.reset();
     let out = node.containerd.run(&reference, "pronto", &[]).unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ready"));
+    assert_ready(&out);
     assert!(
         node.relay.bytes_down() < 64 << 10,
         "{}",
@@ -485,5 +485,18 @@ fn a_pull_during_a_warm_shares_its_snapshots_and_fetches() {
     );
     assert_eq!(snapshots(&racing), snapshots(&alone));
     let out = racing.containerd.run(&reference, "pronto", &[]).unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ready"));
+    assert_ready(&out);
+}
+
+/// The workload read its files and said `ready`. Its exit status, which
+/// `run` checks, says so too (`cat … && echo ready`): `ctr run` now and
+/// then loses the output of a task that exits right after printing
+/// (containerd#770), so empty output is not a failure.
+fn assert_ready(out: &std::process::Output) {
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.is_empty() || stdout.contains("ready"),
+        "the workload printed {stdout:?}"
+    );
 }

@@ -994,6 +994,10 @@ impl Remote {
             }
         }
         let serving = mount.spawn();
+        if layer.entries().len() >= TRIM_AFTER {
+            drop(bytes);
+            give_back_freed_memory();
+        }
         self.started(
             id,
             dir,
@@ -1167,6 +1171,10 @@ impl Remote {
             tracing::warn!(id, "cannot update the mount's record: {e}");
         }
         let serving = mount.spawn();
+        if layer.entries().len() >= TRIM_AFTER {
+            drop(bytes);
+            give_back_freed_memory();
+        }
         metrics().handover();
         tracing::info!(
             id,
@@ -1494,6 +1502,23 @@ async fn fetch_chunked_toc(
             OpenError::Layer { .. } => (Fallback::IndexRefused, e.to_string()),
             other => (Fallback::IndexUnavailable, other.to_string()),
         })
+}
+
+/// Layers of at least this many entries leave enough freed memory behind,
+/// once opened and mounted, to hand back to the system.
+const TRIM_AFTER: usize = 10_000;
+
+/// Hands the heap's free pages back to the system. Opening a big layer
+/// allocates a lot for a moment: its decompressed table, the table's
+/// vector as it grows, a map per directory while the tree is built.
+/// glibc keeps freed memory for later allocations, and on a node that is
+/// resident memory the daemon does not use: with 100,000 files, 15 MiB.
+fn give_back_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn unix_now() -> u64 {

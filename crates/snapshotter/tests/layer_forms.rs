@@ -89,7 +89,7 @@ fn lazy_tree(tree: &Tree) -> BTreeMap<String, Attrs> {
     while let Some((path, ino)) = stack.pop() {
         let node = tree.get(ino).unwrap();
         let kind = kind_name(node.kind);
-        let mut xattrs = node.xattrs.clone();
+        let mut xattrs = node.xattrs().to_vec();
         xattrs.sort();
         for (name, child) in tree.children(ino) {
             stack.push((child_path(&path, &name.to_string_lossy()), child));
@@ -105,7 +105,7 @@ fn lazy_tree(tree: &Tree) -> BTreeMap<String, Attrs> {
                 mode: node.mode & 0o7777,
                 owner: (node.uid, node.gid),
                 size: if kind == "file" { node.size } else { 0 },
-                link: node.link.clone(),
+                link: node.link().to_vec(),
                 rdev: u64::from(node.rdev),
                 nlink: if kind == "dir" {
                     0

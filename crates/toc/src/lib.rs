@@ -598,8 +598,8 @@ pub fn parse_toc(json: &[u8], toc_offset: u64, limits: &Limits) -> Result<Toc, T
             mode: (json.mode & 0o7777) as u32,
             uid: json.uid,
             gid: json.gid,
-            uname: users.get(&json.uid).cloned().unwrap_or_default(),
-            gname: groups.get(&json.gid).cloned().unwrap_or_default(),
+            uname: users.get(&json.uid).cloned().unwrap_or_default().into(),
+            gname: groups.get(&json.gid).cloned().unwrap_or_default().into(),
             mtime,
             mtime_nsec,
             size: if kind == EntryKind::File {
@@ -608,11 +608,11 @@ pub fn parse_toc(json: &[u8], toc_offset: u64, limits: &Limits) -> Result<Toc, T
                 0
             },
             offset: 0,
-            link,
+            link: link.into(),
             dev_major: json.dev_major,
             dev_minor: json.dev_minor,
-            xattrs,
-            pax: Vec::new(),
+            xattrs: xattrs.into(),
+            pax: Box::default(),
         };
         if entry.path.is_empty() && kind == EntryKind::Dir {
             // The layer's root ("./"): the tree has its own.

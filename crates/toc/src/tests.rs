@@ -210,16 +210,16 @@ fn chunks_match(options: &WriteOptions) {
         assert!((16 << 10..=256 << 10).contains(&chunk.len), "{chunk:?}");
     }
     let by_path = |p: &str| toc.entries.iter().find(|e| e.path == p).unwrap();
-    assert_eq!(by_path("app/small.txt").uname, "app");
+    assert_eq!(&*by_path("app/small.txt").uname, "app");
     assert_eq!(by_path("app/small.txt").uid, 1000);
     assert_eq!(by_path("app/small.txt").mtime, 1_700_000_001);
     assert_eq!(by_path("app/lib").kind, EntryKind::Dir);
-    assert_eq!(by_path("app/current").link, "lib/big.bin");
+    assert_eq!(&*by_path("app/current").link, "lib/big.bin");
     assert_eq!(by_path("app/again.txt").kind, EntryKind::Hardlink);
-    assert_eq!(by_path("app/again.txt").link, "app/small.txt");
+    assert_eq!(&*by_path("app/again.txt").link, "app/small.txt");
     assert_eq!(
-        by_path("app/tagged").xattrs,
-        vec![("user.kind".to_owned(), b"model".to_vec())]
+        *by_path("app/tagged").xattrs,
+        [("user.kind".to_owned(), b"model".to_vec())]
     );
 }
 
