@@ -508,4 +508,34 @@ mod tests {
             .unwrap();
         assert_eq!(found.password, "good");
     }
+
+    #[tokio::test]
+    async fn a_pull_is_announced_after_its_credentials_are_kept_and_other_calls_are_not() {
+        let announced = Arc::new(Mutex::new(Vec::<(String, bool)>::new()));
+        let credentials = KubeletCredentials::new(Duration::from_secs(60));
+        let (seen, kept) = (announced.clone(), credentials.clone());
+        let announce: PullAnnounce = Arc::new(move |image: &str| {
+            // The look-ahead reads with the pull's credentials.
+            let has = kept.credentials_for("r.example", "a/b").is_some();
+            seen.lock().unwrap().push((image.to_owned(), has));
+        });
+        let channel = tonic::transport::Endpoint::from_static("http://[::1]:1").connect_lazy();
+        let proxy = ImageServiceProxy::new(channel, credentials, Some(announce));
+        let auth = messages::AuthConfig {
+            username: "u".into(),
+            password: "p".into(),
+            ..Default::default()
+        };
+        for path in [
+            "/runtime.v1.ImageService/ImageStatus",
+            "/runtime.v1.ImageService/PullImage",
+        ] {
+            let request = tonic::Request::new(pull("r.example/a/b:1", Some(auth.clone())));
+            let _ = proxy.clone().forward(path.into(), request).await;
+        }
+        assert_eq!(
+            *announced.lock().unwrap(),
+            [("r.example/a/b:1".to_owned(), true)]
+        );
+    }
 }

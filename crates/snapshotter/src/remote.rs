@@ -1517,7 +1517,7 @@ fn give_back_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free memory of the allocator.
     unsafe {
-        libc::malloc_trim(0);
+        nix::libc::malloc_trim(0);
     }
 }
 
