@@ -72,22 +72,37 @@ impl<T: Clone + Send + Sync + 'static> Ahead<T> {
     }
 
     /// What the fetch of `key` gives: the one started ahead (waited for if
-    /// still in flight), else `fetch` run now. Taken: the next caller
-    /// fetches again.
-    pub async fn take<F>(&self, key: &str, fetch: F) -> T
+    /// still in flight), else `fetch` run now. A fetch ahead that failed
+    /// is tried again now (it may have failed long before this call).
+    /// Taken: the next caller fetches again.
+    pub async fn take<V, E, F, Fut>(&self, key: &str, fetch: F) -> Result<V, E>
     where
-        F: Future<Output = T>,
+        T: Into<Result<V, E>>,
+        F: Fn() -> Fut,
+        Fut: Future<Output = T>,
     {
         let (cell, _) = self.cell(key);
-        let value = cell.get_or_init(|| fetch).await.clone();
-        let mut fetches = self.lock();
-        if fetches
-            .get(key)
-            .is_some_and(|f| Arc::ptr_eq(&f.cell, &cell))
+        let mut ran = false;
+        let value = cell
+            .get_or_init(|| {
+                ran = true;
+                fetch()
+            })
+            .await
+            .clone();
         {
-            fetches.remove(key);
+            let mut fetches = self.lock();
+            if fetches
+                .get(key)
+                .is_some_and(|f| Arc::ptr_eq(&f.cell, &cell))
+            {
+                fetches.remove(key);
+            }
         }
-        value
+        match value.into() {
+            Err(_) if !ran => fetch().await.into(),
+            other => other,
+        }
     }
 
     #[cfg(test)]
@@ -103,14 +118,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_fetch_started_ahead_is_taken_once_and_never_run_twice() {
-        let ahead: Ahead<u32> = Ahead::default();
+        let ahead: Ahead<Result<u32, String>> = Ahead::default();
         let runs = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let counted = runs.clone();
         ahead.start(&tokio::runtime::Handle::current(), "a", async move {
             counted.fetch_add(1, Ordering::SeqCst);
             rx.await.ok();
-            7
+            Ok(7)
         });
         // The fetch gets going (and waits on `rx`).
         while runs.load(Ordering::SeqCst) == 0 {
@@ -120,22 +135,36 @@ mod tests {
         let counted = runs.clone();
         ahead.start(&tokio::runtime::Handle::current(), "a", async move {
             counted.fetch_add(1, Ordering::SeqCst);
-            8
+            Ok(8)
         });
         tx.send(()).unwrap();
         // The taker waits for the fetch in flight instead of running its own.
-        let counted = runs.clone();
         let taken = ahead
-            .take("a", async move {
-                counted.fetch_add(1, Ordering::SeqCst);
-                9
+            .take("a", || async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(9)
             })
             .await;
-        assert_eq!(taken, 7);
+        assert_eq!(taken, Ok(7));
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert_eq!(ahead.len(), 0, "taken fetches are let go");
         // Nothing ahead: the taker's own fetch runs.
-        assert_eq!(ahead.take("a", async { 10 }).await, 10);
+        assert_eq!(ahead.take("a", || async { Ok(10) }).await, Ok(10));
         assert_eq!(ahead.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_fetch_ahead_that_failed_is_tried_again_by_its_taker() {
+        let ahead: Ahead<Result<u32, String>> = Ahead::default();
+        ahead.start(&tokio::runtime::Handle::current(), "b", async {
+            Err("the registry hiccuped".to_owned())
+        });
+        while ahead.lock().get("b").is_some_and(|f| !f.cell.initialized()) {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(ahead.take("b", || async { Ok(3) }).await, Ok(3));
+        // The taker's own failure is its answer.
+        let failed = ahead.take("c", || async { Err("down".to_owned()) }).await;
+        assert_eq!(failed, Err("down".to_owned()));
     }
 }

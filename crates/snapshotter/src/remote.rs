@@ -577,16 +577,15 @@ impl Remote {
         };
         let prefix = self
             .prefixes
-            .take(
-                &format!("{repository}@{}", layer_ref.blob),
+            .take(&format!("{repository}@{}", layer_ref.blob), || {
                 fetch_prefix(
                     self.client.clone(),
                     self.store.clone(),
                     repository.clone(),
                     set.clone(),
                     layer_ref.clone(),
-                ),
-            )
+                )
+            })
             .await?;
         let index = verify_prefix(&set, layer_ref, &prefix)
             .map_err(|e| (Fallback::IndexUnavailable, e.to_string()))?;
@@ -777,10 +776,9 @@ impl Remote {
     ) -> Result<OpenLayer, (Fallback, String)> {
         let fetched = self
             .tocs
-            .take(
-                &format!("{repository}@{}", remote.layer_digest),
-                fetch_chunked_toc(&self.client, repository, &remote.layer_digest, size, toc),
-            )
+            .take(&format!("{repository}@{}", remote.layer_digest), || {
+                fetch_chunked_toc(&self.client, repository, &remote.layer_digest, size, toc)
+            })
             .await?;
         let opened = Opened::Chunked {
             chunked: ChunkedRecord {
