@@ -151,6 +151,36 @@ const WINDOW: usize = 32 * 1024;
 /// go together).
 const READ_AHEAD_REQUEST: u64 = 2 << 20;
 
+/// A reader's request for at least this much is split into parts of at
+/// least [`SPLIT_PART`] sent at once: registries behind object stores and
+/// CDNs cap each connection (32 MiB/s is common), and one 4 MiB span over
+/// one connection would keep the reader waiting 125 ms.
+const SPLIT_FROM: u64 = 2 << 20;
+const SPLIT_PART: u64 = 1 << 20;
+/// At most this many parts.
+const SPLIT_PARTS: u64 = 4;
+
+/// Reads `range` of `blob` as parallel parts when it is long enough (see
+/// [`SPLIT_FROM`]), joined in order.
+async fn read_split(blob: &dyn BlobReader, range: Range<u64>) -> Result<Bytes, String> {
+    let len = range.end - range.start;
+    if len < SPLIT_FROM {
+        return blob.read(range).await;
+    }
+    let parts = (len / SPLIT_PART).clamp(1, SPLIT_PARTS);
+    let part = len.div_ceil(parts);
+    let reads = (0..parts).map(|i| {
+        let start = range.start + i * part;
+        blob.read(start..(start + part).min(range.end))
+    });
+    let parts = futures_util::future::try_join_all(reads).await?;
+    let mut joined = Vec::with_capacity(len as usize);
+    for part in parts {
+        joined.extend_from_slice(&part);
+    }
+    Ok(Bytes::from(joined))
+}
+
 fn seconds(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
@@ -492,8 +522,10 @@ impl IndexedLayer {
             // its bytes, not after them. Later spans take theirs from the
             // span before.
             let (bytes, window) = if matches!(purpose, Purpose::OnDemand | Purpose::Profile) {
-                let (bytes, window) =
-                    tokio::join!(self.layer.read(first..last), self.window(run.start));
+                let (bytes, window) = tokio::join!(
+                    read_split(self.layer.as_ref(), first..last),
+                    self.window(run.start)
+                );
                 (bytes, Some(window?))
             } else {
                 (self.layer.read(first..last).await, None)
@@ -1260,6 +1292,25 @@ mod tests {
                 Ok(bytes)
             })
         }
+    }
+
+    #[tokio::test]
+    async fn a_long_read_goes_as_parallel_parts_joined_in_order() {
+        let data: Vec<u8> = (0..(9u32 << 20) / 4).flat_map(u32::to_le_bytes).collect();
+        let blob = Counted::new(data.clone());
+        // Short: one request.
+        let short = read_split(&blob, 100..(1 << 20)).await.unwrap();
+        assert_eq!(&short[..], &data[100..1 << 20]);
+        assert_eq!(blob.requests(), 1);
+        // 4 MiB and a bit, from an odd offset: four parts, every byte once.
+        let range = 7..(4 << 20) + 12_345;
+        let long = read_split(&blob, range.clone()).await.unwrap();
+        assert_eq!(&long[..], &data[range.start as usize..range.end as usize]);
+        assert_eq!(blob.requests(), 5);
+        assert_eq!(
+            blob.served.load(Ordering::SeqCst),
+            (1 << 20) - 100 + range.end - range.start
+        );
     }
 
     struct Fixture {
