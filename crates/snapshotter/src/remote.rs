@@ -519,6 +519,9 @@ impl Remote {
             let mut annotations = std::pin::pin!(annotations);
             loop {
                 tokio::select! {
+                    // Known already for the layers after the first: the
+                    // index lookup is then not even started.
+                    biased;
                     chunked = &mut annotations => break chunked,
                     index = &mut lookup, if found.is_none() => found = Some(index),
                 }
