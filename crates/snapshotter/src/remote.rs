@@ -580,14 +580,8 @@ impl Remote {
         };
         let prefix = self
             .prefixes
-            .take(&format!("{repository}@{}", layer_ref.blob), || {
-                fetch_prefix(
-                    self.client.clone(),
-                    self.store.clone(),
-                    repository.clone(),
-                    set.clone(),
-                    layer_ref.clone(),
-                )
+            .take(&prefix_key(&repository, layer_ref), || {
+                self.fetch_prefix(&repository, &set, layer_ref)
             })
             .await?;
         let index = verify_prefix(&set, layer_ref, &prefix)
@@ -602,6 +596,25 @@ impl Remote {
             },
             bytes: prefix,
         })
+    }
+
+    /// Fetches the index prefix of `layer` (from the registry, or the
+    /// local store for a local set), not yet verified; owns what it needs,
+    /// so it can run ahead on its own.
+    fn fetch_prefix(
+        &self,
+        repository: &Repository,
+        set: &IndexSet,
+        layer: &LayerIndexRef,
+    ) -> impl std::future::Future<Output = Result<Vec<u8>, (Fallback, String)>> + Send + 'static
+    {
+        let (client, store) = (self.client.clone(), self.store.clone());
+        let (repository, set, layer) = (repository.clone(), set.clone(), layer.clone());
+        async move {
+            prefix_bytes(&client, Some(&store), &repository, &set, &layer)
+                .await
+                .map_err(|e| (Fallback::IndexUnavailable, e.to_string()))
+        }
     }
 
     /// Starts fetching what `layers` of an image need to be opened: the
@@ -628,14 +641,8 @@ impl Remote {
             {
                 self.prefixes.start(
                     &self.runtime,
-                    &format!("{repository}@{}", layer_ref.blob),
-                    fetch_prefix(
-                        self.client.clone(),
-                        self.store.clone(),
-                        repository.clone(),
-                        set.clone(),
-                        layer_ref.clone(),
-                    ),
+                    &prefix_key(repository, layer_ref),
+                    self.fetch_prefix(repository, set, layer_ref),
                 );
             }
         }
@@ -1474,18 +1481,9 @@ impl Remote {
     }
 }
 
-/// Fetches the index prefix of `layer` (from the registry, or the local
-/// store for a local set), not yet verified.
-async fn fetch_prefix(
-    client: RegistryClient,
-    store: LocalIndexStore,
-    repository: Repository,
-    set: IndexSet,
-    layer: LayerIndexRef,
-) -> Result<Vec<u8>, (Fallback, String)> {
-    prefix_bytes(&client, Some(&store), &repository, &set, &layer)
-        .await
-        .map_err(|e| (Fallback::IndexUnavailable, e.to_string()))
+/// Where the index prefix of `layer` is kept while fetched ahead.
+fn prefix_key(repository: &Repository, layer: &LayerIndexRef) -> String {
+    format!("{repository}@{}", layer.blob)
 }
 
 /// Fetches a chunked layer's TOC; a TOC that does not match what the
