@@ -22,7 +22,7 @@ use pronto_registry::{ChunkSink, RegistryClient, Repository};
 use pronto_store::{CacheKey, ContentCache};
 use sha2::{Digest, Sha256};
 
-use crate::readahead::SequentialReads;
+use crate::readahead::{Ahead, SequentialReads};
 use crate::schedule::Scheduler;
 use crate::source::{LayerSource, LazyLayer, PrefetchResult, ReadError, ReadResult};
 
@@ -518,6 +518,7 @@ impl IndexedLayer {
         );
         let mut last_error = None;
         for attempt in 1..=2 {
+            let asked = Instant::now();
             // A reader waits: the first span's window is fetched alongside
             // its bytes, not after them. Later spans take theirs from the
             // span before.
@@ -546,8 +547,18 @@ impl IndexedLayer {
             }
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             metrics().fetched(purpose, bytes.len() as u64);
+            let arrived = asked.elapsed();
             match self.decode_and_store(&run, first, &bytes, window).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    tracing::debug!(
+                        layer = %self.layout.layer_digest(),
+                        spans = ?run,
+                        fetch_ms = arrived.as_millis() as u64,
+                        total_ms = asked.elapsed().as_millis() as u64,
+                        "spans fetched and cached"
+                    );
+                    return Ok(());
+                }
                 Err(err) => {
                     tracing::warn!(layer = %self.layout.layer_digest(), attempt, "{err}");
                     last_error = Some(err);
@@ -684,9 +695,9 @@ impl IndexedLayer {
     }
 
     /// The tar-stream range a read of `len` bytes at `offset` of file
-    /// `index` covers (`None` past the end of the file); starts fetching
-    /// ahead when the file is being read in order.
-    fn begin_read(&self, index: usize, offset: u64, len: usize) -> Option<Range<u64>> {
+    /// `index` covers (`None` past the end of the file), and what to fetch
+    /// ahead of it when the file is being read in order.
+    fn begin_read(&self, index: usize, offset: u64, len: usize) -> Option<(Range<u64>, Ahead)> {
         let entry = &self.layout.entries()[index];
         if offset >= entry.size {
             return None;
@@ -702,10 +713,25 @@ impl IndexedLayer {
             self.layout.spans_for(range.clone()),
             file,
         );
-        if !ahead.is_empty() {
-            self.read_ahead(ahead);
+        Some((range, ahead))
+    }
+
+    /// A read of file `index`, with the read-ahead it calls for (see
+    /// [`Ahead`]: a young reader's starts once the read has its bytes).
+    async fn read_file(&self, index: usize, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
+        let Some((range, ahead)) = self.begin_read(index, offset, len) else {
+            return Ok(Vec::new());
+        };
+        if ahead.spans.is_empty() {
+            return self.read_stream(range).await;
         }
-        Some(range)
+        if !ahead.after_read {
+            self.read_ahead(ahead.spans);
+            return self.read_stream(range).await;
+        }
+        let bytes = self.read_stream(range).await?;
+        self.read_ahead(ahead.spans);
+        Ok(bytes)
     }
 
     /// Fetches the spans holding `ranges` (entry, offset in the file,
@@ -1126,19 +1152,11 @@ impl LayerSource for IndexedLayer {
     }
 
     fn read(&self, index: usize, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
-        match self.begin_read(index, offset, len) {
-            Some(range) => self.runtime.block_on(self.read_stream(range)),
-            None => Ok(Vec::new()),
-        }
+        self.runtime.block_on(self.read_file(index, offset, len))
     }
 
     fn read_async(self: Arc<Self>, index: usize, offset: u64, len: usize) -> ReadResult {
-        Box::pin(async move {
-            match self.begin_read(index, offset, len) {
-                Some(range) => self.read_stream(range).await,
-                None => Ok(Vec::new()),
-            }
-        })
+        Box::pin(async move { self.read_file(index, offset, len).await })
     }
 
     fn ready(&self, index: usize, offset: u64, len: usize) -> bool {

@@ -3,10 +3,12 @@
 //! says which spans to fetch ahead of the reader. The window is as long as
 //! what the reader has read in order so far (so it doubles while the
 //! reader keeps going, up to a maximum) and never reaches past the file's
-//! end; a read elsewhere in the file starts counting again. Random
-//! readers, small files and short reads (a header, `head -c 1M`) get no
-//! read-ahead, so they fetch nothing they do not read; a reader that stops
-//! after reading N bytes in order leaves at most about N unread.
+//! end; a read elsewhere in the file starts counting again. A reader half
+//! way through the span it started in gets the next span asked for, so
+//! that it does not wait for it at the span's end. Random readers, small
+//! files and short reads (a header, `head -c 1M`) get no read-ahead, so
+//! they fetch nothing they do not read; a reader that stops after reading
+//! N bytes in order leaves at most about N unread (one span at least).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -53,6 +55,23 @@ impl Stream {
     }
 }
 
+/// A run of reads in order shorter than this many spans is young: its
+/// read-ahead waits until the read that asked for it has its bytes.
+const YOUNG_SPANS: u64 = 4;
+
+/// What a read calls for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ahead {
+    /// Spans to fetch ahead of the reader (empty when none).
+    pub spans: Range<usize>,
+    /// The reader has read only a little in order: fetch `spans` once the
+    /// read has its own bytes, so that a reader waiting for a span does
+    /// not share the link with spans it may never read (it may stop, as
+    /// `head -c 4M` does). A reader that has read far gets its spans
+    /// asked for at once, to keep the link busy.
+    pub after_read: bool,
+}
+
 /// Per-file read positions of one layer.
 #[derive(Debug)]
 pub struct SequentialReads {
@@ -76,14 +95,26 @@ impl SequentialReads {
 
     /// Records a read of file `entry` covering tar-stream bytes `read`,
     /// which lies in spans `spans`; the file's data lies in spans `file`.
-    /// Returns the spans to fetch ahead of the reader now (empty when
-    /// none).
+    /// Returns the spans to fetch ahead of the reader, and when.
     pub fn on_read(
         &self,
         entry: usize,
         read: Range<u64>,
         spans: Range<usize>,
         file: Range<usize>,
+    ) -> Ahead {
+        let mut after_read = true;
+        let spans = self.spans_ahead(entry, read, spans, file, &mut after_read);
+        Ahead { spans, after_read }
+    }
+
+    fn spans_ahead(
+        &self,
+        entry: usize,
+        read: Range<u64>,
+        spans: Range<usize>,
+        file: Range<usize>,
+        after_read: &mut bool,
     ) -> Range<usize> {
         if self.max == 0 || spans.is_empty() {
             return 0..0;
@@ -115,8 +146,21 @@ impl SequentialReads {
         stream.end = stream.end.max(read.end);
         let current = spans.end - 1;
         let in_order_bytes = stream.end - stream.start;
-        if in_order_bytes < MIN_IN_ORDER || current == stream.first_span {
+        *after_read = in_order_bytes < YOUNG_SPANS * self.span_size;
+        if in_order_bytes < MIN_IN_ORDER {
             return 0..0;
+        }
+        if current == stream.first_span {
+            // Half way through the span the reader started in, the next
+            // one: a reader that goes on finds it local or on its way
+            // instead of asking for it when it gets there.
+            let next = current + 1;
+            if in_order_bytes < self.span_size / 2 || stream.ahead > next || next >= file.end {
+                return 0..0;
+            }
+            stream.marker = next;
+            stream.ahead = next + 1;
+            return next..next + 1;
         }
         // Like the kernel's own readahead: a batch is asked for when the
         // reader reaches the first span of the previous one.
@@ -158,7 +202,7 @@ mod tests {
             let read = offset..offset + chunk;
             let first = (read.start / SPAN) as usize;
             let last = ((read.end - 1) / SPAN) as usize;
-            asked.extend(reads.on_read(7, read, first..last + 1, 0..spans));
+            asked.extend(reads.on_read(7, read, first..last + 1, 0..spans).spans);
             if let Some(furthest) = asked.last() {
                 lead.push(furthest.saturating_sub(last));
             }
@@ -171,7 +215,7 @@ mod tests {
     fn a_file_read_in_order_is_fetched_ahead_once_to_its_end() {
         let reads = SequentialReads::new(SPAN, 16);
         let (asked, _) = read_in_order(&reads, 100, 128 << 10, 100 * SPAN);
-        let expected: Vec<usize> = (2..100).collect();
+        let expected: Vec<usize> = (1..100).collect();
         assert_eq!(asked, expected, "every later span once, in order");
     }
 
@@ -192,6 +236,10 @@ mod tests {
         let reads = SequentialReads::new(SPAN, 16);
         let (asked, _) = read_in_order(&reads, 100, 128 << 10, 2 * SPAN);
         assert!(asked.len() <= 3, "fetched ahead: {asked:?}");
+        // Half of the first span: the next one, asked for once.
+        let reads = SequentialReads::new(SPAN, 16);
+        let (asked, _) = read_in_order(&reads, 100, 128 << 10, SPAN / 2 + (128 << 10));
+        assert_eq!(asked, [1]);
         // `head -c 1000000`: nothing.
         let reads = SequentialReads::new(SPAN, 16);
         let (asked, _) = read_in_order(&reads, 100, 128 << 10, 1_000_000);
@@ -202,11 +250,13 @@ mod tests {
     fn random_and_single_reads_fetch_nothing_ahead() {
         let reads = SequentialReads::new(SPAN, 16);
         // One read of a small file.
-        assert!(reads.on_read(3, 0..4096, 0..1, 0..1).is_empty());
+        assert!(reads.on_read(3, 0..4096, 0..1, 0..1).spans.is_empty());
         // Reads jumping around a big file.
         for (i, span) in [50usize, 3, 77, 20, 90, 8].into_iter().enumerate() {
             let start = span as u64 * SPAN + (i as u64 * 4096);
-            let got = reads.on_read(4, start..start + (1 << 20), span..span + 1, 0..100);
+            let got = reads
+                .on_read(4, start..start + (1 << 20), span..span + 1, 0..100)
+                .spans;
             assert!(got.is_empty(), "read {i} at span {span} got {got:?}");
         }
     }
@@ -219,13 +269,39 @@ mod tests {
         for i in 0..16u64 {
             let read = i * (1 << 20)..(i + 1) * (1 << 20);
             let span = (read.start / SPAN) as usize;
-            a.extend(reads.on_read(1, read.clone(), span..span + 1, 0..10));
+            a.extend(reads.on_read(1, read.clone(), span..span + 1, 0..10).spans);
             let shifted = 100 * SPAN + read.start..100 * SPAN + read.end;
-            b.extend(reads.on_read(2, shifted, 100 + span..101 + span, 100..110));
+            b.extend(
+                reads
+                    .on_read(2, shifted, 100 + span..101 + span, 100..110)
+                    .spans,
+            );
         }
-        assert_eq!(a.first(), Some(&2));
-        assert_eq!(b.first(), Some(&102));
+        assert_eq!(a.first(), Some(&1));
+        assert_eq!(b.first(), Some(&101));
         assert!(b.iter().all(|s| (100..110).contains(s)));
+    }
+
+    #[test]
+    fn a_young_reader_gets_its_own_bytes_first_and_a_long_one_a_full_link() {
+        let reads = SequentialReads::new(SPAN, 16);
+        let mut when = Vec::new();
+        let mut offset = 0;
+        while offset < 40 * SPAN {
+            let span = (offset / SPAN) as usize;
+            let ahead = reads.on_read(7, offset..offset + (1 << 20), span..span + 1, 0..100);
+            if !ahead.spans.is_empty() {
+                when.push((offset / SPAN, ahead.after_read));
+            }
+            offset += 1 << 20;
+        }
+        let young: Vec<_> = when.iter().filter(|(_, after)| *after).collect();
+        assert!(!young.is_empty(), "{when:?}");
+        assert!(
+            young.iter().all(|(span, _)| *span < YOUNG_SPANS),
+            "only the first spans wait for their read: {when:?}"
+        );
+        assert!(when.iter().any(|(_, after)| !after), "{when:?}");
     }
 
     #[test]

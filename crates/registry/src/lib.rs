@@ -16,10 +16,12 @@ mod hosts;
 mod manifest;
 mod parallel;
 mod push;
+mod reference;
 mod referrers;
 
 pub use parallel::{ChunkSink, ParallelFetch, Resume};
 pub use push::{PushedManifest, UPLOAD_PART};
+pub use reference::parse_reference;
 pub use referrers::fallback_tag;
 
 pub use auth::{
@@ -65,32 +67,5 @@ impl Repository {
 impl std::fmt::Display for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.registry, self.name)
-    }
-}
-
-/// Parses an image reference the way containerd normalises it:
-/// `busybox` → `docker.io/library/busybox:latest`.
-pub fn parse_reference(text: &str) -> Result<Reference> {
-    text.parse::<Reference>()
-        .map_err(|err| RegistryError::Reference {
-            reference: text.to_owned(),
-            problem: err.to_string(),
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn short_names_are_normalised_like_containerd() {
-        let r = parse_reference("busybox").unwrap();
-        assert_eq!(r.to_string(), "docker.io/library/busybox:latest");
-        let r = parse_reference("127.0.0.1:5000/team/app@sha256:0123456789012345678901234567890123456789012345678901234567890123").unwrap();
-        assert_eq!(r.registry(), "127.0.0.1:5000");
-        assert_eq!(r.repository(), "team/app");
-        assert!(r.digest().is_some());
-        assert!(parse_reference("app:bad tag").is_err());
-        assert!(parse_reference("a//b").is_err());
     }
 }
