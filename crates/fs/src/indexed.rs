@@ -1348,6 +1348,21 @@ mod tests {
 
     /// [`fixture`] under the node scheduler `scheduler`.
     fn fixture_under(weights: u64, read_ahead: u64, scheduler: Arc<Scheduler>) -> Fixture {
+        fixture_spans(weights, 64 << 10, read_ahead, scheduler, |blob| {
+            Box::new(blob)
+        })
+    }
+
+    /// One gzip layer holding `weights` (random bytes), indexed with
+    /// spans of `span` bytes, under the node scheduler `scheduler`, its
+    /// blob read through what `wrap` makes of it.
+    fn fixture_spans(
+        weights: u64,
+        span: u64,
+        read_ahead: u64,
+        scheduler: Arc<Scheduler>,
+        wrap: impl FnOnce(Counted) -> Box<dyn BlobReader>,
+    ) -> Fixture {
         let layer = Layer::new()
             .compression(Compression::FAST)
             .file("weights", Content::random(5, weights));
@@ -1359,7 +1374,7 @@ mod tests {
             compression: LayerCompression::Gzip,
         };
         let mut index_bytes = Vec::new();
-        build_index(blob.as_slice(), &target, 64 << 10, &mut index_bytes).unwrap();
+        build_index(blob.as_slice(), &target, span, &mut index_bytes).unwrap();
         let index = LayerIndex::parse(&index_bytes).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(ContentCache::open(dir.path(), 1 << 30).unwrap());
@@ -1369,7 +1384,7 @@ mod tests {
         let index_blob = Counted::new(index_bytes);
         let layer = IndexedLayer::new(
             index,
-            Box::new(blob.clone()),
+            wrap(blob.clone()),
             Box::new(index_blob.clone()),
             cache,
             runtime.handle().clone(),
@@ -1710,6 +1725,71 @@ mod tests {
             asked + ahead >= layer - (64 << 10),
             "nearly all of the layer was read"
         );
+        drop(f.runtime);
+    }
+
+    /// Requests with when they were asked and answered.
+    type RequestLog = Arc<std::sync::Mutex<Vec<(Range<u64>, Instant, Instant)>>>;
+
+    /// A blob whose requests take 40 ms and are logged.
+    struct Timed {
+        inner: Counted,
+        log: RequestLog,
+    }
+
+    impl BlobReader for Timed {
+        fn read(&self, range: Range<u64>) -> ReadFuture<'_> {
+            Box::pin(async move {
+                let asked = Instant::now();
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                let bytes = self.inner.read(range.clone()).await;
+                self.log
+                    .lock()
+                    .unwrap()
+                    .push((range, asked, Instant::now()));
+                bytes
+            })
+        }
+    }
+
+    #[test]
+    fn a_reader_waiting_for_a_span_is_not_made_to_share_the_link_with_spans_after_it() {
+        let log = RequestLog::default();
+        let size = 24 << 20;
+        let f = fixture_spans(size, 4 << 20, 64 << 20, Arc::default(), |blob| {
+            Box::new(Timed {
+                inner: blob,
+                log: log.clone(),
+            })
+        });
+        let entry = weights_entry(&f.layer);
+        let want = Content::random(5, size).to_vec().unwrap();
+        // `head -c 9M`: the reader reaches span 1 while it is on its way
+        // (asked for half way through span 0) and reads into span 2.
+        let mut offset = 0;
+        while offset < 9 << 20 {
+            let read = f.layer.read(entry, offset, 128 << 10).unwrap();
+            assert!(read[..] == want[offset as usize..offset as usize + read.len()]);
+            offset += read.len() as u64;
+        }
+        let span = |i: usize| f.layer.layout.span_input(i);
+        let log = log.lock().unwrap().clone();
+        let of_span = |i: usize| {
+            log.iter()
+                .filter(|(r, _, _)| r.start >= span(i).start && r.start < span(i).end)
+                .collect::<Vec<_>>()
+        };
+        let second = of_span(1);
+        assert!(!second.is_empty(), "span 1 was fetched: {log:?}");
+        let second_done = second.iter().map(|(_, _, done)| *done).max().unwrap();
+        for later in 2..f.layer.layout.span_count() {
+            for (range, asked, _) in of_span(later) {
+                assert!(
+                    *asked >= second_done,
+                    "span {later} ({range:?}) was asked for while the reader waited for span 1"
+                );
+            }
+        }
         drop(f.runtime);
     }
 }
