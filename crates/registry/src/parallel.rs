@@ -38,22 +38,6 @@ impl Default for ParallelFetch {
     }
 }
 
-/// The smallest range request a blob is cut into to use more requests.
-const MIN_PART: u64 = 256 << 10;
-
-impl ParallelFetch {
-    /// Bytes per range request for `len` bytes: `chunk_size`, or less for
-    /// a blob too small to fill `concurrency` requests of that size (down
-    /// to 256 KiB), so that a small layer also comes over several
-    /// connections: a 1 MiB layer over one connection capped at 32 MiB/s
-    /// took 31 ms, in four parts 8 ms.
-    pub fn part_size(&self, len: u64) -> u64 {
-        let chunk = self.chunk_size.max(1);
-        len.div_ceil(self.concurrency.max(1) as u64)
-            .clamp(MIN_PART.min(chunk), chunk)
-    }
-}
-
 /// Where the in-order bytes of a parallel download go: a file, an unpacker,
 /// or both.
 pub trait ChunkSink {
@@ -197,7 +181,7 @@ impl RegistryClient {
             }
             None => 0,
         };
-        let chunk = plan.part_size(size - start);
+        let chunk = plan.chunk_size.max(1);
         let ranges = (0..(size - start).div_ceil(chunk))
             .map(|i| start + i * chunk..(start + (i + 1) * chunk).min(size));
         let mut chunks = stream::iter(ranges)
@@ -231,32 +215,5 @@ impl RegistryClient {
             return Err(mismatch(&target, digest, actual));
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn small_blobs_are_cut_to_fill_the_requests_in_flight() {
-        let plan = ParallelFetch {
-            chunk_size: 8 << 20,
-            concurrency: 32,
-            limits: Vec::new(),
-        };
-        // 1 MiB: four parts of the smallest size, not one request.
-        assert_eq!(plan.part_size(1 << 20), 256 << 10);
-        // 64 MiB: 32 parts of 2 MiB instead of 8 of 8 MiB.
-        assert_eq!(plan.part_size(64 << 20), 2 << 20);
-        // Big blobs keep the configured size.
-        assert_eq!(plan.part_size(10 << 30), 8 << 20);
-        // A configured size under the smallest part is kept.
-        let tiny = ParallelFetch {
-            chunk_size: 64 << 10,
-            ..plan
-        };
-        assert_eq!(tiny.part_size(1 << 20), 64 << 10);
-        assert_eq!(tiny.part_size(0), 64 << 10);
     }
 }
