@@ -722,15 +722,13 @@ impl IndexedLayer {
         let Some((range, ahead)) = self.begin_read(index, offset, len) else {
             return Ok(Vec::new());
         };
-        if ahead.spans.is_empty() {
-            return self.read_stream(range).await;
-        }
         if !ahead.after_read {
-            self.read_ahead(ahead.spans);
-            return self.read_stream(range).await;
+            self.read_ahead(ahead.spans.clone());
         }
         let bytes = self.read_stream(range).await?;
-        self.read_ahead(ahead.spans);
+        if ahead.after_read {
+            self.read_ahead(ahead.spans);
+        }
         Ok(bytes)
     }
 
@@ -807,6 +805,9 @@ impl IndexedLayer {
     /// allows. A span someone else is fetching or has fetched is not
     /// fetched again; a failure only means the reader fetches it itself.
     fn read_ahead(&self, ahead: Range<usize>) {
+        if ahead.is_empty() {
+            return;
+        }
         let Some(me) = self.me.upgrade() else {
             return;
         };

@@ -72,6 +72,14 @@ pub struct Ahead {
     pub after_read: bool,
 }
 
+impl Ahead {
+    /// Nothing to fetch ahead.
+    const NONE: Self = Self {
+        spans: 0..0,
+        after_read: false,
+    };
+}
+
 /// Per-file read positions of one layer.
 #[derive(Debug)]
 pub struct SequentialReads {
@@ -103,21 +111,8 @@ impl SequentialReads {
         spans: Range<usize>,
         file: Range<usize>,
     ) -> Ahead {
-        let mut after_read = true;
-        let spans = self.spans_ahead(entry, read, spans, file, &mut after_read);
-        Ahead { spans, after_read }
-    }
-
-    fn spans_ahead(
-        &self,
-        entry: usize,
-        read: Range<u64>,
-        spans: Range<usize>,
-        file: Range<usize>,
-        after_read: &mut bool,
-    ) -> Range<usize> {
         if self.max == 0 || spans.is_empty() {
-            return 0..0;
+            return Ahead::NONE;
         }
         let mut guard = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         let (streams, tick) = &mut *guard;
@@ -140,13 +135,21 @@ impl SequentialReads {
         if !in_order {
             // A jump: start counting again from here.
             *stream = Stream::new(&read, spans.start, used);
-            return 0..0;
+            return Ahead::NONE;
         }
         stream.used = used;
         stream.end = stream.end.max(read.end);
-        let current = spans.end - 1;
         let in_order_bytes = stream.end - stream.start;
-        *after_read = in_order_bytes < YOUNG_SPANS * self.span_size;
+        Ahead {
+            spans: self.next_spans(stream, spans.end - 1, &file),
+            after_read: in_order_bytes < YOUNG_SPANS * self.span_size,
+        }
+    }
+
+    /// The spans to ask for now for `stream`, whose reader is in span
+    /// `current` of a file in spans `file`; moves the stream's marks.
+    fn next_spans(&self, stream: &mut Stream, current: usize, file: &Range<usize>) -> Range<usize> {
+        let in_order_bytes = stream.end - stream.start;
         if in_order_bytes < MIN_IN_ORDER {
             return 0..0;
         }
