@@ -1,14 +1,16 @@
 //! [`ContentCache`]: files named by key under `<root>/cache/data`, their
 //! sizes in a redb database, recency and pins in memory.
 //!
-//! Crash safety: data is written to a temporary file, synced and renamed
-//! before its entry is committed; entries are removed before their files.
-//! Entry commits are made durable in batches (every [`DURABLE_EVERY`]
-//! puts, and when the cache closes), not one by one: after a crash the
-//! entries of the last puts may be missing, and their files are then
-//! deleted as leftovers. At open, files without an entry and entries
-//! without a file are dropped, so the database and the directory always
-//! agree after a restart, and no entry ever names data that was not synced.
+//! Crash safety: data is written to a temporary file and renamed before
+//! its entry is committed; entries are removed before their files. Entry
+//! commits are made durable in batches (every [`DURABLE_EVERY`] puts, on
+//! a thread of their own, and when the cache closes), not one by one, and
+//! a batch's data files are synced just before its durable commit, never
+//! on a reader's path: after a crash the entries of the last puts may be
+//! missing, and their files are then deleted as leftovers. At open, files
+//! without an entry and entries without a file are dropped, so the
+//! database and the directory always agree after a restart, and no entry
+//! ever names data that was not synced.
 //! Recency is not persisted: after a restart every entry counts as used at
 //! start-up.
 //!
@@ -20,8 +22,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use pronto_metrics::metrics;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
@@ -37,8 +39,8 @@ const SHARDS: usize = 16;
 /// Files kept open per shard for reads (up to 16 × this descriptors).
 const OPEN_FILES_PER_SHARD: usize = 32;
 
-/// Every this many puts, the entry commit is made durable (with those
-/// before it).
+/// Every this many puts, the entries committed so far are made durable
+/// (their files synced first).
 const DURABLE_EVERY: u64 = 64;
 
 /// Candidates each shard offers per eviction round.
@@ -115,11 +117,70 @@ impl Shard {
     }
 }
 
+/// Entries committed but not durable yet, with their data files, which
+/// are synced only when a durable commit is about to cover them.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Data files of entries committed since the last durable commit.
+    files: Mutex<Vec<PathBuf>>,
+    /// Held shared by a put from its entry's commit until its file is in
+    /// `files`, exclusively by a durable commit: no entry becomes durable
+    /// before its file is synced.
+    gate: RwLock<()>,
+    /// A durable commit is running on its own thread.
+    flushing: AtomicBool,
+}
+
+impl Pending {
+    /// Syncs the data files of every entry committed so far, then commits
+    /// durably (which makes those entries durable). Files gone meanwhile
+    /// (evicted) are skipped. A file that cannot be synced stays pending,
+    /// and no durable commit is made.
+    fn make_durable(&self, db: &Database) -> Result<(), String> {
+        // Most files, without holding up puts.
+        self.sync(std::mem::take(&mut *lock(&self.files)))?;
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        // Those put meanwhile.
+        self.sync(std::mem::take(&mut *lock(&self.files)))?;
+        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())
+    }
+
+    fn sync(&self, files: Vec<PathBuf>) -> Result<(), String> {
+        let mut failed = None;
+        for (i, path) in files.iter().enumerate() {
+            let synced = File::open(path).and_then(|file| file.sync_data());
+            match synced {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    failed = Some((i, format!("cannot sync {}: {e}", path.display())));
+                    break;
+                }
+            }
+        }
+        let Some((i, problem)) = failed else {
+            return Ok(());
+        };
+        lock(&self.files).extend(files.into_iter().skip(i));
+        Err(problem)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[derive(Debug)]
 pub struct ContentCache {
     data: PathBuf,
     db_path: PathBuf,
-    db: Database,
+    db: Arc<Database>,
+    pending: Arc<Pending>,
+    /// The durable commit running on its own thread, if any.
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
     budget: u64,
     usage: AtomicU64,
     shards: Vec<Mutex<Shard>>,
@@ -139,11 +200,13 @@ impl ContentCache {
         let data = dir.join("data");
         std::fs::create_dir_all(&data).map_err(io(&data))?;
         let db_path = dir.join("cache.redb");
-        let db = Database::create(&db_path).map_err(db_error(&db_path))?;
+        let db = Arc::new(Database::create(&db_path).map_err(db_error(&db_path))?);
         let cache = Self {
             data,
             db_path,
             db,
+            pending: Arc::default(),
+            flusher: Mutex::new(None),
             budget,
             usage: AtomicU64::new(0),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
@@ -368,7 +431,8 @@ impl ContentCache {
         ));
         let size = {
             let mut file = File::create(&temp).map_err(io(&temp))?;
-            let filled = fill(&mut file).and_then(|()| file.sync_all());
+            // Synced later, before a durable commit covers its entry.
+            let filled = fill(&mut file);
             if let Err(e) = filled {
                 let _ = std::fs::remove_file(&temp);
                 return Err(io(&temp)(e));
@@ -378,31 +442,32 @@ impl ContentCache {
         self.commit(key, &temp, size)
     }
 
-    /// A write transaction, durable every [`DURABLE_EVERY`] puts.
-    fn write_txn(&self, durable: bool) -> Result<redb::WriteTransaction, CacheError> {
+    /// A write transaction that is not durable by itself (see [`Pending`]).
+    fn write_txn(&self) -> Result<redb::WriteTransaction, CacheError> {
         let mut txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
-        let durability = if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        };
-        txn.set_durability(durability)
+        txn.set_durability(Durability::None)
             .map_err(db_error(&self.db_path))?;
         Ok(txn)
     }
 
-    /// Renames a synced temporary file into place and records it.
+    /// Renames a written temporary file into place and records it (not
+    /// durably: see [`Pending`]).
     fn commit(&self, key: &CacheKey, temp: &Path, size: u64) -> Result<(), CacheError> {
         let path = self.path(key);
         std::fs::rename(temp, &path).map_err(io(&path))?;
-        let durable =
-            self.puts.fetch_add(1, Ordering::Relaxed) % DURABLE_EVERY == DURABLE_EVERY - 1;
-        let txn = self.write_txn(durable)?;
         {
-            let mut table = txn.open_table(ENTRIES).map_err(db_error(&self.db_path))?;
-            table.insert(key, size).map_err(db_error(&self.db_path))?;
+            let _gate = self.pending.gate.read().unwrap_or_else(|e| e.into_inner());
+            let txn = self.write_txn()?;
+            {
+                let mut table = txn.open_table(ENTRIES).map_err(db_error(&self.db_path))?;
+                table.insert(key, size).map_err(db_error(&self.db_path))?;
+            }
+            txn.commit().map_err(db_error(&self.db_path))?;
+            lock(&self.pending.files).push(path);
         }
-        txn.commit().map_err(db_error(&self.db_path))?;
+        if self.puts.fetch_add(1, Ordering::Relaxed) % DURABLE_EVERY == DURABLE_EVERY - 1 {
+            self.make_durable_later();
+        }
         let tick = self.next_tick();
         // Two readers may have put the same key at once; count it once.
         if self.shard(key).insert(key, size, tick) {
@@ -412,11 +477,46 @@ impl ContentCache {
         self.evict_to(self.budget)
     }
 
-    /// Makes every entry committed so far durable.
+    /// Makes every entry committed so far durable (syncing their files
+    /// first), on a thread of its own unless one is at it already.
+    fn make_durable_later(&self) {
+        if self.pending.flushing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (db, pending) = (self.db.clone(), self.pending.clone());
+        let mut flusher = lock(&self.flusher);
+        if let Some(done) = flusher.take() {
+            let _ = done.join();
+        }
+        let spawned = std::thread::Builder::new()
+            .name("cache-durable".into())
+            .spawn(move || {
+                if let Err(problem) = pending.make_durable(&db) {
+                    tracing::warn!("cannot make the cache's entries durable yet: {problem}");
+                }
+                pending.flushing.store(false, Ordering::SeqCst);
+            });
+        match spawned {
+            Ok(handle) => *flusher = Some(handle),
+            Err(e) => {
+                self.pending.flushing.store(false, Ordering::SeqCst);
+                tracing::warn!("cannot start the cache's durable commit: {e}");
+            }
+        }
+    }
+
+    /// Makes every entry committed so far durable, syncing their data
+    /// files first.
     pub fn flush(&self) -> Result<(), CacheError> {
-        self.write_txn(true)?
-            .commit()
-            .map_err(db_error(&self.db_path))
+        if let Some(running) = lock(&self.flusher).take() {
+            let _ = running.join();
+        }
+        self.pending
+            .make_durable(&self.db)
+            .map_err(|message| CacheError::Db {
+                path: self.db_path.clone(),
+                message,
+            })
     }
 
     /// Marks `key` as in use (by an open file); pinned data is never
@@ -519,7 +619,7 @@ impl ContentCache {
         }
         // Not durable: an entry that comes back after a crash finds its
         // file gone and is dropped at open.
-        let txn = self.write_txn(false)?;
+        let txn = self.write_txn()?;
         {
             let mut table = txn.open_table(ENTRIES).map_err(db_error(&self.db_path))?;
             for (key, _) in &victims {
@@ -753,6 +853,42 @@ mod tests {
         }
         let cache = ContentCache::open(root.path(), 1 << 20).unwrap();
         assert_eq!(cache.stats().entries, 3);
+    }
+
+    #[test]
+    fn a_batch_of_puts_is_made_durable_off_the_putters_path() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = ContentCache::open(root.path(), 1 << 30).unwrap();
+        for n in 0..DURABLE_EVERY as u8 {
+            cache.put(&key(n), &[n; 64]).unwrap();
+        }
+        // The last put of the batch started a durable commit and went on.
+        let running = lock(&cache.flusher)
+            .take()
+            .expect("a durable commit started");
+        running.join().unwrap();
+        assert!(
+            lock(&cache.pending.files).is_empty(),
+            "every file of the batch was synced before its durable commit"
+        );
+        cache.put(&key(200), b"next").unwrap();
+        assert_eq!(lock(&cache.pending.files).len(), 1);
+    }
+
+    #[test]
+    fn an_entry_evicted_before_its_durable_commit_does_not_hold_it_up() {
+        let root = tempfile::tempdir().unwrap();
+        {
+            let cache = ContentCache::open(root.path(), 1 << 20).unwrap();
+            cache.put(&key(1), b"gone").unwrap();
+            cache.put(&key(2), b"kept").unwrap();
+            cache.remove(&[key(1)]).unwrap();
+            cache.flush().unwrap();
+            assert!(lock(&cache.pending.files).is_empty());
+        }
+        let cache = ContentCache::open(root.path(), 1 << 20).unwrap();
+        assert_eq!(cache.stats().entries, 1);
+        assert_eq!(cache.get(&key(2)).unwrap().as_deref(), Some(&b"kept"[..]));
     }
 
     #[test]
