@@ -472,8 +472,22 @@ impl IndexedLayer {
 
     /// Makes spans `run` local: waits for whoever is fetching them, then
     /// fetches the still-missing ones with one range request per run of
-    /// neighbours.
+    /// neighbours. A reader's spans (on demand, or from its profile) go
+    /// as parallel parts with their window alongside, as someone waits.
     async fn ensure_spans(&self, run: Range<usize>, purpose: Purpose) -> Result<(), ReadError> {
+        let waited = matches!(purpose, Purpose::OnDemand | Purpose::Profile);
+        self.ensure_spans_as(run, purpose, waited).await
+    }
+
+    /// [`Self::ensure_spans`], saying whether a reader waits (or is about
+    /// to wait) for the spans: then each request goes as parallel parts
+    /// and the first span's window is fetched alongside, not after.
+    async fn ensure_spans_as(
+        &self,
+        run: Range<usize>,
+        purpose: Purpose,
+        waited: bool,
+    ) -> Result<(), ReadError> {
         let mut guards = Vec::with_capacity(run.len());
         // Ascending order: two readers never wait on each other in a cycle.
         for i in run.clone() {
@@ -496,7 +510,7 @@ impl IndexedLayer {
             while end < missing.len() && missing[end] == missing[end - 1] + 1 {
                 end += 1;
             }
-            self.fetch_run(missing[start]..missing[end - 1] + 1, purpose)
+            self.fetch_run(missing[start]..missing[end - 1] + 1, purpose, waited)
                 .await?;
             start = end;
         }
@@ -505,8 +519,14 @@ impl IndexedLayer {
     }
 
     /// Fetches neighbouring spans `run` with one range request (retrying
-    /// once if the bytes fail verification), decodes and caches them.
-    async fn fetch_run(&self, run: Range<usize>, purpose: Purpose) -> Result<(), ReadError> {
+    /// once if the bytes fail verification), decodes and caches them;
+    /// `waited`: see [`Self::ensure_spans_as`].
+    async fn fetch_run(
+        &self,
+        run: Range<usize>,
+        purpose: Purpose,
+        waited: bool,
+    ) -> Result<(), ReadError> {
         let first = self.layout.span_input(run.start).start;
         let last = self.layout.span_input(run.end - 1).end;
         tracing::debug!(
@@ -522,7 +542,7 @@ impl IndexedLayer {
             // A reader waits: the first span's window is fetched alongside
             // its bytes, not after them. Later spans take theirs from the
             // span before.
-            let (bytes, window) = if matches!(purpose, Purpose::OnDemand | Purpose::Profile) {
+            let (bytes, window) = if waited {
                 let (bytes, window) = tokio::join!(
                     read_split(self.layer.as_ref(), first..last),
                     self.window(run.start)
@@ -723,11 +743,12 @@ impl IndexedLayer {
             return Ok(Vec::new());
         };
         if !ahead.after_read {
-            self.read_ahead(ahead.spans.clone());
+            self.read_ahead(ahead.spans.clone(), false);
         }
         let bytes = self.read_stream(range).await?;
         if ahead.after_read {
-            self.read_ahead(ahead.spans);
+            // The reader is about to need these: as fast as a read of its own.
+            self.read_ahead(ahead.spans, true);
         }
         Ok(bytes)
     }
@@ -804,7 +825,9 @@ impl IndexedLayer {
     /// background fetch waits), at most as many at once as the scheduler
     /// allows. A span someone else is fetching or has fetched is not
     /// fetched again; a failure only means the reader fetches it itself.
-    fn read_ahead(&self, ahead: Range<usize>) {
+    /// `soon`: the reader will wait for these spans next (a young run's
+    /// next span), so each request goes as parallel parts.
+    fn read_ahead(&self, ahead: Range<usize>, soon: bool) {
         if ahead.is_empty() {
             return;
         }
@@ -832,7 +855,7 @@ impl IndexedLayer {
                 let fetched = tokio::select! {
                     result = tokio::time::timeout(layer.read_timeout, async {
                         let _slot = layer.scheduler.read_ahead_slot().await;
-                        layer.ensure_spans(run.clone(), Purpose::ReadAhead).await
+                        layer.ensure_spans_as(run.clone(), Purpose::ReadAhead, soon).await
                     }) => result.unwrap_or_else(|_| Err(layer.error("read-ahead timed out".into()))),
                     _ = shutdown.wait_for(|down| *down) => Ok(()),
                 };
@@ -1791,6 +1814,46 @@ mod tests {
                 );
             }
         }
+        drop(f.runtime);
+    }
+
+    #[test]
+    fn the_span_a_young_reader_needs_next_comes_as_parallel_parts() {
+        let log = RequestLog::default();
+        let size = 24 << 20;
+        let f = fixture_spans(size, 4 << 20, 64 << 20, Arc::default(), |blob| {
+            Box::new(Timed {
+                inner: blob,
+                log: log.clone(),
+            })
+        });
+        let entry = weights_entry(&f.layer);
+        // 3 MiB in order: span 1 is asked for ahead of the reader.
+        let mut offset = 0;
+        while offset < 3 << 20 {
+            offset += f.layer.read(entry, offset, 128 << 10).unwrap().len() as u64;
+        }
+        let span = f.layer.layout.span_input(1);
+        let of_span = || {
+            log.lock()
+                .unwrap()
+                .iter()
+                .filter(|(r, _, _)| r.start >= span.start && r.start < span.end)
+                .map(|(r, _, _)| r.clone())
+                .collect::<Vec<_>>()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while of_span().iter().map(|r| r.end - r.start).sum::<u64>() < span.end - span.start {
+            assert!(Instant::now() < deadline, "span 1 was not fetched ahead");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let parts = of_span();
+        assert!(parts.len() > 1, "one request for span 1: {parts:?}");
+        assert_eq!(
+            parts.iter().map(|r| r.end - r.start).sum::<u64>(),
+            span.end - span.start,
+            "every byte of span 1 once: {parts:?}"
+        );
         drop(f.runtime);
     }
 }
