@@ -425,6 +425,7 @@ impl WholeLayers {
         // directory nobody sees; it is committed only when the blob matched
         // the layer digest and the tar the config's diff ID.
         let (mut feed, reader) = feed::channel(Some(keep));
+        let asked = Instant::now();
         let downloading = async {
             let fetched = self
                 .client
@@ -446,6 +447,11 @@ impl WholeLayers {
                 .finish()
                 .await
                 .map_err(|e| format!("{}: {e}", partial.display()));
+            tracing::debug!(
+                layer = layer.digest,
+                ms = asked.elapsed().as_millis() as u64,
+                "whole layer downloaded"
+            );
             fetched.and(kept)
         };
         let (unpacking, downloaded) = tokio::join!(
@@ -459,6 +465,11 @@ impl WholeLayers {
             downloading
         );
         let (id, unpacked) = unpacking?;
+        tracing::debug!(
+            layer = layer.digest,
+            ms = asked.elapsed().as_millis() as u64,
+            "whole layer unpacked"
+        );
         match (&downloaded, &unpacked) {
             (Ok(()), Ok(_)) if !self.settings.discard_unpacked_layers => {
                 std::fs::rename(&partial, &blob).map_err(|e| failed(e.to_string()))?;
