@@ -135,9 +135,10 @@ pub struct Sample {
     /// those of `pronto serve` from the pull to `ready`): requests sent
     /// while no other of the same process waited for its answer.
     pub round_trips: Option<u64>,
-    /// The same container started again at once, nothing to pull and its
-    /// data in the page cache: what a start costs on this machine besides
-    /// the registry (containerd, runc, the workload).
+    /// The same pull and start again at once, with the image local and the
+    /// page cache dropped (as before the measured start): what the start
+    /// costs on this machine besides the registry (the puller, containerd,
+    /// runc, the workload reading its files from the node's disk).
     pub again: Duration,
 }
 
@@ -449,7 +450,8 @@ impl Stack {
 
     /// One start of `reference` by `system` as things are (warm or cold):
     /// pull, then run the image's command until it exits; it must print
-    /// `ready`.
+    /// `ready`. Then the same start again with the image local and the
+    /// page cache dropped (see [`Sample::again`]).
     pub fn start_image(&mut self, system: System, reference: &str) -> Result<Sample> {
         let pronto = system != System::Containerd;
         let daemon_before = if pronto {
@@ -457,75 +459,88 @@ impl Stack {
         } else {
             None
         };
-        let mut own_round_trips = None;
         let started = Instant::now();
-        let mut phases = None;
-        let snapshotter = match system {
-            System::Containerd => {
-                self.containerd.pull(reference, "overlayfs")?;
-                "overlayfs"
-            }
-            System::ProntoLazy
-            | System::ProntoParallel
-            | System::ProntoProfile
-            | System::ProntoConverted
-            | System::ProntoConvertedZstd
-            | System::ProntoWarmed => {
-                let node = self.node(&self.pull_settings)?;
-                let pulled = node.output(&[
-                    "pull",
-                    "--namespace",
-                    self.containerd.namespace(),
-                    "--address",
-                    &self.containerd.socket().to_string_lossy(),
-                    reference,
-                ]);
-                let out = String::from_utf8_lossy(&pulled.stdout);
-                if std::env::var_os("PRONTO_BENCH_LOG").is_some() {
-                    print!("{out}{}", String::from_utf8_lossy(&pulled.stderr));
-                }
-                ensure!(
-                    pulled.status.success(),
-                    "pronto pull {reference}: {}",
-                    String::from_utf8_lossy(&pulled.stderr)
-                );
-                phases = out
-                    .lines()
-                    .find_map(|l| l.strip_prefix("phases: "))
-                    .map(str::to_owned);
-                own_round_trips = out
-                    .lines()
-                    .find_map(|l| l.strip_prefix("registry round trips: "))
-                    .and_then(|l| l.split_whitespace().next())
-                    .and_then(|n| n.parse::<u64>().ok());
-                "pronto"
-            }
-        };
+        let pull = self.pull(system, reference)?;
         let pulled = started.elapsed();
-        let out = self.containerd.run(reference, snapshotter, &[])?;
+        let out = self.containerd.run(reference, pull.snapshotter, &[])?;
         let ready = started.elapsed();
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !stdout.lines().any(|l| l.trim() == "ready") {
             bail!("{reference} did not print ready: {stdout}");
         }
         let fetched = self.relay.bytes_down();
-        let round_trips = match (own_round_trips, daemon_before, self.daemon_round_trips()) {
+        let round_trips = match (pull.round_trips, daemon_before, self.daemon_round_trips()) {
             (Some(own), Some(before), Some(after)) => Some(own + after.saturating_sub(before)),
             _ => None,
         };
+        let _ = Command::new("sync").status();
+        std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache")?;
         let again = Instant::now();
-        self.containerd.run(reference, snapshotter, &[])?;
+        let local = self.pull(system, reference)?;
+        self.containerd.run(reference, local.snapshotter, &[])?;
         let again = again.elapsed();
         Ok(Sample {
             ready,
             pulled,
             fetched,
-            phases,
+            phases: pull.phases,
             warm: None,
             round_trips,
             again,
         })
     }
+
+    /// Pulls `reference` as `system` does: containerd's own pull, or
+    /// `pronto pull`.
+    fn pull(&mut self, system: System, reference: &str) -> Result<Pulled> {
+        if system == System::Containerd {
+            self.containerd.pull(reference, "overlayfs")?;
+            return Ok(Pulled {
+                snapshotter: "overlayfs",
+                phases: None,
+                round_trips: None,
+            });
+        }
+        let node = self.node(&self.pull_settings)?;
+        let pulled = node.output(&[
+            "pull",
+            "--namespace",
+            self.containerd.namespace(),
+            "--address",
+            &self.containerd.socket().to_string_lossy(),
+            reference,
+        ]);
+        let out = String::from_utf8_lossy(&pulled.stdout);
+        if std::env::var_os("PRONTO_BENCH_LOG").is_some() {
+            print!("{out}{}", String::from_utf8_lossy(&pulled.stderr));
+        }
+        ensure!(
+            pulled.status.success(),
+            "pronto pull {reference}: {}",
+            String::from_utf8_lossy(&pulled.stderr)
+        );
+        Ok(Pulled {
+            snapshotter: "pronto",
+            phases: out
+                .lines()
+                .find_map(|l| l.strip_prefix("phases: "))
+                .map(str::to_owned),
+            round_trips: out
+                .lines()
+                .find_map(|l| l.strip_prefix("registry round trips: "))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok()),
+        })
+    }
+}
+
+/// What one pull said.
+struct Pulled {
+    snapshotter: &'static str,
+    /// `pronto pull`'s phases line.
+    phases: Option<String>,
+    /// `pronto pull`'s own registry round trips.
+    round_trips: Option<u64>,
 }
 
 impl Drop for Stack {

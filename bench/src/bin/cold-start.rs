@@ -188,7 +188,7 @@ fn main() -> Result<()> {
                     .cold_start(system, reference)
                     .with_context(|| format!("{} with {}", workload.name, system.name()))?;
                 println!(
-                    "  {:<22} run {}: ready in {:.2} s (pull {:.2} s; started again with the image local: {:.2} s), {:.1} MiB fetched{}",
+                    "  {:<22} run {}: ready in {:.2} s (pull {:.2} s; again, image local, page cache cold: {:.2} s), {:.1} MiB fetched{}",
                     system.name(),
                     run + 1,
                     sample.ready.as_secs_f64(),
@@ -206,18 +206,6 @@ fn main() -> Result<()> {
                             .unwrap_or_default()
                 );
                 samples.push(sample);
-                if std::env::var_os("PRONTO_BENCH_WARM").is_some() && system != System::Containerd {
-                    let _ = std::process::Command::new("sync").status();
-                    std::fs::write("/proc/sys/vm/drop_caches", "3")?;
-                    let warm = stack.start_image(system, reference)?;
-                    println!(
-                        "  {:<22} warm again: ready in {:.2} s (pull {:.2} s), {:.1} MiB fetched",
-                        system.name(),
-                        warm.ready.as_secs_f64(),
-                        warm.pulled.as_secs_f64(),
-                        warm.fetched as f64 / (1 << 20) as f64,
-                    );
-                }
             }
             cells.push(Cell {
                 image: workload.name,
@@ -373,13 +361,13 @@ fn ready_times(cell: &Cell) -> Vec<Duration> {
 
 fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) -> String {
     let mut out = format!(
-        "Machine: {}. Link: {link}. Each cell: {repeat} cold start(s); median (min–max).\n\n",
+        "Machine: {}. Link: {link}. Each cell: {repeat} cold start(s); median (min–max). \"Again, image local\": the same pull and start right after, with the page cache dropped as before the cold start; \"what the registry added\": pull to ready minus that (median of the differences).\n\n",
         machine()
     );
     out.push_str(
-        "| image | system | pull to ready | of which pull | fetched from registry | share of image | started again, image local |\n",
+        "| image | system | pull to ready | of which pull | fetched from registry | share of image | again, image local | what the registry added |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
     for cell in cells {
         let workload = workloads
             .iter()
@@ -391,8 +379,15 @@ fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) 
         let fetched = fetched[fetched.len() / 2];
         let (pulled, _, _) = summary(&cell.samples.iter().map(|s| s.pulled).collect::<Vec<_>>());
         let (again, _, _) = summary(&cell.samples.iter().map(|s| s.again).collect::<Vec<_>>());
+        let (added, _, _) = summary(
+            &cell
+                .samples
+                .iter()
+                .map(|s| s.ready.saturating_sub(s.again))
+                .collect::<Vec<_>>(),
+        );
         out.push_str(&format!(
-            "| {} | {} | {:.2} s ({:.2}–{:.2}) | {:.2} s | {:.1} MiB | {:.1}% | {:.2} s |\n",
+            "| {} | {} | {:.2} s ({:.2}–{:.2}) | {:.2} s | {:.1} MiB | {:.1}% | {:.2} s | {:.2} s |\n",
             cell.image,
             cell.system.name(),
             median.as_secs_f64(),
@@ -402,6 +397,7 @@ fn markdown(cells: &[Cell], workloads: &[Workload], link: &Link, repeat: usize) 
             fetched as f64 / (1 << 20) as f64,
             100.0 * fetched as f64 / workload.image.layers_size().max(1) as f64,
             again.as_secs_f64(),
+            added.as_secs_f64(),
         ));
     }
     let warmed: Vec<String> = cells
