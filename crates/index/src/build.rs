@@ -5,7 +5,6 @@
 //! a temporary file and only the file table grows, with the file count.
 
 use std::io::{self, Read, Seek, Write};
-use std::ops::Range;
 
 use sha2::{Digest, Sha256};
 
@@ -53,7 +52,7 @@ pub fn build_index(
             "span size {span_size} is below the 64 KiB minimum"
         )));
     }
-    let files = FileCount::new(span_size);
+    let files = FileCount::default();
     let boundaries = Boundaries::Shaped {
         size: span_size,
         small: (span_size / 8).max(MIN_SPAN_SIZE),
@@ -95,58 +94,17 @@ const MIN_SPAN_SIZE: u64 = 64 * 1024;
 /// numpy (docs/benchmarks.md).
 const FILES_FOR_A_SMALL_SPAN: u64 = 4;
 
-/// Files the tar reader has passed so far, and where the data of the
-/// last big one lies (a file of at least `big` bytes), shared with the
-/// span cutter.
+/// Files the tar reader has passed so far, shared with the span cutter.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct FileCount {
-    count: std::rc::Rc<std::cell::Cell<u64>>,
-    big_file: std::rc::Rc<std::cell::Cell<Option<(u64, u64)>>>,
-    big: u64,
-}
+pub(crate) struct FileCount(std::rc::Rc<std::cell::Cell<u64>>);
 
 impl FileCount {
-    /// Counting files, and noting those of at least `big` bytes.
-    fn new(big: u64) -> Self {
-        Self {
-            big,
-            ..Self::default()
-        }
-    }
-
     fn get(&self) -> u64 {
-        self.count.get()
+        self.0.get()
     }
 
-    /// The tar reader passed a file.
     fn add_one(&self) {
-        self.count.set(self.count.get() + 1);
-    }
-
-    /// The tar reader read the header of a file whose `size` bytes of data
-    /// start at output offset `data` (before reading them).
-    fn starts(&self, data: u64, size: u64) {
-        if self.big > 0 && size >= self.big {
-            self.big_file.set(Some((data, data + size)));
-        }
-    }
-
-    /// Where the data of the last big file lies.
-    fn big_file(&self) -> Option<Range<u64>> {
-        self.big_file.get().map(|(start, end)| start..end)
-    }
-}
-
-/// Where a span that starts at output offset `last` ends when spans are
-/// `size` bytes: `size` bytes on, except where a big file (`big`) lies.
-/// A span holding a big file's first byte ends `size` bytes into the
-/// file, and the file's later spans end at its own multiples of `size`,
-/// so that reading a file's first N × `size` bytes takes N spans.
-fn aligned_end(size: u64, big: Option<Range<u64>>, last: u64) -> u64 {
-    match big {
-        Some(big) if last < big.start => big.start + size,
-        Some(big) if last < big.end => big.start + ((last - big.start) / size + 1) * size,
-        _ => last + size,
+        self.0.set(self.0.get() + 1);
     }
 }
 
@@ -171,14 +129,9 @@ impl Boundaries {
     fn starts_here(&self, next: usize, last: u64, out: u64, files_at_last: u64) -> bool {
         match self {
             Boundaries::Shaped { size, small, files } => {
-                let big = files.big_file();
-                // A span holding the start of a big file is not cut small.
-                let small_allowed = big.as_ref().is_none_or(|b| b.start <= last);
                 next == 0
-                    || big.as_ref().is_some_and(|b| b.start == out && out > last)
-                    || out >= aligned_end(*size, big, last)
-                    || (small_allowed
-                        && out - last >= *small
+                    || out - last >= *size
+                    || (out - last >= *small
                         && files.get() - files_at_last >= FILES_FOR_A_SMALL_SPAN)
             }
             Boundaries::At(starts) => starts.get(next) == Some(&out),
@@ -197,7 +150,7 @@ impl Boundaries {
     /// at the latest in an uncompressed layer.
     fn fixed_end(&self, number: usize, start: u64) -> u64 {
         match self {
-            Boundaries::Shaped { size, files, .. } => aligned_end(*size, files.big_file(), start),
+            Boundaries::Shaped { size, .. } => start + size,
             Boundaries::At(starts) => starts.get(number + 1).copied().unwrap_or(u64::MAX),
         }
     }
@@ -300,9 +253,6 @@ fn read_entries(
         let Some(entry) = pronto_layer::tar_entry(&mut item).map_err(unsupported)? else {
             continue;
         };
-        if let Some(files) = files {
-            files.starts(item.raw_file_position(), item.size());
-        }
         // Drain the data so the next header is read; the stream counts it.
         io::copy(&mut item, &mut io::sink()).map_err(|e| tar_error(e, "unreadable entry data"))?;
         if let Some(files) = files {
