@@ -1776,16 +1776,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_reader_waiting_for_a_span_is_not_made_to_share_the_link_with_spans_after_it() {
+    /// A layer of `size` bytes of weights in 4 MiB spans, read-ahead on,
+    /// whose blob requests are logged with when they were asked for and
+    /// answered.
+    fn logged_fixture(size: u64) -> (Fixture, RequestLog) {
         let log = RequestLog::default();
-        let size = 24 << 20;
         let f = fixture_spans(size, 4 << 20, 64 << 20, Arc::default(), |blob| {
             Box::new(Timed {
                 inner: blob,
                 log: log.clone(),
             })
         });
+        (f, log)
+    }
+
+    #[test]
+    fn a_reader_waiting_for_a_span_is_not_made_to_share_the_link_with_spans_after_it() {
+        let size = 24 << 20;
+        let (f, log) = logged_fixture(size);
         let entry = weights_entry(&f.layer);
         let want = Content::random(5, size).to_vec().unwrap();
         // `head -c 9M`: the reader reaches span 1 while it is on its way
@@ -1819,14 +1827,8 @@ mod tests {
 
     #[test]
     fn the_span_a_young_reader_needs_next_comes_as_parallel_parts() {
-        let log = RequestLog::default();
         let size = 24 << 20;
-        let f = fixture_spans(size, 4 << 20, 64 << 20, Arc::default(), |blob| {
-            Box::new(Timed {
-                inner: blob,
-                log: log.clone(),
-            })
-        });
+        let (f, log) = logged_fixture(size);
         let entry = weights_entry(&f.layer);
         // 3 MiB in order: span 1 is asked for ahead of the reader.
         let mut offset = 0;
