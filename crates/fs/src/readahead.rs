@@ -7,11 +7,10 @@
 //! has read 1.5 MiB in order in the span it started in gets the next span
 //! asked for, so that it does not wait for it at the span's end (the next
 //! span takes longer to come than the reader takes to read the rest of
-//! its first: asked for half way, it kept the reader waiting). Random
-//! readers, small files and short reads (a header, `head -c 1000000`) get
-//! no read-ahead, so they fetch nothing they do not read; a reader that
-//! stops after reading N bytes in order leaves at most about N unread (one
-//! span at least).
+//! its first). Random readers, small files and short reads (a header,
+//! `head -c 1000000`) get no read-ahead, so they fetch nothing they do not
+//! read; a reader that stops after reading N bytes in order leaves at most
+//! about N unread (one span at least).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -162,9 +161,9 @@ impl SequentialReads {
             return 0..0;
         }
         if current == stream.first_span {
-            // 1.5 MiB into the span the reader started in, the next one: a
-            // reader that goes on finds it local or on its way instead of
-            // asking for it when it gets there.
+            // NEXT_SPAN_AFTER into the span the reader started in, the next
+            // one: a reader that goes on finds it local or on its way
+            // instead of asking for it when it gets there.
             let next = current + 1;
             if in_order_bytes < NEXT_SPAN_AFTER || stream.ahead > next || next >= file.end {
                 return 0..0;
@@ -250,7 +249,7 @@ mod tests {
         let reads = SequentialReads::new(SPAN, 16);
         let (asked, _) = read_in_order(&reads, 100, 128 << 10, 2 * SPAN);
         assert!(asked.len() <= 3, "fetched ahead: {asked:?}");
-        // 1.5 MiB of the first span: the next one, asked for once.
+        // NEXT_SPAN_AFTER of the first span: the next one, asked for once.
         let reads = SequentialReads::new(SPAN, 16);
         let (asked, _) = read_in_order(&reads, 100, 128 << 10, NEXT_SPAN_AFTER + (128 << 10));
         assert_eq!(asked, [1]);
