@@ -1797,7 +1797,7 @@ mod tests {
         let entry = weights_entry(&f.layer);
         let want = Content::random(5, size).to_vec().unwrap();
         // `head -c 9M`: the reader reaches span 1 while it is on its way
-        // (asked for 1.5 MiB into span 0) and reads into span 2.
+        // (asked for half way through span 0) and reads into span 2.
         let mut offset = 0;
         while offset < 9 << 20 {
             let read = f.layer.read(entry, offset, 128 << 10).unwrap();

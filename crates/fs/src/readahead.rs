@@ -3,14 +3,12 @@
 //! says which spans to fetch ahead of the reader. The window is as long as
 //! what the reader has read in order so far (so it doubles while the
 //! reader keeps going, up to a maximum) and never reaches past the file's
-//! end; a read elsewhere in the file starts counting again. A reader that
-//! has read 1.5 MiB in order in the span it started in gets the next span
-//! asked for, so that it does not wait for it at the span's end (the next
-//! span takes longer to come than the reader takes to read the rest of
-//! its first). Random readers, small files and short reads (a header,
-//! `head -c 1000000`) get no read-ahead, so they fetch nothing they do not
-//! read; a reader that stops after reading N bytes in order leaves at most
-//! about N unread (one span at least).
+//! end; a read elsewhere in the file starts counting again. A reader half
+//! way through the span it started in gets the next span asked for, so
+//! that it does not wait for it at the span's end. Random readers, small
+//! files and short reads (a header, `head -c 1M`) get no read-ahead, so
+//! they fetch nothing they do not read; a reader that stops after reading
+//! N bytes in order leaves at most about N unread (one span at least).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -21,11 +19,6 @@ const MAX_STREAMS: usize = 256;
 
 /// Bytes read in order before read-ahead starts.
 const MIN_IN_ORDER: u64 = 1 << 20;
-
-/// Bytes read in order in the span a reader started in before the next
-/// span is asked for: past `head -c 1000000` and the kernel's readahead
-/// beyond it (128 KiB), well before the span's end.
-const NEXT_SPAN_AFTER: u64 = 3 << 19;
 
 /// How far a read may start past the end of the previous one and still
 /// count as in order: the kernel's readahead sends neighbouring reads from
@@ -161,11 +154,11 @@ impl SequentialReads {
             return 0..0;
         }
         if current == stream.first_span {
-            // NEXT_SPAN_AFTER into the span the reader started in, the next
+            // Half way through the span the reader started in, the next
             // one: a reader that goes on finds it local or on its way
             // instead of asking for it when it gets there.
             let next = current + 1;
-            if in_order_bytes < NEXT_SPAN_AFTER || stream.ahead > next || next >= file.end {
+            if in_order_bytes < self.span_size / 2 || stream.ahead > next || next >= file.end {
                 return 0..0;
             }
             stream.marker = next;
@@ -177,10 +170,7 @@ impl SequentialReads {
         if stream.ahead > current + 1 && current < stream.marker {
             return 0..0;
         }
-        // Whole spans read so far: a reader just past its first span gets
-        // one more, not two (`head -c 4M` reaches a little into the
-        // second span and stops there).
-        let window = ((in_order_bytes / self.span_size) as usize).clamp(1, self.max);
+        let window = (in_order_bytes.div_ceil(self.span_size) as usize).clamp(1, self.max);
         let from = stream.ahead.max(current + 1);
         let target = (from + window).min(file.end);
         if from >= target {
@@ -249,19 +239,13 @@ mod tests {
         let reads = SequentialReads::new(SPAN, 16);
         let (asked, _) = read_in_order(&reads, 100, 128 << 10, 2 * SPAN);
         assert!(asked.len() <= 3, "fetched ahead: {asked:?}");
-        // NEXT_SPAN_AFTER of the first span: the next one, asked for once.
+        // Half of the first span: the next one, asked for once.
         let reads = SequentialReads::new(SPAN, 16);
-        let (asked, _) = read_in_order(&reads, 100, 128 << 10, NEXT_SPAN_AFTER + (128 << 10));
+        let (asked, _) = read_in_order(&reads, 100, 128 << 10, SPAN / 2 + (128 << 10));
         assert_eq!(asked, [1]);
-        // `head -c 4M`, whose last reads reach a little into the second
-        // span: one span more, not two.
+        // `head -c 1000000`: nothing.
         let reads = SequentialReads::new(SPAN, 16);
-        let (asked, _) = read_in_order(&reads, 100, 128 << 10, SPAN + (256 << 10));
-        assert_eq!(asked, [1, 2]);
-        // `head -c 1000000`, with the kernel's 128 KiB of readahead
-        // beyond it: nothing.
-        let reads = SequentialReads::new(SPAN, 16);
-        let (asked, _) = read_in_order(&reads, 100, 128 << 10, 1_000_000 + (128 << 10));
+        let (asked, _) = read_in_order(&reads, 100, 128 << 10, 1_000_000);
         assert!(asked.is_empty(), "{asked:?}");
     }
 
