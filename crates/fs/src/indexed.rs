@@ -4,6 +4,7 @@
 //! readers wait for it) → decompress from the checkpoint → verify → cache →
 //! serve.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -217,7 +218,15 @@ pub struct IndexedLayer {
     read_timeout: Duration,
     /// Why the index was found not to match the layer: every read fails.
     poisoned: std::sync::OnceLock<String>,
+    /// Spans being fetched with their head first (see [`Layout::head_input`]):
+    /// the start of the span's output once the head is checked, for
+    /// readers that need no more of it.
+    heads: std::sync::Mutex<HashMap<usize, Arc<HeadSender>>>,
 }
+
+/// Publishes the decoded head of a span being fetched (`None` until it has
+/// arrived and been checked); closed when the fetch ends.
+type HeadSender = tokio::sync::watch::Sender<Option<Bytes>>;
 
 impl std::fmt::Debug for IndexedLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -288,6 +297,7 @@ impl IndexedLayer {
             origin: None,
             read_timeout: DEFAULT_READ_TIMEOUT,
             poisoned: std::sync::OnceLock::new(),
+            heads: std::sync::Mutex::default(),
         }
     }
 
@@ -527,6 +537,20 @@ impl IndexedLayer {
         purpose: Purpose,
         waited: bool,
     ) -> Result<(), ReadError> {
+        let result = self.fetch_run_once(run.clone(), purpose, waited).await;
+        if waited {
+            self.end_head(run.start);
+        }
+        result
+    }
+
+    /// [`Self::fetch_run`], without ending its head's publication.
+    async fn fetch_run_once(
+        &self,
+        run: Range<usize>,
+        purpose: Purpose,
+        waited: bool,
+    ) -> Result<(), ReadError> {
         let first = self.layout.span_input(run.start).start;
         let last = self.layout.span_input(run.end - 1).end;
         tracing::debug!(
@@ -540,9 +564,27 @@ impl IndexedLayer {
         for attempt in 1..=2 {
             let asked = Instant::now();
             // A reader waits: the first span's window is fetched alongside
-            // its bytes, not after them. Later spans take theirs from the
-            // span before.
-            let (bytes, window) = if waited {
+            // its bytes, not after them, and its head on its own, to be
+            // served first. Later spans take their windows from the span
+            // before.
+            let head = self
+                .layout
+                .head_input(run.start)
+                .filter(|head| waited && head.end < last);
+            let (bytes, window) = if let Some(head) = head {
+                let (head, rest) = tokio::join!(
+                    self.fetch_head(run.start, head.clone()),
+                    read_split(self.layer.as_ref(), head.end..last)
+                );
+                let (head, window) = head?;
+                let bytes = rest.map(|rest| {
+                    let mut joined = Vec::with_capacity((last - first) as usize);
+                    joined.extend_from_slice(&head);
+                    joined.extend_from_slice(&rest);
+                    Bytes::from(joined)
+                });
+                (bytes, Some(window))
+            } else if waited {
                 let (bytes, window) = tokio::join!(
                     read_split(self.layer.as_ref(), first..last),
                     self.window(run.start)
@@ -586,6 +628,100 @@ impl IndexedLayer {
             }
         }
         Err(last_error.expect("two attempts ran"))
+    }
+
+    /// Fetches span `i`'s head (layer bytes `head`) and its window, checks
+    /// and decodes the head on a blocking thread and publishes the result
+    /// to readers waiting for the start of the span (see [`Self::heads`]).
+    /// A head that fails its check is not published; the span's own check
+    /// then fails too, and the span is fetched again.
+    async fn fetch_head(&self, i: usize, head: Range<u64>) -> Result<(Bytes, Vec<u8>), ReadError> {
+        // Readers arriving from now on wait for this head.
+        let sender = self.head_sender(i);
+        let (bytes, window) = tokio::join!(self.layer.read(head), self.window(i));
+        let bytes = bytes.map_err(|e| self.error(format!("head of span {i}: {e}")))?;
+        let window = window?;
+        let (layout, input, win) = (self.layout.clone(), bytes.clone(), window.clone());
+        let decoded = tokio::task::spawn_blocking(move || layout.decode_head(i, &input, &win))
+            .await
+            .map_err(|e| self.error(format!("head of span {i}: {e}")))?;
+        match decoded {
+            Ok(start) => {
+                tracing::debug!(
+                    layer = %self.layout.layer_digest(),
+                    span = i,
+                    bytes = start.len(),
+                    "head of span served"
+                );
+                sender.send_replace(Some(Bytes::from(start)));
+            }
+            Err(err) => tracing::warn!(layer = %self.layout.layer_digest(), "{err}"),
+        }
+        Ok((bytes, window))
+    }
+
+    /// The sender readers of span `i`'s head wait on, made if none is.
+    fn head_sender(&self, i: usize) -> Arc<HeadSender> {
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        heads
+            .entry(i)
+            .or_insert_with(|| Arc::new(HeadSender::new(None)))
+            .clone()
+    }
+
+    /// Ends the publication of span `i`'s head: its readers stop waiting
+    /// for it (the span is local, or its fetch failed).
+    fn end_head(&self, i: usize) {
+        self.heads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&i);
+    }
+
+    /// Span `i`'s head for a reader that needs only its output up to
+    /// `to` (relative to the span's start), when the span has a head that
+    /// likely reaches that far and is not local: joins the fetch under way,
+    /// or starts one that fetches the head first. `None`: read the span
+    /// whole.
+    fn head_for(&self, i: usize, to: u64) -> Option<tokio::sync::watch::Receiver<Option<Bytes>>> {
+        let head = self.layout.head_input(i)?;
+        let input = self.layout.span_input(i);
+        let output = self.layout.span_output(i);
+        // What the head decodes to, as far as the span's ratio tells.
+        let reach = (u128::from(head.end - head.start) * u128::from(output.end - output.start)
+            / u128::from((input.end - input.start).max(1))) as u64;
+        if to > reach || self.cache.contains(&self.span_key(i)) {
+            return None;
+        }
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = heads.get(&i) {
+            return Some(sender.subscribe());
+        }
+        let me = self.me.upgrade()?;
+        let sender = Arc::new(HeadSender::new(None));
+        let receiver = sender.subscribe();
+        heads.insert(i, sender);
+        drop(heads);
+        self.runtime.spawn(async move {
+            let _foreground = me.scheduler.foreground();
+            let mut shutdown = me.shutdown.clone();
+            let fetched = tokio::select! {
+                result = tokio::time::timeout(
+                    me.read_timeout,
+                    me.ensure_spans_as(i..i + 1, Purpose::OnDemand, true),
+                ) => result.unwrap_or_else(|_| Err(me.error(format!("span {i}: timed out")))),
+                _ = shutdown.wait_for(|down| *down) => Ok(()),
+            };
+            me.end_head(i);
+            if let Err(err) = fetched {
+                tracing::debug!(
+                    layer = me.digest(),
+                    span = i,
+                    "fetching a span for its head: {err}"
+                );
+            }
+        });
+        Some(receiver)
     }
 
     /// Verifies, decodes and caches spans `run` from `bytes` (which start
@@ -1093,20 +1229,42 @@ impl IndexedLayer {
 
     async fn read_stream_inner(&self, range: Range<u64>) -> Result<Vec<u8>, ReadError> {
         let spans = self.layout.spans_for(range.clone());
-        let with_neighbours = self.with_neighbours(spans.clone());
-        if with_neighbours == spans {
-            self.ensure_spans(spans.clone(), Purpose::OnDemand).await?;
+        if spans.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The read needs only the start of its last span: that span's head
+        // may answer it before the rest of the span arrives.
+        let last = spans.end - 1;
+        let mut head = self.head_for(last, range.end - self.layout.span_output(last).start);
+        let whole = if head.is_some() {
+            spans.start..last
+        } else {
+            spans.clone()
+        };
+        let with_neighbours = self.with_neighbours(whole.clone());
+        if with_neighbours == whole {
+            self.ensure_spans(whole, Purpose::OnDemand).await?;
         } else if let Err(err) = self.ensure_spans(with_neighbours, Purpose::OnDemand).await {
             // A neighbour that fails must not fail this read: the spans it
             // needs, on their own.
             tracing::debug!(layer = %self.layout.layer_digest(), "fetching with neighbours: {err}");
-            self.ensure_spans(spans.clone(), Purpose::OnDemand).await?;
+            self.ensure_spans(whole, Purpose::OnDemand).await?;
         }
         let mut out = Vec::with_capacity((range.end - range.start) as usize);
         for i in spans {
             let output = self.layout.span_output(i);
             let from = range.start.max(output.start) - output.start;
             let to = range.end.min(output.end) - output.start;
+            if i == last
+                && let Some(receiver) = head.take()
+            {
+                if let Some(start) = Self::wait_for_head(receiver, to).await {
+                    out.extend_from_slice(&start[from as usize..to as usize]);
+                    continue;
+                }
+                // The head did not reach, or its fetch ended: the span whole.
+                self.ensure_spans(i..i + 1, Purpose::OnDemand).await?;
+            }
             let key = self.span_key(i);
             let part = match self.cache.read_at(&key, from, (to - from) as usize) {
                 Ok(Some(part)) => part,
@@ -1129,6 +1287,19 @@ impl IndexedLayer {
             out.extend_from_slice(&part);
         }
         Ok(out)
+    }
+}
+
+impl IndexedLayer {
+    /// The head `receiver` publishes, once it has arrived, if it holds the
+    /// span's output up to `to`; `None` when it does not reach or its
+    /// fetch ended without it.
+    async fn wait_for_head(
+        mut receiver: tokio::sync::watch::Receiver<Option<Bytes>>,
+        to: u64,
+    ) -> Option<Bytes> {
+        let start = receiver.wait_for(Option::is_some).await.ok()?.clone()?;
+        (start.len() as u64 >= to).then_some(start)
     }
 }
 
@@ -1856,6 +2027,99 @@ mod tests {
             span.end - span.start,
             "every byte of span 1 once: {parts:?}"
         );
+        drop(f.runtime);
+    }
+
+    /// A blob whose requests other than span heads wait until `open`, and
+    /// which may send one tampered head first.
+    struct Gated {
+        inner: Counted,
+        open: tokio::sync::watch::Receiver<bool>,
+        tamper_a_head: AtomicBool,
+    }
+
+    impl BlobReader for Gated {
+        fn read(&self, range: Range<u64>) -> ReadFuture<'_> {
+            Box::pin(async move {
+                let head = range.end - range.start == pronto_index::HEAD_SIZE;
+                if !head {
+                    let mut open = self.open.clone();
+                    open.wait_for(|open| *open)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                let bytes = self.inner.read(range).await?;
+                if head && self.tamper_a_head.swap(false, Ordering::SeqCst) {
+                    let mut tampered = bytes.to_vec();
+                    tampered[100] ^= 1;
+                    return Ok(Bytes::from(tampered));
+                }
+                Ok(bytes)
+            })
+        }
+    }
+
+    /// A layer of 3 MiB of weights in 1 MiB spans, no read-ahead, read
+    /// through [`Gated`]; the sender opens the gate.
+    fn gated_fixture(tamper_a_head: bool) -> (Fixture, tokio::sync::watch::Sender<bool>) {
+        let (open_tx, open) = tokio::sync::watch::channel(false);
+        let f = fixture_spans(3 << 20, 1 << 20, 0, Arc::default(), |blob| {
+            Box::new(Gated {
+                inner: blob,
+                open,
+                tamper_a_head: AtomicBool::new(tamper_a_head),
+            })
+        });
+        assert!(f.layer.layout.head_input(0).is_some(), "span 0 has a head");
+        (f, open_tx)
+    }
+
+    /// The weights file's bytes `range`, from the whole layer.
+    fn weights_bytes(f: &Fixture, range: Range<usize>) -> Vec<u8> {
+        let tar = pronto_index::decompress_layer(&f.blob.bytes, LayerCompression::Gzip).unwrap();
+        let offset = f.layer.layout.entries()[weights_entry(&f.layer)].offset as usize;
+        tar[offset + range.start..offset + range.end].to_vec()
+    }
+
+    #[test]
+    fn the_start_of_a_span_is_served_from_its_head_before_the_rest_arrives() {
+        let (f, open) = gated_fixture(false);
+        let entry = weights_entry(&f.layer);
+        let read = f.layer.read(entry, 0, 64 << 10).unwrap();
+        assert_eq!(read, weights_bytes(&f, 0..64 << 10));
+        assert!(
+            !f.layer.cache.contains(&f.layer.span_key(0)),
+            "span 0 is still on its way"
+        );
+        open.send_replace(true);
+        // The rest arrives and the span is cached whole, each byte fetched once.
+        let span = f.layer.layout.span_input(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f.layer.cache.contains(&f.layer.span_key(0)) {
+            assert!(Instant::now() < deadline, "span 0 was not cached");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(f.blob.served.load(Ordering::SeqCst), span.end - span.start);
+        let far = f.layer.read(entry, 900 << 10, 4096).unwrap();
+        assert_eq!(far, weights_bytes(&f, 900 << 10..(900 << 10) + 4096));
+        assert_eq!(f.blob.served.load(Ordering::SeqCst), span.end - span.start);
+        drop(f.runtime);
+    }
+
+    #[test]
+    fn a_head_that_fails_its_check_is_never_served() {
+        let (f, open) = gated_fixture(true);
+        let entry = weights_entry(&f.layer);
+        let layer = f.layer.clone();
+        let reader = std::thread::spawn(move || layer.read(entry, 0, 64 << 10));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !reader.is_finished(),
+            "the read was answered from a head that does not match its digest"
+        );
+        open.send_replace(true);
+        let read = reader.join().unwrap().unwrap();
+        assert_eq!(read, weights_bytes(&f, 0..64 << 10));
         drop(f.runtime);
     }
 }

@@ -92,6 +92,19 @@ pub trait Layout: Send + Sync + std::fmt::Debug {
     fn decode_window(&self, _i: usize, _bytes: &[u8]) -> Result<Vec<u8>, String> {
         Ok(Vec::new())
     }
+
+    /// The layer-blob bytes of span `i`'s head, when the span is longer
+    /// than its head and the head has a digest of its own: the start of
+    /// the span's output can then be served before the rest arrives.
+    fn head_input(&self, _i: usize) -> Option<Range<u64>> {
+        None
+    }
+
+    /// Verifies span `i`'s head (the bytes at [`Self::head_input`]) and
+    /// decodes it: the start of the span's output.
+    fn decode_head(&self, i: usize, _input: &[u8], _window: &[u8]) -> Result<Vec<u8>, String> {
+        Err(format!("span {i} has no head"))
+    }
 }
 
 /// The seekable index over an unmodified layer.
@@ -169,6 +182,16 @@ impl Layout for IndexLayout {
 
     fn decode_window(&self, i: usize, bytes: &[u8]) -> Result<Vec<u8>, String> {
         self.0.decode_window(i, bytes).map_err(|e| e.to_string())
+    }
+
+    fn head_input(&self, i: usize) -> Option<Range<u64>> {
+        self.0.head_input(i)
+    }
+
+    fn decode_head(&self, i: usize, input: &[u8], window: &[u8]) -> Result<Vec<u8>, String> {
+        self.0
+            .decode_head(i, input, window)
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -2,7 +2,7 @@
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
-    #[error("index format version {0} is not supported (this Pronto reads version 1)")]
+    #[error("index format version {0} is not supported (this Pronto reads versions 1 and 2)")]
     Version(u16),
 
     #[error("invalid index: {0}")]

@@ -5,7 +5,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `PRNTIDX\0` |
-//! | 8 | 2 | format version (1) |
+//! | 8 | 2 | format version (2; version 1 is still read) |
 //! | 10 | 2 | reserved, 0 |
 //! | 12 | 4 | length M of the compressed metadata |
 //! | 16 | M | metadata: [`IndexMeta`] in postcard encoding, raw-deflate compressed |
@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::IndexError;
 
 pub const MAGIC: &[u8; 8] = b"PRNTIDX\0";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// The first format version, still read: its spans carry no head digest.
+pub const VERSION_1: u16 = 1;
 pub const HEADER_SIZE: usize = 16;
 
 /// Limits a parser applies before trusting anything in an index.
@@ -98,6 +100,11 @@ pub struct Span {
     pub uncompressed_start: u64,
     /// SHA-256 of the compressed bytes.
     pub digest: [u8; 32],
+    /// SHA-256 of the span's head: its first [`IndexMeta::head_size`]
+    /// compressed bytes, or all of them when the span is shorter. A reader
+    /// that needs only the start of a span is answered from the head once
+    /// it has arrived and been checked, before the rest of the span.
+    pub head_digest: [u8; 32],
     /// For gzip layers, where to resume decompression.
     pub checkpoint: Option<Checkpoint>,
 }
@@ -109,10 +116,62 @@ pub struct IndexMeta {
     /// The span size the index was built with (spans end at the first
     /// deflate block boundary after this many uncompressed bytes).
     pub span_size: u64,
+    /// How many compressed bytes a span's head digest covers (0: the spans
+    /// carry no head digest, as in format version 1).
+    pub head_size: u64,
     pub entries: Vec<Entry>,
     pub spans: Vec<Span>,
     /// Length of the windows section.
     pub windows_length: u64,
+}
+
+/// Format version 1, read and turned into the current model (no heads).
+mod v1 {
+    use serde::Deserialize;
+
+    use super::{Checkpoint, Entry, IndexMeta, LayerInfo};
+
+    #[derive(Deserialize)]
+    struct Span {
+        compressed_start: u64,
+        compressed_end: u64,
+        uncompressed_start: u64,
+        digest: [u8; 32],
+        checkpoint: Option<Checkpoint>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Meta {
+        layer: LayerInfo,
+        span_size: u64,
+        entries: Vec<Entry>,
+        spans: Vec<Span>,
+        windows_length: u64,
+    }
+
+    impl From<Meta> for IndexMeta {
+        fn from(old: Meta) -> Self {
+            IndexMeta {
+                layer: old.layer,
+                span_size: old.span_size,
+                head_size: 0,
+                entries: old.entries,
+                spans: old
+                    .spans
+                    .into_iter()
+                    .map(|s| super::Span {
+                        compressed_start: s.compressed_start,
+                        compressed_end: s.compressed_end,
+                        uncompressed_start: s.uncompressed_start,
+                        digest: s.digest,
+                        head_digest: [0; 32],
+                        checkpoint: s.checkpoint,
+                    })
+                    .collect(),
+                windows_length: old.windows_length,
+            }
+        }
+    }
 }
 
 /// Serialises `meta` into the index prefix (header plus compressed
@@ -144,7 +203,7 @@ pub fn prefix_len(header: &[u8], limits: &Limits) -> Result<usize, IndexError> {
         return Err(bad("this is not a Pronto index (wrong magic bytes)".into()));
     }
     let version = u16::from_le_bytes([header[8], header[9]]);
-    if version != VERSION {
+    if version != VERSION && version != VERSION_1 {
         return Err(IndexError::Version(version));
     }
     let length = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
@@ -179,8 +238,15 @@ pub fn decode_prefix(prefix: &[u8], limits: &Limits) -> Result<IndexMeta, IndexE
             limits.max_meta_uncompressed
         )));
     }
-    let mut meta: IndexMeta = postcard::from_bytes(&raw)
-        .map_err(|e| IndexError::Malformed(format!("the index metadata is malformed: {e}")))?;
+    let malformed =
+        |e: postcard::Error| IndexError::Malformed(format!("the index metadata is malformed: {e}"));
+    let mut meta: IndexMeta = if u16::from_le_bytes([prefix[8], prefix[9]]) == VERSION_1 {
+        postcard::from_bytes::<v1::Meta>(&raw)
+            .map_err(malformed)?
+            .into()
+    } else {
+        postcard::from_bytes(&raw).map_err(malformed)?
+    };
     drop(raw);
     // serde grows long sequences by doubling (it does not trust their
     // announced length): a big layer's tables would keep up to half
@@ -189,4 +255,96 @@ pub fn decode_prefix(prefix: &[u8], limits: &Limits) -> Result<IndexMeta, IndexE
     meta.spans.shrink_to_fit();
     crate::validate::validate(&meta, limits)?;
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Serialize;
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::{LayerIndex, LayerToIndex, build_index};
+
+    /// Format version 1's layout, to write an index as Pronto did before
+    /// spans had heads.
+    #[derive(Serialize)]
+    struct SpanV1<'a> {
+        compressed_start: u64,
+        compressed_end: u64,
+        uncompressed_start: u64,
+        digest: [u8; 32],
+        checkpoint: &'a Option<Checkpoint>,
+    }
+
+    #[derive(Serialize)]
+    struct MetaV1<'a> {
+        layer: &'a LayerInfo,
+        span_size: u64,
+        entries: &'a [Entry],
+        spans: Vec<SpanV1<'a>>,
+        windows_length: u64,
+    }
+
+    #[test]
+    fn a_version_1_index_still_reads_without_heads() {
+        let mut tar = tar::Builder::new(Vec::new());
+        let data = vec![7u8; 300_000];
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, "data", data.as_slice())
+            .unwrap();
+        let blob = tar.into_inner().unwrap();
+        let layer = LayerToIndex {
+            digest: format!("sha256:{}", hex::encode(Sha256::digest(&blob))),
+            size: blob.len() as u64,
+            compression: LayerCompression::None,
+        };
+        let built = build_index(blob.as_slice(), &layer, 64 << 10, std::io::sink()).unwrap();
+        assert_eq!(built.meta.head_size, crate::HEAD_SIZE);
+        let meta = &built.meta;
+        let old = MetaV1 {
+            layer: &meta.layer,
+            span_size: meta.span_size,
+            entries: &meta.entries,
+            spans: meta
+                .spans
+                .iter()
+                .map(|s| SpanV1 {
+                    compressed_start: s.compressed_start,
+                    compressed_end: s.compressed_end,
+                    uncompressed_start: s.uncompressed_start,
+                    digest: s.digest,
+                    checkpoint: &s.checkpoint,
+                })
+                .collect(),
+            windows_length: meta.windows_length,
+        };
+        let compressed = crate::deflate(&postcard::to_stdvec(&old).unwrap());
+        let mut prefix = MAGIC.to_vec();
+        prefix.extend_from_slice(&VERSION_1.to_le_bytes());
+        prefix.extend_from_slice(&0u16.to_le_bytes());
+        prefix.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
+        prefix.extend_from_slice(&compressed);
+
+        let index = LayerIndex::parse(&prefix).unwrap();
+        assert_eq!(index.meta().head_size, 0);
+        assert_eq!(index.meta().spans.len(), meta.spans.len());
+        assert!((0..meta.spans.len()).all(|i| index.head_input(i).is_none()));
+        let file = &index.meta().entries[0];
+        let read = index
+            .read_range(
+                file.offset..file.offset + file.size,
+                |r| Ok(blob[r.start as usize..r.end as usize].to_vec()),
+                |_| unreachable!("a plain tar has no windows"),
+            )
+            .unwrap();
+        assert_eq!(read, data);
+
+        let mut future = prefix.clone();
+        future[8] = 3;
+        let err = LayerIndex::parse(&future).unwrap_err().to_string();
+        assert!(err.contains("version 3"), "{err}");
+    }
 }

@@ -16,7 +16,7 @@ mod verify;
 
 use std::io::{Read, Write};
 
-pub use build::{BuiltIndex, DEFAULT_SPAN_SIZE, LayerToIndex, build_index};
+pub use build::{BuiltIndex, DEFAULT_SPAN_SIZE, HEAD_SIZE, LayerToIndex, build_index};
 pub use error::IndexError;
 pub use format::{
     Checkpoint, Entry, EntryKind, HEADER_SIZE, IndexMeta, LayerCompression, LayerInfo, Limits,

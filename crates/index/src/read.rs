@@ -122,25 +122,83 @@ impl LayerIndex {
         window: &[u8],
     ) -> Result<Vec<u8>, IndexError> {
         let span = &self.meta.spans[i];
-        let span_error = |problem: String| IndexError::Span {
+        self.check_input(i, compressed, self.span_input(i), &span.digest, "its bytes")?;
+        self.inflate(i, compressed, window, true)
+    }
+
+    /// The layer-blob bytes of span `i`'s head, when its index has head
+    /// digests and the span is longer than its head (see
+    /// [`crate::Span::head_digest`]).
+    pub fn head_input(&self, i: usize) -> Option<Range<u64>> {
+        let size = self.meta.head_size;
+        let input = self.span_input(i);
+        (size > 0 && input.end - input.start > size).then(|| input.start..input.start + size)
+    }
+
+    /// Verifies span `i`'s head (the bytes at [`Self::head_input`]) against
+    /// its digest and returns the tar-stream bytes it decodes to: the
+    /// start of [`Self::span_output`], as far as the head reaches.
+    pub fn decode_head(
+        &self,
+        i: usize,
+        compressed: &[u8],
+        window: &[u8],
+    ) -> Result<Vec<u8>, IndexError> {
+        let Some(input) = self.head_input(i) else {
+            return Err(self.span_error(i, "it has no head digest".into()));
+        };
+        let span = &self.meta.spans[i];
+        self.check_input(i, compressed, input, &span.head_digest, "its head")?;
+        self.inflate(i, compressed, window, false)
+    }
+
+    fn span_error(&self, i: usize, problem: String) -> IndexError {
+        IndexError::Span {
             layer: self.meta.layer.digest.clone(),
             span: i,
             problem,
-        };
-        let input = self.span_input(i);
-        if compressed.len() as u64 != input.end - input.start {
-            return Err(span_error(format!(
-                "got {} bytes, expected {}",
-                compressed.len(),
-                input.end - input.start
-            )));
         }
-        let digest: [u8; 32] = Sha256::digest(compressed).into();
-        if digest != span.digest {
-            return Err(span_error(
-                "its bytes do not match the digest in the index".into(),
+    }
+
+    /// Checks that `compressed` is `input`'s bytes: its length, and its
+    /// SHA-256 against `digest`.
+    fn check_input(
+        &self,
+        i: usize,
+        compressed: &[u8],
+        input: Range<u64>,
+        digest: &[u8; 32],
+        what: &str,
+    ) -> Result<(), IndexError> {
+        if compressed.len() as u64 != input.end - input.start {
+            return Err(self.span_error(
+                i,
+                format!(
+                    "got {} bytes, expected {}",
+                    compressed.len(),
+                    input.end - input.start
+                ),
             ));
         }
+        let actual: [u8; 32] = Sha256::digest(compressed).into();
+        if &actual != digest {
+            return Err(self.span_error(i, format!("{what} do not match the digest in the index")));
+        }
+        Ok(())
+    }
+
+    /// Decodes verified bytes from the start of span `i`: all of it
+    /// (`whole`: the output must be exactly the span's), or its head (the
+    /// output may be shorter, never longer).
+    fn inflate(
+        &self,
+        i: usize,
+        compressed: &[u8],
+        window: &[u8],
+        whole: bool,
+    ) -> Result<Vec<u8>, IndexError> {
+        let span = &self.meta.spans[i];
+        let span_error = |problem: String| self.span_error(i, problem);
         let output = self.span_output(i);
         let len = (output.end - output.start) as usize;
         match (self.meta.layer.compression, &span.checkpoint) {
@@ -171,13 +229,13 @@ impl LayerIndex {
                         break;
                     }
                 }
-                if pos_out != len {
+                if pos_out > len || (whole && pos_out != len) {
                     let more = if pos_out > len { "more than " } else { "" };
                     return Err(span_error(format!(
                         "decompressed to {more}{pos_out} bytes, expected {len}"
                     )));
                 }
-                out.truncate(len);
+                out.truncate(pos_out);
                 Ok(out)
             }
             (LayerCompression::Gzip, None) => Err(span_error("it has no checkpoint".into())),

@@ -34,6 +34,12 @@ pub fn validate(meta: &IndexMeta, limits: &Limits) -> Result<(), IndexError> {
             limits.max_spans
         ));
     }
+    if meta.head_size != 0 && !(4096..=16 << 20).contains(&meta.head_size) {
+        return bad(format!(
+            "span heads of {} bytes (0, or 4 KiB to 16 MiB)",
+            meta.head_size
+        ));
+    }
     validate_spans(meta)?;
     let entry_limits = pronto_layer::EntryLimits {
         max_name_len: limits.max_name_len,

@@ -53,17 +53,18 @@ impl LayerTruth {
             compression: meta.layer.compression,
         };
         let starts = meta.spans.iter().map(|s| s.uncompressed_start).collect();
-        let scanned = scan(blob, &layer, Boundaries::At(starts)).map_err(|e| match e {
-            // A claimed tar stream that the layer does not have.
-            IndexError::Unsupported { digest, problem }
-            | IndexError::CorruptLayer {
-                digest, problem, ..
-            } => IndexError::Mismatch {
-                layer: digest,
-                problem: format!("the layer does not read as the index says: {problem}"),
-            },
-            other => other,
-        })?;
+        let scanned =
+            scan(blob, &layer, Boundaries::At(starts), meta.head_size).map_err(|e| match e {
+                // A claimed tar stream that the layer does not have.
+                IndexError::Unsupported { digest, problem }
+                | IndexError::CorruptLayer {
+                    digest, problem, ..
+                } => IndexError::Mismatch {
+                    layer: digest,
+                    problem: format!("the layer does not read as the index says: {problem}"),
+                },
+                other => other,
+            })?;
         Ok(Self { scanned })
     }
 
@@ -168,6 +169,11 @@ fn compare_spans(
         }
         if c.digest != t.digest {
             return Err(format!("span {i} has a digest that is not its bytes'"));
+        }
+        if meta.head_size > 0 && c.head_digest != t.head_digest {
+            return Err(format!(
+                "span {i} has a head digest that is not its first bytes'"
+            ));
         }
         match (&c.checkpoint, &t.checkpoint) {
             (None, None) => {}

@@ -240,6 +240,56 @@ fn tampered_spans_and_windows_are_rejected() {
 }
 
 #[test]
+fn a_span_head_decodes_to_the_start_of_its_span_and_is_checked() {
+    for compression in [Compression::Gzip(6), Compression::None] {
+        let layer = Layer::new()
+            .compression(compression)
+            .file("weights", Content::random(9, 3 << 20));
+        let indexed = index_layer(&layer, 1 << 20);
+        let index = &indexed.index;
+        let mut heads = 0;
+        for i in 0..index.meta().spans.len() {
+            let Some(head) = index.head_input(i) else {
+                continue;
+            };
+            heads += 1;
+            let window = match index.window_range(i) {
+                Some(r) => index
+                    .decode_window(i, &indexed.index_blob[r.start as usize..r.end as usize])
+                    .unwrap(),
+                None => Vec::new(),
+            };
+            let input = index.span_input(i);
+            let span = &indexed.blob[input.start as usize..input.end as usize];
+            let whole = index.decode_span(i, span, &window).unwrap();
+            let mut head_bytes = indexed.blob[head.start as usize..head.end as usize].to_vec();
+            let start = index.decode_head(i, &head_bytes, &window).unwrap();
+            assert!(
+                !start.is_empty() && start.len() < whole.len(),
+                "span {i}: a head of {} bytes decoded to {} of {}",
+                head_bytes.len(),
+                start.len(),
+                whole.len()
+            );
+            assert_eq!(start, whole[..start.len()], "span {i}");
+
+            head_bytes[1000] ^= 1;
+            let err = index
+                .decode_head(i, &head_bytes, &window)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("head") && err.contains("digest"), "{err}");
+            let err = index
+                .decode_head(i, &head_bytes[..1000], &window)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("expected"), "{err}");
+        }
+        assert!(heads >= 3, "{compression:?}: {heads} spans with heads");
+    }
+}
+
+#[test]
 fn a_blob_that_is_not_the_layer_is_refused() {
     let layer = edge_layer(Compression::Gzip(6));
     let mut blob = Vec::new();

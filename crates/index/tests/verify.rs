@@ -88,6 +88,7 @@ fn every_forgery_is_found_and_named() {
             "first extra: \"bin/sh\"",
         ),
         (Forgery::ShiftedSpan { span: 2, by: 512 }, "span 2"),
+        (Forgery::WrongHead { span: 1 }, "span 1 has a head digest"),
         (
             Forgery::AlteredWindow { span: fox_span },
             "window is not the layer's data",

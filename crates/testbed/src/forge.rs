@@ -22,6 +22,8 @@ pub enum Forgery {
     AddedEntry { path: String, source: String },
     /// Span `span`'s output is said to start `by` bytes later.
     ShiftedSpan { span: usize, by: u64 },
+    /// Span `span`'s head digest is that of other bytes.
+    WrongHead { span: usize },
     /// Span `span`'s window has its ASCII letters upper-cased (and its
     /// digest recomputed): data decoded through it changes.
     AlteredWindow { span: usize },
@@ -78,6 +80,12 @@ pub fn forge(genuine: &[u8], forgery: &Forgery) -> Result<ForgedIndex> {
                 bail!("the index has no span {span}");
             };
             target.uncompressed_start += by;
+        }
+        Forgery::WrongHead { span } => {
+            let Some(target) = meta.spans.get_mut(*span) else {
+                bail!("the index has no span {span}");
+            };
+            target.head_digest = Sha256::digest(b"other bytes").into();
         }
         Forgery::AlteredWindow { span } => {
             let Some(checkpoint) = meta.spans.get(*span).and_then(|s| s.checkpoint.clone()) else {
