@@ -165,10 +165,10 @@ const SPLIT_PARTS: u64 = 4;
 /// [`SPLIT_FROM`]), joined in order.
 async fn read_split(blob: &dyn BlobReader, range: Range<u64>) -> Result<Bytes, String> {
     let len = range.end - range.start;
-    if len < SPLIT_FROM {
+    let parts = split_parts(len);
+    if parts == 1 {
         return blob.read(range).await;
     }
-    let parts = (len / SPLIT_PART).clamp(1, SPLIT_PARTS);
     let part = len.div_ceil(parts);
     let reads = (0..parts).map(|i| {
         let start = range.start + i * part;
@@ -180,6 +180,15 @@ async fn read_split(blob: &dyn BlobReader, range: Range<u64>) -> Result<Bytes, S
         joined.extend_from_slice(&part);
     }
     Ok(Bytes::from(joined))
+}
+
+/// How many range requests [`read_split`] makes for `len` bytes.
+fn split_parts(len: u64) -> u64 {
+    if len < SPLIT_FROM {
+        1
+    } else {
+        (len / SPLIT_PART).clamp(1, SPLIT_PARTS)
+    }
 }
 
 fn seconds(d: Duration) -> String {
@@ -571,6 +580,11 @@ impl IndexedLayer {
                 .layout
                 .head_input(run.start)
                 .filter(|head| waited && head.end < last);
+            let requests = match &head {
+                Some(head) => 1 + split_parts(last - head.end),
+                None if waited => split_parts(last - first),
+                None => 1,
+            };
             let (bytes, window) = if let Some(head) = head {
                 let (head, rest) = tokio::join!(
                     self.fetch_head(run.start, head.clone()),
@@ -605,9 +619,9 @@ impl IndexedLayer {
             if purpose == Purpose::OnDemand {
                 self.stats
                     .on_demand_requests
-                    .fetch_add(1, Ordering::Relaxed);
+                    .fetch_add(requests, Ordering::Relaxed);
             }
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.stats.requests.fetch_add(requests, Ordering::Relaxed);
             metrics().fetched(purpose, bytes.len() as u64);
             let arrived = asked.elapsed();
             match self.decode_and_store(&run, first, &bytes, window).await {
@@ -2100,6 +2114,16 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(f.blob.served.load(Ordering::SeqCst), span.end - span.start);
+        // Every range request is counted, the head's and the parts'.
+        assert_eq!(
+            f.layer.stats.requests.load(Ordering::SeqCst),
+            f.blob.requests()
+        );
+        assert_eq!(
+            f.layer.stats.on_demand_requests.load(Ordering::SeqCst),
+            f.blob.requests()
+        );
+        assert!(f.blob.requests() > 1, "the head came on its own");
         let far = f.layer.read(entry, 900 << 10, 4096).unwrap();
         assert_eq!(far, weights_bytes(&f, 900 << 10..(900 << 10) + 4096));
         assert_eq!(f.blob.served.load(Ordering::SeqCst), span.end - span.start);
