@@ -237,6 +237,19 @@ pub struct IndexedLayer {
 /// arrived and been checked); closed when the fetch ends.
 type HeadSender = tokio::sync::watch::Sender<Option<Bytes>>;
 
+/// Ends the publication of a span's head when dropped (see
+/// [`IndexedLayer::end_head`]).
+struct HeadPublication<'a> {
+    layer: &'a IndexedLayer,
+    span: usize,
+}
+
+impl Drop for HeadPublication<'_> {
+    fn drop(&mut self) {
+        self.layer.end_head(self.span);
+    }
+}
+
 impl std::fmt::Debug for IndexedLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IndexedLayer")
@@ -546,20 +559,12 @@ impl IndexedLayer {
         purpose: Purpose,
         waited: bool,
     ) -> Result<(), ReadError> {
-        let result = self.fetch_run_once(run.clone(), purpose, waited).await;
-        if waited {
-            self.end_head(run.start);
-        }
-        result
-    }
-
-    /// [`Self::fetch_run`], without ending its head's publication.
-    async fn fetch_run_once(
-        &self,
-        run: Range<usize>,
-        purpose: Purpose,
-        waited: bool,
-    ) -> Result<(), ReadError> {
+        // However the fetch ends (also when its reader gives up and drops
+        // it), readers waiting for its head stop waiting.
+        let _head = waited.then(|| HeadPublication {
+            layer: self,
+            span: run.start,
+        });
         let first = self.layout.span_input(run.start).start;
         let last = self.layout.span_input(run.end - 1).end;
         tracing::debug!(
@@ -2050,13 +2055,14 @@ mod tests {
         inner: Counted,
         open: tokio::sync::watch::Receiver<bool>,
         tamper_a_head: AtomicBool,
+        hold_heads: bool,
     }
 
     impl BlobReader for Gated {
         fn read(&self, range: Range<u64>) -> ReadFuture<'_> {
             Box::pin(async move {
                 let head = range.end - range.start == pronto_index::HEAD_SIZE;
-                if !head {
+                if !head || self.hold_heads {
                     let mut open = self.open.clone();
                     open.wait_for(|open| *open)
                         .await
@@ -2076,12 +2082,21 @@ mod tests {
     /// A layer of 3 MiB of weights in 1 MiB spans, no read-ahead, read
     /// through [`Gated`]; the sender opens the gate.
     fn gated_fixture(tamper_a_head: bool) -> (Fixture, tokio::sync::watch::Sender<bool>) {
+        gated_fixture_as(tamper_a_head, false)
+    }
+
+    /// [`gated_fixture`]; `hold_heads`: heads wait for the gate too.
+    fn gated_fixture_as(
+        tamper_a_head: bool,
+        hold_heads: bool,
+    ) -> (Fixture, tokio::sync::watch::Sender<bool>) {
         let (open_tx, open) = tokio::sync::watch::channel(false);
         let f = fixture_spans(3 << 20, 1 << 20, 0, Arc::default(), |blob| {
             Box::new(Gated {
                 inner: blob,
                 open,
                 tamper_a_head: AtomicBool::new(tamper_a_head),
+                hold_heads,
             })
         });
         assert!(f.layer.layout.head_input(0).is_some(), "span 0 has a head");
@@ -2144,6 +2159,29 @@ mod tests {
         open.send_replace(true);
         let read = reader.join().unwrap().unwrap();
         assert_eq!(read, weights_bytes(&f, 0..64 << 10));
+        drop(f.runtime);
+    }
+
+    #[test]
+    fn a_fetch_given_up_leaves_no_head_for_readers_to_wait_on() {
+        let (f, open) = gated_fixture_as(false, true);
+        let layer = f.layer.clone();
+        // A fetch that publishes its head, dropped while the registry
+        // holds it (as a reader's timeout or a read-ahead's does).
+        let given_up = f.runtime.block_on(async move {
+            tokio::time::timeout(
+                Duration::from_millis(200),
+                layer.ensure_spans_as(0..1, Purpose::ReadAhead, true),
+            )
+            .await
+        });
+        assert!(given_up.is_err(), "the fetch ended before it was dropped");
+        open.send_replace(true);
+        // The registry answers again: a reader of the span's start gets its
+        // bytes (instead of waiting for a head nobody fetches any more).
+        let entry = weights_entry(&f.layer);
+        let read = f.layer.read(entry, 0, 4096).unwrap();
+        assert_eq!(read, weights_bytes(&f, 0..4096));
         drop(f.runtime);
     }
 }
