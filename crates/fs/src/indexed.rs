@@ -900,12 +900,44 @@ impl IndexedLayer {
         if !ahead.after_read {
             self.read_ahead(ahead.spans.clone(), false);
         }
+        let last = self.layout.spans_for(range.clone()).end.checked_sub(1);
         let bytes = self.read_stream(range).await?;
         if ahead.after_read {
-            // The reader is about to need these: as fast as a read of its own.
-            self.read_ahead(ahead.spans, true);
+            match last.filter(|last| !self.cache.contains(&self.span_key(*last))) {
+                // Answered from the head of a span still on its way: the
+                // reader's next reads wait for the rest of it, which must
+                // not share the link with what comes after.
+                Some(last) => self.read_ahead_after(last, ahead.spans),
+                // The reader is about to need these: as fast as a read of
+                // its own.
+                None => self.read_ahead(ahead.spans, true),
+            }
         }
         Ok(bytes)
+    }
+
+    /// [`Self::read_ahead`] of `ahead` for a young reader, once span
+    /// `span` is local.
+    fn read_ahead_after(&self, span: usize, ahead: Range<usize>) {
+        if ahead.is_empty() {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        self.runtime.spawn(async move {
+            let mut shutdown = me.shutdown.clone();
+            let local = tokio::select! {
+                result = tokio::time::timeout(
+                    me.read_timeout,
+                    me.ensure_spans_as(span..span + 1, Purpose::ReadAhead, true),
+                ) => result.is_ok_and(|fetched| fetched.is_ok()),
+                _ = shutdown.wait_for(|down| *down) => false,
+            };
+            if local {
+                me.read_ahead(ahead, true);
+            }
+        });
     }
 
     /// Fetches the spans holding `ranges` (entry, offset in the file,
