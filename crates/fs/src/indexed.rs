@@ -723,16 +723,11 @@ impl IndexedLayer {
         drop(heads);
         self.runtime.spawn(async move {
             let _foreground = me.scheduler.foreground();
-            let mut shutdown = me.shutdown.clone();
-            let fetched = tokio::select! {
-                result = tokio::time::timeout(
-                    me.read_timeout,
-                    me.ensure_spans_as(i..i + 1, Purpose::OnDemand, true),
-                ) => result.unwrap_or_else(|_| Err(me.error(format!("span {i}: timed out")))),
-                _ = shutdown.wait_for(|down| *down) => Ok(()),
-            };
+            let fetched = me
+                .bounded(me.ensure_spans_as(i..i + 1, Purpose::OnDemand, true))
+                .await;
             me.end_head(i);
-            if let Err(err) = fetched {
+            if let Some(Err(err)) = fetched {
                 tracing::debug!(
                     layer = me.digest(),
                     span = i,
@@ -741,6 +736,17 @@ impl IndexedLayer {
             }
         });
         Some(receiver)
+    }
+
+    /// The head `receiver` publishes, once it has arrived, if it holds the
+    /// span's output up to `to`; `None` when it does not reach or its
+    /// fetch ended without it.
+    async fn wait_for_head(
+        mut receiver: tokio::sync::watch::Receiver<Option<Bytes>>,
+        to: u64,
+    ) -> Option<Bytes> {
+        let start = receiver.wait_for(Option::is_some).await.ok()?.clone()?;
+        (start.len() as u64 >= to).then_some(start)
     }
 
     /// Verifies, decodes and caches spans `run` from `bytes` (which start
@@ -855,18 +861,28 @@ impl IndexedLayer {
             return Err(self.error(format!("its index is poisoned: {problem}")));
         }
         let _foreground = self.scheduler.foreground();
+        self.bounded(self.read_stream_inner(range))
+            .await
+            .unwrap_or_else(|| Err(self.error("the mount is shutting down".into())))
+    }
+
+    /// Runs `work` for at most `fetch.read_timeout` (then it fails), and
+    /// not past the mount's shutdown (`None` then).
+    async fn bounded<T>(
+        &self,
+        work: impl Future<Output = Result<T, ReadError>>,
+    ) -> Option<Result<T, ReadError>> {
         let mut shutdown = self.shutdown.clone();
         let timeout = self.read_timeout;
-        let result = tokio::select! {
-            result = tokio::time::timeout(timeout, self.read_stream_inner(range)) => {
-                result.unwrap_or_else(|_| Err(self.error(format!(
+        tokio::select! {
+            result = tokio::time::timeout(timeout, work) => {
+                Some(result.unwrap_or_else(|_| Err(self.error(format!(
                     "gave up after {} waiting for the registry (fetch.read_timeout)",
                     seconds(timeout)
-                ))))
+                )))))
             }
-            _ = shutdown.wait_for(|down| *down) => Err(self.error("the mount is shutting down".into())),
-        };
-        result
+            _ = shutdown.wait_for(|down| *down) => None,
+        }
     }
 
     /// The tar-stream range a read of `len` bytes at `offset` of file
@@ -900,7 +916,9 @@ impl IndexedLayer {
         if !ahead.after_read {
             self.read_ahead(ahead.spans.clone(), false);
         }
-        let last = self.layout.spans_for(range.clone()).end.checked_sub(1);
+        let last = (ahead.after_read && !ahead.spans.is_empty())
+            .then(|| self.layout.spans_for(range.clone()).end.checked_sub(1))
+            .flatten();
         let bytes = self.read_stream(range).await?;
         if ahead.after_read {
             match last.filter(|last| !self.cache.contains(&self.span_key(*last))) {
@@ -926,15 +944,10 @@ impl IndexedLayer {
             return;
         };
         self.runtime.spawn(async move {
-            let mut shutdown = me.shutdown.clone();
-            let local = tokio::select! {
-                result = tokio::time::timeout(
-                    me.read_timeout,
-                    me.ensure_spans_as(span..span + 1, Purpose::ReadAhead, true),
-                ) => result.is_ok_and(|fetched| fetched.is_ok()),
-                _ = shutdown.wait_for(|down| *down) => false,
-            };
-            if local {
+            let local = me
+                .bounded(me.ensure_spans_as(span..span + 1, Purpose::ReadAhead, true))
+                .await;
+            if matches!(local, Some(Ok(()))) {
                 me.read_ahead(ahead, true);
             }
         });
@@ -1038,15 +1051,15 @@ impl IndexedLayer {
             let layer = me.clone();
             self.runtime.spawn(async move {
                 let _foreground = layer.scheduler.foreground();
-                let mut shutdown = layer.shutdown.clone();
-                let fetched = tokio::select! {
-                    result = tokio::time::timeout(layer.read_timeout, async {
+                let fetched = layer
+                    .bounded(async {
                         let _slot = layer.scheduler.read_ahead_slot().await;
-                        layer.ensure_spans_as(run.clone(), Purpose::ReadAhead, soon).await
-                    }) => result.unwrap_or_else(|_| Err(layer.error("read-ahead timed out".into()))),
-                    _ = shutdown.wait_for(|down| *down) => Ok(()),
-                };
-                if let Err(err) = fetched {
+                        layer
+                            .ensure_spans_as(run.clone(), Purpose::ReadAhead, soon)
+                            .await
+                    })
+                    .await;
+                if let Some(Err(err)) = fetched {
                     tracing::debug!(layer = layer.digest(), spans = ?run, "read-ahead stopped: {err}");
                 }
             });
@@ -1338,19 +1351,6 @@ impl IndexedLayer {
             out.extend_from_slice(&part);
         }
         Ok(out)
-    }
-}
-
-impl IndexedLayer {
-    /// The head `receiver` publishes, once it has arrived, if it holds the
-    /// span's output up to `to`; `None` when it does not reach or its
-    /// fetch ended without it.
-    async fn wait_for_head(
-        mut receiver: tokio::sync::watch::Receiver<Option<Bytes>>,
-        to: u64,
-    ) -> Option<Bytes> {
-        let start = receiver.wait_for(Option::is_some).await.ok()?.clone()?;
-        (start.len() as u64 >= to).then_some(start)
     }
 }
 
