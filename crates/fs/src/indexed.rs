@@ -160,6 +160,12 @@ const SPLIT_FROM: u64 = 2 << 20;
 const SPLIT_PART: u64 = 1 << 20;
 /// At most this many parts.
 const SPLIT_PARTS: u64 = 4;
+/// Bytes a file must have been read in order before the head of the span
+/// after the one its reader waits for is fetched ahead (see
+/// [`IndexedLayer::head_ahead`]).
+const HEAD_AHEAD_AFTER: u64 = 256 << 10;
+/// Heads fetched ahead that a layer keeps for their spans' fetches.
+const MAX_HEADS_AHEAD: usize = 8;
 
 /// Reads `range` of `blob` as parallel parts when it is long enough (see
 /// [`SPLIT_FROM`]), joined in order.
@@ -227,26 +233,47 @@ pub struct IndexedLayer {
     read_timeout: Duration,
     /// Why the index was found not to match the layer: every read fails.
     poisoned: std::sync::OnceLock<String>,
-    /// Spans being fetched with their head first (see [`Layout::head_input`]):
-    /// the start of the span's output once the head is checked, for
-    /// readers that need no more of it.
-    heads: std::sync::Mutex<HashMap<usize, Arc<HeadSender>>>,
+    /// Spans whose head is fetched first or ahead (see [`Layout::head_input`]).
+    heads: std::sync::Mutex<Heads>,
 }
 
-/// Publishes the decoded head of a span being fetched (`None` until it has
-/// arrived and been checked); closed when the fetch ends.
-type HeadSender = tokio::sync::watch::Sender<Option<Bytes>>;
+/// A span's head, checked and decoded.
+#[derive(Debug)]
+struct Head {
+    /// The start of the span's output: what readers that need no more of
+    /// it are answered from.
+    start: Bytes,
+    /// The layer bytes it came from: the span's fetch starts with them.
+    input: Bytes,
+    /// The span's window it was decoded with.
+    window: Vec<u8>,
+}
 
-/// Ends the publication of a span's head when dropped (see
-/// [`IndexedLayer::end_head`]).
+/// Publishes the head of a span (`None` until it has arrived and been
+/// checked); closed when the span's fetch ends.
+type HeadSender = tokio::sync::watch::Sender<Option<Arc<Head>>>;
+
+/// The heads a layer publishes, by span.
+#[derive(Debug, Default)]
+struct Heads {
+    senders: HashMap<usize, Arc<HeadSender>>,
+    /// Spans whose head was fetched ahead of their fetch, oldest first: at
+    /// most [`MAX_HEADS_AHEAD`] are kept for a fetch to take over.
+    ahead: std::collections::VecDeque<usize>,
+}
+
+/// Ends the publication of the heads of spans being fetched when dropped
+/// (see [`IndexedLayer::end_head`]).
 struct HeadPublication<'a> {
     layer: &'a IndexedLayer,
-    span: usize,
+    spans: Range<usize>,
 }
 
 impl Drop for HeadPublication<'_> {
     fn drop(&mut self) {
-        self.layer.end_head(self.span);
+        for i in self.spans.clone() {
+            self.layer.end_head(i);
+        }
     }
 }
 
@@ -560,11 +587,13 @@ impl IndexedLayer {
         waited: bool,
     ) -> Result<(), ReadError> {
         // However the fetch ends (also when its reader gives up and drops
-        // it), readers waiting for its head stop waiting.
-        let _head = waited.then(|| HeadPublication {
+        // it), readers waiting for its heads stop waiting.
+        let _heads = HeadPublication {
             layer: self,
-            span: run.start,
-        });
+            spans: run.clone(),
+        };
+        // A head fetched ahead: the fetch starts after it.
+        let stored = self.take_head(run.start);
         let first = self.layout.span_input(run.start).start;
         let last = self.layout.span_input(run.end - 1).end;
         tracing::debug!(
@@ -581,16 +610,34 @@ impl IndexedLayer {
             // its bytes, not after them, and its head on its own, to be
             // served first. Later spans take their windows from the span
             // before.
+            let stored = stored.as_ref().filter(|_| attempt == 1);
             let head = self
                 .layout
                 .head_input(run.start)
-                .filter(|head| waited && head.end < last);
-            let requests = match &head {
-                Some(head) => 1 + split_parts(last - head.end),
-                None if waited => split_parts(last - first),
-                None => 1,
+                .filter(|head| waited && head.end < last && stored.is_none());
+            let requests = match (&head, stored) {
+                (Some(head), _) => 1 + split_parts(last - head.end),
+                (None, Some(stored)) if waited => {
+                    split_parts(last - first - stored.input.len() as u64)
+                }
+                (None, None) if waited => split_parts(last - first),
+                (None, _) => 1,
             };
-            let (bytes, window) = if let Some(head) = head {
+            let (bytes, window) = if let Some(stored) = stored {
+                let from = first + stored.input.len() as u64;
+                let rest = if waited {
+                    read_split(self.layer.as_ref(), from..last).await
+                } else {
+                    self.layer.read(from..last).await
+                };
+                let bytes = rest.map(|rest| {
+                    let mut joined = Vec::with_capacity((last - first) as usize);
+                    joined.extend_from_slice(&stored.input);
+                    joined.extend_from_slice(&rest);
+                    Bytes::from(joined)
+                });
+                (bytes, Some(stored.window.clone()))
+            } else if let Some(head) = head {
                 let (head, rest) = tokio::join!(
                     self.fetch_head(run.start, head.clone()),
                     read_split(self.layer.as_ref(), head.end..last)
@@ -620,14 +667,16 @@ impl IndexedLayer {
                 Purpose::Profile => &self.stats.profile_bytes,
                 _ => &self.stats.layer_bytes,
             };
-            counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            // A head fetched ahead was counted then.
+            let fetched = (bytes.len() - stored.map_or(0, |s| s.input.len())) as u64;
+            counter.fetch_add(fetched, Ordering::Relaxed);
             if purpose == Purpose::OnDemand {
                 self.stats
                     .on_demand_requests
                     .fetch_add(requests, Ordering::Relaxed);
             }
             self.stats.requests.fetch_add(requests, Ordering::Relaxed);
-            metrics().fetched(purpose, bytes.len() as u64);
+            metrics().fetched(purpose, fetched);
             let arrived = asked.elapsed();
             match self.decode_and_store(&run, first, &bytes, window).await {
                 Ok(()) => {
@@ -656,7 +705,7 @@ impl IndexedLayer {
     /// then fails too, and the span is fetched again.
     async fn fetch_head(&self, i: usize, head: Range<u64>) -> Result<(Bytes, Vec<u8>), ReadError> {
         // Readers arriving from now on wait for this head.
-        let sender = self.head_sender(i);
+        let sender = self.head_sender(i, false);
         let (bytes, window) = tokio::join!(self.layer.read(head), self.window(i));
         let bytes = bytes.map_err(|e| self.error(format!("head of span {i}: {e}")))?;
         let window = window?;
@@ -672,29 +721,98 @@ impl IndexedLayer {
                     bytes = start.len(),
                     "head of span served"
                 );
-                sender.send_replace(Some(Bytes::from(start)));
+                sender.send_replace(Some(Arc::new(Head {
+                    start: Bytes::from(start),
+                    input: bytes.clone(),
+                    window: window.clone(),
+                })));
             }
             Err(err) => tracing::warn!(layer = %self.layout.layer_digest(), "{err}"),
         }
         Ok((bytes, window))
     }
 
-    /// The sender readers of span `i`'s head wait on, made if none is.
-    fn head_sender(&self, i: usize) -> Arc<HeadSender> {
+    /// The sender readers of span `i`'s head wait on, made if none is;
+    /// `ahead`: the head is fetched ahead of its span, and kept for the
+    /// span's fetch (the oldest such head beyond [`MAX_HEADS_AHEAD`] is
+    /// let go).
+    fn head_sender(&self, i: usize, ahead: bool) -> Arc<HeadSender> {
         let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
-        heads
+        let sender = heads
+            .senders
             .entry(i)
             .or_insert_with(|| Arc::new(HeadSender::new(None)))
-            .clone()
+            .clone();
+        if ahead && !heads.ahead.contains(&i) {
+            heads.ahead.push_back(i);
+            while heads.ahead.len() > MAX_HEADS_AHEAD {
+                let oldest = heads.ahead.pop_front().expect("longer than the maximum");
+                heads.senders.remove(&oldest);
+            }
+        }
+        sender
     }
 
     /// Ends the publication of span `i`'s head: its readers stop waiting
     /// for it (the span is local, or its fetch failed).
     fn end_head(&self, i: usize) {
-        self.heads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&i);
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        heads.senders.remove(&i);
+        heads.ahead.retain(|&j| j != i);
+    }
+
+    /// The head of span `i` fetched ahead, if there is one, for the span's
+    /// fetch to start from: no longer let go to make room for others.
+    fn take_head(&self, i: usize) -> Option<Arc<Head>> {
+        let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        let position = heads.ahead.iter().position(|&j| j == i)?;
+        heads.ahead.remove(position);
+        heads.senders.get(&i)?.borrow().clone()
+    }
+
+    /// Fetches the head of span `i` ahead of the span, for a reader going
+    /// through the span before it in order, which will need the start of
+    /// span `i` soon: a read crossing into a span is then answered from
+    /// its head, at once, and the span's own fetch starts after the head
+    /// (each byte is fetched once). Nothing happens when the span has no
+    /// head, is local, or is being fetched.
+    fn head_ahead(&self, i: usize) {
+        if self.layout.head_input(i).is_none()
+            || self.cache.contains(&self.span_key(i))
+            || self.span_locks[i].try_lock().is_err()
+        {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        self.runtime.spawn(async move {
+            // Holding the span's lock: a fetch of the span waits for the
+            // head and starts from it.
+            let Ok(_fetching) = me.span_locks[i].try_lock() else {
+                return;
+            };
+            if me.cache.contains(&me.span_key(i)) {
+                return;
+            }
+            let Some(head) = me.layout.head_input(i) else {
+                return;
+            };
+            let _foreground = me.scheduler.foreground();
+            let sender = me.head_sender(i, true);
+            me.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let fetched = me.bounded(me.fetch_head(i, head.clone())).await;
+            if let Some(Ok((bytes, _))) = &fetched {
+                let len = bytes.len() as u64;
+                me.stats.read_ahead_bytes.fetch_add(len, Ordering::Relaxed);
+                metrics().fetched(Purpose::ReadAhead, len);
+            }
+            // Failed its check, or did not come: the span's fetch fetches
+            // it again.
+            if !matches!(fetched, Some(Ok(_))) || sender.borrow().is_none() {
+                me.end_head(i);
+            }
+        });
     }
 
     /// Span `i`'s head for a reader that needs only its output up to
@@ -702,7 +820,11 @@ impl IndexedLayer {
     /// likely reaches that far and is not local: joins the fetch under way,
     /// or starts one that fetches the head first. `None`: read the span
     /// whole.
-    fn head_for(&self, i: usize, to: u64) -> Option<tokio::sync::watch::Receiver<Option<Bytes>>> {
+    fn head_for(
+        &self,
+        i: usize,
+        to: u64,
+    ) -> Option<tokio::sync::watch::Receiver<Option<Arc<Head>>>> {
         let head = self.layout.head_input(i)?;
         let input = self.layout.span_input(i);
         let output = self.layout.span_output(i);
@@ -713,13 +835,13 @@ impl IndexedLayer {
             return None;
         }
         let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(sender) = heads.get(&i) {
+        if let Some(sender) = heads.senders.get(&i) {
             return Some(sender.subscribe());
         }
         let me = self.me.upgrade()?;
         let sender = Arc::new(HeadSender::new(None));
         let receiver = sender.subscribe();
-        heads.insert(i, sender);
+        heads.senders.insert(i, sender);
         drop(heads);
         self.runtime.spawn(async move {
             let _foreground = me.scheduler.foreground();
@@ -742,11 +864,11 @@ impl IndexedLayer {
     /// span's output up to `to`; `None` when it does not reach or its
     /// fetch ended without it.
     async fn wait_for_head(
-        mut receiver: tokio::sync::watch::Receiver<Option<Bytes>>,
+        mut receiver: tokio::sync::watch::Receiver<Option<Arc<Head>>>,
         to: u64,
     ) -> Option<Bytes> {
-        let start = receiver.wait_for(Option::is_some).await.ok()?.clone()?;
-        (start.len() as u64 >= to).then_some(start)
+        let head = receiver.wait_for(Option::is_some).await.ok()?.clone()?;
+        (head.start.len() as u64 >= to).then(|| head.start.clone())
     }
 
     /// Verifies, decodes and caches spans `run` from `bytes` (which start
@@ -915,6 +1037,22 @@ impl IndexedLayer {
         };
         if !ahead.after_read {
             self.read_ahead(ahead.spans.clone(), false);
+        }
+        // A reader going through the file in order and waiting for the
+        // read's last span: the next span's head comes alongside, so that
+        // the read crossing into it is answered at once.
+        let spans = self.layout.spans_for(range.clone());
+        if let Some(wait_in) = spans.end.checked_sub(1).filter(|_| !spans.is_empty())
+            && ahead.in_order >= HEAD_AHEAD_AFTER
+            && !self.cache.contains(&self.span_key(wait_in))
+        {
+            let entry = &self.layout.entries()[index];
+            let file = self
+                .layout
+                .spans_for(entry.offset..entry.offset + entry.size);
+            if wait_in + 1 < file.end {
+                self.head_ahead(wait_in + 1);
+            }
         }
         let last = (ahead.after_read && !ahead.spans.is_empty())
             .then(|| self.layout.spans_for(range.clone()).end.checked_sub(1))
@@ -2037,9 +2175,12 @@ mod tests {
         assert!(!second.is_empty(), "span 1 was fetched: {log:?}");
         let second_done = second.iter().map(|(_, _, done)| *done).max().unwrap();
         for later in 2..f.layer.layout.span_count() {
+            // Only the head of the span after it, for the read crossing
+            // into it.
+            let head = (later == 2).then(|| f.layer.layout.head_input(2)).flatten();
             for (range, asked, _) in of_span(later) {
                 assert!(
-                    *asked >= second_done,
+                    *asked >= second_done || Some(range) == head.as_ref(),
                     "span {later} ({range:?}) was asked for while the reader waited for span 1"
                 );
             }
@@ -2088,11 +2229,17 @@ mod tests {
         open: tokio::sync::watch::Receiver<bool>,
         tamper_a_head: AtomicBool,
         hold_heads: bool,
+        /// Every range asked for, in order.
+        log: RangeLog,
     }
+
+    /// Ranges asked of a blob, in order.
+    type RangeLog = Arc<std::sync::Mutex<Vec<Range<u64>>>>;
 
     impl BlobReader for Gated {
         fn read(&self, range: Range<u64>) -> ReadFuture<'_> {
             Box::pin(async move {
+                self.log.lock().unwrap().push(range.clone());
                 let head = range.end - range.start == pronto_index::HEAD_SIZE;
                 if !head || self.hold_heads {
                     let mut open = self.open.clone();
@@ -2122,17 +2269,31 @@ mod tests {
         tamper_a_head: bool,
         hold_heads: bool,
     ) -> (Fixture, tokio::sync::watch::Sender<bool>) {
+        let (f, open, _) = gated_fixture_with(tamper_a_head, hold_heads, 0);
+        (f, open)
+    }
+
+    /// [`gated_fixture_as`] with `read_ahead`, and the log of the ranges
+    /// asked for.
+    fn gated_fixture_with(
+        tamper_a_head: bool,
+        hold_heads: bool,
+        read_ahead: u64,
+    ) -> (Fixture, tokio::sync::watch::Sender<bool>, RangeLog) {
         let (open_tx, open) = tokio::sync::watch::channel(false);
-        let f = fixture_spans(3 << 20, 1 << 20, 0, Arc::default(), |blob| {
+        let log = RangeLog::default();
+        let asked = log.clone();
+        let f = fixture_spans(3 << 20, 1 << 20, read_ahead, Arc::default(), |blob| {
             Box::new(Gated {
                 inner: blob,
                 open,
                 tamper_a_head: AtomicBool::new(tamper_a_head),
                 hold_heads,
+                log: asked,
             })
         });
         assert!(f.layer.layout.head_input(0).is_some(), "span 0 has a head");
-        (f, open_tx)
+        (f, open_tx, log)
     }
 
     /// The weights file's bytes `range`, from the whole layer.
@@ -2174,6 +2335,53 @@ mod tests {
         let far = f.layer.read(entry, 900 << 10, 4096).unwrap();
         assert_eq!(far, weights_bytes(&f, 900 << 10..(900 << 10) + 4096));
         assert_eq!(f.blob.served.load(Ordering::SeqCst), span.end - span.start);
+        drop(f.runtime);
+    }
+
+    #[test]
+    fn a_reader_crossing_into_the_next_span_is_answered_from_its_head_fetched_ahead() {
+        let (f, open, log) = gated_fixture_with(false, false, 64 << 20);
+        let entry = weights_entry(&f.layer);
+        let head = f.layer.layout.head_input(1).expect("span 1 has a head");
+        let span = f.layer.layout.span_input(1);
+        // A reader going through the file in order (`head -c`) while the
+        // registry holds everything but heads: it waits for the rest of
+        // span 0, and the head of span 1 is asked for meanwhile.
+        let layer = f.layer.clone();
+        let upto = (1 << 20) + (64 << 10);
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            while out.len() < upto {
+                out.extend(layer.read(entry, out.len() as u64, 128 << 10)?);
+            }
+            Ok::<_, ReadError>(out)
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !log.lock().unwrap().contains(&head) {
+            assert!(
+                Instant::now() < deadline,
+                "span 1's head was not asked for: {:?}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!reader.is_finished(), "span 0 is still held back");
+        open.send_replace(true);
+        let read = reader.join().unwrap().unwrap();
+        assert_eq!(read, weights_bytes(&f, 0..read.len()));
+        // Span 1 whole, past its head: the fetch starts after the head,
+        // each of its bytes fetched once.
+        let far = (2 << 20) - (64 << 10);
+        let tail = f.layer.read(entry, far, 4096).unwrap();
+        assert_eq!(tail, weights_bytes(&f, far as usize..far as usize + 4096));
+        let asked: u64 = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.start >= span.start && r.start < span.end)
+            .map(|r| r.end - r.start)
+            .sum();
+        assert_eq!(asked, span.end - span.start, "{:?}", log.lock().unwrap());
         drop(f.runtime);
     }
 

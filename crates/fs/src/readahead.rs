@@ -70,6 +70,9 @@ pub struct Ahead {
     /// `head -c 4M` does). A reader that has read far gets its spans
     /// asked for at once, to keep the link busy.
     pub after_read: bool,
+    /// Bytes the reader has read in order so far, this read included (0
+    /// after a jump, or with read-ahead off).
+    pub in_order: u64,
 }
 
 impl Ahead {
@@ -77,6 +80,7 @@ impl Ahead {
     const NONE: Self = Self {
         spans: 0..0,
         after_read: false,
+        in_order: 0,
     };
 }
 
@@ -143,6 +147,7 @@ impl SequentialReads {
         Ahead {
             spans: self.next_spans(stream, spans.end - 1, &file),
             after_read: in_order_bytes < YOUNG_SPANS * self.span_size,
+            in_order: in_order_bytes,
         }
     }
 
