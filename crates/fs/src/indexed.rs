@@ -165,7 +165,7 @@ const SPLIT_PARTS: u64 = 4;
 /// [`IndexedLayer::head_ahead`]).
 const HEAD_AHEAD_AFTER: u64 = 256 << 10;
 /// Heads fetched ahead that a layer keeps for their spans' fetches.
-const MAX_HEADS_AHEAD: usize = 8;
+const MAX_HEADS_AHEAD: usize = 4;
 
 /// Reads `range` of `blob` as parallel parts when it is long enough (see
 /// [`SPLIT_FROM`]), joined in order.
@@ -744,6 +744,16 @@ impl IndexedLayer {
             .or_insert_with(|| Arc::new(HeadSender::new(None)))
             .clone();
         if ahead && !heads.ahead.contains(&i) {
+            // Heads whose span became local another way (the background
+            // fetch) are of no more use.
+            let Heads { senders, ahead } = &mut *heads;
+            ahead.retain(|&j| {
+                let keep = !self.cache.contains(&self.span_key(j));
+                if !keep {
+                    senders.remove(&j);
+                }
+                keep
+            });
             heads.ahead.push_back(i);
             while heads.ahead.len() > MAX_HEADS_AHEAD {
                 let oldest = heads.ahead.pop_front().expect("longer than the maximum");
@@ -2382,6 +2392,32 @@ mod tests {
             .map(|r| r.end - r.start)
             .sum();
         assert_eq!(asked, span.end - span.start, "{:?}", log.lock().unwrap());
+        drop(f.runtime);
+    }
+
+    #[test]
+    fn heads_kept_ahead_are_bounded_and_let_go_once_their_span_is_local() {
+        let f = fixture_spans(24 << 20, 2 << 20, 0, Arc::default(), |blob| Box::new(blob));
+        let kept = || {
+            let heads = f.layer.heads.lock().unwrap();
+            let mut spans: Vec<usize> = heads.ahead.iter().copied().collect();
+            spans.sort_unstable();
+            assert_eq!(heads.senders.len(), spans.len());
+            spans
+        };
+        for i in 1..=6 {
+            f.layer.head_sender(i, true);
+        }
+        assert_eq!(kept(), vec![3, 4, 5, 6], "the oldest go first");
+        // Span 4 becomes local (as the background fetch makes it).
+        f.layer.cache.put(&f.layer.span_key(4), &[0; 16]).unwrap();
+        f.layer.head_sender(7, true);
+        assert_eq!(kept(), vec![3, 5, 6, 7]);
+        // A fetch that takes a head over keeps it until the fetch ends.
+        assert!(f.layer.take_head(5).is_none(), "nothing arrived for it");
+        assert_eq!(f.layer.heads.lock().unwrap().ahead.len(), 3);
+        f.layer.end_head(5);
+        assert_eq!(f.layer.heads.lock().unwrap().senders.len(), 3);
         drop(f.runtime);
     }
 
