@@ -160,12 +160,16 @@ const SPLIT_FROM: u64 = 2 << 20;
 const SPLIT_PART: u64 = 1 << 20;
 /// At most this many parts.
 const SPLIT_PARTS: u64 = 4;
-/// Bytes a file must have been read in order before the head of the span
-/// after the one its reader waits for is fetched ahead (see
-/// [`IndexedLayer::head_ahead`]).
-const HEAD_AHEAD_AFTER: u64 = 256 << 10;
 /// Heads fetched ahead that a layer keeps for their spans' fetches.
 const MAX_HEADS_AHEAD: usize = 4;
+
+/// A span's head followed by the rest of the span.
+fn joined(head: &[u8], rest: &[u8]) -> Bytes {
+    let mut bytes = Vec::with_capacity(head.len() + rest.len());
+    bytes.extend_from_slice(head);
+    bytes.extend_from_slice(rest);
+    Bytes::from(bytes)
+}
 
 /// Reads `range` of `blob` as parallel parts when it is long enough (see
 /// [`SPLIT_FROM`]), joined in order.
@@ -630,12 +634,7 @@ impl IndexedLayer {
                 } else {
                     self.layer.read(from..last).await
                 };
-                let bytes = rest.map(|rest| {
-                    let mut joined = Vec::with_capacity((last - first) as usize);
-                    joined.extend_from_slice(&stored.input);
-                    joined.extend_from_slice(&rest);
-                    Bytes::from(joined)
-                });
+                let bytes = rest.map(|rest| joined(&stored.input, &rest));
                 (bytes, Some(stored.window.clone()))
             } else if let Some(head) = head {
                 let (head, rest) = tokio::join!(
@@ -643,12 +642,7 @@ impl IndexedLayer {
                     read_split(self.layer.as_ref(), head.end..last)
                 );
                 let (head, window) = head?;
-                let bytes = rest.map(|rest| {
-                    let mut joined = Vec::with_capacity((last - first) as usize);
-                    joined.extend_from_slice(&head);
-                    joined.extend_from_slice(&rest);
-                    Bytes::from(joined)
-                });
+                let bytes = rest.map(|rest| joined(&head, &rest));
                 (bytes, Some(window))
             } else if waited {
                 let (bytes, window) = tokio::join!(
@@ -787,10 +781,10 @@ impl IndexedLayer {
     /// (each byte is fetched once). Nothing happens when the span has no
     /// head, is local, or is being fetched.
     fn head_ahead(&self, i: usize) {
-        if self.layout.head_input(i).is_none()
-            || self.cache.contains(&self.span_key(i))
-            || self.span_locks[i].try_lock().is_err()
-        {
+        let Some(head) = self.layout.head_input(i) else {
+            return;
+        };
+        if self.cache.contains(&self.span_key(i)) || self.span_locks[i].try_lock().is_err() {
             return;
         }
         let Some(me) = self.me.upgrade() else {
@@ -805,13 +799,10 @@ impl IndexedLayer {
             if me.cache.contains(&me.span_key(i)) {
                 return;
             }
-            let Some(head) = me.layout.head_input(i) else {
-                return;
-            };
             let _foreground = me.scheduler.foreground();
             let sender = me.head_sender(i, true);
             me.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let fetched = me.bounded(me.fetch_head(i, head.clone())).await;
+            let fetched = me.bounded(me.fetch_head(i, head)).await;
             if let Some(Ok((bytes, _))) = &fetched {
                 let len = bytes.len() as u64;
                 me.stats.read_ahead_bytes.fetch_add(len, Ordering::Relaxed);
@@ -1048,21 +1039,13 @@ impl IndexedLayer {
         if !ahead.after_read {
             self.read_ahead(ahead.spans.clone(), false);
         }
-        // A reader going through the file in order and waiting for the
+        // A reader going through the file in order that waits for the
         // read's last span: the next span's head comes alongside, so that
         // the read crossing into it is answered at once.
-        let spans = self.layout.spans_for(range.clone());
-        if let Some(wait_in) = spans.end.checked_sub(1).filter(|_| !spans.is_empty())
-            && ahead.in_order >= HEAD_AHEAD_AFTER
-            && !self.cache.contains(&self.span_key(wait_in))
+        if let Some(next) = ahead.next_head
+            && !self.cache.contains(&self.span_key(next - 1))
         {
-            let entry = &self.layout.entries()[index];
-            let file = self
-                .layout
-                .spans_for(entry.offset..entry.offset + entry.size);
-            if wait_in + 1 < file.end {
-                self.head_ahead(wait_in + 1);
-            }
+            self.head_ahead(next);
         }
         let last = (ahead.after_read && !ahead.spans.is_empty())
             .then(|| self.layout.spans_for(range.clone()).end.checked_sub(1))

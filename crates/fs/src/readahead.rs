@@ -55,6 +55,10 @@ impl Stream {
     }
 }
 
+/// Bytes a file must have been read in order before the head of the span
+/// after the read's is fetched ahead (see [`Ahead::next_head`]).
+const HEAD_AHEAD_AFTER: u64 = 256 << 10;
+
 /// A run of reads in order shorter than this many spans is young: its
 /// read-ahead waits until the read that asked for it has its bytes.
 const YOUNG_SPANS: u64 = 4;
@@ -70,9 +74,11 @@ pub struct Ahead {
     /// `head -c 4M` does). A reader that has read far gets its spans
     /// asked for at once, to keep the link busy.
     pub after_read: bool,
-    /// Bytes the reader has read in order so far, this read included (0
-    /// after a jump, or with read-ahead off).
-    pub in_order: u64,
+    /// The span after the read's last, when the reader has read
+    /// [`HEAD_AHEAD_AFTER`] bytes in order and the file goes on into it:
+    /// if the read waits for its last span, the next one's head is worth
+    /// fetching alongside, for the read that crosses into it.
+    pub next_head: Option<usize>,
 }
 
 impl Ahead {
@@ -80,7 +86,7 @@ impl Ahead {
     const NONE: Self = Self {
         spans: 0..0,
         after_read: false,
-        in_order: 0,
+        next_head: None,
     };
 }
 
@@ -147,7 +153,8 @@ impl SequentialReads {
         Ahead {
             spans: self.next_spans(stream, spans.end - 1, &file),
             after_read: in_order_bytes < YOUNG_SPANS * self.span_size,
-            in_order: in_order_bytes,
+            next_head: (in_order_bytes >= HEAD_AHEAD_AFTER && spans.end < file.end)
+                .then_some(spans.end),
         }
     }
 
