@@ -519,14 +519,23 @@ fn a_pull_announced_ahead_finds_its_layers_opened_and_reads_each_document_once()
             "linux/amd64",
         ))
         .unwrap();
+    // The busybox layer has no index (it is under the minimum size): it
+    // comes whole, and its download starts with the look-ahead too.
+    let busybox = format!("/v2/ahead/layers/blobs/{}", image.layers[0].digest);
+    let busybox_reads = || {
+        asked()
+            .into_iter()
+            .filter(|(m, p)| m == "GET" && *p == busybox)
+            .count()
+    };
     wait_until(
-        "the index prefixes fetched ahead",
+        "the index prefixes and the whole layer fetched ahead",
         Duration::from_secs(20),
-        || Ok(index_reads() == 3),
+        || Ok(index_reads() == 3 && busybox_reads() == 1),
     )
     .unwrap();
     // containerd's own pull now prepares the layers: each takes its
-    // prefix fetched ahead.
+    // prefix fetched ahead, and the whole layer its download.
     let cri = Cri::connect(&stack.containerd().socket()).unwrap();
     cri.pull_image(&reference).unwrap();
     assert_eq!(
@@ -534,6 +543,55 @@ fn a_pull_announced_ahead_finds_its_layers_opened_and_reads_each_document_once()
         3,
         "a prefix was fetched twice: {:#?}",
         asked()
+    );
+    assert_eq!(
+        busybox_reads(),
+        1,
+        "the whole layer was fetched twice: {:#?}",
+        asked()
+    );
+    let log = stack.serve_log();
+    assert_eq!(
+        log.matches("layer fetched in parallel and unpacked")
+            .count(),
+        1,
+        "{}",
+        tail(&log, 30)
+    );
+    // The image is on the node now: announcing it again fetches none of
+    // its layers.
+    let announced_again = stack.registry.access_log().unwrap().len();
+    runtime
+        .block_on(pronto_snapshotter::status::expect(
+            &stack.work.path().join("pronto.sock"),
+            &reference,
+            "linux/amd64",
+        ))
+        .unwrap();
+    wait_until(
+        "the second look-ahead resolved the tag",
+        Duration::from_secs(20),
+        || {
+            Ok(stack.registry.access_log().unwrap()[announced_again..]
+                .iter()
+                .any(|e| e.user_agent.starts_with("pronto/") && e.path.contains("/manifests/")))
+        },
+    )
+    .unwrap();
+    // Whatever it would start, it starts right after.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        busybox_reads(),
+        1,
+        "a layer on the node was fetched again: {:#?}",
+        asked()
+    );
+    assert_eq!(
+        stack
+            .serve_log()
+            .matches("layer fetched in parallel and unpacked")
+            .count(),
+        1
     );
     // (Reads of the files may read the index blobs again, for windows.)
     let out = stack.run(&reference, &["sha256sum", "/data/part-2.bin"]);
@@ -554,6 +612,136 @@ fn a_pull_announced_ahead_finds_its_layers_opened_and_reads_each_document_once()
         1,
         "the daemon reads the config once: {log:#?}"
     );
+}
+
+/// Where the stack's registry keeps blob `digest`.
+fn stored_blob(stack: &Stack, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    stack.registry.storage_dir().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ))
+}
+
+#[test]
+fn layers_that_come_whole_start_downloading_without_waiting_for_the_config() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    // No index: both layers come whole.
+    let image = ImageBuilder::new()
+        .layer(Layer::busybox(&["sh", "cat"]))
+        .layer(Layer::new().file("greeting", "hello from a whole layer\n"))
+        .build(&stack.layout)
+        .unwrap();
+    let reference = stack.push(&image, "ahead/whole");
+    // The registry serves a config that does not match its digest, so the
+    // daemon's read of it fails: as if it had not arrived yet.
+    let config = stored_blob(&stack, &image.config_digest);
+    let good = std::fs::read(&config).unwrap();
+    let mut bad = good.clone();
+    let at = bad
+        .iter()
+        .position(|&b| b == b'2')
+        .expect("a digit in the date");
+    bad[at] = b'3';
+    std::fs::write(&config, &bad).unwrap();
+    let before = stack.registry.access_log().unwrap().len();
+    let layer_reads = |digest: &str| {
+        let path = format!("/v2/ahead/whole/blobs/{digest}");
+        stack.registry.access_log().unwrap()[before..]
+            .iter()
+            .filter(|e| e.user_agent.starts_with("pronto/") && e.method == "GET" && e.path == path)
+            .count()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(pronto_snapshotter::status::expect(
+            &stack.work.path().join("pronto.sock"),
+            &reference,
+            "linux/amd64",
+        ))
+        .unwrap();
+    wait_until(
+        "both layers fetched ahead, from the manifest alone",
+        Duration::from_secs(20),
+        || Ok(image.layers.iter().all(|l| layer_reads(&l.digest) == 1)),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", tail(&stack.serve_log(), 30)));
+    // The config comes right again; the pull takes the layers fetched
+    // ahead, checks them against the config's diff IDs, and fetches
+    // nothing twice.
+    std::fs::write(&config, &good).unwrap();
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    cri.pull_image(&reference).unwrap();
+    for layer in &image.layers {
+        assert_eq!(
+            layer_reads(&layer.digest),
+            1,
+            "{} fetched again",
+            layer.digest
+        );
+    }
+    let log = stack.serve_log();
+    assert_eq!(
+        log.matches("layer fetched in parallel and unpacked")
+            .count(),
+        2,
+        "{}",
+        tail(&log, 30)
+    );
+    let out = stack.run(&reference, &["cat", "/greeting"]);
+    assert_eq!(stdout(&out), "hello from a whole layer\n");
+}
+
+#[test]
+fn a_config_that_lies_about_a_layer_fails_the_pull_and_commits_nothing() {
+    require!(NEEDS);
+    let stack = Stack::start();
+    let busybox = Layer::busybox(&["sh", "cat"]);
+    let other = Layer::new().file("greeting", "not what the config names\n");
+    let told = stack.layout.write_layer(&other).unwrap().diff_id;
+    let image = ImageBuilder::new()
+        .layer(busybox)
+        .claimed_diff_ids(vec![told.clone()])
+        .build(&stack.layout)
+        .unwrap();
+    let reference = stack.push(&image, "lying/config");
+    // Announced ahead, the layer is fetched and unpacked before anything
+    // has read the config: the check comes when the pull claims it.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(pronto_snapshotter::status::expect(
+            &stack.work.path().join("pronto.sock"),
+            &reference,
+            "linux/amd64",
+        ))
+        .unwrap();
+    wait_until("the layer unpacked ahead", Duration::from_secs(20), || {
+        Ok(stack
+            .serve_log()
+            .contains("layer fetched in parallel and unpacked"))
+    })
+    .unwrap();
+    let cri = Cri::connect(&stack.containerd().socket()).unwrap();
+    let err = format!("{:#}", cri.pull_image(&reference).unwrap_err());
+    assert!(
+        err.contains(&format!("the image config says {told}"))
+            && err.contains(&image.layers[0].diff_id),
+        "the pull fails naming both diff IDs: {err}\n{}",
+        tail(&stack.serve_log(), 30)
+    );
+    assert!(stack.snapshots().is_empty(), "{:?}", stack.snapshots());
+    let dirs = || {
+        std::fs::read_dir(stack.root().join("snapshotter/snapshots"))
+            .map(|dirs| dirs.count())
+            .unwrap_or(0)
+    };
+    wait_until(
+        "the unpacked directory deleted",
+        Duration::from_secs(30),
+        || Ok(dirs() == 0),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {} left\n{}", dirs(), tail(&stack.serve_log(), 20)));
 }
 
 #[test]

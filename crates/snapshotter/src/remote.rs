@@ -29,6 +29,7 @@ use crate::keeper::{FUSE_PREFIX, Holders};
 use crate::local::{LocalSnapshots, RemoteLayer};
 use crate::profiles::{ProfileUse, Profiles};
 use crate::status::{ImageStatus, LayerStatus};
+use crate::whole::WholeLayers;
 use pronto_metrics::metrics;
 
 use pronto_containerd::labels::{
@@ -290,6 +291,9 @@ pub struct Remote {
     /// Images (by the name pulled) whose new mounts start no background
     /// fetch until a container uses them: images pulled to warm the node.
     warm_images: Mutex<std::collections::HashSet<String>>,
+    /// The parallel pull, which a pull's look-ahead starts for the layers
+    /// that come whole.
+    whole: Option<(Arc<WholeLayers>, Arc<LocalSnapshots>)>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -318,6 +322,7 @@ impl Remote {
         Self {
             keeper: None,
             profiles: None,
+            whole: None,
             records,
             client,
             store,
@@ -346,6 +351,13 @@ impl Remote {
     /// Records and prefetches startup profiles with `profiles`.
     pub fn with_profiles(mut self, profiles: Arc<Profiles>) -> Self {
         self.profiles = Some(profiles);
+        self
+    }
+
+    /// Lets a pull's look-ahead start the whole-layer jobs of its image's
+    /// layers that come whole (into `local`'s snapshots).
+    pub fn with_whole(mut self, whole: Arc<WholeLayers>, local: Arc<LocalSnapshots>) -> Self {
+        self.whole = Some((whole, local));
         self
     }
 
@@ -689,19 +701,17 @@ impl Remote {
             let ManifestKind::Image(image) = fetched.kind else {
                 return Err(format!("{manifest} is not an image manifest"));
             };
-            // Layers fetched whole need the config's diff IDs.
-            self.client
-                .blob(
-                    &repository,
-                    image.config().digest().as_ref(),
-                    MAX_CONFIG_SIZE,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
             Ok((image, chunked))
         };
         let (image, found) = tokio::join!(image, self.index_set(&reference, &manifest, Some(top)));
         let (image, chunked) = image?;
+        // The config is read now, alongside what follows, so that the
+        // layers' `Prepare` calls find it (their diff IDs) without asking.
+        let config = self.client.blob(
+            &repository,
+            image.config().digest().as_ref(),
+            MAX_CONFIG_SIZE,
+        );
         let mounted: std::collections::HashSet<String> = self
             .lock_mounted()
             .values()
@@ -713,13 +723,43 @@ impl Remote {
             .map(|l| l.digest().to_string())
             .filter(|l| !mounted.contains(l))
             .collect();
-        let set = found.ok().and_then(|f| f.set);
+        let found = found.ok();
+        let set = found.as_ref().and_then(|f| f.set.clone());
+        let chunked = chunked.as_deref().ok();
         self.fetch_ahead(
             &repository,
-            chunked.as_deref().ok(),
+            chunked,
             set.as_ref(),
             layers.iter().map(String::as_str),
         );
+        // With the index known, the layers it does not cover, and that are
+        // not chunked, come whole: their downloads start now, without
+        // waiting for the config. Not when the lookup failed: the layers'
+        // `Prepare` calls look again and may find an index.
+        let start_whole = async {
+            let (Some((whole, local)), Some(_)) = (&self.whole, &found) else {
+                return Ok(0);
+            };
+            let comes_whole = |layer: &str| {
+                let lazy_chunked = chunked
+                    .and_then(|c| c.get(layer))
+                    .is_some_and(|(toc, _)| toc.is_ok());
+                let indexed = set.as_ref().is_some_and(|s| s.layer(layer).is_some());
+                !lazy_chunked && !indexed && layers.iter().any(|l| l == layer)
+            };
+            whole
+                .start_ahead(local, &reference.whole(), &manifest, comes_whole)
+                .await
+        };
+        let (config, started) = tokio::join!(config, start_whole);
+        match started {
+            Ok(0) => {}
+            Ok(layers) => {
+                tracing::debug!(%repository, manifest, layers, "whole layers started ahead of their Prepare")
+            }
+            Err(e) => tracing::debug!(%repository, manifest, "whole layers not started ahead: {e}"),
+        }
+        config.map_err(|e| e.to_string())?;
         Ok(())
     }
 

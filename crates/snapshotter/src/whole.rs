@@ -7,8 +7,12 @@
 //! containerd prepares layers bottom up, one after the other. When it asks
 //! for the first whole layer of an image, Pronto starts jobs for it and
 //! every whole layer above it (from the image's manifest), so downloads and
-//! unpacks overlap; each later `Prepare` waits for its layer's job. The
-//! settings mirror SOCI's parallel pull mode.
+//! unpacks overlap; each later `Prepare` waits for its layer's job. A pull
+//! announced ahead starts them earlier still, once the image manifest and
+//! its index are known ([`WholeLayers::start_ahead`]): a job needs only the
+//! manifest, and the unpacked tar is checked against the config's diff ID
+//! when its `Prepare` claims it. The settings mirror SOCI's parallel pull
+//! mode.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -88,12 +92,13 @@ struct Layer {
     digest: String,
     size: u64,
     media_type: String,
-    diff_id: String,
 }
 
 #[derive(Debug)]
 struct ImageInfo {
     repository: Repository,
+    /// The image config, which holds the layers' diff IDs.
+    config: String,
     layers: Vec<Layer>,
     downloads: Arc<Semaphore>,
     unpacks: Arc<Semaphore>,
@@ -101,11 +106,14 @@ struct ImageInfo {
     layer_slots: Arc<Semaphore>,
 }
 
-/// A layer unpacked into a reserved snapshot directory.
+/// A layer unpacked into a reserved snapshot directory, not yet checked
+/// against the image config.
 #[derive(Debug, Clone)]
 struct Done {
     id: u64,
     usage: (i64, i64),
+    /// The digest of the tar the layer unpacked to.
+    diff_id: String,
 }
 
 type JobResult = Option<Result<Done, WholeError>>;
@@ -219,13 +227,30 @@ impl WholeLayers {
                 None => return Err(failed("the layer's job vanished".into())),
             }
         };
-        let done = match result.wait_for(Option::is_some).await {
-            Ok(r) => r.clone().expect("waited for a result"),
-            Err(_) => Err(failed("the layer's job stopped".into())),
+        let finished = async {
+            match result.wait_for(Option::is_some).await {
+                Ok(r) => r.clone().expect("waited for a result"),
+                Err(_) => Err(failed("the layer's job stopped".into())),
+            }
         };
+        let (done, expected) = tokio::join!(finished, self.diff_id(&image, position));
         // Claimed: the next Prepare of this layer starts afresh.
         self.lock_jobs().remove(digest);
         let done = done?;
+        // The snapshot is named by a chain ID made from the config's diff
+        // IDs: what the layer unpacked to must be what the config says.
+        let problem = match expected {
+            Ok(expected) if expected == done.diff_id => None,
+            Ok(expected) => Some(WholeError::Rejected(format!(
+                "layer {digest}: unpacks to {}, but the image config says {expected}",
+                done.diff_id
+            ))),
+            Err(e) => Some(failed(e)),
+        };
+        if let Some(problem) = problem {
+            local.abandon(done.id);
+            return Err(problem);
+        }
         let mut stored = labels.clone();
         stored.insert(LABEL_TARGET.into(), target.into());
         stored.insert(LABEL_PRONTO_LAYER.into(), "parallel".into());
@@ -242,7 +267,66 @@ impl WholeLayers {
         }
     }
 
-    /// The image's layers with their diff IDs, and its limits.
+    /// Starts the jobs of the layers of image `manifest` (pulled as
+    /// `image_ref`) that will come whole (`whole` says which) and are not
+    /// on the node, before containerd prepares them. A pull's look-ahead
+    /// calls this as soon as it has the manifest and the image's index,
+    /// while the config is still on its way: the first whole layer's
+    /// download then takes no round trip of its own on the way to the
+    /// container's start. A layer counts as on the node when a committed
+    /// snapshot carries its digest (the label containerd's CRI and
+    /// `pronto pull` set). Returns how many jobs it asked for.
+    pub async fn start_ahead(
+        self: &Arc<Self>,
+        local: &Arc<LocalSnapshots>,
+        image_ref: &str,
+        manifest: &str,
+        whole: impl Fn(&str) -> bool,
+    ) -> Result<usize, String> {
+        let image = self.image(image_ref, manifest).await?;
+        let present = {
+            let local = local.clone();
+            tokio::task::spawn_blocking(move || committed_layers(&local))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
+        };
+        let mut asked = 0;
+        for layer in &image.layers {
+            if whole(&layer.digest) && !present.contains(&layer.digest) {
+                self.start(local, &image, layer);
+                asked += 1;
+            }
+        }
+        Ok(asked)
+    }
+
+    /// The diff ID the config of `image` gives its layer at `position`.
+    async fn diff_id(&self, image: &ImageInfo, position: usize) -> Result<String, String> {
+        let bytes = self
+            .client
+            .blob(
+                &image.repository,
+                &image.config,
+                pronto_registry::MAX_CONFIG_SIZE,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let config: ImageConfiguration =
+            serde_json::from_slice(&bytes).map_err(|e| format!("config {}: {e}", image.config))?;
+        let diff_ids = config.rootfs().diff_ids();
+        if diff_ids.len() != image.layers.len() {
+            return Err(format!(
+                "config {} has {} diff IDs for {} layers",
+                image.config,
+                diff_ids.len(),
+                image.layers.len()
+            ));
+        }
+        Ok(diff_ids[position].clone())
+    }
+
+    /// The image's layers and its limits, from its manifest.
     async fn image(&self, image_ref: &str, manifest: &str) -> Result<Arc<ImageInfo>, String> {
         let mut images = self.images.lock().await;
         let now = Instant::now();
@@ -261,37 +345,16 @@ impl WholeLayers {
         let ManifestKind::Image(image) = &fetched.kind else {
             return Err(format!("{manifest} is not an image manifest"));
         };
-        let config_digest = image.config().digest().to_string();
-        let config_bytes = self
-            .client
-            .blob(
-                &repository,
-                &config_digest,
-                pronto_registry::MAX_CONFIG_SIZE,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
-            .map_err(|e| format!("config {config_digest}: {e}"))?;
-        let diff_ids = config.rootfs().diff_ids();
-        if diff_ids.len() != image.layers().len() {
-            return Err(format!(
-                "manifest {manifest} has {} layers, its config {} diff IDs",
-                image.layers().len(),
-                diff_ids.len()
-            ));
-        }
         let info = Arc::new(ImageInfo {
             repository,
+            config: image.config().digest().to_string(),
             layers: image
                 .layers()
                 .iter()
-                .zip(diff_ids)
-                .map(|(l, diff_id)| Layer {
+                .map(|l| Layer {
                     digest: l.digest().to_string(),
                     size: l.size(),
                     media_type: l.media_type().to_string(),
-                    diff_id: diff_id.clone(),
                 })
                 .collect(),
             downloads: Arc::new(Semaphore::new(
@@ -387,14 +450,8 @@ impl WholeLayers {
             let file = std::fs::File::open(&blob)
                 .map_err(|e| failed(format!("{}: {e}", blob.display())))?;
             let reader = std::io::BufReader::with_capacity(1 << 20, file);
-            let (id, unpacked) = unpack_reserved(
-                local,
-                layer,
-                compression,
-                self.settings.min_free_space,
-                reader,
-            )
-            .await?;
+            let (id, unpacked) =
+                unpack_reserved(local, compression, self.settings.min_free_space, reader).await?;
             return settle(local, layer, id, Ok(()), unpacked);
         }
         let _slot = image.layer_slots.acquire().await.expect("never closed");
@@ -422,8 +479,9 @@ impl WholeLayers {
             limits: vec![self.downloads.clone(), image.downloads.clone()],
         };
         // The layer is unpacked while it downloads, into a reserved
-        // directory nobody sees; it is committed only when the blob matched
-        // the layer digest and the tar the config's diff ID.
+        // directory nobody sees; it is committed (by `prepare`) only when
+        // the blob matched the layer digest and the tar the config's diff
+        // ID.
         let (mut feed, reader) = feed::channel(Some(keep));
         let asked = Instant::now();
         let downloading = async {
@@ -455,13 +513,7 @@ impl WholeLayers {
             fetched.and(kept)
         };
         let (unpacking, downloaded) = tokio::join!(
-            unpack_reserved(
-                local,
-                layer,
-                compression,
-                self.settings.min_free_space,
-                reader
-            ),
+            unpack_reserved(local, compression, self.settings.min_free_space, reader),
             downloading
         );
         let (id, unpacked) = unpacking?;
@@ -488,6 +540,19 @@ impl WholeLayers {
         }
         settle(local, layer, id, downloaded, unpacked)
     }
+}
+
+/// The layers of the node's committed snapshots, by the layer digest their
+/// labels carry.
+fn committed_layers(
+    local: &LocalSnapshots,
+) -> Result<std::collections::HashSet<String>, SnapshotError> {
+    Ok(local
+        .all()?
+        .into_iter()
+        .filter(|info| info.record.kind == crate::local::Kind::Committed)
+        .filter_map(|info| info.record.labels.get(LABEL_LAYER).cloned())
+        .collect())
 }
 
 /// How long the bytes of an interrupted pull are kept for a pull of the
@@ -543,32 +608,26 @@ fn open_partial(
     Ok((file, resume))
 }
 
+/// What an unpack into a reserved directory left: its disk usage and the
+/// digest of its tar.
+type Unpacked = ((i64, i64), String);
+
 /// Reserves a snapshot directory and unpacks `blob` into it on a blocking
-/// thread, checking the config's diff ID. The caller commits or abandons
-/// the returned snapshot ID.
+/// thread. The caller checks the diff ID and commits or abandons the
+/// returned snapshot ID.
 async fn unpack_reserved(
     local: &Arc<LocalSnapshots>,
-    layer: &Layer,
     compression: Compression,
     min_free: u64,
     blob: impl std::io::Read + Send + 'static,
-) -> Result<(u64, Result<(i64, i64), UnpackError>), WholeError> {
+) -> Result<(u64, Result<Unpacked, UnpackError>), WholeError> {
     let (id, dir) = local
         .reserve()
         .map_err(|e| WholeError::Failed(e.to_string()))?;
-    let expected = layer.diff_id.clone();
     let unpacked = tokio::task::spawn_blocking(move || {
         let unpacked = unpack(blob, compression, &dir, min_free)?;
-        if unpacked.diff_id != expected {
-            return Err(UnpackError::Rejected {
-                entry: "(whole layer)".into(),
-                problem: format!(
-                    "unpacks to {}, but the image config says {expected}",
-                    unpacked.diff_id
-                ),
-            });
-        }
-        disk_usage(&dir).map_err(|e| UnpackError::Read(e.to_string()))
+        let usage = disk_usage(&dir).map_err(|e| UnpackError::Read(e.to_string()))?;
+        Ok((usage, unpacked.diff_id))
     })
     .await;
     match unpacked {
@@ -589,10 +648,10 @@ fn settle(
     layer: &Layer,
     id: u64,
     downloaded: Result<(), String>,
-    unpacked: Result<(i64, i64), UnpackError>,
+    unpacked: Result<Unpacked, UnpackError>,
 ) -> Result<Done, WholeError> {
     match (downloaded, unpacked) {
-        (Ok(()), Ok(usage)) => Ok(Done { id, usage }),
+        (Ok(()), Ok((usage, diff_id))) => Ok(Done { id, usage, diff_id }),
         // Handing the layer to containerd would not help: it is hostile,
         // or it would fill the disk there too.
         (_, Err(e @ (UnpackError::Rejected { .. } | UnpackError::NoSpace { .. }))) => {

@@ -119,7 +119,6 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
             runtime.handle().clone(),
         )));
     }
-    let remote = Arc::new(remote);
     let whole = config.pull.parallel.then(|| {
         Arc::new(WholeLayers::new(
             whole_client,
@@ -127,6 +126,10 @@ pub fn run(config: &Config, config_path: Option<&Path>) -> Result<()> {
             config.pull.settings(),
         ))
     });
+    if let Some(whole) = &whole {
+        remote = remote.with_whole(whole.clone(), local.clone());
+    }
+    let remote = Arc::new(remote);
     let snapshotter = Snapshotter {
         local: local.clone(),
         remote: Some(remote.clone()),

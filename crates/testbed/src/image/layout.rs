@@ -58,6 +58,9 @@ pub struct ImageBuilder {
     pub labels: Vec<(String, String)>,
     pub working_dir: Option<String>,
     pub platform: Platform,
+    /// What the config says the layers' diff IDs are, instead of the
+    /// truth: a hostile or broken image.
+    pub claimed_diff_ids: Option<Vec<String>>,
 }
 
 /// A layer as written into a layout.
@@ -124,6 +127,13 @@ impl ImageBuilder {
         self
     }
 
+    /// Has the config name `diff_ids` as the layers' diff IDs, whatever
+    /// the layers unpack to.
+    pub fn claimed_diff_ids(mut self, diff_ids: Vec<String>) -> Self {
+        self.claimed_diff_ids = Some(diff_ids);
+        self
+    }
+
     /// Writes layers, config and manifest as blobs of `layout`. The image
     /// is not tagged; see [`OciLayout::tag`].
     pub fn build(&self, layout: &OciLayout) -> Result<BuiltImage> {
@@ -139,7 +149,9 @@ impl ImageBuilder {
             "config": {},
             "rootfs": {
                 "type": "layers",
-                "diff_ids": layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>(),
+                "diff_ids": self.claimed_diff_ids.clone().unwrap_or_else(
+                    || layers.iter().map(|l| l.diff_id.clone()).collect()
+                ),
             },
         });
         if let Some(variant) = &self.platform.variant {
