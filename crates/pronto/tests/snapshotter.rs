@@ -2161,6 +2161,82 @@ fn estargz_and_zstd_chunked_images_made_by_ctr_remote_start_lazily_without_an_in
 }
 
 #[test]
+fn in_an_image_of_plain_and_chunked_layers_only_the_plain_ones_come_whole() {
+    require!(NEEDS);
+    // (The background fetch is off in this suite: what is fetched of the
+    // chunked layer before a container reads it is what the pull fetched.)
+    let stack = Stack::start();
+    let (reference, image) = stack.push_model_image("mixed/model", false);
+    let converted = reference.replace("mixed/model", "mixed/model-converted");
+    stack.pronto_ok(&["convert", &reference, &converted]);
+    // An image of the plain busybox layer under the converted model layer,
+    // as a build that adds a chunked layer to a plain base makes.
+    let json = |digest: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(stored_blob(&stack, digest)).unwrap()).unwrap()
+    };
+    let tag_link = stack.registry.storage_dir().join(
+        "docker/registry/v2/repositories/mixed/model-converted/_manifests/tags/v1/current/link",
+    );
+    let converted_manifest = json(std::fs::read_to_string(tag_link).unwrap().trim());
+    let chunked = converted_manifest["layers"][1].clone();
+    let chunked_digest = chunked["digest"].as_str().unwrap().to_owned();
+    let chunked_size = chunked["size"].as_u64().unwrap();
+    let converted_config = json(converted_manifest["config"]["digest"].as_str().unwrap());
+    std::fs::copy(
+        stored_blob(&stack, &chunked_digest),
+        stack.layout.blob_path(&chunked_digest),
+    )
+    .unwrap();
+    let mut config = json(&image.config_digest);
+    config["rootfs"]["diff_ids"][1] = converted_config["rootfs"]["diff_ids"][1].clone();
+    let config = serde_json::to_vec(&config).unwrap();
+    let config_digest = stack.layout.write_blob(&config).unwrap();
+    let mut manifest = json(&image.manifest_digest);
+    manifest["config"]["digest"] = config_digest.clone().into();
+    manifest["config"]["size"] = config.len().into();
+    manifest["layers"][1] = chunked;
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let mixed = BuiltImage {
+        manifest_digest: stack.layout.write_blob(&manifest).unwrap(),
+        manifest,
+        config_digest,
+        layers: Vec::new(),
+        platform: image.platform.clone(),
+    };
+    let mixed = stack.push(&mixed, "mixed/model-mixed");
+    let before = stack.registry.access_log().unwrap().len();
+    let pulled = stack.pronto_pull(&mixed);
+    assert!(
+        pulled.contains("1 layers lazy, 1 fetched whole by Pronto"),
+        "{pulled}\n{}",
+        tail(&stack.serve_log(), 20)
+    );
+    // No job fetches the chunked layer whole on the side (one would take
+    // well under this on loopback): only its TOC was read.
+    std::thread::sleep(Duration::from_secs(2));
+    let path = format!("/v2/mixed/model-mixed/blobs/{chunked_digest}");
+    let chunked_bytes: u64 = stack.registry.access_log().unwrap()[before..]
+        .iter()
+        .filter(|e| e.method == "GET" && e.path == path)
+        .map(|e| e.bytes)
+        .sum();
+    assert!(
+        chunked_bytes < chunked_size / 4,
+        "{chunked_bytes} of the chunked layer's {chunked_size} bytes fetched by the pull\n{}",
+        tail(&stack.serve_log(), 30)
+    );
+    let log = stack.serve_log();
+    assert_eq!(
+        log.matches("layer fetched in parallel and unpacked")
+            .count(),
+        1,
+        "{}",
+        tail(&log, 30)
+    );
+    stack.assert_new_container_reads_model(&mixed);
+}
+
+#[test]
 fn a_plain_zstd_image_is_pulled_whole_in_parallel_and_runs() {
     require!(NEEDS);
     let stack = Stack::start();

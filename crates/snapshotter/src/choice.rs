@@ -6,10 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use pronto_catalog::IndexSet;
-
 use crate::local::LocalSnapshots;
-use crate::remote::{Fallback, Remote};
+use crate::remote::{Fallback, LazyServed, Remote};
 use crate::whole::{WholeError, WholeLayers};
 
 /// What is said in the log when containerd takes a layer over.
@@ -41,11 +39,11 @@ pub(crate) trait LazyLayers: Send + Sync {
         labels: &BTreeMap<String, String>,
     ) -> impl Future<Output = Result<(), (Fallback, String)>> + Send;
 
-    /// The index set the image of `labels` is served with, if any.
-    fn index_set(
+    /// Which layers of the image of `labels` are served lazily.
+    fn lazy_served(
         &self,
         labels: &BTreeMap<String, String>,
-    ) -> impl Future<Output = Option<IndexSet>> + Send;
+    ) -> impl Future<Output = LazyServed> + Send;
 
     /// Records and logs that `target` is not lazy, and what happens
     /// instead.
@@ -67,7 +65,7 @@ pub(crate) trait WholeLayerPull: Send + Sync {
         target: &str,
         parent: &str,
         labels: &BTreeMap<String, String>,
-        lazy: Option<&IndexSet>,
+        lazy: &LazyServed,
     ) -> impl Future<Output = Result<(), WholeError>> + Send;
 }
 
@@ -92,11 +90,8 @@ pub(crate) async fn make_layer(
         return Outcome::Containerd;
     };
     lazy.fall_back(reason, target, labels, &detail, PRONTO_PULLS);
-    let index_set = lazy.index_set(labels).await;
-    match whole
-        .prepare(local, target, parent, labels, index_set.as_ref())
-        .await
-    {
+    let served = lazy.lazy_served(labels).await;
+    match whole.prepare(local, target, parent, labels, &served).await {
         Ok(()) => Outcome::Made,
         Err(WholeError::Rejected(message)) => Outcome::Refused(message),
         Err(WholeError::Failed(message)) => {
@@ -123,8 +118,8 @@ impl LazyLayers for Remote {
         self.mount_layer(local, target, parent, labels).await
     }
 
-    async fn index_set(&self, labels: &BTreeMap<String, String>) -> Option<IndexSet> {
-        self.index_set_for(labels).await
+    async fn lazy_served(&self, labels: &BTreeMap<String, String>) -> LazyServed {
+        self.lazy_served_for(labels).await
     }
 
     fn fall_back(
@@ -146,7 +141,7 @@ impl WholeLayerPull for Arc<WholeLayers> {
         target: &str,
         parent: &str,
         labels: &BTreeMap<String, String>,
-        lazy: Option<&IndexSet>,
+        lazy: &LazyServed,
     ) -> Result<(), WholeError> {
         WholeLayers::prepare(self, local, target, parent, labels, lazy).await
     }
@@ -192,8 +187,8 @@ mod tests {
             }
         }
 
-        async fn index_set(&self, _: &BTreeMap<String, String>) -> Option<IndexSet> {
-            None
+        async fn lazy_served(&self, _: &BTreeMap<String, String>) -> LazyServed {
+            LazyServed::default()
         }
 
         fn fall_back(
@@ -233,7 +228,7 @@ mod tests {
             _: &str,
             _: &str,
             _: &BTreeMap<String, String>,
-            _: Option<&IndexSet>,
+            _: &LazyServed,
         ) -> Result<(), WholeError> {
             *self.calls.lock().unwrap() += 1;
             self.result.clone()

@@ -97,6 +97,25 @@ impl Fallback {
 /// vouches for it, or why its annotations cannot be used; blob size).
 type ChunkedLayers = HashMap<String, (Result<pronto_toc::TocRef, String>, u64)>;
 
+/// Which layers of an image Pronto serves lazily: those its index set
+/// covers, and the chunked ones with a usable TOC. The others come whole.
+#[derive(Debug, Default, Clone)]
+pub struct LazyServed {
+    set: Option<IndexSet>,
+    chunked: Option<Arc<ChunkedLayers>>,
+}
+
+impl LazyServed {
+    pub fn serves(&self, layer: &str) -> bool {
+        let chunked = self
+            .chunked
+            .as_ref()
+            .and_then(|c| c.get(layer))
+            .is_some_and(|(toc, _)| toc.is_ok());
+        chunked || self.set.as_ref().is_some_and(|s| s.layer(layer).is_some())
+    }
+}
+
 /// One manifest's chunked layers: being read, or read.
 type ChunkedLookup = tokio::sync::OnceCell<Result<Arc<ChunkedLayers>, String>>;
 
@@ -724,29 +743,26 @@ impl Remote {
             .filter(|l| !mounted.contains(l))
             .collect();
         let found = found.ok();
-        let set = found.as_ref().and_then(|f| f.set.clone());
-        let chunked = chunked.as_deref().ok();
+        let lazy = LazyServed {
+            set: found.as_ref().and_then(|f| f.set.clone()),
+            chunked: chunked.ok(),
+        };
         self.fetch_ahead(
             &repository,
-            chunked,
-            set.as_ref(),
+            lazy.chunked.as_deref(),
+            lazy.set.as_ref(),
             layers.iter().map(String::as_str),
         );
-        // With the index known, the layers it does not cover, and that are
-        // not chunked, come whole: their downloads start now, without
-        // waiting for the config. Not when the lookup failed: the layers'
-        // `Prepare` calls look again and may find an index.
+        // With the index known, the layers nothing serves lazily come
+        // whole: their downloads start now, without waiting for the
+        // config. Not when the lookup failed: the layers' `Prepare` calls
+        // look again and may find an index.
         let start_whole = async {
             let (Some((whole, local)), Some(_)) = (&self.whole, &found) else {
                 return Ok(0);
             };
-            let comes_whole = |layer: &str| {
-                let lazy_chunked = chunked
-                    .and_then(|c| c.get(layer))
-                    .is_some_and(|(toc, _)| toc.is_ok());
-                let indexed = set.as_ref().is_some_and(|s| s.layer(layer).is_some());
-                !lazy_chunked && !indexed && layers.iter().any(|l| l == layer)
-            };
+            let comes_whole =
+                |layer: &str| !lazy.serves(layer) && layers.iter().any(|l| l == layer);
             whole
                 .start_ahead(local, &reference.whole(), &manifest, comes_whole)
                 .await
@@ -900,14 +916,24 @@ impl Remote {
         }
     }
 
-    /// The index set of the image a layer snapshot's labels name, if any.
-    pub(crate) async fn index_set_for(
-        &self,
-        labels: &BTreeMap<String, String>,
-    ) -> Option<IndexSet> {
-        let reference = parse_reference(labels.get(LABEL_IMAGE_REF)?).ok()?;
-        let manifest = labels.get(LABEL_MANIFEST)?;
-        self.index_set(&reference, manifest, None).await.ok()?.set
+    /// Which layers of the image a layer snapshot's labels name are
+    /// served lazily.
+    pub(crate) async fn lazy_served_for(&self, labels: &BTreeMap<String, String>) -> LazyServed {
+        let reference = labels
+            .get(LABEL_IMAGE_REF)
+            .and_then(|r| parse_reference(r).ok());
+        let (Some(reference), Some(manifest)) = (reference, labels.get(LABEL_MANIFEST)) else {
+            return LazyServed::default();
+        };
+        let repository = Repository::of(&reference);
+        let (set, chunked) = tokio::join!(
+            self.index_set(&reference, manifest, None),
+            self.chunked_layers(&repository, manifest)
+        );
+        LazyServed {
+            set: set.ok().and_then(|found| found.set),
+            chunked: chunked.ok(),
+        }
     }
 
     /// The index set this node uses for image manifest `manifest` of

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use oci_spec::image::ImageConfiguration;
-use pronto_catalog::IndexSet;
 use pronto_registry::{
     ManifestKind, ParallelFetch, RegistryClient, RegistryError, Repository, parse_reference,
 };
@@ -28,6 +27,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::SnapshotError;
 use crate::local::{LocalSnapshots, disk_usage};
+use crate::remote::LazyServed;
 use crate::unpack::{Compression, UnpackError, unpack};
 use pronto_containerd::labels::{
     LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_PRONTO_LAYER, LABEL_TARGET,
@@ -189,16 +189,15 @@ impl WholeLayers {
     }
 
     /// Makes the committed snapshot `target` (over `parent`) from the
-    /// layer named in `labels`, fetched and unpacked by Pronto. `lazy`, the
-    /// image's index set if it has one, tells which layers above are served
-    /// lazily and need no job.
+    /// layer named in `labels`, fetched and unpacked by Pronto. `lazy`
+    /// tells which layers above are served lazily and need no job.
     pub async fn prepare(
         self: &Arc<Self>,
         local: &Arc<LocalSnapshots>,
         target: &str,
         parent: &str,
         labels: &BTreeMap<String, String>,
-        lazy: Option<&IndexSet>,
+        lazy: &LazyServed,
     ) -> Result<(), WholeError> {
         let failed = |e: String| WholeError::Failed(e);
         let (Some(image_ref), Some(manifest), Some(digest)) = (
@@ -214,8 +213,7 @@ impl WholeLayers {
         };
         // This layer and every whole layer above it start now.
         for layer in &image.layers[position..] {
-            if layer.digest != *digest && lazy.is_some_and(|set| set.layer(&layer.digest).is_some())
-            {
+            if layer.digest != *digest && lazy.serves(&layer.digest) {
                 continue;
             }
             self.start(local, &image, layer);
