@@ -39,7 +39,8 @@ use pronto_registry::feed;
 /// get all the image's ranges, so they finish (and unpack) early instead of
 /// every layer finishing at the end on a bandwidth-limited link.
 const LAYERS_DOWNLOADING_PER_IMAGE: usize = 2;
-/// Unpacked layers nobody asked for are dropped after this long.
+/// Unpacked layers nobody asked for are dropped this long after their job
+/// ended.
 const UNCLAIMED_TTL: Duration = Duration::from_secs(600);
 
 /// Limits and behaviour of whole-layer pulls (`[pull]` in the config).
@@ -120,7 +121,8 @@ type JobResult = Option<Result<Done, WholeError>>;
 
 struct Job {
     result: watch::Receiver<JobResult>,
-    started: Instant,
+    /// Tells this job from a later one of the same layer.
+    number: u64,
 }
 
 pub struct WholeLayers {
@@ -133,6 +135,9 @@ pub struct WholeLayers {
     /// asked for; pruned by [`prune_images`].
     images: tokio::sync::Mutex<HashMap<String, (Instant, Arc<ImageInfo>)>>,
     jobs: Mutex<HashMap<String, Job>>,
+    jobs_started: std::sync::atomic::AtomicU64,
+    /// [`UNCLAIMED_TTL`], shorter in tests.
+    unclaimed_ttl: Duration,
 }
 
 /// An image's layer list is kept this long after its last use, so the
@@ -181,6 +186,8 @@ impl WholeLayers {
             settings,
             images: tokio::sync::Mutex::new(HashMap::new()),
             jobs: Mutex::new(HashMap::new()),
+            jobs_started: std::sync::atomic::AtomicU64::new(0),
+            unclaimed_ttl: UNCLAIMED_TTL,
         }
     }
 
@@ -218,22 +225,33 @@ impl WholeLayers {
             }
             self.start(local, &image, layer);
         }
-        let mut result = {
+        let (mut result, number) = {
             let jobs = self.lock_jobs();
             match jobs.get(digest) {
-                Some(job) => job.result.clone(),
+                Some(job) => (job.result.clone(), job.number),
                 None => return Err(failed("the layer's job vanished".into())),
             }
         };
         let finished = async {
-            match result.wait_for(Option::is_some).await {
+            let done = match result.wait_for(Option::is_some).await {
                 Ok(r) => r.clone().expect("waited for a result"),
                 Err(_) => Err(failed("the layer's job stopped".into())),
+            };
+            // Claimed: nothing drops it now, and the next Prepare of this
+            // layer starts afresh.
+            let mut jobs = self.lock_jobs();
+            match jobs.get(digest) {
+                Some(job) if job.number == number => {
+                    jobs.remove(digest);
+                    done
+                }
+                // Claimed by another Prepare of the same layer, or dropped.
+                _ => Err(failed(
+                    "another Prepare of the same layer took its result".into(),
+                )),
             }
         };
         let (done, expected) = tokio::join!(finished, self.diff_id(&image, position));
-        // Claimed: the next Prepare of this layer starts afresh.
-        self.lock_jobs().remove(digest);
         let done = done?;
         // The snapshot is named by a chain ID made from the config's diff
         // IDs: what the layer unpacked to must be what the config says.
@@ -368,27 +386,18 @@ impl WholeLayers {
     }
 
     /// Starts the job of `layer` unless one is running or waiting to be
-    /// claimed. Unclaimed results that are too old are dropped first.
+    /// claimed. A result nobody claims within [`UNCLAIMED_TTL`] of its end
+    /// is dropped, and what it unpacked deleted.
     fn start(self: &Arc<Self>, local: &Arc<LocalSnapshots>, image: &Arc<ImageInfo>, layer: &Layer) {
         let mut jobs = self.lock_jobs();
-        jobs.retain(|_, job| {
-            let stale = job.started.elapsed() > UNCLAIMED_TTL;
-            if stale && let Some(Ok(done)) = &*job.result.borrow() {
-                local.abandon(done.id);
-            }
-            !stale
-        });
         if jobs.contains_key(&layer.digest) {
             return;
         }
         let (tx, rx) = watch::channel(None);
-        jobs.insert(
-            layer.digest.clone(),
-            Job {
-                result: rx,
-                started: Instant::now(),
-            },
-        );
+        let number = self
+            .jobs_started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        jobs.insert(layer.digest.clone(), Job { result: rx, number });
         let (this, local, image) = (self.clone(), local.clone(), image.clone());
         let digest = layer.digest.clone();
         tokio::spawn(async move {
@@ -418,7 +427,27 @@ impl WholeLayers {
                 }
             }
             let _ = tx.send(Some(result));
+            tokio::time::sleep(this.unclaimed_ttl).await;
+            this.drop_unclaimed(&local, &digest, number);
         });
+    }
+
+    /// Drops job `number` of layer `digest` if no `Prepare` has claimed
+    /// it (an aborted pull, or a look-ahead whose pull never came),
+    /// deleting what it unpacked.
+    fn drop_unclaimed(&self, local: &LocalSnapshots, digest: &str, number: u64) {
+        let mut jobs = self.lock_jobs();
+        if jobs.get(digest).is_none_or(|job| job.number != number) {
+            return;
+        }
+        let job = jobs.remove(digest).expect("just seen");
+        if let Some(Ok(done)) = &*job.result.borrow() {
+            local.abandon(done.id);
+            tracing::info!(
+                layer = digest,
+                "an unpacked layer no pull claimed was deleted"
+            );
+        }
     }
 
     async fn run(
@@ -670,6 +699,91 @@ fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn whole_layers(dir: &std::path::Path, unclaimed_ttl: Duration) -> Arc<WholeLayers> {
+        let client = RegistryClient::new(pronto_registry::ClientConfig::default()).unwrap();
+        let mut whole = WholeLayers::new(client, dir.join("layers"), PullSettings::default());
+        whole.unclaimed_ttl = unclaimed_ttl;
+        Arc::new(whole)
+    }
+
+    /// A job of `digest` that has ended with `result`, as `start` leaves it.
+    fn ended_job(whole: &WholeLayers, digest: &str, result: Result<Done, WholeError>) -> u64 {
+        // The result stays readable after its sender is gone.
+        let (_, rx) = watch::channel(Some(result));
+        let number = whole
+            .jobs_started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        whole
+            .lock_jobs()
+            .insert(digest.to_owned(), Job { result: rx, number });
+        number
+    }
+
+    #[test]
+    fn an_unpacked_layer_no_pull_claims_is_deleted_and_a_later_job_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalSnapshots::open(&dir.path().join("snapshots")).unwrap();
+        let whole = whole_layers(dir.path(), UNCLAIMED_TTL);
+        let (id, unpacked) = local.reserve().unwrap();
+        std::fs::write(unpacked.join("file"), "unpacked").unwrap();
+        let done = Done {
+            id,
+            usage: (1, 1),
+            diff_id: "sha256:tar".into(),
+        };
+        let first = ended_job(&whole, "sha256:layer", Ok(done.clone()));
+        // A job that is not the one the timer was set for stays.
+        whole.drop_unclaimed(&local, "sha256:layer", first + 1);
+        assert!(whole.lock_jobs().contains_key("sha256:layer"));
+        assert!(unpacked.exists());
+        whole.drop_unclaimed(&local, "sha256:layer", first);
+        assert!(whole.lock_jobs().is_empty());
+        assert!(!unpacked.exists(), "what the job unpacked is deleted");
+        // Claimed (gone from the map) before its time: nothing to drop.
+        let (id, kept) = local.reserve().unwrap();
+        let second = ended_job(&whole, "sha256:layer", Ok(Done { id, ..done }));
+        whole.lock_jobs().remove("sha256:layer");
+        whole.drop_unclaimed(&local, "sha256:layer", second);
+        assert!(kept.exists(), "a claimed layer's directory stays");
+    }
+
+    #[tokio::test]
+    async fn a_job_nobody_claims_is_let_go_after_its_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = Arc::new(LocalSnapshots::open(&dir.path().join("snapshots")).unwrap());
+        let whole = whole_layers(dir.path(), Duration::from_millis(300));
+        let reference = parse_reference("127.0.0.1:1/none/image:v1").unwrap();
+        let image = Arc::new(ImageInfo {
+            repository: Repository::of(&reference),
+            config: "sha256:config".into(),
+            // A media type Pronto does not unpack: the job ends at once.
+            layers: vec![Layer {
+                digest: "sha256:layer".into(),
+                size: 1,
+                media_type: "application/x-not-a-layer".into(),
+            }],
+            downloads: Arc::new(Semaphore::new(1)),
+            unpacks: Arc::new(Semaphore::new(1)),
+            layer_slots: Arc::new(Semaphore::new(1)),
+        });
+        whole.start(&local, &image, &image.layers[0]);
+        let mut result = whole.lock_jobs()["sha256:layer"].result.clone();
+        let ended = result.wait_for(Option::is_some).await.unwrap().clone();
+        assert!(
+            matches!(ended, Some(Err(WholeError::Failed(_)))),
+            "{ended:?}"
+        );
+        assert!(
+            whole.lock_jobs().contains_key("sha256:layer"),
+            "kept to be claimed"
+        );
+        // Asked for again meanwhile: the job in the map answers.
+        whole.start(&local, &image, &image.layers[0]);
+        assert_eq!(whole.lock_jobs().len(), 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(whole.lock_jobs().is_empty(), "let go after its time");
+    }
 
     #[test]
     fn remembered_images_are_bounded_and_the_ones_in_use_stay() {
