@@ -323,6 +323,35 @@ impl Stack {
         );
     }
 
+    /// Announces a pull of `reference` to the daemon, as `pronto pull` and
+    /// kubelet's pull through Pronto's CRI socket do.
+    fn announce(&self, reference: &str) {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(pronto_snapshotter::status::expect(
+                &self.work.path().join("pronto.sock"),
+                reference,
+                "linux/amd64",
+            ))
+            .unwrap();
+    }
+
+    /// Waits until no snapshot directory is left (a failed pull deletes
+    /// what it unpacked; a job still stopping may do so after the pull).
+    fn wait_for_unpack_dirs_deleted(&self) {
+        let dirs = || {
+            std::fs::read_dir(self.root().join("snapshotter/snapshots"))
+                .map(|dirs| dirs.count())
+                .unwrap_or(0)
+        };
+        wait_until(
+            "unpack directories deleted",
+            Duration::from_secs(30),
+            || Ok(dirs() == 0),
+        )
+        .unwrap_or_else(|e| panic!("{e}: {} left\n{}", dirs(), tail(&self.serve_log(), 20)));
+    }
+
     fn snapshots(&self) -> Vec<String> {
         let out = self
             .containerd()
@@ -511,14 +540,7 @@ fn a_pull_announced_ahead_finds_its_layers_opened_and_reads_each_document_once()
     // kubelet's pull through Pronto's CRI socket (and `pronto pull`)
     // announces the image; the daemon opens its layers before any
     // `Prepare` comes.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime
-        .block_on(pronto_snapshotter::status::expect(
-            &stack.work.path().join("pronto.sock"),
-            &reference,
-            "linux/amd64",
-        ))
-        .unwrap();
+    stack.announce(&reference);
     // The busybox layer has no index (it is under the minimum size): it
     // comes whole, and its download starts with the look-ahead too.
     let busybox = format!("/v2/ahead/layers/blobs/{}", image.layers[0].digest);
@@ -561,13 +583,7 @@ fn a_pull_announced_ahead_finds_its_layers_opened_and_reads_each_document_once()
     // The image is on the node now: announcing it again fetches none of
     // its layers.
     let announced_again = stack.registry.access_log().unwrap().len();
-    runtime
-        .block_on(pronto_snapshotter::status::expect(
-            &stack.work.path().join("pronto.sock"),
-            &reference,
-            "linux/amd64",
-        ))
-        .unwrap();
+    stack.announce(&reference);
     wait_until(
         "the second look-ahead resolved the tag",
         Duration::from_secs(20),
@@ -653,14 +669,7 @@ fn layers_that_come_whole_start_downloading_without_waiting_for_the_config() {
             .filter(|e| e.user_agent.starts_with("pronto/") && e.method == "GET" && e.path == path)
             .count()
     };
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime
-        .block_on(pronto_snapshotter::status::expect(
-            &stack.work.path().join("pronto.sock"),
-            &reference,
-            "linux/amd64",
-        ))
-        .unwrap();
+    stack.announce(&reference);
     wait_until(
         "both layers fetched ahead, from the manifest alone",
         Duration::from_secs(20),
@@ -708,14 +717,7 @@ fn a_config_that_lies_about_a_layer_fails_the_pull_and_commits_nothing() {
     let reference = stack.push(&image, "lying/config");
     // Announced ahead, the layer is fetched and unpacked before anything
     // has read the config: the check comes when the pull claims it.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime
-        .block_on(pronto_snapshotter::status::expect(
-            &stack.work.path().join("pronto.sock"),
-            &reference,
-            "linux/amd64",
-        ))
-        .unwrap();
+    stack.announce(&reference);
     wait_until("the layer unpacked ahead", Duration::from_secs(20), || {
         Ok(stack
             .serve_log()
@@ -731,17 +733,7 @@ fn a_config_that_lies_about_a_layer_fails_the_pull_and_commits_nothing() {
         tail(&stack.serve_log(), 30)
     );
     assert!(stack.snapshots().is_empty(), "{:?}", stack.snapshots());
-    let dirs = || {
-        std::fs::read_dir(stack.root().join("snapshotter/snapshots"))
-            .map(|dirs| dirs.count())
-            .unwrap_or(0)
-    };
-    wait_until(
-        "the unpacked directory deleted",
-        Duration::from_secs(30),
-        || Ok(dirs() == 0),
-    )
-    .unwrap_or_else(|e| panic!("{e}: {} left\n{}", dirs(), tail(&stack.serve_log(), 20)));
+    stack.wait_for_unpack_dirs_deleted();
 }
 
 #[test]
@@ -1286,17 +1278,7 @@ fn a_layer_that_would_fill_the_disk_fails_the_pull_instead() {
     assert!(!log.contains(CONTAINERD_PULLS), "{}", tail(&log, 30));
     // The partly unpacked directories are deleted (the job of the layer
     // above may still be stopping when the pull has failed).
-    let dirs = || {
-        std::fs::read_dir(stack.root().join("snapshotter/snapshots"))
-            .map(|dirs| dirs.count())
-            .unwrap_or(0)
-    };
-    wait_until(
-        "unpack directories deleted",
-        Duration::from_secs(30),
-        || Ok(dirs() == 0),
-    )
-    .unwrap_or_else(|e| panic!("{e}: {} left\n{}", dirs(), tail(&stack.serve_log(), 20)));
+    stack.wait_for_unpack_dirs_deleted();
 }
 
 /// Lines of `path` (empty when it does not exist yet).

@@ -100,6 +100,8 @@ struct ImageInfo {
     repository: Repository,
     /// The image config, which holds the layers' diff IDs.
     config: String,
+    /// The config's diff IDs, once a `Prepare` has read them.
+    diff_ids: tokio::sync::OnceCell<Vec<String>>,
     layers: Vec<Layer>,
     downloads: Arc<Semaphore>,
     unpacks: Arc<Semaphore>,
@@ -319,6 +321,15 @@ impl WholeLayers {
 
     /// The diff ID the config of `image` gives its layer at `position`.
     async fn diff_id(&self, image: &ImageInfo, position: usize) -> Result<String, String> {
+        let diff_ids = image
+            .diff_ids
+            .get_or_try_init(|| self.diff_ids(image))
+            .await?;
+        Ok(diff_ids[position].clone())
+    }
+
+    /// The layers' diff IDs in the config of `image`, one per layer.
+    async fn diff_ids(&self, image: &ImageInfo) -> Result<Vec<String>, String> {
         let bytes = self
             .client
             .blob(
@@ -339,7 +350,7 @@ impl WholeLayers {
                 image.layers.len()
             ));
         }
-        Ok(diff_ids[position].clone())
+        Ok(diff_ids.clone())
     }
 
     /// The image's layers and its limits, from its manifest.
@@ -364,6 +375,7 @@ impl WholeLayers {
         let info = Arc::new(ImageInfo {
             repository,
             config: image.config().digest().to_string(),
+            diff_ids: tokio::sync::OnceCell::new(),
             layers: image
                 .layers()
                 .iter()
@@ -757,6 +769,7 @@ mod tests {
         let image = Arc::new(ImageInfo {
             repository: Repository::of(&reference),
             config: "sha256:config".into(),
+            diff_ids: tokio::sync::OnceCell::new(),
             // A media type Pronto does not unpack: the job ends at once.
             layers: vec![Layer {
                 digest: "sha256:layer".into(),
